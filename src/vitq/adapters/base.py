@@ -1,0 +1,96 @@
+"""What every family adapter provides, and the pieces adapters share.
+
+An adapter is the only place that knows a model family's structure: which modules hold the attention
+matmuls, where the residual additions are, which layer sees the raw image, and which float-exact
+rewrites (BatchNorm folding, unfused attention) must happen before quantization. The engine itself
+only converts every ``nn.Linear`` and ``nn.Conv2d`` by type and never matches names.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..quant.config import TensorSpec
+from ..quant.layers import TensorQuantizer, add_input_quantizer
+
+PLACEHOLDER = TensorSpec(bits=8)  # specs are assigned from the QuantConfig after placement
+
+
+class QuantAdd(nn.Module):
+    """The two inputs of a residual addition ``x + branch`` (full protocol). Has no forward: the block
+    applies ``x_quant`` where ``x`` enters (it also feeds the block's norm) and ``b_quant`` to the branch."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.layer_name = name
+        self.x_quant = TensorQuantizer(name, "x", PLACEHOLDER)
+        self.b_quant = TensorQuantizer(name, "branch", PLACEHOLDER)
+
+
+class Adapter:
+    """Base class of the family adapters. Subclasses override what their family needs."""
+
+    family: str = ""
+
+    def applies_to(self, model: nn.Module) -> bool:
+        """Whether this adapter understands ``model`` (by its class, never by parameter names)."""
+        raise NotImplementedError
+
+    def prepare(self, model: nn.Module) -> None:
+        """Float-exact rewrites before quantization (e.g. fold BatchNorm, use the unfused attention path)."""
+
+    def first_layers(self, model: nn.Module) -> list[nn.Module]:
+        """Layers that see the raw image; their input stays at ``first_layer_a_bits`` (8)."""
+        return []
+
+    def attach_matmuls(self, model: nn.Module, names: dict[nn.Module, str]) -> None:
+        """Put :class:`~vitq.quant.layers.QuantMatMul` modules on every activation x activation matmul."""
+
+    def attach_full(self, model: nn.Module, names: dict[nn.Module, str]) -> None:
+        """Full protocol: quantize the inputs of nonlinearities, norms and residual additions."""
+
+
+def morph(module: nn.Module, cls: type) -> nn.Module:
+    """Give ``module`` a subclass of its class that overrides ``forward`` (parameters and names kept)."""
+    if not issubclass(cls, type(module)):
+        raise TypeError(f"{cls.__name__} is not a subclass of {type(module).__name__}")
+    module.__class__ = cls
+    return module
+
+
+def quantize_inputs_of(model: nn.Module, names: dict[nn.Module, str], types: tuple[type, ...],
+                       skip: set[int] = frozenset()) -> int:
+    """Add an input quantizer to every module of the given types (full protocol). Returns how many."""
+    n = 0
+    for m in list(model.modules()):
+        if isinstance(m, types) and id(m) not in skip and not hasattr(m, "in_quant"):
+            add_input_quantizer(m, names[m], PLACEHOLDER)
+            n += 1
+    return n
+
+
+@torch.no_grad()
+def fold_batchnorm(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    """Fold an eval-mode BatchNorm into the preceding convolution (exact in real arithmetic).
+
+    ``y = gamma * (conv(x) - mean) / sqrt(var + eps) + beta`` becomes a conv with
+    ``W' = W * gamma / sqrt(var + eps)`` and ``b' = (b - mean) * gamma / sqrt(var + eps) + beta``.
+    Quantizing the folded weight is what an integer accelerator runs.
+    """
+    inv_std = torch.rsqrt(bn.running_var + bn.eps)
+    gamma = bn.weight if bn.weight is not None else torch.ones_like(inv_std)
+    beta = bn.bias if bn.bias is not None else torch.zeros_like(inv_std)
+    factor = gamma * inv_std
+    conv.weight.mul_(factor.reshape(-1, 1, 1, 1))
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(factor)
+    new_bias = (bias - bn.running_mean) * factor + beta
+    if conv.bias is None:
+        conv.bias = nn.Parameter(new_bias)
+    else:
+        conv.bias.copy_(new_bias)
+
+
+def bn_remainder(bn: nn.Module) -> nn.Module:
+    """What is left of a (possibly activation-fused) BatchNorm once folded: its activation, or nothing."""
+    act = getattr(bn, "act", None)  # timm's BatchNormAct2d: BN -> drop -> act
+    return act if isinstance(act, nn.Module) else nn.Identity()

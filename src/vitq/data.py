@@ -1,0 +1,181 @@
+"""ImageNet-style classification data: the two folder layouts, file lists, calibration subsets, loaders.
+
+Layouts:
+  * ``synset folders``: ``DIR/n01440764/*.JPEG`` (the ImageNet val layout);
+  * ``flat``: ``DIR/n01440764_tench.JPEG`` (file names start with the WordNet synset; the shared sample).
+
+The class index is the position of the synset in the sorted list of the 1000 ImageNet-1k synsets
+shipped in ``vitq/resources/imagenet_synsets.txt`` (the standard index timm's heads use).
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from .zoo import EvalTransform
+
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp"}
+
+
+class DataError(ValueError):
+    """A data problem (folder, list, image) with a message that names it."""
+
+
+@lru_cache(maxsize=1)
+def imagenet_synsets() -> tuple[str, ...]:
+    """The 1000 ImageNet-1k synsets in class-index order."""
+    text = resources.files("vitq.resources").joinpath("imagenet_synsets.txt").read_text()
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
+@lru_cache(maxsize=1)
+def _synset_index() -> dict[str, int]:
+    return {s: i for i, s in enumerate(imagenet_synsets())}
+
+
+def _label_of(rel: Path) -> int:
+    """Class index from the synset in the parent folder name or in the file-name prefix."""
+    index = _synset_index()
+    candidates = [rel.parts[0]] if len(rel.parts) > 1 else []
+    candidates.append(rel.name.split("_")[0].split(".")[0])
+    for c in candidates:
+        if c in index:
+            return index[c]
+    raise DataError(f"cannot tell the class of {rel}: neither its folder nor its name starts with an ImageNet synset")
+
+
+def scan_folder(root: str | Path) -> list[str]:
+    """All image files under ``root`` (either layout), as sorted paths relative to ``root``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data directory not found: {root}")
+    files = sorted(
+        str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+    if not files:
+        raise DataError(f"no images found in {root} (expected *.JPEG files, flat or in synset folders)")
+    return files
+
+
+def read_list(list_file: str | Path, root: str | Path) -> list[str]:
+    """Read a file list (one relative path per line) and check every file exists under ``root``."""
+    list_file, root = Path(list_file), Path(root)
+    if not list_file.is_file():
+        raise DataError(f"list file not found: {list_file}")
+    names = [ln.strip() for ln in list_file.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    if not names:
+        raise DataError(f"list file {list_file} names no images")
+    absent = [n for n in names if not (root / n).is_file()]
+    if absent:
+        raise DataError(
+            f"list file {list_file} names {len(absent)} file(s) missing from {root}, first: {', '.join(absent[:3])}"
+        )
+    return names
+
+
+def calibration_subset(root: str | Path, n: int, seed: int, exclude: Iterable[str] = ()) -> list[str]:
+    """A seeded random choice of ``n`` images under ``root`` that never overlaps ``exclude``.
+
+    Used when no calibration list is given, so evaluation images cannot leak into calibration.
+    """
+    banned = set(exclude)
+    pool = [f for f in scan_folder(root) if f not in banned]
+    if len(pool) < n:
+        raise DataError(f"only {len(pool)} images in {root} outside the evaluation set; {n} requested for calibration")
+    return sorted(random.Random(seed).sample(pool, n))
+
+
+def build_transform(t: EvalTransform) -> Callable:
+    """timm's own eval transform for the given pinned settings (resize, center crop, normalize)."""
+    from timm.data import create_transform
+
+    return create_transform(
+        input_size=t.input_size, is_training=False, interpolation=t.interpolation,
+        mean=t.mean, std=t.std, crop_pct=t.crop_pct, crop_mode=t.crop_mode,
+    )
+
+
+class ImageNetFiles(Dataset):
+    """Images with ImageNet-1k labels. ``__getitem__`` returns ``(tensor, label)`` or None for a bad image
+    when ``skip_bad_images`` is set (the collate function drops and counts those)."""
+
+    def __init__(self, root: str | Path, files: list[str], transform: Callable, skip_bad_images: bool = False):
+        self.root = Path(root)
+        self.files = list(files)
+        if not self.files:
+            raise DataError(f"empty dataset in {self.root}")
+        self.labels = [_label_of(Path(f)) for f in self.files]
+        self.transform = transform
+        self.skip_bad_images = skip_bad_images
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        path = self.root / self.files[i]
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+        except Exception as exc:
+            if self.skip_bad_images:
+                return None
+            raise DataError(f"cannot read image {path}: {exc} (use --skip-bad-images to skip such files)") from exc
+        return self.transform(img), self.labels[i]
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor
+    labels: torch.Tensor
+    n_bad: int = 0
+
+
+def _collate(items) -> Batch:
+    good = [it for it in items if it is not None]
+    n_bad = len(items) - len(good)
+    if not good:
+        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), n_bad)
+    return Batch(torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good]), n_bad)
+
+
+def make_dataset(
+    root: str | Path, transform: EvalTransform, list_file: str | Path | None = None,
+    limit: int | None = None, skip_bad_images: bool = False,
+) -> ImageNetFiles:
+    """Dataset over ``root`` (both layouts), optionally restricted to ``list_file`` and its first ``limit`` entries."""
+    files = read_list(list_file, root) if list_file else scan_folder(root)
+    if limit is not None:
+        if limit <= 0:
+            raise DataError(f"--limit must be positive, got {limit}")
+        files = files[:limit]
+    return ImageNetFiles(root, files, build_transform(transform), skip_bad_images)
+
+
+def make_loader(dataset: ImageNetFiles, batch_size: int = 32, workers: int = 2) -> DataLoader:
+    """Ordered, batched loading with worker processes; yields :class:`Batch`."""
+    if batch_size <= 0:
+        raise DataError(f"--batch-size must be positive, got {batch_size}")
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
+        persistent_workers=False,
+    )
+
+
+def load_tensors(dataset: ImageNetFiles, batch_size: int = 32, workers: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode a (small) dataset fully into memory: calibration sets are reused many times."""
+    images, labels = [], []
+    for b in make_loader(dataset, batch_size, workers):
+        if b.images.numel():
+            images.append(b.images)
+            labels.append(b.labels)
+    if not images:
+        raise DataError(f"no readable images in {dataset.root}")
+    return torch.cat(images), torch.cat(labels)

@@ -1,0 +1,6 @@
+"""Quantization engine: pure quantizers, observers, quantized layers, config and calibration."""
+from .config import ConfigError, LayerRule, QuantConfig, TensorSpec
+from .engine import apply_config, calibrate, model_stats, prepare, quantize, quantizers, tensor_table
+
+__all__ = ["ConfigError", "LayerRule", "QuantConfig", "TensorSpec", "apply_config", "calibrate",
+           "model_stats", "prepare", "quantize", "quantizers", "tensor_table"]

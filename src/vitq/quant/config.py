@@ -1,0 +1,175 @@
+"""QuantConfig: default bit-widths, scheme and granularity, plus per-layer rules matched by glob pattern.
+
+A *layer* is anything that owns quantized tensors: a Linear or Conv2d (its ``weight`` and ``input``),
+an attention matmul (its two operands, e.g. ``q`` and ``k``), or, in the ``full`` protocol, a
+nonlinearity or a residual addition (its input). Layer names are module paths such as
+``blocks.3.attn.qkv`` or ``blocks.3.attn.matmul_qk``; ``vitq quantize`` prints them all.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from .observers import OBSERVERS
+
+PROTOCOLS = ("standard", "full")
+SCHEMES = ("uniform", "pot")
+GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+
+
+class ConfigError(ValueError):
+    """A bad quantization option, naming the option or the layer pattern."""
+
+
+@dataclass
+class LayerRule:
+    """Overrides for the layers whose name matches ``pattern`` (fnmatch glob). None keeps the default."""
+
+    pattern: str
+    w_bits: int | None = None
+    a_bits: int | None = None
+    w_scheme: str | None = None
+    w_granularity: str | None = None
+
+
+@dataclass
+class TensorSpec:
+    """How one tensor is quantized."""
+
+    bits: int
+    scheme: str = "uniform"
+    symmetric: bool = False
+    granularity: str = "per_tensor"
+    group_size: int = 64
+
+
+@dataclass
+class QuantConfig:
+    """Quantization settings for a whole model.
+
+    Attributes:
+        w_bits / a_bits: default weight and activation bit-widths (2..8).
+        protocol: ``standard`` (RepQ-ViT protocol: LayerNorm/Softmax in float, every linear/conv/matmul
+            input quantized) or ``full`` (also the inputs of LayerNorm, Softmax, GELU and residual adds).
+        observer: activation range observer, ``minmax``, ``percentile`` or ``mse``; weights use the same
+            method per output channel.
+        mse_objective: ``tensor`` (error of the quantized tensor) or ``output`` (error of the layer output
+            it feeds, for Linear inputs).
+        percentile: the percentile of the ``percentile`` observer.
+        w_granularity / w_scheme / group_size: weight quantization defaults.
+        first_layer_a_bits: bits of the image input of the patch embedding / stem (kept at 8).
+        rules: per-layer overrides, applied in order (later rules win).
+        seed: seed of every random choice (observer sampling).
+    """
+
+    w_bits: int = 8
+    a_bits: int = 8
+    protocol: str = "standard"
+    observer: str = "minmax"
+    mse_objective: str = "tensor"
+    percentile: float = 99.99
+    w_granularity: str = "per_channel"
+    w_scheme: str = "uniform"
+    group_size: int = 64
+    first_layer_a_bits: int = 8
+    rules: list[LayerRule] = field(default_factory=list)
+    seed: int = 0
+
+    def __post_init__(self):
+        self.rules = [r if isinstance(r, LayerRule) else LayerRule(**r) for r in self.rules]
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every option.
+
+        Raises:
+            ConfigError: naming the bad option or rule.
+        """
+        _bits("w_bits", self.w_bits)
+        _bits("a_bits", self.a_bits)
+        _bits("first_layer_a_bits", self.first_layer_a_bits)
+        _choice("protocol", self.protocol, PROTOCOLS)
+        _choice("observer", self.observer, OBSERVERS)
+        _choice("mse_objective", self.mse_objective, ("tensor", "output"))
+        _choice("w_granularity", self.w_granularity, GRANULARITIES)
+        _choice("w_scheme", self.w_scheme, SCHEMES)
+        if not 50.0 < self.percentile <= 100.0:
+            raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}")
+        if self.group_size < 1:
+            raise ConfigError(f"group_size must be positive, got {self.group_size}")
+        for r in self.rules:
+            where = f"rule '{r.pattern}'"
+            if r.w_bits is not None:
+                _bits(f"{where} w_bits", r.w_bits)
+            if r.a_bits is not None:
+                _bits(f"{where} a_bits", r.a_bits)
+            if r.w_scheme is not None:
+                _choice(f"{where} w_scheme", r.w_scheme, SCHEMES)
+            if r.w_granularity is not None:
+                _choice(f"{where} w_granularity", r.w_granularity, GRANULARITIES)
+
+    def layer_settings(self, layer: str) -> dict:
+        """The effective ``w_bits``, ``a_bits``, ``w_scheme``, ``w_granularity`` of one layer."""
+        out = dict(w_bits=self.w_bits, a_bits=self.a_bits, w_scheme=self.w_scheme, w_granularity=self.w_granularity)
+        for r in self.rules:
+            if fnmatch.fnmatchcase(layer, r.pattern):
+                for k in out:
+                    v = getattr(r, k)
+                    if v is not None:
+                        out[k] = v
+        return out
+
+    def check_patterns(self, layer_names: list[str]) -> None:
+        """Every rule must match at least one layer: a typo must not silently quantize nothing.
+
+        Raises:
+            ConfigError: naming the pattern that matches nothing.
+        """
+        for r in self.rules:
+            if not any(fnmatch.fnmatchcase(n, r.pattern) for n in layer_names):
+                raise ConfigError(
+                    f"config rule pattern '{r.pattern}' matches no layer of this model "
+                    f"(examples of layer names: {', '.join(layer_names[:4])})"
+                )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "QuantConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown config option(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    def save(self, path: str | Path) -> None:
+        from ..io import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "QuantConfig":
+        """Read a config JSON file (as written by :meth:`save` or by a mixed-precision search)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a JSON object")
+        return cls.from_dict(data)
+
+
+def _bits(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 2 <= value <= 8:
+        raise ConfigError(f"{name} must be an integer from 2 to 8, got {value!r}")
+
+
+def _choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")

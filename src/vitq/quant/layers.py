@@ -1,0 +1,257 @@
+"""Quantized layers: the modules that hold quantization parameters and apply the pure quantizers.
+
+* :class:`TensorQuantizer` quantizes one tensor (a weight, or an activation seen at run time).
+* :class:`QuantLinear` / :class:`QuantConv2d` are ``nn.Linear`` / ``nn.Conv2d`` with a weight quantizer
+  and an input quantizer. Existing modules are converted in place (:func:`to_quant_linear`), so they
+  keep their names, parameters and ``isinstance`` relations.
+* :class:`QuantMatMul` is an activation x activation matmul with both operands quantized.
+* :func:`add_input_quantizer` quantizes the input of any module (LayerNorm, GELU, Softmax, ...).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers.conv2d_same import Conv2dSame
+from timm.layers.padding import pad_same
+from torch import nn
+
+from . import quantizers as Q
+from .config import TensorSpec
+from .observers import ActivationObserver, minmax_range, mse_range, percentile_range
+
+MODES = ("off", "observe", "quant")
+
+
+class TensorQuantizer(nn.Module):
+    """Quantization of one tensor: its spec, its parameters, and its calibration state.
+
+    Args:
+        layer: name of the owning layer (what config rules match).
+        role: ``weight``, ``input``, an operand name (``q``, ``k``, ``attn``, ``v``, ...) or ``act``.
+        spec: bits, scheme, granularity.
+        is_weight: weights are calibrated from the tensor itself, per channel along axis 0.
+    """
+
+    def __init__(self, layer: str, role: str, spec: TensorSpec, is_weight: bool = False):
+        super().__init__()
+        self.layer, self.role, self.spec, self.is_weight = layer, role, spec, is_weight
+        self.mode = "off"
+        self.observer: ActivationObserver | None = None
+        self.output_fn = None  # set by a Linear owner for the layer-output MSE objective
+        self.calls = 0  # forward calls since the last reset; tests use it to prove single quantization
+        self.elements = 0  # activation values seen while observing (for the element-weighted average bits)
+        # Parameters: shapes are known only after calibration (per tensor / per channel / per group).
+        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("zero_point", torch.zeros(()))
+        self.register_buffer("range_min", torch.zeros(()))
+        self.register_buffer("range_max", torch.zeros(()))
+
+    # ---- calibration
+    def start_observing(self, method: str, seed: int) -> None:
+        self.mode = "observe"
+        self.observer = ActivationObserver(method, seed=seed)
+        self.elements = 0
+
+    def finish_observing(self, percentile: float, mse_objective: str) -> None:
+        """Turn the observed statistics into parameters and switch to quantizing."""
+        if self.observer is None or not self.observer.seen:
+            raise RuntimeError(f"quantizer {self.name} saw no data during calibration")
+        use_output = mse_objective == "output" and self.output_fn is not None and self.spec.scheme == "uniform"
+        lo, hi = self.observer.compute_range(self._clip_quantize, percentile, self.output_fn if use_output else None)
+        self.set_range(lo, hi)
+        self.observer = None
+        self.mode = "quant"
+
+    def calibrate_weight(self, w: torch.Tensor, method: str, percentile: float) -> None:
+        """Set weight parameters from the weight itself (per tensor, per output channel or per group)."""
+        w = w.detach().float()
+        x, axis = self._weight_view(w)
+        if method == "minmax":
+            lo, hi = minmax_range(x, axis)
+        elif method == "percentile":
+            lo, hi = percentile_range(x, percentile, axis)
+        else:
+            lo, hi = mse_range(x, self._clip_quantize, axis)
+        self.set_range(lo, hi)
+        self.mode = "quant"
+
+    def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Derive scale / zero point (or PoT exponent) from a clip range."""
+        lo, hi = lo.detach().float().clone(), hi.detach().float().clone()
+        self.range_min, self.range_max = lo, hi
+        if self.spec.scheme == "pot":
+            # Scale is 2^scale_exp, kept in ``scale``; zero_point unused (PoT grids are symmetric about 0).
+            self.scale = Q.pot_scale_exponent(torch.maximum(lo.abs(), hi.abs()))
+            self.zero_point = torch.zeros_like(self.scale)
+        else:
+            self.scale, self.zero_point = Q.uniform_params(lo, hi, self.spec.bits, self._symmetric)
+
+    # ---- application
+    @property
+    def name(self) -> str:
+        return f"{self.layer}.{self.role}"
+
+    @property
+    def _symmetric(self) -> bool:
+        return self.spec.symmetric
+
+    def _qrange(self) -> tuple[int, int]:
+        return Q.int_range(self.spec.bits, self._symmetric)
+
+    def _weight_view(self, w: torch.Tensor) -> tuple[torch.Tensor, int | None]:
+        g = self.spec.granularity
+        if g == "per_group":
+            return Q.to_groups(w, self.spec.group_size), 0
+        return w, (0 if g == "per_channel" else None)
+
+    def _clip_quantize(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        """Fake-quantize ``x`` with clip range ``[lo, hi]`` (used by the MSE search)."""
+        if self.spec.scheme == "pot":
+            p = Q.pot_scale_exponent(torch.maximum(lo.abs(), hi.abs()))
+            return Q.fake_quant_pot(x, p, self.spec.bits, signed=bool((x < 0).any()) or self.is_weight)
+        scale, zp = Q.uniform_params(lo, hi, self.spec.bits, self._symmetric)
+        qmin, qmax = self._qrange()
+        return Q.dequantize_uniform(Q.quantize_uniform(x, scale, zp, qmin, qmax), scale, zp)
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        """Quantize-dequantize ``x`` with the calibrated parameters."""
+        if self.is_weight:
+            v, axis = self._weight_view(x)
+            shape = [-1] + [1] * (v.dim() - 1) if axis is not None else []
+            if self.spec.scheme == "pot":
+                out = Q.fake_quant_pot(v, self.scale.reshape(shape), self.spec.bits, signed=True)
+            else:
+                qmin, qmax = self._qrange()
+                out = Q.fake_quant_uniform(v, self.scale, self.zero_point, qmin, qmax, axis=axis)
+            return out.reshape(x.shape)
+        if self.spec.scheme == "pot":
+            return Q.fake_quant_pot(x, self.scale, self.spec.bits, signed=bool(self.range_min < 0))
+        qmin, qmax = self._qrange()
+        return Q.fake_quant_uniform(x, self.scale, self.zero_point, qmin, qmax)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.mode == "observe":
+            self.observer.update(x)
+            self.elements += x.numel()
+            return x
+        if self.mode == "off":
+            return x
+        return self.fake_quant(x)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Parameter shapes depend on the calibration (per tensor / channel / group): adopt the saved ones.
+        for key in ("scale", "zero_point", "range_min", "range_max"):
+            if prefix + key in state_dict:
+                setattr(self, key, torch.empty_like(state_dict[prefix + key]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return f"{self.name}: {s.bits}b {s.scheme} {'sym' if s.symmetric else 'asym'} {s.granularity} mode={self.mode}"
+
+
+class _WeightQuantMixin:
+    """Shared by QuantLinear and QuantConv2d: a cached fake-quantized weight and MAC counting."""
+
+    w_quant: TensorQuantizer
+    in_quant: TensorQuantizer
+
+    def _init_quant(self, name: str, w_spec: TensorSpec, a_spec: TensorSpec) -> None:
+        self.layer_name = name
+        self.w_quant = TensorQuantizer(name, "weight", w_spec, is_weight=True)
+        self.in_quant = TensorQuantizer(name, "input", a_spec)
+        self.macs = 0  # accumulated while observing; divided by the number of images by the engine
+        self._wq: torch.Tensor | None = None
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The fake-quantized weight, computed once after calibration and cached (it never changes
+        during evaluation, so evaluation pays only for the activation quantizers)."""
+        if self.w_quant.mode != "quant":
+            return self.weight
+        if self._wq is None:
+            with torch.no_grad():
+                self._wq = self.w_quant.fake_quant(self.weight)
+        return self._wq
+
+    def refresh(self) -> None:
+        """Drop the cached quantized weight (after the weight or its quantizer changed)."""
+        self._wq = None
+
+
+class QuantLinear(nn.Linear, _WeightQuantMixin):
+    """``nn.Linear`` with quantized weight and input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.in_quant(x)
+        if self.in_quant.mode == "observe":
+            self.macs += x.numel() // x.shape[-1] * self.in_features * self.out_features
+        return F.linear(x, self.quantized_weight(), self.bias)
+
+
+class QuantConv2d(nn.Conv2d, _WeightQuantMixin):
+    """``nn.Conv2d`` with quantized weight and input."""
+
+    same_padding = False  # set for timm's Conv2dSame (TensorFlow 'SAME' padding computed per input)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.in_quant(x)
+        if self.same_padding:
+            # Padding adds exact zeros after quantization, as an integer kernel with zero-point padding would.
+            x = pad_same(x, self.weight.shape[-2:], self.stride, self.dilation)
+        y = self._conv_forward(x, self.quantized_weight(), self.bias)
+        if self.in_quant.mode == "observe":
+            k = self.weight.shape[1] * self.weight.shape[2] * self.weight.shape[3]  # in/groups * kh * kw
+            self.macs += y.numel() * k
+        return y
+
+
+class QuantMatMul(nn.Module):
+    """Activation x activation matmul ``a @ b`` with both operands quantized."""
+
+    def __init__(self, name: str, a_role: str, b_role: str, a_spec: TensorSpec, b_spec: TensorSpec):
+        super().__init__()
+        self.layer_name = name
+        self.a_quant = TensorQuantizer(name, a_role, a_spec)
+        self.b_quant = TensorQuantizer(name, b_role, b_spec)
+        self.macs = 0
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        a, b = self.a_quant(a), self.b_quant(b)
+        if self.a_quant.mode == "observe":
+            self.macs += a.numel() * b.shape[-1]
+        return a @ b
+
+
+def to_quant_linear(m: nn.Linear, name: str, w_spec: TensorSpec, a_spec: TensorSpec) -> QuantLinear:
+    """Convert an ``nn.Linear`` in place (same parameters, same module path)."""
+    m.__class__ = QuantLinear
+    m._init_quant(name, w_spec, a_spec)
+    weight = m.weight
+    # The layer-output MSE objective needs the layer's own weight applied to a sample of inputs.
+    m.in_quant.output_fn = lambda x: F.linear(x, weight)
+    return m
+
+
+def to_quant_conv(m: nn.Conv2d, name: str, w_spec: TensorSpec, a_spec: TensorSpec) -> QuantConv2d:
+    """Convert an ``nn.Conv2d`` (or timm's ``Conv2dSame``) in place."""
+    same = isinstance(m, Conv2dSame)
+    m.__class__ = QuantConv2d
+    m.same_padding = same
+    m._init_quant(name, w_spec, a_spec)
+    return m
+
+
+def _quantize_first_arg(module: nn.Module, args):
+    return (module.in_quant(args[0]),) + tuple(args[1:])
+
+
+def add_input_quantizer(module: nn.Module, name: str, spec: TensorSpec) -> TensorQuantizer:
+    """Quantize the (first) input of any module, e.g. a LayerNorm, GELU or Softmax in the full protocol.
+
+    The quantizer is registered as ``module.in_quant`` and applied by a forward pre-hook, so the
+    module's own code and parameters stay untouched.
+    """
+    module.in_quant = TensorQuantizer(name, "input", spec)
+    module.register_forward_pre_hook(_quantize_first_arg)
+    return module.in_quant

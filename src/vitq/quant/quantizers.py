@@ -1,0 +1,212 @@
+"""Quantizers as pure tensor functions (no state, no modules).
+
+Conventions
+-----------
+* Uniform, symmetric: signed integers in ``[-(2^(b-1)-1), 2^(b-1)-1]`` (the most negative code is
+  left unused so the grid is symmetric and ``-max`` maps exactly), zero point 0.
+* Uniform, asymmetric: unsigned integers in ``[0, 2^b-1]`` with an integer zero point; the range is
+  widened to contain 0 so that 0 is exactly representable (padding, ReLU zeros, masked attention).
+* Rounding is round-half-to-even (``torch.round``), the same as ``torch.fake_quantize_*`` and ONNX.
+* Power-of-two (PoT): levels are 0 or ``±2^(p-k)`` with ``k = 0 .. L-1``; ``2^p`` is the scale (itself a
+  power of two). Signed (weights) spends one bit on the sign: ``L = 2^(b-1) - 1``; unsigned
+  (non-negative activations) ``L = 2^b - 1``. Code 0 is zero, code ``c >= 1`` is exponent ``k = c-1``,
+  so a product with an integer activation ``a`` is ``a << (p0 - k)``: decoding is exactly a shift.
+* Two-region: one ``b``-bit format whose top bit selects the region; values below ``boundary`` use
+  scale ``delta / 2^m`` and values at or above it use ``delta`` (see :func:`fake_quant_two_region`).
+
+Scales and zero points broadcast against ``x``: pass scalars (0-d tensors) for per-tensor
+quantization, or tensors shaped like ``x`` reduced on all but the channel axis for per-channel.
+"""
+from __future__ import annotations
+
+import torch
+
+EPS = 1e-12  # smallest scale; a constant tensor (zero range) gets this instead of a division by zero
+
+
+def int_range(bits: int, signed: bool) -> tuple[int, int]:
+    """Integer code range for a uniform grid (symmetric signed grids leave the most negative code unused)."""
+    check_bits(bits)
+    if signed:
+        return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def check_bits(bits: int) -> None:
+    if not isinstance(bits, int) or not 2 <= bits <= 16:
+        raise ValueError(f"bit-width must be an integer in [2, 16], got {bits!r}")
+
+
+def uniform_params(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of a uniform grid covering ``[xmin, xmax]``.
+
+    Returns:
+        ``(scale, zero_point)``; zero_point is a float tensor holding integers.
+    """
+    xmin = torch.as_tensor(xmin, dtype=torch.float32)
+    xmax = torch.as_tensor(xmax, dtype=torch.float32)
+    if symmetric:
+        _, qmax = int_range(bits, True)
+        amax = torch.maximum(xmin.abs(), xmax.abs())
+        scale = (amax / qmax).clamp_min(EPS)
+        return scale, torch.zeros_like(scale)
+    qmin, qmax = int_range(bits, False)
+    xmin = xmin.clamp(max=0.0)
+    xmax = xmax.clamp(min=0.0)
+    scale = ((xmax - xmin) / (qmax - qmin)).clamp_min(EPS)
+    zero_point = (qmin - torch.round(xmin / scale)).clamp(qmin, qmax)
+    return scale, zero_point
+
+
+def quantize_uniform(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Integer codes (as float tensor) ``clamp(round(x / scale) + zero_point, qmin, qmax)``.
+
+    Multiplies by the reciprocal of the scale, exactly as PyTorch's fused fake-quant kernels do, so
+    the reference formula and the fast path give bit-identical results.
+    """
+    return torch.clamp(torch.round(x * (1.0 / scale)) + zero_point, qmin, qmax)
+
+
+def dequantize_uniform(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """Real values of integer codes: ``(q - zero_point) * scale``."""
+    return (q - zero_point) * scale
+
+
+def fake_quant_uniform(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                       axis: int | None = None) -> torch.Tensor:
+    """Quantize-dequantize on a uniform grid.
+
+    Per-tensor (``axis=None``, scalar scale) and per-channel (``axis`` given, ``scale`` with one value
+    per channel) calls use PyTorch's fused fake-quant kernels, which compute exactly
+    :func:`dequantize_uniform` of :func:`quantize_uniform` in one pass; anything else (per-group) uses
+    the reference formula.
+    """
+    if axis is None and scale.numel() == 1 and x.dtype == torch.float32:
+        return torch.fake_quantize_per_tensor_affine(
+            x, scale.reshape(()), zero_point.reshape(()).to(torch.int32), qmin, qmax)
+    if axis is not None and scale.dim() == 1 and x.dtype == torch.float32 and x.dim() > 1:
+        return torch.fake_quantize_per_channel_affine(
+            x, scale, zero_point.to(torch.int32), axis % x.dim(), qmin, qmax)
+    return dequantize_uniform(quantize_uniform(x, scale, zero_point, qmin, qmax), scale, zero_point)
+
+
+# ----------------------------------------------------------------------------------------- power of two
+
+
+def pot_num_levels(bits: int, signed: bool) -> int:
+    """Number of non-zero magnitudes ``L`` of a PoT grid."""
+    check_bits(bits)
+    return 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+
+
+def pot_scale_exponent(amax: torch.Tensor) -> torch.Tensor:
+    """Smallest integer ``p`` with ``2^p >= amax`` (the top PoT level covers the range)."""
+    return torch.ceil(torch.log2(torch.as_tensor(amax, dtype=torch.float32).clamp_min(EPS)))
+
+
+def quantize_pot(x: torch.Tensor, scale_exp: torch.Tensor, bits: int, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """PoT codes: ``(sign, code)`` with code 0 for zero and code ``c >= 1`` for ``2^(p-(c-1))``.
+
+    Rounds to the nearest level in the linear domain (this minimizes the squared error; rounding the
+    exponent in the log domain does not).
+
+    Raises:
+        ValueError: ``signed=False`` with negative inputs.
+    """
+    levels_n = pot_num_levels(bits, signed)
+    if not signed and bool((x < 0).any()):
+        raise ValueError("unsigned power-of-two quantization got negative values")
+    # Magnitudes relative to the scale: exact, since 2^p is a power of two.
+    rel = x.abs() / torch.exp2(scale_exp)
+    # Ascending levels [0, 2^-(L-1), ..., 2^-1, 1]; midpoints between neighbours decide the rounding.
+    levels = torch.cat([torch.zeros(1), torch.exp2(-torch.arange(levels_n - 1, -1, -1, dtype=torch.float32))])
+    mids = (levels[1:] + levels[:-1]) / 2
+    idx = torch.bucketize(rel, mids, right=False)  # 0 -> zero, levels_n -> the top level 2^0
+    code = torch.where(idx == 0, torch.zeros_like(idx), levels_n - idx + 1)  # top level -> code 1 (k = 0)
+    sign = torch.where(x < 0, -torch.ones_like(rel), torch.ones_like(rel))
+    return sign, code
+
+
+def dequantize_pot(sign: torch.Tensor, code: torch.Tensor, scale_exp: torch.Tensor) -> torch.Tensor:
+    """Real values of PoT codes."""
+    k = (code - 1).clamp_min(0).to(torch.float32)
+    mag = torch.where(code == 0, torch.zeros_like(k), torch.exp2(scale_exp - k))
+    return sign * mag
+
+
+def fake_quant_pot(x: torch.Tensor, scale_exp: torch.Tensor, bits: int, signed: bool = True) -> torch.Tensor:
+    """Quantize-dequantize onto the PoT grid with scale ``2^scale_exp`` (per tensor or broadcast per channel)."""
+    sign, code = quantize_pot(x, scale_exp, bits, signed)
+    return dequantize_pot(sign, code, scale_exp)
+
+
+def pot_shift_product(a: torch.Tensor, sign: torch.Tensor, code: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer product of integer activations ``a`` with PoT weight codes, using only shifts.
+
+    The result is ``a * w / 2^(p - (L-1))``: the smallest level has weight 1, so every product is an
+    integer ``a << (L-1-k)``. This is what the shift-add engine computes.
+    """
+    levels_n = pot_num_levels(bits, signed=True)
+    a = a.to(torch.int64)
+    shift = (levels_n - code).clamp_min(0).to(torch.int64)  # code c -> k = c-1 -> shift L-1-k = L-c
+    prod = torch.bitwise_left_shift(a, shift)
+    return torch.where(code == 0, torch.zeros_like(prod), prod * sign.to(torch.int64))
+
+
+# ----------------------------------------------------------------------------------------- two-region
+
+
+def two_region_codes(x: torch.Tensor, delta: torch.Tensor, m: int, boundary: torch.Tensor, bits: int,
+                     signed_fine: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode with the two-region quantizer: ``(region, code)``, region 0 fine, region 1 coarse.
+
+    One ``bits``-bit format: the top bit is the region, the other ``bits-1`` bits the code. Region 0
+    (``x < boundary``) has scale ``delta / 2^m``; region 1 (``x >= boundary``) has scale ``delta``.
+    Region 0 codes are unsigned ``[0, 2^(b-1)-1]`` or, with ``signed_fine`` (post-GELU values, which
+    dip below zero), signed ``[-2^(b-2), 2^(b-2)-1]``; region 1 codes are unsigned.
+    """
+    check_bits(bits)
+    if not 0 <= m <= 16:
+        raise ValueError(f"two-region ratio exponent m must be in [0, 16], got {m}")
+    n = 2 ** (bits - 1)
+    fine = delta / (2**m)
+    fmin, fmax = (-(n // 2), n // 2 - 1) if signed_fine else (0, n - 1)
+    region = (x >= boundary).to(torch.int64)
+    code = torch.where(region == 0, torch.clamp(torch.round(x / fine), fmin, fmax),
+                       torch.clamp(torch.round(x / delta), 0, n - 1))
+    return region, code
+
+
+def two_region_decode(region: torch.Tensor, code: torch.Tensor, delta: torch.Tensor, m: int) -> torch.Tensor:
+    """Real values of two-region codes: the fine region is the coarse scale shifted right by ``m``."""
+    return torch.where(region == 0, code * (delta / (2**m)), code * delta)
+
+
+def fake_quant_two_region(x: torch.Tensor, delta: torch.Tensor, m: int, boundary: torch.Tensor, bits: int,
+                          signed_fine: bool = False) -> torch.Tensor:
+    """Quantize-dequantize with the two-region quantizer (see :func:`two_region_codes`)."""
+    region, code = two_region_codes(x, delta, m, boundary, bits, signed_fine)
+    return two_region_decode(region, code, delta, m)
+
+
+# ----------------------------------------------------------------------------------------- granularity
+
+
+def reduce_dims(x: torch.Tensor, axis: int | None) -> tuple[int, ...]:
+    """Dimensions to reduce for statistics: all (per tensor) or all but ``axis`` (per channel)."""
+    if axis is None:
+        return tuple(range(x.dim()))
+    axis = axis % x.dim()
+    return tuple(d for d in range(x.dim()) if d != axis)
+
+
+def to_groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """View a weight ``[out, in, ...]`` as ``[out * in/group, group]`` for per-group quantization.
+
+    Groups run along the input dimension (the reduction dimension of the matmul), as in weight-only
+    int4 kernels such as ONNX Runtime's MatMulNBits.
+    """
+    flat = w.reshape(w.shape[0], -1)
+    if flat.shape[1] % group_size:
+        raise ValueError(f"input size {flat.shape[1]} is not a multiple of group size {group_size}")
+    return flat.reshape(-1, group_size)
