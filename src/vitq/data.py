@@ -148,10 +148,12 @@ def _collate(items) -> Batch:
 
 def make_dataset(
     root: str | Path, transform: EvalTransform, list_file: str | Path | None = None,
-    limit: int | None = None, skip_bad_images: bool = False,
+    limit: int | None = None, skip_bad_images: bool = False, files: list[str] | None = None,
 ) -> ImageNetFiles:
-    """Dataset over ``root`` (both layouts), optionally restricted to ``list_file`` and its first ``limit`` entries."""
-    files = read_list(list_file, root) if list_file else scan_folder(root)
+    """Dataset over ``root`` (both layouts): the given ``files``, or those of ``list_file``, or all images;
+    then the first ``limit`` of them."""
+    if files is None:
+        files = read_list(list_file, root) if list_file else scan_folder(root)
     if limit is not None:
         if limit <= 0:
             raise DataError(f"--limit must be positive, got {limit}")

@@ -69,9 +69,37 @@ def _batches(data) -> Iterable[Batch]:
             yield Batch(b[0], b[1])
 
 
+class _Tally:
+    """Running top-1/top-5 counts, agreement and KL for one model."""
+
+    def __init__(self):
+        self.n = self.c1 = self.c5 = self.agree = 0
+        self.kl_sum = 0.0
+        self.model_s = 0.0
+
+    def add(self, logits: torch.Tensor, labels: torch.Tensor, ref: torch.Tensor | None) -> None:
+        top5 = logits.topk(5, dim=1).indices
+        self.c1 += (top5[:, 0] == labels).sum().item()
+        self.c5 += (top5 == labels[:, None]).any(dim=1).sum().item()
+        if ref is not None:
+            self.agree += (ref.argmax(1) == top5[:, 0]).sum().item()
+            self.kl_sum += kl_from_reference(ref, logits).sum().item()
+        self.n += len(labels)
+
+    def result(self, name: str, n_bad: int, wall_s: float, has_ref: bool) -> EvalResult:
+        if self.n == 0:
+            raise ValueError("evaluation saw no images (empty dataset, or every image was unreadable)")
+        return EvalResult(
+            model=name, n_images=self.n, n_bad_images=n_bad, top1=100.0 * self.c1 / self.n,
+            top5=100.0 * self.c5 / self.n, images_per_s=self.n / self.model_s if self.model_s > 0 else 0.0,
+            wall_s=wall_s, agreement=100.0 * self.agree / self.n if has_ref else None,
+            kl=self.kl_sum / self.n if has_ref else None,
+        )
+
+
 @torch.inference_mode()
 def evaluate(model: nn.Module, data, reference: nn.Module | None = None, name: str = "",
-             progress: bool = True, reference_logits: list[torch.Tensor] | None = None) -> EvalResult:
+             progress: bool = True) -> EvalResult:
     """Evaluate ``model`` on labelled images.
 
     Args:
@@ -81,46 +109,56 @@ def evaluate(model: nn.Module, data, reference: nn.Module | None = None, name: s
         reference: optional model (usually the FP original) for agreement and KL.
         name: model name written into the result.
         progress: show a tqdm bar.
-        reference_logits: precomputed reference logits per batch (same batching as ``data``),
-            used instead of running ``reference``.
 
     Returns:
         An :class:`EvalResult`.
     """
-    model.eval()
-    if reference is not None:
-        reference.eval()
-    n = n_bad = c1 = c5 = agree = 0
-    kl_sum = 0.0
-    model_s = 0.0
+    if reference is None:
+        return evaluate_many({name: model}, data, progress=progress)[name]
+    results = evaluate_many({"__reference__": reference, name: model}, data, reference="__reference__",
+                            progress=progress)
+    return results[name]
+
+
+@torch.inference_mode()
+def evaluate_many(models: dict[str, nn.Module], data, reference: str | None = None,
+                  progress: bool = True) -> dict[str, EvalResult]:
+    """Evaluate several models in one pass over ``data`` (each image is decoded once).
+
+    Args:
+        models: name -> model.
+        data: as for :func:`evaluate`.
+        reference: the name (a key of ``models``) of the model the others are compared with.
+        progress: show a tqdm bar.
+
+    Returns:
+        name -> :class:`EvalResult`; the reference's own agreement/KL are None.
+    """
+    if reference is not None and reference not in models:
+        raise ValueError(f"reference '{reference}' is not one of the evaluated models")
+    for m in models.values():
+        m.eval()
+    tallies = {k: _Tally() for k in models}
+    order = ([reference] if reference else []) + [k for k in models if k != reference]
+    n_bad = 0
     t0 = time.perf_counter()
-    bar = tqdm(desc=f"eval {name}".strip(), unit="img", disable=not progress, leave=False)
-    for bi, b in enumerate(_batches(data)):
+    bar = tqdm(desc="eval", unit="img", disable=not progress, leave=False)
+    for b in _batches(data):
         n_bad += b.n_bad
         if b.images.numel() == 0:
             continue
-        t = time.perf_counter()
-        logits = model(b.images).float()
-        model_s += time.perf_counter() - t
-        top5 = logits.topk(5, dim=1).indices
-        c1 += (top5[:, 0] == b.labels).sum().item()
-        c5 += (top5 == b.labels[:, None]).any(dim=1).sum().item()
-        ref = reference_logits[bi] if reference_logits is not None else (
-            reference(b.images).float() if reference is not None else None)
-        if ref is not None:
-            agree += (ref.argmax(1) == top5[:, 0]).sum().item()
-            kl_sum += kl_from_reference(ref, logits).sum().item()
-        n += len(b.labels)
+        ref_logits = None
+        for key in order:
+            t = time.perf_counter()
+            logits = models[key](b.images).float()
+            tallies[key].model_s += time.perf_counter() - t
+            if key == reference:
+                ref_logits = logits
+            tallies[key].add(logits, b.labels, None if key == reference else ref_logits)
         bar.update(len(b.labels))
     bar.close()
-    if n == 0:
-        raise ValueError("evaluation saw no images (empty dataset, or every image was unreadable)")
-    has_ref = reference is not None or reference_logits is not None
-    return EvalResult(
-        model=name, n_images=n, n_bad_images=n_bad, top1=100.0 * c1 / n, top5=100.0 * c5 / n,
-        images_per_s=n / model_s if model_s > 0 else 0.0, wall_s=time.perf_counter() - t0,
-        agreement=100.0 * agree / n if has_ref else None, kl=kl_sum / n if has_ref else None,
-    )
+    wall = time.perf_counter() - t0
+    return {k: tallies[k].result(k, n_bad, wall, reference is not None and k != reference) for k in models}
 
 
 def kl_from_reference(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ class QuantizedTensor:
     elements: int  # parameters (weights) or values per image (activations)
 
 
-def quantizers(model: nn.Module) -> list[TensorQuantizer]:
+def all_quantizers(model: nn.Module) -> list[TensorQuantizer]:
     """Every tensor quantizer of a prepared model, in module order."""
     return [m for m in model.modules() if isinstance(m, TensorQuantizer)]
 
@@ -54,7 +54,7 @@ def compute_layers(model: nn.Module) -> list[nn.Module]:
 def layer_names(model: nn.Module) -> list[str]:
     """Distinct layer names, as config rules see them."""
     seen: dict[str, None] = {}
-    for q in quantizers(model):
+    for q in all_quantizers(model):
         seen.setdefault(q.layer, None)
     return list(seen)
 
@@ -116,7 +116,7 @@ def apply_config(model: nn.Module, config: QuantConfig) -> None:
     """
     config.check_patterns(layer_names(model))
     first = set(getattr(model, "vitq_first_layers", []))
-    for q in quantizers(model):
+    for q in all_quantizers(model):
         s = config.layer_settings(q.layer)
         if q.is_weight:
             q.spec = TensorSpec(bits=s["w_bits"], scheme=s["w_scheme"], symmetric=True,
@@ -159,7 +159,7 @@ def calibrate(model: nn.Module, config: QuantConfig, calib_data, progress: bool 
         ValueError: an empty calibration set.
     """
     t0 = time.perf_counter()
-    qs = quantizers(model)
+    qs = all_quantizers(model)
     acts = [q for q in qs if not q.is_weight]
     for q in acts:
         q.start_observing(config.observer, config.seed)
@@ -188,7 +188,7 @@ def calibrate(model: nn.Module, config: QuantConfig, calib_data, progress: bool 
 
 def set_quant_enabled(model: nn.Module, enabled: bool) -> None:
     """Switch all quantizers between quantizing and pass-through (for A/B comparisons)."""
-    for q in quantizers(model):
+    for q in all_quantizers(model):
         q.mode = "quant" if enabled else "off"
 
 
@@ -197,7 +197,7 @@ def tensor_table(model: nn.Module) -> list[QuantizedTensor]:
     n_img = max(1, getattr(model, "vitq_calib_images", 1))
     owners = {id(m.w_quant): m for m in weight_layers(model)}
     rows = []
-    for q in quantizers(model):
+    for q in all_quantizers(model):
         if q.is_weight:
             elements = owners[id(q)].weight.numel()
             gran = q.spec.granularity
@@ -235,7 +235,7 @@ def model_stats(model: nn.Module) -> dict:
         if id(p) not in quantized_params:
             size_bits += p.numel() * 32
     a_bits_sum = a_count = 0
-    for q in quantizers(model):
+    for q in all_quantizers(model):
         if not q.is_weight:
             a_bits_sum += q.elements * q.spec.bits
             a_count += q.elements
@@ -275,5 +275,5 @@ def quantize(model: nn.Module, calib_data, config: QuantConfig | None = None, pr
 
 __all__ = [
     "ConfigError", "QuantConfig", "QuantizedTensor", "apply_config", "calibrate", "model_stats", "prepare",
-    "quantize", "quantizers", "set_quant_enabled", "tensor_table",
+    "quantize", "all_quantizers", "set_quant_enabled", "tensor_table",
 ]

@@ -1,0 +1,181 @@
+"""The ``vitq`` command line: ``models``, ``eval``, ``quantize``.
+
+Every problem with the input ends in one line ``vitq: error: ...`` naming the file, layer or option,
+and a non-zero exit; results are written under temporary names and renamed when complete.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .artifact import ArtifactError, is_artifact, load_artifact, save_artifact, write_dir_atomically
+from .data import DataError, calibration_subset, load_tensors, make_dataset, make_loader, read_list
+from .evaluate import evaluate, evaluate_many
+from .io import atomic_write_text
+from .quant.config import ConfigError, LayerRule, QuantConfig
+from .quant.engine import calibrate, prepare, tensor_table
+from .report import build_report, format_table, summary_line
+from .zoo import ZOO, ZooError, load_model
+
+USER_ERRORS = (ZooError, DataError, ConfigError, ArtifactError, FileNotFoundError, ValueError)
+
+
+def _cmd_models(args) -> int:
+    print(f"{'name':<24} {'timm tag (pinned)':<46} {'family':<13} {'interp':<8} {'crop':>5}  mean/std")
+    for e in ZOO.values():
+        t = e.transform
+        ms = "imagenet" if t.mean[0] == 0.485 else "0.5"
+        print(f"{e.short:<24} {e.timm_name:<46} {e.family:<13} {t.interpolation:<8} {t.crop_pct:>5}  {ms}")
+    return 0
+
+
+def _add_data_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2, help="image decoding worker processes")
+    p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images (counted in the report)")
+
+
+def _add_model_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", help="weights file (.safetensors, .pth, .pt); default: $VITQ_ASSETS/models")
+    p.add_argument("--random-init", action="store_true", help="random weights (structure/cost work only)")
+
+
+def _cmd_eval(args) -> int:
+    if is_artifact(args.model):
+        model, meta = load_artifact(args.model)
+        name, checkpoint, random_init = meta["model"], str(Path(args.model) / "model.safetensors"), meta.get("random_init", False)
+        from .zoo import get_entry
+
+        entry = get_entry(meta["model"])
+    else:
+        loaded = load_model(args.model, args.checkpoint, args.random_init)
+        model, entry, checkpoint, random_init = loaded.model, loaded.entry, loaded.checkpoint, loaded.random_init
+        name = entry.timm_name
+    ds = make_dataset(args.data, entry.transform, args.list, args.limit, args.skip_bad_images)
+    result = evaluate(model, make_loader(ds, args.batch_size, args.workers), name=name)
+    result.checkpoint, result.random_init = checkpoint, random_init
+    print(result.summary())
+    if args.out:
+        result.save(args.out)
+    return 0
+
+
+def _config_from_args(args) -> QuantConfig:
+    base = QuantConfig.load(args.config).to_dict() if args.config else {}
+    # Command-line options given explicitly override the config file.
+    for key in ("w_bits", "a_bits", "protocol", "observer", "mse_objective", "seed", "w_granularity", "w_scheme"):
+        value = getattr(args, key)
+        if value is not None:
+            base[key] = value
+    base.setdefault("rules", [])
+    base["rules"] = [r if isinstance(r, LayerRule) else LayerRule(**r) for r in base["rules"]]
+    return QuantConfig.from_dict(base)
+
+
+def _cmd_quantize(args) -> int:
+    config = _config_from_args(args)
+    torch.manual_seed(config.seed)
+    loaded = load_model(args.model, args.checkpoint, args.random_init)
+    entry = loaded.entry
+    eval_files = read_list(args.eval_list, args.eval) if args.eval_list else None
+    if args.calib_list:
+        calib_ds = make_dataset(args.calib, entry.transform, args.calib_list)
+    else:
+        exclude = eval_files if (eval_files and Path(args.calib).resolve() == Path(args.eval).resolve()) else []
+        files = calibration_subset(args.calib, args.calib_size, config.seed, exclude)
+        calib_ds = make_dataset(args.calib, entry.transform, files=files)
+    eval_ds = make_dataset(args.eval, entry.transform, args.eval_list, args.limit, args.skip_bad_images)
+    print(f"vitq quantize {entry.timm_name}: protocol={config.protocol} W{config.w_bits}A{config.a_bits} "
+          f"observer={config.observer} calib={len(calib_ds)} eval={len(eval_ds)} seed={config.seed}"
+          + (" RANDOM-INIT" if loaded.random_init else ""), flush=True)
+
+    t0 = time.perf_counter()
+    calib_images, _ = load_tensors(calib_ds, args.batch_size, args.workers)
+    qmodel = prepare(loaded.model, config)
+    cal = calibrate(qmodel, config, calib_images, progress=True)
+    calibrate_s = time.perf_counter() - t0
+    if not args.quiet:
+        print(format_table(tensor_table(qmodel)))
+
+    t1 = time.perf_counter()
+    results = evaluate_many({"fp": loaded.model, "quantized": qmodel},
+                            make_loader(eval_ds, args.batch_size, args.workers), reference="fp")
+    eval_s = time.perf_counter() - t1
+    report = build_report(
+        qmodel, model_name=entry.timm_name, checkpoint=loaded.checkpoint, random_init=loaded.random_init,
+        fp=results["fp"], quantized=results["quantized"],
+        timing={"calibrate_s": calibrate_s, "eval_s": eval_s, "calib_images": cal["n_images"]},
+        extra={"calib_files": calib_ds.files[:1000]},
+    )
+
+    def write(folder: Path) -> None:
+        save_artifact(qmodel, folder, {"model": entry.timm_name, "checkpoint": loaded.checkpoint,
+                                       "random_init": loaded.random_init})
+        (folder / "report.json").write_text(json.dumps(report, indent=2))
+
+    out = write_dir_atomically(args.out, write)
+    print(summary_line(report))
+    print(f"calibrate_s={calibrate_s:.1f} eval_s={eval_s:.1f} -> {out}/report.json")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vitq", description="Post-training quantization of vision transformers")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("models", help="list the supported models").set_defaults(func=_cmd_models)
+
+    p = sub.add_parser("eval", help="evaluate a model or a quantized artifact folder")
+    p.add_argument("model", help="zoo name, timm name, or a folder written by `vitq quantize`")
+    _add_model_opts(p)
+    p.add_argument("--data", required=True, help="image folder (synset sub-folders, or flat synset-prefixed files)")
+    p.add_argument("--list", help="file list, one path relative to --data per line")
+    p.add_argument("--limit", type=int, help="use only the first N images")
+    p.add_argument("--out", help="write the result as JSON")
+    _add_data_opts(p)
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("quantize", help="calibrate, quantize and evaluate against the FP model")
+    p.add_argument("model")
+    _add_model_opts(p)
+    p.add_argument("--calib", required=True, help="calibration image folder")
+    p.add_argument("--calib-list", help="calibration file list (default: a seeded random subset not in --eval-list)")
+    p.add_argument("--calib-size", type=int, default=32, help="images in the random calibration subset")
+    p.add_argument("--eval", required=True, help="evaluation image folder")
+    p.add_argument("--eval-list", help="evaluation file list")
+    p.add_argument("--limit", type=int, help="evaluate only the first N images")
+    p.add_argument("--w-bits", type=int)
+    p.add_argument("--a-bits", type=int)
+    p.add_argument("--protocol", choices=["standard", "full"])
+    p.add_argument("--observer", choices=["minmax", "percentile", "mse"])
+    p.add_argument("--mse-objective", choices=["tensor", "output"])
+    p.add_argument("--w-granularity", choices=["per_tensor", "per_channel", "per_group"])
+    p.add_argument("--w-scheme", choices=["uniform", "pot"])
+    p.add_argument("--config", help="QuantConfig JSON (per-layer rules); explicit options override it")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", required=True, help="output folder: report.json, model.safetensors, config.json")
+    p.add_argument("--quiet", action="store_true", help="do not print the per-tensor table")
+    _add_data_opts(p)
+    p.set_defaults(func=_cmd_quantize)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        print(f"vitq: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vitq: interrupted; no partial output was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""The quantization report: what was quantized how, and what it cost in accuracy, size and time."""
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from torch import nn
+
+from .evaluate import EvalResult
+from .quant.engine import QuantizedTensor, model_stats, tensor_table
+
+
+def format_table(rows: list[QuantizedTensor]) -> str:
+    """A fixed-width text table of every quantized tensor."""
+    header = f"{'tensor':<42} {'kind':<10} {'bits':>4} {'scheme':<8} {'granularity':<11} {'range':>23}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        rng = f"[{r.range_min:+.4g}, {r.range_max:+.4g}]"
+        lines.append(f"{r.name:<42} {r.kind:<10} {r.bits:>4} {r.scheme:<8} {r.granularity:<11} {rng:>23}")
+    return "\n".join(lines)
+
+
+def build_report(model: nn.Module, *, model_name: str, checkpoint: str | None, random_init: bool,
+                 fp: EvalResult | None, quantized: EvalResult | None, timing: dict, extra: dict | None = None) -> dict:
+    """Assemble ``report.json``: model, protocol, fp/quantized accuracy, bits, size, BOPs, timing, layers."""
+    config = model.vitq_config
+    report = {
+        "model": model_name,
+        "checkpoint": checkpoint,
+        "random_init": random_init,
+        "protocol": config.protocol,
+        "config": config.to_dict(),
+        "fp": _acc(fp),
+        "quantized": _acc(quantized),
+        **model_stats(model),
+        "timing": timing,
+        "layers": [asdict(r) for r in tensor_table(model)],
+    }
+    if random_init:
+        report["warning"] = "random-init weights: accuracy numbers are meaningless; structure and cost are real"
+    if extra:
+        report.update(extra)
+    return report
+
+
+def _acc(r: EvalResult | None) -> dict | None:
+    if r is None:
+        return None
+    keys = ("n_images", "top1", "top5", "agreement", "kl", "images_per_s", "n_bad_images")
+    return {k: getattr(r, k) for k in keys}
+
+
+def summary_line(report: dict) -> str:
+    """One line with the headline numbers."""
+    q, fp = report.get("quantized"), report.get("fp")
+    parts = [f"{report['model']} {report['protocol']}"]
+    if fp and q:
+        parts.append(f"fp.top1={fp['top1']:.2f} q.top1={q['top1']:.2f} (drop {fp['top1'] - q['top1']:+.2f}) "
+                     f"agreement={q['agreement']:.2f} kl={q['kl']:.4f}")
+    parts.append(f"avg_w_bits={report['avg_w_bits']:.2f} avg_a_bits={report['avg_a_bits']:.2f} "
+                 f"size={report['size_bytes'] / 1e6:.2f}MB bops={report['bops'] / 1e9:.1f}G")
+    return " ".join(parts)

@@ -1,0 +1,147 @@
+import math
+
+import pytest
+import torch
+
+from vitq.quant import quantizers as Q
+
+
+def test_int_ranges():
+    assert Q.int_range(4, True) == (-7, 7) and Q.int_range(4, False) == (0, 15)
+    assert Q.int_range(8, True) == (-127, 127) and Q.int_range(2, False) == (0, 3)
+    for bad in (1, 17, 4.0):
+        with pytest.raises(ValueError, match="bit-width"):
+            Q.int_range(bad, True)
+
+
+def test_asymmetric_grid_exact_values_and_zero_is_exact():
+    scale, zp = Q.uniform_params(torch.tensor(-1.0), torch.tensor(2.0), bits=2, symmetric=False)
+    assert math.isclose(scale.item(), 1.0) and zp.item() == 1.0
+    x = torch.tensor([-5.0, -1.0, -0.4, 0.0, 0.6, 1.49, 1.51, 9.0])
+    out = Q.fake_quant_uniform(x, scale, zp, 0, 3)
+    assert out.tolist() == [-1.0, -1.0, 0.0, 0.0, 1.0, 1.0, 2.0, 2.0]
+
+
+def test_range_not_containing_zero_is_widened():
+    scale, zp = Q.uniform_params(torch.tensor(2.0), torch.tensor(4.0), 8, False)
+    assert zp.item() == 0 and math.isclose(scale.item(), 4.0 / 255, rel_tol=1e-6)
+
+
+def test_symmetric_grid_is_symmetric():
+    scale, zp = Q.uniform_params(torch.tensor(-0.5), torch.tensor(0.7), 4, True)
+    assert zp.item() == 0 and math.isclose(scale.item(), 0.1, rel_tol=1e-6)
+    out = Q.fake_quant_uniform(torch.tensor([-0.7, 0.7, -0.04, 0.06]), scale, zp, -7, 7)
+    assert torch.allclose(out, torch.tensor([-0.7, 0.7, 0.0, 0.1]))
+
+
+def test_round_half_to_even():
+    out = Q.fake_quant_uniform(torch.tensor([0.5, 1.5, 2.5]), torch.tensor(1.0), torch.tensor(0.0), 0, 15)
+    assert out.tolist() == [0.0, 2.0, 2.0]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
+def test_error_bound_inside_range(bits):
+    x = torch.randn(10000)
+    lo, hi = x.min(), x.max()
+    scale, zp = Q.uniform_params(lo, hi, bits, False)
+    err = (Q.fake_quant_uniform(x, scale, zp, *Q.int_range(bits, False)) - x).abs()
+    assert err.max() <= scale / 2 + 1e-6
+
+
+def test_fast_path_equals_reference_formula():
+    x = torch.randn(64, 33) * 3
+    scale, zp = Q.uniform_params(torch.tensor(-2.5), torch.tensor(4.0), 5, False)
+    ref = Q.dequantize_uniform(Q.quantize_uniform(x, scale, zp, 0, 31), scale, zp)
+    assert torch.equal(Q.fake_quant_uniform(x, scale, zp, 0, 31), ref)
+    # per channel along axis 0
+    w = torch.randn(8, 16)
+    s, z = Q.uniform_params(w.amin(1), w.amax(1), 4, True)
+    ref = Q.dequantize_uniform(Q.quantize_uniform(w, s[:, None], z[:, None], -7, 7), s[:, None], z[:, None])
+    assert torch.equal(Q.fake_quant_uniform(w, s, z, -7, 7, axis=0), ref)
+
+
+def test_per_channel_independence():
+    w = torch.randn(4, 32)
+    s, z = Q.uniform_params(-w.abs().amax(1), w.abs().amax(1), 4, True)
+    base = Q.fake_quant_uniform(w, s, z, -7, 7, axis=0)
+    w2 = w.clone()
+    w2[0] *= 100  # changing channel 0 and its scale leaves the others untouched
+    s2, z2 = Q.uniform_params(-w2.abs().amax(1), w2.abs().amax(1), 4, True)
+    out = Q.fake_quant_uniform(w2, s2, z2, -7, 7, axis=0)
+    assert torch.equal(out[1:], base[1:]) and not torch.equal(out[0], base[0])
+
+
+def test_zero_range_gives_no_inf_or_nan():
+    x = torch.zeros(10)
+    scale, zp = Q.uniform_params(x.min(), x.max(), 8, False)
+    out = Q.fake_quant_uniform(x, scale, zp, 0, 255)
+    assert torch.isfinite(out).all() and torch.equal(out, x)
+
+
+def test_pot_levels_are_powers_of_two_or_zero():
+    w = torch.randn(1000)
+    p = Q.pot_scale_exponent(w.abs().max())
+    out = Q.fake_quant_pot(w, p, bits=4, signed=True)
+    mags = out.abs()[out != 0]
+    assert torch.equal(torch.log2(mags), torch.round(torch.log2(mags)))
+    assert len(torch.unique(out.abs())) <= Q.pot_num_levels(4, True) + 1
+    assert mags.max() <= 2 ** p.item() and mags.min() >= 2 ** (p.item() - 6)
+
+
+def test_pot_rounds_to_nearest_level():
+    p = torch.tensor(0.0)  # levels 0, 2^-6 .. 2^0 for 4 bits signed
+    x = torch.tensor([0.74, 0.76, -0.3, 2 ** -7 * 0.9, 2 ** -7 * 1.1, 5.0])
+    out = Q.fake_quant_pot(x, p, 4, True)
+    assert out.tolist() == [0.5, 1.0, -0.25, 0.0, 2 ** -6, 1.0]
+
+
+def test_pot_unsigned_for_softmax_and_rejects_negatives():
+    x = torch.rand(100)
+    out = Q.fake_quant_pot(x, torch.tensor(0.0), 4, signed=False)
+    assert (out >= 0).all() and len(torch.unique(out)) <= 16
+    with pytest.raises(ValueError, match="negative"):
+        Q.fake_quant_pot(-x, torch.tensor(0.0), 4, signed=False)
+
+
+def test_pot_decode_is_exactly_a_shift():
+    bits = 5
+    levels_n = Q.pot_num_levels(bits, True)
+    w = torch.randn(200)
+    p = Q.pot_scale_exponent(w.abs().max())
+    sign, code = Q.quantize_pot(w, p, bits, True)
+    a = torch.randint(-128, 128, (200,))
+    shifted = Q.pot_shift_product(a, sign, code, bits)
+    # The same product in real arithmetic, expressed in units of the smallest level 2^(p-(L-1)).
+    real = a.double() * Q.dequantize_pot(sign, code, p).double() / 2.0 ** (p.item() - (levels_n - 1))
+    assert torch.equal(shifted.double(), real)
+
+
+def test_two_region_round_trip_and_grid():
+    delta, m, bits = torch.tensor(1 / 16), 3, 6
+    n = 2 ** (bits - 1)
+    boundary = (n - 0.5) * delta / 2**m  # the fine region ends half a step past its top code
+    x = torch.rand(5000) * 1.5
+    fq = Q.fake_quant_two_region(x, delta, m, boundary, bits)
+    region, code = Q.two_region_codes(x, delta, m, boundary, bits)
+    assert torch.equal(Q.two_region_decode(region, code, delta, m), fq)
+    assert code.min() >= 0 and code.max() <= n - 1
+    # values on the grid survive unchanged
+    assert torch.equal(Q.fake_quant_two_region(fq, delta, m, boundary, bits), fq)
+    # fine region error is 2^m times smaller than the coarse step
+    small = x < boundary
+    assert (fq[small] - x[small]).abs().max() <= delta / 2**m / 2 + 1e-7
+
+
+def test_two_region_m0_is_uniform():
+    x = torch.rand(100)
+    d = torch.tensor(1 / 31)
+    a = Q.fake_quant_two_region(x, d, 0, torch.tensor(0.5), 6)
+    b = Q.fake_quant_uniform(x, d, torch.tensor(0.0), 0, 31)
+    assert torch.allclose(a, b)
+
+
+def test_groups_view():
+    w = torch.arange(24.0).reshape(2, 12)
+    assert Q.to_groups(w, 4).shape == (6, 4)
+    with pytest.raises(ValueError, match="group size"):
+        Q.to_groups(w, 5)

@@ -1,0 +1,85 @@
+import pytest
+import torch
+
+from vitq.data import (DataError, calibration_subset, imagenet_synsets, load_tensors, make_dataset, make_loader,
+                       read_list, scan_folder)
+from vitq.zoo import get_entry
+
+from conftest import write_images
+
+SYN = ["n01440764", "n01443537", "n01484850", "n15075141"]  # indices 0, 1, 2, 999
+
+
+def test_synset_list_is_imagenet_1k_order():
+    s = imagenet_synsets()
+    assert len(s) == 1000 and s[0] == "n01440764" and s[-1] == "n15075141" and list(s) == sorted(s)
+
+
+@pytest.mark.parametrize("layout", ["flat", "folders"])
+def test_both_layouts_give_imagenet_labels(tmp_path, layout):
+    write_images(tmp_path, SYN, layout)
+    ds = make_dataset(tmp_path, get_entry("deit_tiny").transform)
+    assert sorted(ds.labels) == [0, 1, 2, 999]
+    x, y = ds[0]
+    assert x.shape == (3, 224, 224)
+
+
+def test_transform_differs_by_family(tmp_path):
+    write_images(tmp_path, SYN[:1])
+    a = make_dataset(tmp_path, get_entry("deit_tiny").transform)[0][0]
+    b = make_dataset(tmp_path, get_entry("vit_tiny").transform)[0][0]
+    assert not torch.allclose(a, b)  # ImageNet mean/std vs 0.5/0.5
+
+
+def test_list_selects_and_orders(tmp_path):
+    names = write_images(tmp_path / "img", SYN)
+    lst = tmp_path / "l.txt"
+    lst.write_text(f"{names[3]}\n{names[0]}\n")
+    ds = make_dataset(tmp_path / "img", get_entry("deit_tiny").transform, lst)
+    assert ds.labels == [999, 0]
+    assert len(make_dataset(tmp_path / "img", get_entry("deit_tiny").transform, lst, limit=1)) == 1
+
+
+def test_list_naming_missing_files_is_an_error(tmp_path):
+    write_images(tmp_path / "img", SYN[:1])
+    lst = tmp_path / "l.txt"
+    lst.write_text("n01440764_nothere.JPEG\n")
+    with pytest.raises(DataError, match="n01440764_nothere.JPEG"):
+        read_list(lst, tmp_path / "img")
+
+
+def test_missing_and_empty_directories(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        scan_folder(tmp_path / "absent")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images"):
+        scan_folder(tmp_path / "empty")
+
+
+def test_corrupt_image_error_names_file_and_skip_counts(tmp_path):
+    write_images(tmp_path, SYN[:3])
+    (tmp_path / "n01484850_broken.JPEG").write_bytes(b"garbage")
+    ds = make_dataset(tmp_path, get_entry("deit_tiny").transform)
+    with pytest.raises(DataError, match="n01484850_broken.JPEG"):
+        load_tensors(ds, workers=0)
+    ds = make_dataset(tmp_path, get_entry("deit_tiny").transform, skip_bad_images=True)
+    batches = list(make_loader(ds, batch_size=2, workers=0))
+    assert sum(b.n_bad for b in batches) == 1
+    assert sum(len(b.labels) for b in batches) == 3
+
+
+def test_calibration_subset_is_seeded_and_disjoint_from_eval(tmp_path):
+    names = write_images(tmp_path, SYN * 3)
+    evals = names[:6]
+    a = calibration_subset(tmp_path, 4, seed=0, exclude=evals)
+    assert a == calibration_subset(tmp_path, 4, seed=0, exclude=evals)
+    assert not set(a) & set(evals) and len(a) == 4
+    with pytest.raises(DataError, match="outside the evaluation set"):
+        calibration_subset(tmp_path, 10, seed=0, exclude=evals)
+
+
+def test_file_without_synset_is_rejected(tmp_path):
+    write_images(tmp_path, SYN[:1])
+    (tmp_path / "holiday.jpg").write_bytes((tmp_path / "n01440764_img0.JPEG").read_bytes())
+    with pytest.raises(DataError, match="holiday.jpg"):
+        make_dataset(tmp_path, get_entry("deit_tiny").transform)
