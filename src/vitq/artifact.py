@@ -112,7 +112,8 @@ def load_artifact(folder: str | Path) -> tuple[nn.Module, dict]:
     except (KeyError, ZooError) as exc:
         raise ArtifactError(f"artifact {cfg_path} names no known model: {exc}") from exc
     config = QuantConfig.from_dict(meta["quant_config"])
-    model = prepare(create_model(entry), config, inplace=True)
+    # model_kwargs: timm constructor options the model was built with (e.g. num_classes, img_size).
+    model = prepare(create_model(entry, **meta.get("model_kwargs", {})), config, inplace=True)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ArtifactError(f"artifact {st_path} does not fit {entry.timm_name}: "

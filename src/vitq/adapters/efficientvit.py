@@ -65,5 +65,7 @@ class EfficientViTAdapter(Adapter):
             if type(m) is ResidualBlock and m.shortcut is not None:
                 m.residual = QuantAdd(f"{names[m]}.residual")
                 morph(m, QuantResidualBlock)
-        # Activation inputs (the conv outputs) and the head's LayerNorm.
-        quantize_inputs_of(model, names, (nn.Hardswish, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.LayerNorm))
+        # Activation inputs (the conv outputs) and the head's LayerNorm. LiteMLA's kernel ReLU is applied to
+        # q and to k separately; its outputs are already quantized as matmul operands, so it is skipped.
+        kernels = {id(m.kernel_func) for m in model.modules() if isinstance(m, LiteMLA)}
+        quantize_inputs_of(model, names, (nn.Hardswish, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.LayerNorm), kernels)

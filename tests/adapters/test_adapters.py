@@ -1,0 +1,59 @@
+import pytest
+import torch
+from torch import nn
+
+from vitq.adapters import adapter_for
+from vitq.adapters.base import fold_batchnorm
+
+from conftest import tiny_images, tiny_model
+
+
+@pytest.mark.parametrize("family,expected", [("vit", "vit"), ("deit", "vit"), ("swin", "swin"),
+                                             ("efficientvit", "efficientvit"), ("cnn", "cnn")])
+def test_adapter_chosen_by_model_class(family, expected):
+    model, _ = tiny_model(family)
+    assert adapter_for(model).family == expected
+
+
+def test_unsupported_model_is_named():
+    with pytest.raises(ValueError, match="Sequential"):
+        adapter_for(nn.Sequential(nn.Linear(3, 3)))
+
+
+def test_batchnorm_folding_is_exact():
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(3, 5, 3, bias=False), nn.BatchNorm2d(5).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.2, 3)
+        bn.weight.uniform_(-2, 2)
+        bn.bias.uniform_(-1, 1)
+    x = torch.randn(2, 3, 8, 8)
+    ref = bn(conv(x))
+    fold_batchnorm(conv, bn)
+    assert torch.allclose(conv(x), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["efficientvit", "cnn"])
+def test_prepare_removes_batchnorm_and_keeps_outputs(family):
+    model, size = tiny_model(family)
+    x = tiny_images(size)
+    with torch.inference_mode():
+        ref = model(x)
+    import copy
+    m = copy.deepcopy(model)
+    adapter_for(m).prepare(m)
+    assert not any(isinstance(k, nn.BatchNorm2d) for k in m.modules())
+    with torch.inference_mode():
+        assert torch.allclose(m(x), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_swin_shifted_window_mask_is_kept():
+    from vitq.quant import QuantConfig, prepare
+    model, size = tiny_model("swin")
+    q = prepare(model, QuantConfig())
+    shifted = [b for b in q.modules() if hasattr(b, "attn_mask") and b.attn_mask is not None]
+    assert shifted, "the tiny Swin must contain a shifted-window block"
+    x = tiny_images(size)
+    with torch.inference_mode():
+        assert torch.allclose(q(x), model(x), atol=1e-5)

@@ -1,0 +1,57 @@
+import json
+
+import pytest
+import torch
+
+from vitq.artifact import ArtifactError, load_artifact, save_artifact, write_dir_atomically
+from vitq.quant import LayerRule, QuantConfig, quantize
+from conftest import TINY, tiny_images, tiny_model
+
+META = {"model": "deit_tiny_patch16_224.fb_in1k", "model_kwargs": TINY["deit"][1]}
+
+
+def _quantized(protocol="standard"):
+    model, size = tiny_model("deit")
+    x = tiny_images(size)
+    cfg = QuantConfig(w_bits=4, a_bits=6, protocol=protocol, observer="mse",
+                      rules=[LayerRule("head", w_bits=8, w_scheme="pot")])
+    return quantize(model, x, cfg), x
+
+
+@pytest.mark.parametrize("protocol", ["standard", "full"])
+def test_save_and_reload_are_identical(tmp_path, protocol):
+    q, x = _quantized(protocol)
+    write_dir_atomically(tmp_path / "a", lambda d: save_artifact(q, d, META))
+    r, meta = load_artifact(tmp_path / "a")
+    with torch.inference_mode():
+        assert torch.equal(q(x), r(x))
+    assert meta["quant_config"]["protocol"] == protocol
+
+
+def test_other_version_and_corruption_are_rejected(tmp_path):
+    q, _ = _quantized()
+    write_dir_atomically(tmp_path / "a", lambda d: save_artifact(q, d, META))
+    cfg = tmp_path / "a" / "config.json"
+    meta = json.loads(cfg.read_text())
+    cfg.write_text(json.dumps(dict(meta, format="vitq-fakequant/0")))
+    with pytest.raises(ArtifactError, match="format"):
+        load_artifact(tmp_path / "a")
+    cfg.write_text(json.dumps(meta))
+    st = tmp_path / "a" / "model.safetensors"
+    st.write_bytes(st.read_bytes()[:1000])
+    with pytest.raises(ArtifactError, match="corrupted"):
+        load_artifact(tmp_path / "a")
+
+
+def test_interrupted_write_keeps_previous_folder(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("old")
+
+    def failing(folder):
+        (folder / "half.txt").write_text("partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_dir_atomically(tmp_path / "out", failing)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -1,0 +1,85 @@
+import json
+
+import pytest
+import torch
+
+from vitq.cli import main
+
+from conftest import write_images
+
+SYN = ["n01440764", "n01443537", "n01484850", "n15075141", "n02085620", "n02099601"]
+
+
+@pytest.fixture
+def images(tmp_path):
+    write_images(tmp_path / "img", SYN, size=64)
+    return tmp_path / "img"
+
+
+def test_models_lists_zoo(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "deit_tiny_patch16_224.fb_in1k" in out and "efficientvit_b1.r224_in1k" in out
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["eval", "deit_tiy", "--data", "."], "Did you mean: deit_tiny"),
+    (["eval", "deit_tiny", "--random-init", "--data", "/no/such/dir"], "data directory not found: /no/such/dir"),
+    (["eval", "deit_tiny", "--checkpoint", "/no/ck.safetensors", "--data", "."], "checkpoint file not found"),
+])
+def test_errors_are_one_line_and_nonzero(argv, needle, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and err.startswith("vitq: error:") and len(err.splitlines()) == 1
+
+
+def test_empty_dataset_and_bad_list(tmp_path, images, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["eval", "deit_tiny", "--random-init", "--data", str(tmp_path / "empty")]) == 2
+    assert "no images found" in capsys.readouterr().err
+    lst = tmp_path / "l.txt"
+    lst.write_text("n09999999_missing.JPEG\n")
+    assert main(["eval", "deit_tiny", "--random-init", "--data", str(images), "--list", str(lst)]) == 2
+    assert "n09999999_missing.JPEG" in capsys.readouterr().err
+
+
+def test_eval_writes_json(tmp_path, images, capsys):
+    out = tmp_path / "r.json"
+    assert main(["eval", "deit_tiny", "--random-init", "--data", str(images), "--workers", "0", "--out", str(out)]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("top1=") and "n=6" in line and "RANDOM-INIT" in line
+    r = json.loads(out.read_text())
+    assert {"model", "checkpoint", "n_images", "top1", "top5", "images_per_s"} <= set(r) and r["n_images"] == 6
+
+
+def test_quantize_then_eval_artifact_gives_identical_result(tmp_path, images, capsys):
+    out = tmp_path / "q"
+    args = ["quantize", "deit_tiny", "--random-init", "--calib", str(images), "--calib-size", "2",
+            "--eval", str(images), "--w-bits", "4", "--a-bits", "4", "--observer", "percentile", "--out", str(out),
+            "--workers", "0", "--protocol", "full"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "blocks.0.attn.matmul_qk.q" in printed and "protocol=full" in printed
+    report = json.loads((out / "report.json").read_text())
+    for key in ("model", "protocol", "avg_w_bits", "avg_a_bits", "size_bytes", "bops", "layers", "timing"):
+        assert key in report
+    for key in ("top1", "top5", "agreement", "kl"):
+        assert key in report["quantized"]
+    assert "top1" in report["fp"] and "calibrate_s" in report["timing"] and "eval_s" in report["timing"]
+    assert report["random_init"] and report["avg_w_bits"] == 4.0 and report["protocol"] == "full"
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+    res = tmp_path / "e.json"
+    assert main(["eval", str(out), "--data", str(images), "--workers", "0", "--out", str(res)]) == 0
+    again = json.loads(res.read_text())
+    assert again["top1"] == report["quantized"]["top1"] and again["top5"] == report["quantized"]["top5"]
+
+
+def test_config_pattern_error_names_pattern(tmp_path, images, capsys):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"rules": [{"pattern": "blocks.77.*", "w_bits": 4}]}))
+    args = ["quantize", "deit_tiny", "--random-init", "--calib", str(images), "--calib-size", "2",
+            "--eval", str(images), "--config", str(cfg), "--out", str(tmp_path / "q"), "--workers", "0"]
+    assert main(args) == 2
+    assert "blocks.77.*" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()

@@ -1,0 +1,64 @@
+"""Integration tests on the real DeiT-Tiny and real ImageNet images from ../shared/assets (skipped when absent)."""
+import re
+
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from vitq.data import load_tensors, make_dataset, make_loader
+from vitq.evaluate import evaluate
+from vitq.quant import QuantConfig, quantize
+from vitq.zoo import load_model
+
+from conftest import REPO
+
+pytestmark = pytest.mark.integration
+
+
+def _first(assets, n):
+    return (assets / "eval968.txt").read_text().split()[:n]
+
+
+def test_vitq_eval_matches_timm_run_directly(assets, monkeypatch):
+    monkeypatch.setenv("VITQ_ASSETS", str(assets))
+    files = _first(assets, 50)
+    # timm on its own: its pretrained-file override, its data config and transform, PIL decoding.
+    ref = timm.create_model("deit_tiny_patch16_224.fb_in1k", pretrained=True, pretrained_cfg_overlay=dict(
+        file=str(assets / "models" / "deit_tiny_patch16_224.safetensors"))).eval()
+    cfg = timm.data.resolve_data_config({}, model=ref)
+    tf = timm.data.create_transform(**cfg)
+    synsets = sorted(p.name.split("_")[0] for p in (assets / "imagenet-sample").iterdir())
+    x = torch.stack([tf(Image.open(assets / "imagenet-sample" / f).convert("RGB")) for f in files])
+    y = torch.tensor([synsets.index(f.split("_")[0]) for f in files])
+    with torch.inference_mode():
+        timm_top1 = 100.0 * (ref(x).argmax(1) == y).float().mean().item()
+
+    loaded = load_model("deit_tiny")
+    ds = make_dataset(assets / "imagenet-sample", loaded.entry.transform, assets / "eval968.txt", limit=50)
+    r = evaluate(loaded.model, make_loader(ds, workers=0), progress=False)
+    assert r.n_images == 50
+    assert r.top1 == pytest.approx(timm_top1, abs=1e-9)
+
+
+def test_w8a8_on_real_deit_tiny_agrees_with_fp(assets, monkeypatch):
+    monkeypatch.setenv("VITQ_ASSETS", str(assets))
+    loaded = load_model("deit_tiny")
+    t = loaded.entry.transform
+    calib, _ = load_tensors(make_dataset(assets / "imagenet-sample", t, assets / "calib32.txt"), workers=0)
+    q = quantize(loaded.model, calib[:8], QuantConfig(w_bits=8, a_bits=8))
+    ds = make_dataset(assets / "imagenet-sample", t, assets / "eval968.txt", limit=32)
+    r = evaluate(q, make_loader(ds, workers=0), reference=loaded.model, progress=False)
+    assert r.agreement >= 90.0 and r.kl < 0.05
+
+
+def test_readme_python_example_runs(assets, monkeypatch):
+    monkeypatch.setenv("VITQ_ASSETS", str(assets))
+    monkeypatch.chdir(REPO)
+    readme = (REPO / "README.md").read_text()
+    code = re.search(r"<!-- example:start -->\n```python\n(.*?)```\n<!-- example:end -->", readme, re.S).group(1)
+    assert len(code.strip().splitlines()) <= 10
+    code = code.replace("../shared/assets", str(assets)).replace("limit=100", "limit=16")
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["result"].agreement is not None and scope["result"].n_images == 16
