@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import asdict
 import tempfile
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .quant.config import QuantConfig
+from .quant.config import QuantConfig, TensorSpec
 from .quant.engine import all_quantizers, compute_layers, prepare, weight_layers
 from .zoo import ZooError, create_model, get_entry
 
@@ -42,6 +43,8 @@ def artifact_files(model: nn.Module, meta: dict) -> tuple[dict[str, torch.Tensor
         quant_config=model.vitq_config.to_dict(),
         calib_images=int(getattr(model, "vitq_calib_images", 0)),
         elements={q.name: int(q.elements) for q in all_quantizers(model) if not q.is_weight},
+        # Methods (OPT-m, searches) may change single tensors' specs beyond what the config says.
+        specs={q.name: asdict(q.spec) for q in all_quantizers(model)},
         macs={m.layer_name: int(m.macs) for m in compute_layers(model)},
     )
     return state, meta
@@ -119,7 +122,10 @@ def load_artifact(folder: str | Path) -> tuple[nn.Module, dict]:
         raise ArtifactError(f"artifact {st_path} does not fit {entry.timm_name}: "
                             f"missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.vitq_calib_images = meta.get("calib_images", 1)
+    specs = meta.get("specs", {})
     for q in all_quantizers(model):
+        if q.name in specs:
+            q.spec = TensorSpec(**specs[q.name])
         q.mode = "quant"
         if not q.is_weight:
             q.elements = meta.get("elements", {}).get(q.name, 0)

@@ -18,7 +18,9 @@ from .data import DataError, calibration_subset, load_tensors, make_dataset, mak
 from .evaluate import evaluate, evaluate_many
 from .io import atomic_write_text
 from .quant.config import ConfigError, LayerRule, QuantConfig
-from .quant.engine import calibrate, prepare, tensor_table
+from .methods.greedy_mp import Budget, greedy_mp, plot_bits
+from .methods.mptq import MethodOptions, run_pipeline
+from .quant.engine import tensor_table
 from .report import build_report, format_table, summary_line
 from .zoo import ZOO, ZooError, load_model
 
@@ -94,10 +96,30 @@ def _cmd_quantize(args) -> int:
           f"observer={config.observer} calib={len(calib_ds)} eval={len(eval_ds)} seed={config.seed}"
           + (" RANDOM-INIT" if loaded.random_init else ""), flush=True)
 
+    options = MethodOptions(sq_b=args.sq_b or args.method == "mptq", opt_m=args.opt_m or args.method == "mptq",
+                            m_max=args.m_max)
+    budget = None
+    if args.mixed or (args.method == "mptq" and any(
+            v is not None for v in (args.budget_w, args.budget_a, args.budget_mb))):
+        budget = Budget(args.budget_w, args.budget_a, args.budget_mb)
+    print(f"methods: sq_b={options.sq_b} opt_m={options.opt_m} mixed={budget is not None}", flush=True)
+
     t0 = time.perf_counter()
     calib_images, _ = load_tensors(calib_ds, args.batch_size, args.workers)
-    qmodel = prepare(loaded.model, config)
-    cal = calibrate(qmodel, config, calib_images, progress=True)
+    extra: dict = {}
+    if budget is not None:
+        qmodel, search = greedy_mp(loaded.model, calib_images, config, options, budget,
+                                   _bits_list(args.w_candidates), _bits_list(args.a_candidates),
+                                   remeasure_every=args.remeasure_every)
+        config = search.config
+        extra["mixed"] = {"budget": vars(budget), "search_s": search.search_s, "steps": search.steps,
+                          "probes": search.probes, "kl_calib": search.kl_final, "layers": search.layers}
+    else:
+        res = run_pipeline(loaded.model, calib_images, config, options, progress=True)
+        qmodel = res.model
+        extra.update({k: v for k, v in (("sqb", res.sqb), ("optm", res.optm)) if v is not None})
+        extra["method_timing"] = res.timing
+    qmodel.vitq_calib_images = len(calib_images)
     calibrate_s = time.perf_counter() - t0
     if not args.quiet:
         print(format_table(tensor_table(qmodel)))
@@ -109,11 +131,14 @@ def _cmd_quantize(args) -> int:
     report = build_report(
         qmodel, model_name=entry.timm_name, checkpoint=loaded.checkpoint, random_init=loaded.random_init,
         fp=results["fp"], quantized=results["quantized"],
-        timing={"calibrate_s": calibrate_s, "eval_s": eval_s, "calib_images": cal["n_images"]},
-        extra={"calib_files": calib_ds.files[:1000]},
+        timing={"calibrate_s": calibrate_s, "eval_s": eval_s, "calib_images": len(calib_images)},
+        extra={"calib_files": calib_ds.files[:1000], "methods": vars(options), **extra},
     )
 
     def write(folder: Path) -> None:
+        if budget is not None:
+            config.save(folder / "mixed_config.json")
+            plot_bits(extra["mixed"]["layers"], folder / "bits.png", f"{entry.short}: Greedy MP {vars(budget)}")
         save_artifact(qmodel, folder, {"model": entry.timm_name, "checkpoint": loaded.checkpoint,
                                        "random_init": loaded.random_init})
         (folder / "report.json").write_text(json.dumps(report, indent=2))
@@ -122,6 +147,13 @@ def _cmd_quantize(args) -> int:
     print(summary_line(report))
     print(f"calibrate_s={calibrate_s:.1f} eval_s={eval_s:.1f} -> {out}/report.json")
     return 0
+
+
+def _bits_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"candidate bits must be a comma-separated list of integers, got '{text}'") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,6 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--w-scheme", choices=["uniform", "pot"])
     p.add_argument("--config", help="QuantConfig JSON (per-layer rules); explicit options override it")
     p.add_argument("--seed", type=int)
+    p.add_argument("--method", choices=["mptq"], help="mptq = --sq-b --opt-m, plus Greedy MP when a budget is given")
+    p.add_argument("--sq-b", action="store_true", help="SmoothQuant with bias shift, folded into LayerNorm")
+    p.add_argument("--opt-m", action="store_true", help="two-region quantizer search for post-GELU/softmax")
+    p.add_argument("--m-max", type=int, default=4, help="largest OPT-m ratio exponent")
+    p.add_argument("--mixed", action="store_true", help="Greedy MP mixed precision (needs a budget)")
+    p.add_argument("--budget-w", type=float, help="target average weight bits")
+    p.add_argument("--budget-a", type=float, help="target average activation bits")
+    p.add_argument("--budget-mb", type=float, help="target model size in MB")
+    p.add_argument("--w-candidates", default="4,5,6,8", help="candidate weight bits")
+    p.add_argument("--a-candidates", default="4,5,6,8", help="candidate activation bits")
+    p.add_argument("--remeasure-every", type=int, default=0, help="re-measure all sensitivities every k steps")
     p.add_argument("--out", required=True, help="output folder: report.json, model.safetensors, config.json")
     p.add_argument("--quiet", action="store_true", help="do not print the per-tensor table")
     _add_data_opts(p)

@@ -49,6 +49,20 @@ class Adapter:
     def attach_full(self, model: nn.Module, names: dict[nn.Module, str]) -> None:
         """Full protocol: quantize the inputs of nonlinearities, norms and residual additions."""
 
+    def two_region_targets(self, model: nn.Module) -> list[tuple[TensorQuantizer, bool]]:
+        """Quantizers of skewed activations for OPT-m's two-region grid: ``(quantizer, signed_fine)``
+        (post-GELU values dip below zero: signed fine region; post-softmax values do not)."""
+        return []
+
+    def trunk(self, model: nn.Module):
+        """``(stem, blocks, head)`` callables if the model is a plain sequence of blocks (lets searches
+        re-run only the blocks after a change), else None."""
+        return None
+
+    def norm_linear_pairs(self, model: nn.Module) -> list[tuple[nn.Module, nn.Linear]]:
+        """(LayerNorm, Linear) pairs where the Linear's only input is the norm's output (for SQ-b)."""
+        return []
+
 
 def morph(module: nn.Module, cls: type) -> nn.Module:
     """Give ``module`` a subclass of its class that overrides ``forward`` (parameters and names kept)."""

@@ -59,6 +59,22 @@ class SwinAdapter(Adapter):
     def first_layers(self, model: nn.Module) -> list[nn.Module]:
         return [model.patch_embed.proj]
 
+    def two_region_targets(self, model: nn.Module):
+        out = []
+        for b in model.modules():
+            if isinstance(b, SwinTransformerBlock):
+                out += [(b.mlp.fc2.in_quant, True), (b.attn.matmul_av.a_quant, False)]
+        return out
+
+    def norm_linear_pairs(self, model: nn.Module) -> list[tuple[nn.Module, nn.Linear]]:
+        pairs = []
+        for m in model.modules():
+            if isinstance(m, SwinTransformerBlock):
+                pairs += [(m.norm1, m.attn.qkv), (m.norm2, m.mlp.fc1)]
+            elif isinstance(m, PatchMerging):
+                pairs.append((m.norm, m.reduction))
+        return pairs
+
     def attach_matmuls(self, model: nn.Module, names: dict[nn.Module, str]) -> None:
         for m in list(model.modules()):
             if type(m) is WindowAttention:

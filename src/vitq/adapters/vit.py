@@ -68,6 +68,26 @@ class ViTAdapter(Adapter):
     def first_layers(self, model: nn.Module) -> list[nn.Module]:
         return [model.patch_embed.proj]
 
+    def two_region_targets(self, model: nn.Module):
+        out = []
+        for b in model.modules():
+            if isinstance(b, Block):
+                out += [(b.mlp.fc2.in_quant, True), (b.attn.matmul_av.a_quant, False)]
+        return out
+
+    def trunk(self, model: nn.Module):
+        def stem(x):
+            return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+
+        def head(x):
+            return model.forward_head(model.norm(x))
+
+        return stem, list(model.blocks), head
+
+    def norm_linear_pairs(self, model: nn.Module) -> list[tuple[nn.Module, nn.Linear]]:
+        return [(p, l) for b in model.modules() if isinstance(b, Block)
+                for p, l in ((b.norm1, b.attn.qkv), (b.norm2, b.mlp.fc1))]
+
     def attach_matmuls(self, model: nn.Module, names: dict[nn.Module, str]) -> None:
         for m in list(model.modules()):
             if type(m) is Attention:

@@ -45,6 +45,9 @@ class TensorQuantizer(nn.Module):
         self.register_buffer("zero_point", torch.zeros(()))
         self.register_buffer("range_min", torch.zeros(()))
         self.register_buffer("range_max", torch.zeros(()))
+        # Two-region scheme (OPT-m): ``scale`` is the coarse step, fine step = scale / 2^region_m.
+        self.register_buffer("region_m", torch.zeros(()))
+        self.register_buffer("boundary", torch.zeros(()))
 
     # ---- calibration
     def start_observing(self, method: str, seed: int) -> None:
@@ -126,8 +129,22 @@ class TensorQuantizer(nn.Module):
             return out.reshape(x.shape)
         if self.spec.scheme == "pot":
             return Q.fake_quant_pot(x, self.scale, self.spec.bits, signed=bool(self.range_min < 0))
+        if self.spec.scheme == "two_region":
+            return Q.fake_quant_two_region(x, self.scale, int(self.region_m), self.boundary, self.spec.bits,
+                                           signed_fine=self.spec.symmetric)
         qmin, qmax = self._qrange()
         return Q.fake_quant_uniform(x, self.scale, self.zero_point, qmin, qmax)
+
+    def set_two_region(self, delta: float, m: int, boundary: float, signed_fine: bool) -> None:
+        """Switch to the two-region scheme with coarse step ``delta``, ratio ``2^m`` and ``boundary``."""
+        from dataclasses import replace
+
+        self.spec = replace(self.spec, scheme="two_region", symmetric=signed_fine)
+        self.scale = torch.tensor(float(delta))
+        self.zero_point = torch.zeros(())
+        self.region_m = torch.tensor(float(m))
+        self.boundary = torch.tensor(float(boundary))
+        self.mode = "quant"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1

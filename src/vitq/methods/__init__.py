@@ -1,0 +1,1 @@
+"""Quantization methods on top of the engine, one module each (SQ-b, OPT-m, Greedy MP, M2Q)."""

@@ -1,0 +1,310 @@
+"""Greedy MP: layer-wise mixed precision for weights and activations under a budget (MPTQ-ViT).
+
+1. Every candidate bit-width ``b`` gets its own fully calibrated model (with SQ-b/OPT-m when asked).
+   Each tensor's parameters at ``b`` are harvested into a bank, so switching a layer to ``b`` later
+   is a copy, not a recalibration. (Activation statistics are observed in float, so a tensor's
+   parameters at ``b`` do not depend on the other layers' bits; reusing the saved config therefore
+   reproduces the searched model exactly.)
+2. Start with the highest candidate everywhere. The sensitivity of each item (a layer's weights, or a
+   layer's activations) is the increase of the KL divergence of the final logits from FP, on
+   calibration images only, when that item is lowered one step.
+3. Repeatedly lower the item with the smallest loss per average bit saved, re-measure that item's
+   next step, until the budget holds. Optionally re-measure every item every ``remeasure_every`` steps.
+
+Speed: for families whose adapter exposes a sequential trunk (ViT/DeiT), the input of every block
+under the current assignment is cached; probing a layer of block ``k`` runs only blocks ``k..end``.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..adapters import adapter_for
+from ..evaluate import kl_from_reference
+from ..quant.config import ConfigError, LayerRule, QuantConfig
+from ..quant.engine import all_quantizers, model_stats, weight_layers
+from .mptq import MethodOptions, run_pipeline
+from .sqb import apply_sqb
+
+_BUFFERS = ("scale", "zero_point", "range_min", "range_max", "region_m", "boundary")
+
+
+@dataclass
+class Budget:
+    """Targets: average weight bits, average activation bits, and/or model size in MB."""
+
+    w_bits: float | None = None
+    a_bits: float | None = None
+    size_mb: float | None = None
+
+    def __post_init__(self):
+        if self.w_bits is None and self.a_bits is None and self.size_mb is None:
+            raise ConfigError("a mixed-precision budget needs --budget-w, --budget-a or --budget-mb")
+
+
+@dataclass
+class GreedyResult:
+    config: QuantConfig
+    layers: list[dict] = field(default_factory=list)
+    steps: int = 0
+    probes: int = 0
+    search_s: float = 0.0
+    kl_final: float = 0.0
+    history: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class _Item:
+    kind: str  # "W" or "A"
+    layer: str
+    quantizers: list
+    size: int  # parameters (W) or activation values per calibration pass (A)
+    block: int  # trunk block index; -1 = before the blocks, n = after
+    choices: tuple[int, ...]  # ascending candidate bits
+    level: int  # index into choices
+    sens: float = 0.0
+
+    @property
+    def bits(self) -> int:
+        return self.choices[self.level]
+
+    def can_lower(self) -> bool:
+        return self.level > 0
+
+
+def _harvest(model: nn.Module) -> dict[str, dict]:
+    return {q.name: {"spec": copy.deepcopy(q.spec), **{k: getattr(q, k).clone() for k in _BUFFERS}}
+            for q in all_quantizers(model)}
+
+
+def _apply(q, state: dict) -> None:
+    q.spec = copy.deepcopy(state["spec"])
+    for k in _BUFFERS:
+        setattr(q, k, state[k].clone())
+
+
+class _Prober:
+    """Runs the model on the probe images, re-running only what a change can affect."""
+
+    def __init__(self, model: nn.Module, images: torch.Tensor, ref: torch.Tensor):
+        self.model, self.images, self.ref = model, images, ref
+        self.trunk = adapter_for(model).trunk(model)
+        self.cache: list[torch.Tensor] = []
+        self.count = 0
+
+    @torch.inference_mode()
+    def refresh(self, start: int = -1) -> None:
+        if self.trunk is None:
+            return
+        stem, blocks, _ = self.trunk
+        if start < 0 or not self.cache:
+            x, start = stem(self.images), 0
+            self.cache = [None] * (len(blocks) + 1)
+        else:
+            start = min(start, len(blocks))
+            x = self.cache[start]
+        for k in range(start, len(blocks)):
+            self.cache[k] = x
+            x = blocks[k](x)
+        self.cache[len(blocks)] = x
+
+    @torch.inference_mode()
+    def kl(self, start: int = -1) -> float:
+        self.count += 1
+        if self.trunk is None:
+            out = self.model(self.images)
+        else:
+            stem, blocks, head = self.trunk
+            if start < 0:
+                x, start = stem(self.images), 0
+            else:
+                start = min(start, len(blocks))
+                x = self.cache[start]
+            for k in range(start, len(blocks)):
+                x = blocks[k](x)
+            out = head(x)
+        return kl_from_reference(self.ref, out).mean().item()
+
+
+def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, options: MethodOptions, budget: Budget,
+              w_candidates=(4, 5, 6, 8), a_candidates=(4, 5, 6, 8), n_probe: int = 16,
+              remeasure_every: int = 0, progress: bool = True) -> tuple[nn.Module, GreedyResult]:
+    """Search per-layer W/A bit-widths under ``budget``; returns the mixed model and the search result.
+
+    Args:
+        fp_model: the float model.
+        calib: calibration images (the first ``n_probe`` are used to measure sensitivities).
+        base: the base config (protocol, observer, default bits at which SQ-b searches alpha).
+        options: SQ-b / OPT-m switches.
+        budget: the targets.
+        w_candidates / a_candidates: candidate bit-widths.
+        remeasure_every: re-measure every item's sensitivity every k steps (0 = never).
+
+    Raises:
+        ConfigError: bad candidates or an unreachable budget.
+    """
+    t0 = time.perf_counter()
+    w_c, a_c = tuple(sorted(set(w_candidates))), tuple(sorted(set(a_candidates)))
+    for b in w_c + a_c:
+        if not 2 <= b <= 8:
+            raise ConfigError(f"candidate bit-width {b} out of range 2..8")
+    float_model = copy.deepcopy(fp_model)
+    if options.sq_b:  # once, at the base bits: every bank shares the same smoothed float model
+        apply_sqb(float_model, calib, QuantConfig(w_bits=base.w_bits, a_bits=base.a_bits), progress=progress)
+    stage = MethodOptions(sq_b=False, opt_m=options.opt_m, m_max=options.m_max)
+    banks: dict[int, dict] = {}
+    model = None
+    for b in tqdm(sorted(set(w_c + a_c), reverse=True), desc="calibrate candidates", disable=not progress, leave=False):
+        res = run_pipeline(float_model, calib, replace(base, w_bits=b, a_bits=b, rules=[]), stage)
+        banks[b] = _harvest(res.model)
+        if model is None:
+            model = res.model  # the highest bit-width model is the starting point
+    first = set(model.vitq_first_layers)
+    trunk = adapter_for(model).trunk(model)
+    block_of: dict[int, int] = {}
+    if trunk is not None:
+        stem, blocks, _ = trunk
+        for k, blk in enumerate(blocks):
+            for q in all_quantizers(blk):
+                block_of[id(q)] = k
+        n_blocks = len(blocks)
+    else:
+        n_blocks = 0
+
+    def where(qs) -> int:
+        ks = [block_of.get(id(q)) for q in qs]
+        if any(k is None for k in ks):
+            # outside the blocks: in the stem (-1) unless the quantizer runs after them (head)
+            return -1 if trunk is None or not _after_blocks(model, qs, trunk) else n_blocks
+        return min(ks)
+
+    items: list[_Item] = []
+    for m in weight_layers(model):
+        items.append(_Item("W", m.layer_name, [m.w_quant], m.weight.numel(), where([m.w_quant]), w_c, len(w_c) - 1))
+    groups: dict[str, list] = {}
+    for q in all_quantizers(model):
+        if not q.is_weight and not (q.layer in first and q.role == "input"):
+            groups.setdefault(q.layer, []).append(q)
+    for layer, qs in groups.items():
+        items.append(_Item("A", layer, qs, sum(q.elements for q in qs), where(qs), a_c, len(a_c) - 1))
+    owners = {id(m.w_quant): m for m in weight_layers(model)}
+
+    def set_level(item: _Item, level: int) -> None:
+        item.level = level
+        for q in item.quantizers:
+            _apply(q, banks[item.bits][q.name])
+            if id(q) in owners:
+                owners[id(q)].refresh()
+
+    w_total = sum(i.size for i in items if i.kind == "W")
+    a_fixed = [q for q in all_quantizers(model) if not q.is_weight and q.layer in first and q.role == "input"]
+    a_total = sum(i.size for i in items if i.kind == "A") + sum(q.elements for q in a_fixed)
+    a_fixed_bits = sum(q.elements * q.spec.bits for q in a_fixed)
+    stats0 = model_stats(model)
+    size_const_bits = stats0["size_bytes"] * 8 - sum(i.size * i.bits for i in items if i.kind == "W")
+
+    def avg_w() -> float:
+        return sum(i.size * i.bits for i in items if i.kind == "W") / max(1, w_total)
+
+    def avg_a() -> float:
+        return (sum(i.size * i.bits for i in items if i.kind == "A") + a_fixed_bits) / max(1, a_total)
+
+    def size_mb() -> float:
+        return (size_const_bits + sum(i.size * i.bits for i in items if i.kind == "W")) / 8 / 1e6
+
+    def need(kind: str) -> bool:
+        if kind == "W":
+            return (budget.w_bits is not None and avg_w() > budget.w_bits + 1e-9) or (
+                budget.size_mb is not None and size_mb() > budget.size_mb + 1e-12)
+        return budget.a_bits is not None and avg_a() > budget.a_bits + 1e-9
+
+    def saved(item: _Item) -> float:
+        drop = item.bits - item.choices[item.level - 1]
+        return drop * item.size / (w_total if item.kind == "W" else a_total)
+
+    probe_imgs = calib[:n_probe]
+    with torch.inference_mode():
+        ref = fp_model(probe_imgs)
+    prober = _Prober(model, probe_imgs, ref)
+    prober.refresh()
+    current = prober.kl()
+
+    def measure(item: _Item) -> None:
+        if not item.can_lower():
+            return
+        level = item.level
+        set_level(item, level - 1)
+        item.sens = prober.kl(item.block) - current
+        set_level(item, level)
+
+    for item in tqdm(items, desc="sensitivity", disable=not progress, leave=False):
+        measure(item)
+    result = GreedyResult(config=base)
+    bar = tqdm(desc="greedy MP", disable=not progress, leave=False)
+    while need("W") or need("A"):
+        cands = [i for i in items if i.can_lower() and need(i.kind)]
+        if not cands:
+            raise ConfigError(f"budget {budget} is unreachable with candidates W{w_c} A{a_c}")
+        best = min(cands, key=lambda i: max(i.sens, 1e-12) / saved(i))
+        set_level(best, best.level - 1)
+        prober.refresh(best.block)
+        current = prober.kl()
+        result.steps += 1
+        result.history.append({"step": result.steps, "item": f"{best.kind}:{best.layer}", "bits": best.bits,
+                               "kl": current, "avg_w": avg_w(), "avg_a": avg_a()})
+        measure(best)
+        if remeasure_every and result.steps % remeasure_every == 0:
+            for i in items:
+                measure(i)
+        bar.update(1)
+    bar.close()
+
+    w_bits = {i.layer: i.bits for i in items if i.kind == "W"}
+    a_bits = {i.layer: i.bits for i in items if i.kind == "A"}
+    layers = sorted(set(w_bits) | set(a_bits), key=list(dict.fromkeys([i.layer for i in items])).index)
+    rules = [LayerRule(layer, w_bits=w_bits.get(layer), a_bits=a_bits.get(layer)) for layer in layers]
+    result.config = replace(base, rules=rules)
+    model.vitq_config = result.config
+    result.layers = [{"layer": l, "w_bits": w_bits.get(l), "a_bits": a_bits.get(l)} for l in layers]
+    result.probes = prober.count
+    result.kl_final = current
+    result.search_s = time.perf_counter() - t0
+    return model, result
+
+
+def _after_blocks(model: nn.Module, qs, trunk) -> bool:
+    """Whether quantizers outside the trunk's blocks belong to the head (run after the blocks)."""
+    _, blocks, _ = trunk
+    order = {id(q): i for i, q in enumerate(all_quantizers(model))}
+    last_block_q = max((order[id(q)] for blk in blocks for q in all_quantizers(blk)), default=-1)
+    return all(order[id(q)] > last_block_q for q in qs)
+
+
+def plot_bits(layers: list[dict], path, title: str = "") -> None:
+    """Bar plot of W and A bits per layer, written atomically to ``path`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..io import atomic_path
+
+    names = [l["layer"] for l in layers]
+    x = range(len(names))
+    fig, ax = plt.subplots(figsize=(max(8, len(names) * 0.18), 4))
+    ax.bar([i - 0.2 for i in x], [l["w_bits"] or 0 for l in layers], width=0.4, label="W bits")
+    ax.bar([i + 0.2 for i in x], [l["a_bits"] or 0 for l in layers], width=0.4, label="A bits")
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(names, rotation=90, fontsize=5)
+    ax.set_ylabel("bits")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)

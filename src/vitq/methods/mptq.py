@@ -1,0 +1,57 @@
+"""The MPTQ-ViT pipeline: optional SQ-b, calibration, optional OPT-m (Greedy MP builds on it)."""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..quant.config import QuantConfig
+from ..quant.engine import calibrate, prepare
+from .optm import apply_optm
+from .sqb import apply_sqb
+
+
+@dataclass
+class MethodOptions:
+    """Which MPTQ-ViT methods run. ``sqb_extended`` is reserved for proj/fc2 smoothing (not implemented)."""
+
+    sq_b: bool = False
+    opt_m: bool = False
+    m_max: int = 4
+
+
+@dataclass
+class PipelineResult:
+    model: nn.Module
+    timing: dict = field(default_factory=dict)
+    sqb: list | None = None
+    optm: list | None = None
+
+
+def run_pipeline(fp_model: nn.Module, calib: torch.Tensor, config: QuantConfig, options: MethodOptions,
+                 progress: bool = False) -> PipelineResult:
+    """SQ-b (on a copy of the float model), prepare + calibrate, then OPT-m.
+
+    SQ-b searches alpha at the config's *default* bit-widths (``config.w_bits``/``a_bits``), not the
+    per-layer rules, so a mixed-precision config reproduces the same float model when it is reused.
+    """
+    timing: dict = {}
+    model = copy.deepcopy(fp_model)
+    sqb = optm = None
+    if options.sq_b:
+        t = time.perf_counter()
+        uniform = QuantConfig(w_bits=config.w_bits, a_bits=config.a_bits)
+        sqb = apply_sqb(model, calib, uniform, progress=progress).to_dict()
+        timing["sqb_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    q = prepare(model, config, inplace=True)
+    calibrate(q, config, calib, progress=progress)
+    timing["calibrate_s"] = time.perf_counter() - t
+    if options.opt_m:
+        t = time.perf_counter()
+        optm = apply_optm(q, calib, m_max=options.m_max, progress=progress).to_dict()
+        timing["optm_s"] = time.perf_counter() - t
+    return PipelineResult(q, timing, sqb, optm)

@@ -1,0 +1,176 @@
+"""OPT-m: data-driven search of the scaling-factor ratio of the two-region quantizer (MPTQ-ViT).
+
+Post-GELU values (the fc2 input) and post-softmax values (the attn·v input) are heavily skewed: most
+values are tiny, a few are large. They get the engine's two-region quantizer: one b-bit format, values
+below a boundary at step ``Δ/2^m``, values above it at step ``Δ`` (decoding the fine region is a shift
+by ``m``). For each such tensor OPT-m searches ``m`` in ``0..m_max`` jointly with ``Δ`` and the
+boundary, minimizing the error of the *layer output* on calibration data (``Q(x) W^T`` for fc2,
+``Q(attn) v`` for the matmul). ``m = 0`` means the plain b-bit uniform grid, so OPT-m can never be
+worse than ``m = 0`` on its own objective.
+
+Every other activation quantizer gets its clip range from the same kind of search (the clip factor
+``r`` of ``r·[min, max]`` minimizing the error of the output of the layer it feeds; for tensors that
+feed no Linear or matmul, such as residual inputs in the full protocol, the tensor's own error).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from ..adapters import adapter_for
+from ..quant import quantizers as Q
+from ..quant.engine import all_quantizers
+from ..quant.layers import QuantLinear, QuantMatMul, TensorQuantizer
+
+CLIP_GRID = tuple(round(0.3 + 0.05 * i, 2) for i in range(15))  # 0.30 .. 1.00
+DELTA_GRID = tuple(round(0.4 + 0.1 * i, 1) for i in range(7))  # coarse step as a fraction of max/(n-1)
+BOUNDARY_GRID = (0.25, 0.5, 1.0)  # boundary as a fraction of the fine region's reach
+
+
+@dataclass
+class OptMChoice:
+    name: str
+    scheme: str  # uniform (m = 0) or two_region
+    m: int
+    error_m0: float  # best output error with m = 0 (uniform)
+    error: float  # best output error overall (<= error_m0)
+
+
+@dataclass
+class OptMResult:
+    choices: list[OptMChoice] = field(default_factory=list)
+
+    def to_dict(self) -> list[dict]:
+        return [vars(c) for c in self.choices]
+
+
+def _capture(model: nn.Module, calib: torch.Tensor, max_rows: int) -> dict[int, tuple[torch.Tensor, object]]:
+    """Float inputs of every activation quantizer and a function giving the output it feeds.
+
+    Returns ``id(quantizer) -> (sample, output_fn or None)``.
+    """
+    saved_modes = {q: q.mode for q in all_quantizers(model)}
+    for q in saved_modes:
+        q.mode = "off"
+    found: dict[int, tuple[torch.Tensor, object]] = {}
+    hooks = []
+    g = torch.Generator().manual_seed(0)
+
+    def rows(x):
+        x = x.detach().reshape(-1, x.shape[-1])
+        if x.shape[0] > max_rows:
+            x = x[torch.randperm(x.shape[0], generator=g)[:max_rows].sort().values]
+        return x
+
+    def lin_hook(mod, args):
+        w = mod.weight.detach()
+        found[id(mod.in_quant)] = (rows(args[0]), lambda v, w=w: v @ w.T)
+
+    def mm_hook(mod, args):
+        a, b = args[0].detach()[:4], args[1].detach()[:4]  # a few images keep the pairing of a and b
+        found[id(mod.a_quant)] = (a, lambda v, b=b: v @ b)
+        found[id(mod.b_quant)] = (b, lambda v, a=a: a @ v)
+
+    def act_hook(q):
+        def hook(mod, args, out):
+            found.setdefault(id(mod), (rows(args[0]), None))
+        return hook
+
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            hooks.append(m.register_forward_pre_hook(lin_hook))
+        elif isinstance(m, QuantMatMul):
+            hooks.append(m.register_forward_pre_hook(mm_hook))
+    for q in saved_modes:
+        if not q.is_weight:
+            hooks.append(q.register_forward_hook(act_hook(q)))
+    try:
+        with torch.inference_mode():
+            model(calib)
+    finally:
+        for h in hooks:
+            h.remove()
+        for q, mode in saved_modes.items():
+            q.mode = mode
+    return found
+
+
+def _error(out_fn, ref, xq) -> float:
+    return (out_fn(xq) - ref).pow(2).mean().item() if out_fn is not None else (xq - ref).pow(2).mean().item()
+
+
+def search_uniform_clip(x: torch.Tensor, bits: int, out_fn=None) -> tuple[float, float, float]:
+    """Best asymmetric uniform clip ``r·[min, max]`` on the output objective. Returns (lo, hi, error)."""
+    ref = out_fn(x) if out_fn is not None else x
+    lo0, hi0 = x.min(), x.max()
+    qmin, qmax = Q.int_range(bits, False)
+    best = (lo0.item(), hi0.item(), float("inf"))
+    for r in CLIP_GRID:
+        s, z = Q.uniform_params(lo0 * r, hi0 * r, bits, False)
+        err = _error(out_fn, ref, Q.fake_quant_uniform(x, s, z, qmin, qmax))
+        if err < best[2]:
+            best = ((lo0 * r).item(), (hi0 * r).item(), err)
+    return best
+
+
+def search_two_region(x: torch.Tensor, bits: int, m_max: int, signed_fine: bool, out_fn=None):
+    """Best (delta, m, boundary) for m in 1..m_max. Returns (delta, m, boundary, error)."""
+    ref = out_fn(x) if out_fn is not None else x
+    n = 2 ** (bits - 1)
+    top = x.max().clamp_min(1e-8)
+    best = (None, None, None, float("inf"))
+    for m in range(1, m_max + 1):
+        for r in DELTA_GRID:
+            delta = top * r / (n - 1)
+            fine = delta / 2**m
+            fine_top = ((n // 2 if signed_fine else n) - 0.5) * fine  # reach of the fine codes
+            for c in BOUNDARY_GRID:
+                boundary = fine_top * c
+                xq = Q.fake_quant_two_region(x, delta, m, boundary, bits, signed_fine)
+                err = _error(out_fn, ref, xq)
+                if err < best[3]:
+                    best = (delta.item(), m, boundary.item(), err)
+    return best
+
+
+def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int = 4, max_rows: int = 4096,
+               n_images: int = 8, progress: bool = True) -> OptMResult:
+    """Run OPT-m on a calibrated model (in place).
+
+    Args:
+        model: a prepared and calibrated model.
+        calib: calibration images (the first ``n_images`` are used for the search).
+        m_max: largest ratio exponent tried for the two-region tensors.
+
+    Returns:
+        Per two-region tensor, the chosen ``m`` and the errors with ``m = 0`` and overall.
+    """
+    targets = {id(q): signed for q, signed in adapter_for_prepared(model)}
+    found = _capture(model, calib[:n_images], max_rows)
+    result = OptMResult()
+    acts = [q for q in all_quantizers(model) if not q.is_weight and id(q) in found]
+    for q in tqdm(acts, desc="OPT-m", disable=not progress, leave=False):
+        x, out_fn = found[id(q)]
+        if q.spec.scheme != "uniform":
+            continue
+        if q.layer in getattr(model, "vitq_first_layers", []) and q.role == "input":
+            continue  # the 8-bit image input keeps its min-max range
+        lo, hi, err0 = search_uniform_clip(x, q.spec.bits, out_fn)
+        q.set_range(torch.tensor(lo), torch.tensor(hi))
+        if id(q) in targets:
+            delta, m, boundary, err = search_two_region(x, q.spec.bits, m_max, targets[id(q)], out_fn)
+            if err < err0:
+                q.set_two_region(delta, m, boundary, targets[id(q)])
+                result.choices.append(OptMChoice(q.name, "two_region", m, err0, err))
+            else:
+                result.choices.append(OptMChoice(q.name, "uniform", 0, err0, err0))
+    return result
+
+
+def adapter_for_prepared(model: nn.Module) -> list[tuple[TensorQuantizer, bool]]:
+    """The two-region tensors named by the model family's adapter: ``(quantizer, signed_fine)``."""
+    return adapter_for(model).two_region_targets(model)

@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+from vitq.methods.greedy_mp import Budget, greedy_mp
+from vitq.methods.mptq import MethodOptions, run_pipeline
+from vitq.quant import QuantConfig
+from vitq.quant.config import ConfigError
+from vitq.quant.engine import model_stats, tensor_table
+
+from conftest import tiny_images, tiny_model
+
+
+def _search(budget, options=MethodOptions(), family="deit"):
+    model, size = tiny_model(family)
+    x = tiny_images(size, n=8)
+    q, res = greedy_mp(model, x, QuantConfig(w_bits=4, a_bits=4), options, budget, n_probe=8, progress=False)
+    return model, x, q, res
+
+
+@pytest.mark.parametrize("budget", [Budget(5.0, 5.0), Budget(4.5, 6.0)])
+def test_budget_is_met(budget):
+    _, _, q, res = _search(budget)
+    st = model_stats(q)
+    assert st["avg_w_bits"] <= budget.w_bits + 1e-9 and st["avg_a_bits"] <= budget.a_bits + 1e-9
+    assert res.steps > 0 and {l["w_bits"] for l in res.layers if l["w_bits"]} <= {4, 5, 6, 8}
+
+
+def test_size_budget():
+    _, _, q, res = _search(Budget(size_mb=0.05))
+    assert model_stats(q)["size_bytes"] <= 0.05e6
+
+
+def test_deterministic():
+    a = _search(Budget(5.0, 5.0))[3]
+    b = _search(Budget(5.0, 5.0))[3]
+    assert a.layers == b.layers and a.kl_final == b.kl_final
+
+
+def test_config_round_trip_gives_same_bits_and_outputs(tmp_path):
+    opts = MethodOptions(sq_b=True, opt_m=True)
+    model, x, q, res = _search(Budget(5.0, 5.0), opts)
+    res.config.save(tmp_path / "mixed.json")
+    again = run_pipeline(model, x, QuantConfig.load(tmp_path / "mixed.json"), opts).model
+    bits = lambda m: [(r.name, r.bits, r.scheme) for r in tensor_table(m)]  # noqa: E731
+    assert bits(again) == bits(q)
+    with torch.inference_mode():
+        assert torch.equal(again(x), q(x))
+
+
+def test_unreachable_budget_and_no_budget():
+    with pytest.raises(ConfigError, match="unreachable"):
+        _search(Budget(3.0, None))
+    with pytest.raises(ConfigError, match="budget"):
+        Budget()
+
+
+def test_works_without_block_cache_on_swin():
+    _, _, q, res = _search(Budget(6.0, 6.0), family="swin")
+    assert model_stats(q)["avg_w_bits"] <= 6.0 + 1e-9

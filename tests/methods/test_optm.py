@@ -1,0 +1,32 @@
+import torch
+
+from vitq.methods.optm import apply_optm, search_two_region, search_uniform_clip
+from vitq.quant import QuantConfig, quantize
+
+from conftest import tiny_images, tiny_model
+
+
+def test_never_worse_than_m0_and_two_region_on_softmax_like_data():
+    torch.manual_seed(0)
+    logits = torch.randn(64, 50) * 3
+    attn = logits.softmax(-1)  # skewed: most values tiny, a few large
+    v = torch.randn(50, 8)
+    out_fn = lambda a: a @ v  # noqa: E731
+    _, _, err0 = search_uniform_clip(attn, 4, out_fn)
+    delta, m, boundary, err = search_two_region(attn, 4, 4, False, out_fn)
+    assert err < err0 and m >= 1
+
+
+def test_apply_optm_on_model_choices_are_consistent():
+    model, size = tiny_model("deit")
+    x = tiny_images(size, n=8)
+    cfg = QuantConfig(w_bits=4, a_bits=4)
+    q = quantize(model, x, cfg)
+    res = apply_optm(q, x, progress=False)
+    assert len(res.choices) == 2 * 2  # fc2 input and attn probabilities per block
+    for c in res.choices:
+        assert c.error <= c.error_m0
+        qz = dict((t.name, t) for t in q.modules() if hasattr(t, "spec") and hasattr(t, "role"))[c.name]
+        assert qz.spec.scheme == ("two_region" if c.m > 0 else "uniform")
+    with torch.inference_mode():
+        assert torch.isfinite(q(x)).all()
