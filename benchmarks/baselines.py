@@ -35,6 +35,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--assets", default=os.environ.get("VITQ_ASSETS", "../shared/assets"))
     ap.add_argument("--models", nargs="+", default=list(DEFAULT_GRID))
+    ap.add_argument("--protocols", nargs="+", default=["standard", "full"])
     ap.add_argument("--limit", type=int, help="evaluate only the first N images of eval968 (smoke runs)")
     ap.add_argument("--out", help="also write the rows as JSON")
     args = ap.parse_args()
@@ -50,6 +51,8 @@ def main() -> int:
         calib, _ = load_tensors(make_dataset(images, entry.transform, assets / "calib32.txt"))
         variants, meta = {}, {}
         for protocol, w, a, obs in DEFAULT_GRID[short]:
+            if protocol not in args.protocols:
+                continue
             cfg = QuantConfig(w_bits=w, a_bits=a, protocol=protocol, observer=obs)
             t0 = time.perf_counter()
             q = prepare(loaded.model, cfg)

@@ -20,11 +20,13 @@ class QuantAdd(nn.Module):
     """The two inputs of a residual addition ``x + branch`` (full protocol). Has no forward: the block
     applies ``x_quant`` where ``x`` enters (it also feeds the block's norm) and ``b_quant`` to the branch."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, channel_axis: int | None = None):
         super().__init__()
         self.layer_name = name
         self.x_quant = TensorQuantizer(name, "x", PLACEHOLDER)
         self.b_quant = TensorQuantizer(name, "branch", PLACEHOLDER)
+        # transformer residual streams are channel-last and get PTF grids (see QuantConfig.residual_ptf)
+        self.x_quant.ptf_axis = self.b_quant.ptf_axis = channel_axis
 
 
 class Adapter:
@@ -73,12 +75,12 @@ def morph(module: nn.Module, cls: type) -> nn.Module:
 
 
 def quantize_inputs_of(model: nn.Module, names: dict[nn.Module, str], types: tuple[type, ...],
-                       skip: set[int] = frozenset()) -> int:
+                       skip: set[int] = frozenset(), ptf_axis: int | None = None) -> int:
     """Add an input quantizer to every module of the given types (full protocol). Returns how many."""
     n = 0
     for m in list(model.modules()):
         if isinstance(m, types) and id(m) not in skip and not hasattr(m, "in_quant"):
-            add_input_quantizer(m, names[m], PLACEHOLDER)
+            add_input_quantizer(m, names[m], PLACEHOLDER).ptf_axis = ptf_axis
             n += 1
     return n
 

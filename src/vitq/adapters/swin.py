@@ -86,12 +86,12 @@ class SwinAdapter(Adapter):
     def attach_full(self, model: nn.Module, names: dict[nn.Module, str]) -> None:
         for m in list(model.modules()):
             if type(m) is SwinTransformerBlock:
-                m.residual1 = QuantAdd(f"{names[m]}.residual1")
-                m.residual2 = QuantAdd(f"{names[m]}.residual2")
+                m.residual1 = QuantAdd(f"{names[m]}.residual1", channel_axis=-1)
+                m.residual2 = QuantAdd(f"{names[m]}.residual2", channel_axis=-1)
                 morph(m, QuantSwinBlock)
         quantize_inputs_of(model, names, (nn.GELU, nn.Softmax))
         # Norms whose input is not the (already quantized) residual stream: patch merging and the final norm.
         merge_norms = [m.norm for m in model.modules() if isinstance(m, PatchMerging)]
         for norm in merge_norms + [model.norm]:
             if isinstance(norm, nn.LayerNorm):
-                quantize_inputs_of(norm, {norm: names[norm]}, (nn.LayerNorm,))
+                quantize_inputs_of(norm, {norm: names[norm]}, (nn.LayerNorm,), ptf_axis=-1)

@@ -100,8 +100,8 @@ class ViTAdapter(Adapter):
         for m in list(model.modules()):
             if type(m) is Block:
                 name = names[m]
-                m.residual1 = QuantAdd(f"{name}.residual1")
-                m.residual2 = QuantAdd(f"{name}.residual2")
+                m.residual1 = QuantAdd(f"{name}.residual1", channel_axis=-1)
+                m.residual2 = QuantAdd(f"{name}.residual2", channel_axis=-1)
                 morph(m, QuantViTBlock)
             if isinstance(m, QuantViTAttention):
                 m.softmax_in = TensorQuantizer(f"{names[m]}.softmax", "input", PLACEHOLDER)
@@ -109,4 +109,4 @@ class ViTAdapter(Adapter):
         quantize_inputs_of(model, names, (nn.GELU,))
         for norm in (model.norm, getattr(model, "fc_norm", None)):
             if isinstance(norm, nn.LayerNorm):
-                quantize_inputs_of(norm, {norm: names[norm]}, (nn.LayerNorm,))
+                quantize_inputs_of(norm, {norm: names[norm]}, (nn.LayerNorm,), ptf_axis=-1)

@@ -16,7 +16,7 @@ from .observers import OBSERVERS
 
 PROTOCOLS = ("standard", "full")
 SCHEMES = ("uniform", "pot")  # weight schemes; activations are uniform or (after OPT-m) two_region
-GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+GRANULARITIES = ("per_tensor", "per_channel", "per_group")  # weights; residual-stream activations may be "ptf"
 
 
 class ConfigError(ValueError):
@@ -60,6 +60,9 @@ class QuantConfig:
         percentile: the percentile of the ``percentile`` observer.
         w_granularity / w_scheme / group_size: weight quantization defaults.
         first_layer_a_bits: bits of the image input of the patch embedding / stem (kept at 8).
+        residual_ptf: full protocol: quantize the residual stream of ViT/Swin (LayerNorm inputs and
+            residual additions) per channel with power-of-two scale factors (FQ-ViT's PTF), since a few
+            channels are hundreds of times larger than the rest. False: per tensor.
         rules: per-layer overrides, applied in order (later rules win).
         seed: seed of every random choice (observer sampling).
     """
@@ -74,6 +77,7 @@ class QuantConfig:
     w_scheme: str = "uniform"
     group_size: int = 64
     first_layer_a_bits: int = 8
+    residual_ptf: bool = True
     rules: list[LayerRule] = field(default_factory=list)
     seed: int = 0
 

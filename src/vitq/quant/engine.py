@@ -123,7 +123,8 @@ def apply_config(model: nn.Module, config: QuantConfig) -> None:
                                 granularity=s["w_granularity"], group_size=config.group_size)
         else:
             bits = config.first_layer_a_bits if (q.layer in first and q.role == "input") else s["a_bits"]
-            q.spec = TensorSpec(bits=bits, scheme="uniform", symmetric=False)
+            gran = "ptf" if (q.ptf_axis is not None and config.residual_ptf) else "per_tensor"
+            q.spec = TensorSpec(bits=bits, scheme="uniform", symmetric=False, granularity=gran)
         q.mode = "off"
     for m in weight_layers(model):
         m.refresh()
@@ -203,7 +204,7 @@ def tensor_table(model: nn.Module) -> list[QuantizedTensor]:
             gran = q.spec.granularity
         else:
             elements = q.elements // n_img
-            gran = "per_tensor"
+            gran = q.spec.granularity
         rows.append(QuantizedTensor(
             name=q.name, layer=q.layer, kind="weight" if q.is_weight else "activation", bits=q.spec.bits,
             scheme=q.spec.scheme, granularity=gran, range_min=float(q.range_min.min()),

@@ -38,6 +38,9 @@ class TensorQuantizer(nn.Module):
         self.mode = "off"
         self.observer: ActivationObserver | None = None
         self.output_fn = None  # set by a Linear owner for the layer-output MSE objective
+        # Channel axis of a residual-stream tensor (ViT/Swin LayerNorm inputs, residual additions): such
+        # tensors get a power-of-two-factor per-channel grid in the full protocol (see ptf_params).
+        self.ptf_axis: int | None = None
         self.calls = 0  # forward calls since the last reset; tests use it to prove single quantization
         self.elements = 0  # activation values seen while observing (for the element-weighted average bits)
         # Parameters: shapes are known only after calibration (per tensor / per channel / per group).
@@ -52,7 +55,8 @@ class TensorQuantizer(nn.Module):
     # ---- calibration
     def start_observing(self, method: str, seed: int) -> None:
         self.mode = "observe"
-        self.observer = ActivationObserver(method, seed=seed)
+        axis = self.ptf_axis if self.spec.granularity == "ptf" else None
+        self.observer = ActivationObserver(method, seed=seed, axis=axis)
         self.elements = 0
 
     def finish_observing(self, percentile: float, mse_objective: str) -> None:
@@ -82,6 +86,9 @@ class TensorQuantizer(nn.Module):
         """Derive scale / zero point (or PoT exponent) from a clip range."""
         lo, hi = lo.detach().float().clone(), hi.detach().float().clone()
         self.range_min, self.range_max = lo, hi
+        if self.spec.granularity == "ptf":
+            self.scale, self.zero_point, _ = Q.ptf_params(lo, hi, self.spec.bits)
+            return
         if self.spec.scheme == "pot":
             # Scale is 2^scale_exp, kept in ``scale``; zero_point unused (PoT grids are symmetric about 0).
             self.scale = Q.pot_scale_exponent(torch.maximum(lo.abs(), hi.abs()))
@@ -133,6 +140,8 @@ class TensorQuantizer(nn.Module):
             return Q.fake_quant_two_region(x, self.scale, int(self.region_m), self.boundary, self.spec.bits,
                                            signed_fine=self.spec.symmetric)
         qmin, qmax = self._qrange()
+        if self.spec.granularity == "ptf":
+            return Q.fake_quant_uniform(x, self.scale, self.zero_point, qmin, qmax, axis=self.ptf_axis)
         return Q.fake_quant_uniform(x, self.scale, self.zero_point, qmin, qmax)
 
     def set_two_region(self, delta: float, m: int, boundary: float, signed_fine: bool) -> None:

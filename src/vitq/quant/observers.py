@@ -94,10 +94,11 @@ class ActivationObserver:
         seed: seed of the row sampling, so calibration is reproducible.
     """
 
-    def __init__(self, method: str = "minmax", max_elements: int = 1 << 20, seed: int = 0):
+    def __init__(self, method: str = "minmax", max_elements: int = 1 << 20, seed: int = 0, axis: int | None = None):
         if method not in OBSERVERS:
             raise ValueError(f"unknown observer '{method}', choose from {', '.join(OBSERVERS)}")
         self.method = method
+        self.axis = axis  # when set, min/max are kept per channel along this axis (PTF grids)
         self.max_elements = max_elements
         self.min: torch.Tensor | None = None
         self.max: torch.Tensor | None = None
@@ -107,10 +108,14 @@ class ActivationObserver:
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().float()
-        lo, hi = x.amin(), x.amax()
+        if self.axis is not None:
+            dims = Q.reduce_dims(x, self.axis)
+            lo, hi = x.amin(dim=dims), x.amax(dim=dims)
+        else:
+            lo, hi = x.amin(), x.amax()
         self.min = lo if self.min is None else torch.minimum(self.min, lo)
         self.max = hi if self.max is None else torch.maximum(self.max, hi)
-        if self.method == "minmax":
+        if self.method == "minmax" or self.axis is not None:
             return
         # Keep whole rows (last dimension = channels of a linear input), so that the layer-output
         # objective can push the sample through the layer's weight.
@@ -143,7 +148,7 @@ class ActivationObserver:
         """
         if not self.seen:
             raise RuntimeError("observer saw no data")
-        if self.method == "minmax":
+        if self.method == "minmax" or self.axis is not None:
             return self.min, self.max
         sample = self.sample()
         if self.method == "percentile":

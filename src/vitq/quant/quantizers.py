@@ -99,6 +99,27 @@ def fake_quant_uniform(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.T
     return y.mul_(scale)
 
 
+def ptf_params(lo: torch.Tensor, hi: torch.Tensor, bits: int, max_shift: int = 7) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Power-of-two-factor (PTF, FQ-ViT) parameters for a per-channel asymmetric grid.
+
+    Every channel ``c`` uses scale ``s * 2^a_c`` with one shared base scale ``s`` and a per-channel shift
+    ``a_c`` in ``0..max_shift``, so an integer LayerNorm or residual adder can align channels with shifts.
+    ``s`` is set so that the widest channel fits at the largest shift; each channel takes the smallest
+    shift whose grid covers its range.
+
+    Returns:
+        ``(scale, zero_point, shift)``, one value per channel.
+    """
+    qmin, qmax = int_range(bits, False)
+    lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+    rng = (hi - lo).clamp_min(EPS)
+    base = (rng.max() / (qmax - qmin) / 2**max_shift).clamp_min(EPS)
+    shift = torch.ceil(torch.log2(rng / (base * (qmax - qmin)))).clamp(0, max_shift)
+    scale = base * torch.exp2(shift)
+    zero_point = (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
+    return scale, zero_point, shift
+
+
 # ----------------------------------------------------------------------------------------- power of two
 
 

@@ -1,0 +1,100 @@
+"""MPTQ-ViT ablation on the fixed split (calib32 -> eval968): baseline, +SQ-b, +OPT-m, both, Greedy MP.
+
+All variants of one model are evaluated in one pass next to the FP model (paired on the same images).
+Prints a markdown table; every row: top-1, drop, agreement, KL, average W/A bits, size, BOPs and the
+time of calibration plus searches.
+
+    python benchmarks/mptq_ablation.py --models deit_tiny vit_tiny --out runs/mptq_ablation.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from vitq.data import load_tensors, make_dataset, make_loader
+from vitq.evaluate import evaluate_many
+from vitq.methods.greedy_mp import Budget, greedy_mp
+from vitq.methods.mptq import MethodOptions, run_pipeline
+from vitq.quant import QuantConfig, model_stats
+from vitq.zoo import load_model
+
+METHODS = {"baseline": MethodOptions(), "+SQ-b": MethodOptions(sq_b=True), "+OPT-m": MethodOptions(opt_m=True),
+           "+SQ-b +OPT-m": MethodOptions(sq_b=True, opt_m=True)}
+
+
+def variants(spec: str):
+    """``single:PROTOCOL:BITS:METHOD`` or ``greedy:PROTOCOL:BUDGET`` -> a description."""
+    parts = spec.split(":")
+    if parts[0] == "single":
+        return dict(kind="single", protocol=parts[1], bits=int(parts[2]), method=parts[3])
+    return dict(kind="greedy", protocol=parts[1], budget=float(parts[2]))
+
+
+DEFAULT = ([f"single:standard:{b}:{m}" for b in (4, 6) for m in METHODS]
+           + [f"single:full:{b}:+SQ-b +OPT-m" for b in (4, 6)]
+           + [f"greedy:full:{b}" for b in (6, 5)])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--assets", default=os.environ.get("VITQ_ASSETS", "../shared/assets"))
+    ap.add_argument("--models", nargs="+", default=["deit_tiny", "vit_tiny"])
+    ap.add_argument("--variants", nargs="+", default=DEFAULT)
+    ap.add_argument("--limit", type=int)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    assets = Path(args.assets)
+    images = assets / "imagenet-sample"
+    rows = []
+    print(f"# MPTQ-ViT ablation, {platform.node()} ({os.cpu_count()} cores), torch {torch.__version__}, {date.today()}")
+    print("| model | protocol | variant | top-1 | FP top-1 | drop | agreement % | KL | avg W | avg A | size MB | GBOPs | calib+search s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for short in args.models:
+        loaded = load_model(short)
+        t = loaded.entry.transform
+        calib, _ = load_tensors(make_dataset(images, t, assets / "calib32.txt"))
+        built, meta = {}, {}
+        for spec in args.variants:
+            v = variants(spec)
+            t0 = time.perf_counter()
+            if v["kind"] == "single":
+                cfg = QuantConfig(w_bits=v["bits"], a_bits=v["bits"], protocol=v["protocol"], observer="mse")
+                q = run_pipeline(loaded.model, calib, cfg, METHODS[v["method"]]).model
+                label = f"W{v['bits']}A{v['bits']} {v['method']}"
+            else:
+                b = v["budget"]
+                cfg = QuantConfig(w_bits=4, a_bits=4, protocol=v["protocol"], observer="mse")
+                q, _ = greedy_mp(loaded.model, calib, cfg, MethodOptions(sq_b=True, opt_m=True), Budget(b, b),
+                                 progress=False)
+                label = f"Greedy MP {b:g}-bit (SQ-b, OPT-m)"
+            key = f"{v['protocol']} {label}"
+            built[key] = q
+            meta[key] = dict(protocol=v["protocol"], variant=label, time_s=time.perf_counter() - t0)
+            print(f"built {short} {key} in {meta[key]['time_s']:.0f}s", file=sys.stderr, flush=True)
+        ds = make_dataset(images, t, assets / "eval968.txt", args.limit)
+        res = evaluate_many({"fp": loaded.model, **built}, make_loader(ds), reference="fp")
+        fp = res["fp"]
+        for key, q in built.items():
+            r, m, st = res[key], meta[key], model_stats(q)
+            rows.append(dict(model=loaded.entry.timm_name, **m, top1=r.top1, fp_top1=fp.top1, agreement=r.agreement,
+                             kl=r.kl, n_images=r.n_images, **st))
+            print(f"| {short} | {m['protocol']} | {m['variant']} | {r.top1:.2f} | {fp.top1:.2f} | {r.top1 - fp.top1:+.2f} | "
+                  f"{r.agreement:.1f} | {r.kl:.4f} | {st['avg_w_bits']:.2f} | {st['avg_a_bits']:.2f} | "
+                  f"{st['size_bytes'] / 1e6:.2f} | {st['bops'] / 1e9:.1f} | {m['time_s']:.0f} |", flush=True)
+    if args.out:
+        from vitq.io import atomic_write_text
+
+        atomic_write_text(args.out, json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
