@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from vitq.cli import main
 
@@ -83,3 +82,20 @@ def test_config_pattern_error_names_pattern(tmp_path, images, capsys):
     assert main(args) == 2
     assert "blocks.77.*" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
+
+
+def test_mixed_precision_search_then_config_reuse_gives_same_bits_and_result(tmp_path, images, capsys):
+    common = ["deit_tiny", "--random-init", "--calib", str(images), "--calib-size", "2", "--eval", str(images),
+              "--w-bits", "6", "--a-bits", "6", "--workers", "0", "--quiet"]
+    out = tmp_path / "mp"
+    assert main(["quantize", *common, "--mixed", "--budget-w", "7", "--budget-a", "7",
+                 "--w-candidates", "6,8", "--a-candidates", "6,8", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["avg_w_bits"] <= 7 and report["avg_a_bits"] <= 7 and report["mixed"]["search_s"] > 0
+    assert (out / "bits.png").read_bytes()[:4] == b"\x89PNG" and (out / "mixed_config.json").is_file()
+    again = tmp_path / "again"
+    assert main(["quantize", *common, "--config", str(out / "mixed_config.json"), "--out", str(again)]) == 0
+    r2 = json.loads((again / "report.json").read_text())
+    bits = lambda r: [(l["name"], l["bits"], l["scheme"]) for l in r["layers"]]  # noqa: E731
+    assert bits(r2) == bits(report)
+    assert r2["quantized"] == {**report["quantized"], "images_per_s": r2["quantized"]["images_per_s"]}

@@ -62,3 +62,35 @@ def test_readme_python_example_runs(assets, monkeypatch):
     scope = {}
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["result"].agreement is not None and scope["result"].n_images == 16
+
+
+def test_sqb_is_exact_in_float_on_real_deit_tiny(assets, monkeypatch):
+    import copy
+
+    from vitq.methods.sqb import apply_sqb
+
+    monkeypatch.setenv("VITQ_ASSETS", str(assets))
+    loaded = load_model("deit_tiny")
+    calib, _ = load_tensors(make_dataset(assets / "imagenet-sample", loaded.entry.transform,
+                                         assets / "calib32.txt"), workers=0)
+    smoothed = copy.deepcopy(loaded.model)
+    apply_sqb(smoothed, calib[:8], QuantConfig(w_bits=4, a_bits=4), progress=False)
+    with torch.inference_mode():
+        assert (smoothed(calib) - loaded.model(calib)).abs().max() < 1e-4
+
+
+def test_mptq_w4a4_beats_baseline_on_real_deit_tiny(assets, monkeypatch):
+    from vitq.evaluate import evaluate_many
+    from vitq.methods.mptq import MethodOptions, run_pipeline
+
+    monkeypatch.setenv("VITQ_ASSETS", str(assets))
+    loaded = load_model("deit_tiny")
+    t = loaded.entry.transform
+    calib, _ = load_tensors(make_dataset(assets / "imagenet-sample", t, assets / "calib32.txt"), workers=0)
+    cfg = QuantConfig(w_bits=4, a_bits=4, observer="mse")
+    base = run_pipeline(loaded.model, calib[:8], cfg, MethodOptions()).model
+    mptq = run_pipeline(loaded.model, calib[:8], cfg, MethodOptions(sq_b=True, opt_m=True)).model
+    ds = make_dataset(assets / "imagenet-sample", t, assets / "eval968.txt", limit=16)
+    res = evaluate_many({"fp": loaded.model, "base": base, "mptq": mptq}, make_loader(ds, workers=0),
+                        reference="fp", progress=False)
+    assert res["mptq"].kl < res["base"].kl / 2

@@ -4,7 +4,6 @@ import torch
 from safetensors.torch import save_file
 from timm.models import get_pretrained_cfg
 
-from vitq import zoo
 from vitq.zoo import ZOO, ZooError, get_entry, load_model, load_strict, read_state_dict, resolve_checkpoint
 
 

@@ -16,7 +16,6 @@ import torch
 from .artifact import ArtifactError, is_artifact, load_artifact, save_artifact, write_dir_atomically
 from .data import DataError, calibration_subset, load_tensors, make_dataset, make_loader, read_list
 from .evaluate import evaluate, evaluate_many
-from .io import atomic_write_text
 from .quant.config import ConfigError, LayerRule, QuantConfig
 from .methods.greedy_mp import Budget, greedy_mp, plot_bits
 from .methods.mptq import MethodOptions, run_pipeline

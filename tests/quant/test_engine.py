@@ -174,3 +174,18 @@ def test_switching_quantization_off_restores_float():
     set_quant_enabled(q, False)
     with torch.inference_mode():
         assert torch.allclose(q(x), model(x), atol=1e-5)
+
+
+def test_full_protocol_residual_stream_uses_ptf_and_can_be_turned_off():
+    model, size = tiny_model("vit")
+    x = tiny_images(size)
+    with torch.no_grad():
+        model.pos_embed[..., 3] += 200.0  # a massive channel in the residual stream, as in ViT-Tiny
+    ptf = quantize(model, x, QuantConfig(protocol="full"))
+    flat = quantize(model, x, QuantConfig(protocol="full", residual_ptf=False))
+    grans = {r.name: r.granularity for r in tensor_table(ptf)}
+    assert grans["blocks.0.residual1.x"] == "ptf" and grans["norm.input"] == "ptf"
+    assert grans["blocks.0.attn.qkv.input"] == "per_tensor"
+    with torch.inference_mode():
+        ref = model(x)
+        assert (ptf(x) - ref).norm() < (flat(x) - ref).norm()

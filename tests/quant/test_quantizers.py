@@ -145,3 +145,17 @@ def test_groups_view():
     assert Q.to_groups(w, 4).shape == (6, 4)
     with pytest.raises(ValueError, match="group size"):
         Q.to_groups(w, 5)
+
+
+def test_ptf_per_channel_power_of_two_factors_cover_each_channel():
+    lo = torch.tensor([-1.0, -0.01, -580.0, 0.0])
+    hi = torch.tensor([1.0, 0.02, 39.0, 0.0])
+    scale, zp, shift = Q.ptf_params(lo, hi, bits=8, max_shift=7)
+    ratios = scale / scale.min()
+    assert torch.equal(torch.log2(ratios), torch.round(torch.log2(ratios)))  # power-of-two ratios
+    assert shift.min() >= 0 and shift.max() <= 7 and shift[2] == 7
+    # every channel's range fits its own grid, so small channels keep a fine step
+    assert ((hi - lo) <= scale * 255 + 1e-6).all() and scale[0] < scale[2] / 64
+    x = torch.stack([torch.linspace(l, h, 50) for l, h in zip(lo.tolist(), hi.tolist())], dim=1)
+    out = Q.fake_quant_uniform(x, scale, zp, 0, 255, axis=1)
+    assert ((out - x).abs() <= scale / 2 + 1e-5).all()

@@ -1,0 +1,68 @@
+"""Which tensors cost the accuracy: KL from FP on calibration images with one class of tensors left in float.
+
+Groups quantizers by role (weights, each Linear's input kind such as `input.fc2`, matmul operands q/k/attn/v,
+residual inputs, ...) or, with --by layer, by layer name. Prints one row per group: the mean KL(FP || model)
+on the first --images calibration images when that group is not quantized (lower = that group hurts more).
+
+    python benchmarks/sensitivity.py vit_tiny --w-bits 8 --a-bits 8
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from vitq.data import load_tensors, make_dataset
+from vitq.evaluate import kl_from_reference
+from vitq.quant import QuantConfig, calibrate, prepare
+from vitq.quant.engine import all_quantizers
+from vitq.zoo import load_model
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model")
+    ap.add_argument("--assets", default=os.environ.get("VITQ_ASSETS", "../shared/assets"))
+    ap.add_argument("--w-bits", type=int, default=8)
+    ap.add_argument("--a-bits", type=int, default=8)
+    ap.add_argument("--protocol", default="standard")
+    ap.add_argument("--observer", default="minmax")
+    ap.add_argument("--images", type=int, default=16)
+    ap.add_argument("--by", choices=["role", "layer"], default="role")
+    args = ap.parse_args()
+    assets = Path(args.assets)
+    loaded = load_model(args.model)
+    calib, _ = load_tensors(make_dataset(assets / "imagenet-sample", loaded.entry.transform, assets / "calib32.txt"))
+    probe = calib[: args.images]
+    cfg = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, protocol=args.protocol, observer=args.observer)
+    q = prepare(loaded.model, cfg)
+    calibrate(q, cfg, calib, progress=False)
+    with torch.inference_mode():
+        ref = loaded.model(probe)
+
+    def kl() -> float:
+        with torch.inference_mode():
+            return kl_from_reference(ref, q(probe)).mean().item()
+
+    groups: dict[str, list] = {}
+    for t in all_quantizers(q):
+        key = t.layer if args.by == "layer" else (f"input.{t.layer.split('.')[-1]}" if t.role == "input" else t.role)
+        groups.setdefault(key, []).append(t)
+    print(f"# {loaded.entry.timm_name} W{args.w_bits}A{args.a_bits} {args.protocol} {args.observer}: "
+          f"KL on {len(probe)} calibration images, all quantized = {kl():.4f}")
+    print("| left in float | KL |")
+    print("|---|---|")
+    for key, ts in groups.items():
+        for t in ts:
+            t.mode = "off"
+        print(f"| {key} | {kl():.4f} |", flush=True)
+        for t in ts:
+            t.mode = "quant"
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
