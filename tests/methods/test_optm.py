@@ -30,3 +30,13 @@ def test_apply_optm_on_model_choices_are_consistent():
         assert qz.spec.scheme == ("two_region" if c.m > 0 else "uniform")
     with torch.inference_mode():
         assert torch.isfinite(q(x)).all()
+
+
+def test_full_protocol_ptf_grids_are_left_alone():
+    model, size = tiny_model("vit")
+    x = tiny_images(size, n=8)
+    q = quantize(model, x, QuantConfig(w_bits=6, a_bits=6, protocol="full"))
+    ptf = [t for t in q.modules() if getattr(t, "spec", None) is not None and getattr(t.spec, "granularity", "") == "ptf"]
+    before = [t.scale.clone() for t in ptf]
+    apply_optm(q, x, progress=False)
+    assert ptf and all(torch.equal(t.scale, b) and t.scale.numel() > 1 for t, b in zip(ptf, before))

@@ -154,8 +154,8 @@ def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int = 4, max_rows: 
     acts = [q for q in all_quantizers(model) if not q.is_weight and id(q) in found]
     for q in tqdm(acts, desc="OPT-m", disable=not progress, leave=False):
         x, out_fn = found[id(q)]
-        if q.spec.scheme != "uniform":
-            continue
+        if q.spec.scheme != "uniform" or q.spec.granularity != "per_tensor":
+            continue  # PoT, two-region and per-channel PTF residual grids keep their own calibration
         if q.layer in getattr(model, "vitq_first_layers", []) and q.role == "input":
             continue  # the 8-bit image input keeps its min-max range
         lo, hi, err0 = search_uniform_clip(x, q.spec.bits, out_fn)
