@@ -187,5 +187,8 @@ def test_full_protocol_residual_stream_uses_ptf_and_can_be_turned_off():
     assert grans["blocks.0.residual1.x"] == "ptf" and grans["norm.input"] == "ptf"
     assert grans["blocks.0.attn.qkv.input"] == "per_tensor"
     with torch.inference_mode():
-        ref = model(x)
-        assert (ptf(x) - ref).norm() < (flat(x) - ref).norm()
+        stream = model._pos_embed(model.patch_embed(x))  # what blocks.0.residual1.x quantizes
+        normal = torch.arange(stream.shape[-1]) != 3  # the channels next to the massive one
+        err_ptf = (ptf.blocks[0].residual1.x_quant.fake_quant(stream) - stream)[..., normal].norm()
+        err_flat = (flat.blocks[0].residual1.x_quant.fake_quant(stream) - stream)[..., normal].norm()
+    assert err_ptf < err_flat / 10  # per tensor, the big channel's range swamps the others
