@@ -16,7 +16,7 @@ import torch
 from .artifact import ArtifactError, is_artifact, load_artifact, save_artifact, write_dir_atomically
 from .data import DataError, calibration_subset, load_tensors, make_dataset, make_loader, read_list
 from .evaluate import evaluate, evaluate_many
-from .quant.config import ConfigError, LayerRule, QuantConfig
+from .quant.config import ConfigError, QuantConfig
 from .methods.greedy_mp import Budget, greedy_mp, plot_bits
 from .methods.mptq import MethodOptions, run_pipeline
 from .quant.engine import tensor_table
@@ -73,9 +73,7 @@ def _config_from_args(args) -> QuantConfig:
         value = getattr(args, key)
         if value is not None:
             base[key] = value
-    base.setdefault("rules", [])
-    base["rules"] = [r if isinstance(r, LayerRule) else LayerRule(**r) for r in base["rules"]]
-    return QuantConfig.from_dict(base)
+    return QuantConfig.from_dict(base)  # __post_init__ turns rule dicts into LayerRule
 
 
 def _cmd_quantize(args) -> int:

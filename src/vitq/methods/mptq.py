@@ -16,7 +16,7 @@ from .sqb import apply_sqb
 
 @dataclass
 class MethodOptions:
-    """Which MPTQ-ViT methods run. ``sqb_extended`` is reserved for proj/fc2 smoothing (not implemented)."""
+    """Which MPTQ-ViT methods run, and OPT-m's largest ratio exponent."""
 
     sq_b: bool = False
     opt_m: bool = False

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from ..adapters import adapter_for
 from ..quant import quantizers as Q
 from ..quant.engine import all_quantizers
-from ..quant.layers import QuantLinear, QuantMatMul, TensorQuantizer
+from ..quant.layers import QuantLinear, QuantMatMul
 
 CLIP_GRID = tuple(round(0.3 + 0.05 * i, 2) for i in range(15))  # 0.30 .. 1.00
 DELTA_GRID = tuple(round(0.4 + 0.1 * i, 1) for i in range(7))  # coarse step as a fraction of max/(n-1)
@@ -74,10 +74,8 @@ def _capture(model: nn.Module, calib: torch.Tensor, max_rows: int) -> dict[int, 
         found[id(mod.a_quant)] = (a, lambda v, b=b: v @ b)
         found[id(mod.b_quant)] = (b, lambda v, a=a: a @ v)
 
-    def act_hook(q):
-        def hook(mod, args, out):
-            found.setdefault(id(mod), (rows(args[0]), None))
-        return hook
+    def act_hook(mod, args, out):
+        found.setdefault(id(mod), (rows(args[0]), None))
 
     for m in model.modules():
         if isinstance(m, QuantLinear):
@@ -86,7 +84,7 @@ def _capture(model: nn.Module, calib: torch.Tensor, max_rows: int) -> dict[int, 
             hooks.append(m.register_forward_pre_hook(mm_hook))
     for q in saved_modes:
         if not q.is_weight:
-            hooks.append(q.register_forward_hook(act_hook(q)))
+            hooks.append(q.register_forward_hook(act_hook))
     try:
         with torch.inference_mode():
             model(calib)
@@ -148,7 +146,7 @@ def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int = 4, max_rows: 
     Returns:
         Per two-region tensor, the chosen ``m`` and the errors with ``m = 0`` and overall.
     """
-    targets = {id(q): signed for q, signed in adapter_for_prepared(model)}
+    targets = {id(q): signed for q, signed in adapter_for(model).two_region_targets(model)}
     found = _capture(model, calib[:n_images], max_rows)
     result = OptMResult()
     acts = [q for q in all_quantizers(model) if not q.is_weight and id(q) in found]
@@ -169,7 +167,3 @@ def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int = 4, max_rows: 
                 result.choices.append(OptMChoice(q.name, "uniform", 0, err0, err0))
     return result
 
-
-def adapter_for_prepared(model: nn.Module) -> list[tuple[TensorQuantizer, bool]]:
-    """The two-region tensors named by the model family's adapter: ``(quantizer, signed_fine)``."""
-    return adapter_for(model).two_region_targets(model)
