@@ -97,8 +97,8 @@ def _cmd_quantize(args) -> int:
                             m_max=args.m_max)
     budget = None
     if args.mixed or (args.method == "mptq" and any(
-            v is not None for v in (args.budget_w, args.budget_a, args.budget_mb))):
-        budget = Budget(args.budget_w, args.budget_a, args.budget_mb)
+            v is not None for v in (args.budget_w, args.budget_a, args.budget_mb, args.budget_gbops))):
+        budget = Budget(args.budget_w, args.budget_a, args.budget_mb, args.budget_gbops)
     print(f"methods: sq_b={options.sq_b} opt_m={options.opt_m} mixed={budget is not None}", flush=True)
 
     t0 = time.perf_counter()
@@ -107,7 +107,8 @@ def _cmd_quantize(args) -> int:
     if budget is not None:
         qmodel, search = greedy_mp(loaded.model, calib_images, config, options, budget,
                                    _bits_list(args.w_candidates), _bits_list(args.a_candidates),
-                                   remeasure_every=args.remeasure_every)
+                                   n_probe=args.probe_images, remeasure_every=args.remeasure_every,
+                                   lower_per_step=args.lower_per_step)
         config = search.config
         extra["mixed"] = {"budget": vars(budget), "search_s": search.search_s, "steps": search.steps,
                           "probes": search.probes, "kl_calib": search.kl_final, "layers": search.layers}
@@ -195,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-w", type=float, help="target average weight bits")
     p.add_argument("--budget-a", type=float, help="target average activation bits")
     p.add_argument("--budget-mb", type=float, help="target model size in MB")
+    p.add_argument("--budget-gbops", type=float, help="target GBOPs per image (MACs x W bits x A bits)")
+    p.add_argument("--probe-images", type=int, default=8, help="calibration images used to measure sensitivities")
+    p.add_argument("--lower-per-step", type=int, default=4, help="items Greedy MP lowers before each re-run")
     p.add_argument("--w-candidates", default="4,5,6,8", help="candidate weight bits")
     p.add_argument("--a-candidates", default="4,5,6,8", help="candidate activation bits")
     p.add_argument("--remeasure-every", type=int, default=0, help="re-measure all sensitivities every k steps")

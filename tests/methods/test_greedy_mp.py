@@ -10,10 +10,10 @@ from vitq.quant.engine import model_stats, tensor_table
 from conftest import tiny_images, tiny_model
 
 
-def _search(budget, options=MethodOptions(), family="deit"):
+def _search(budget, options=MethodOptions(), family="deit", **kw):
     model, size = tiny_model(family)
     x = tiny_images(size, n=8)
-    q, res = greedy_mp(model, x, QuantConfig(w_bits=4, a_bits=4), options, budget, n_probe=8, progress=False)
+    q, res = greedy_mp(model, x, QuantConfig(w_bits=4, a_bits=4), options, budget, n_probe=8, progress=False, **kw)
     return model, x, q, res
 
 
@@ -57,3 +57,22 @@ def test_unreachable_budget_and_no_budget():
 def test_works_without_block_cache_on_swin():
     _, _, q, res = _search(Budget(6.0, 6.0), family="swin")
     assert model_stats(q)["avg_w_bits"] <= 6.0 + 1e-9
+
+
+def test_bops_budget_is_met_and_binding():
+    _, _, q8, _ = _search(Budget(w_bits=8.0, a_bits=8.0))
+    full = model_stats(q8)["bops"] / 1e9
+    _, _, q, res = _search(Budget(gbops=full * 0.5))
+    st = model_stats(q)
+    assert st["bops"] / 1e9 <= full * 0.5 + 1e-9
+    assert st["bops"] / 1e9 > full * 0.5 * 0.8  # it stops once the budget holds, not far below
+
+
+@pytest.mark.parametrize("per_step", [1, 3])
+def test_lower_per_step(per_step):
+    _, _, q, res = _search(Budget(5.0, 5.0), lower_per_step=per_step)
+    st = model_stats(q)
+    assert st["avg_w_bits"] <= 5.0 + 1e-9 and st["avg_a_bits"] <= 5.0 + 1e-9
+    assert all(1 <= len(h["items"]) <= per_step for h in res.history)
+    if per_step > 1:
+        assert any(len(h["items"]) > 1 for h in res.history)

@@ -132,6 +132,18 @@ def test_two_region_round_trip_and_grid():
     assert (fq[small] - x[small]).abs().max() <= delta / 2**m / 2 + 1e-7
 
 
+def test_fused_two_region_equals_encode_decode_signed():
+    # The fused fake-quant must equal decode(encode(x)) bit for bit, including the signed fine region
+    # (post-GELU) and values far outside both regions.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20000, generator=g) * 3
+    for bits, m, signed in ((4, 2, True), (6, 4, True), (8, 1, False)):
+        delta, boundary = torch.tensor(0.37), torch.tensor(0.8)
+        region, code = Q.two_region_codes(x, delta, m, boundary, bits, signed_fine=signed)
+        fq = Q.fake_quant_two_region(x, delta, m, boundary, bits, signed_fine=signed)
+        assert torch.equal(Q.two_region_decode(region, code, delta, m), fq)
+
+
 def test_two_region_m0_is_uniform():
     x = torch.rand(100)
     d = torch.tensor(1 / 31)
