@@ -99,3 +99,43 @@ def test_mixed_precision_search_then_config_reuse_gives_same_bits_and_result(tmp
     bits = lambda r: [(l["name"], l["bits"], l["scheme"]) for l in r["layers"]]  # noqa: E731
     assert bits(r2) == bits(report)
     assert r2["quantized"] == {**report["quantized"], "images_per_s": r2["quantized"]["images_per_s"]}
+
+
+def test_cost_command_json_and_errors(tmp_path, capsys):
+    out = tmp_path / "cost.json"
+    assert main(["cost", "efficientvit_b0", "--random-init", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "random-init" in printed and "total:" in printed and "LiteMLA" not in printed
+    r = json.loads(out.read_text())
+    assert {"energy_j", "latency_s", "edp", "baseline", "edp_saving", "layers"} <= set(r)
+    assert r["edp_saving"] == pytest.approx(0.0)  # INT8 everywhere is the baseline
+    assert any(layer["op"] == "div" for layer in r["layers"])
+    assert main(["cost", "efficientvit_b0", "--random-init", "--w-bits", "4", "--w-scheme", "pot",
+                 "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["edp_saving"] > 0.2
+    bad = tmp_path / "hw.yaml"
+    bad.write_text("engines: {mac_units: zero}\n")
+    capsys.readouterr()
+    assert main(["cost", "efficientvit_b0", "--random-init", "--hw", str(bad)]) == 2
+    assert "engines.mac_units" in capsys.readouterr().err
+
+
+def test_m2q_quantize_writes_report_plot_and_config(tmp_path, images, capsys):
+    out = tmp_path / "m2q"
+    args = ["quantize", "efficientvit_b0", "--random-init", "--calib", str(images), "--calib-size", "2",
+            "--eval", str(images), "--method", "m2q", "--budget-edp", "0.7", "--out", str(out), "--workers", "0",
+            "--quiet"]
+    assert main(args) == 0
+    r = json.loads((out / "report.json").read_text())
+    m = r["m2q"]
+    assert m["cost"]["edp"] <= 0.7 * m["baseline"]["edp"] * (1 + 1e-9)
+    assert {"layer", "scheme", "w_bits", "a_bits", "engine", "macs", "energy_j", "latency_s", "edp_share",
+            "mse_uniform", "mse_pot"} <= set(m["layers"][0])
+    assert (out / "m2q.png").stat().st_size > 0 and (out / "mixed_config.json").is_file()
+    capsys.readouterr()
+    # the artifact's cost is the one the search reported
+    assert main(["cost", str(out), "--out", str(tmp_path / "c.json")]) == 0
+    assert json.loads((tmp_path / "c.json").read_text())["edp"] == pytest.approx(m["cost"]["edp"])
+    two = [a for a in args if a != "--quiet"] + ["--budget-energy", "0.5"]
+    assert main(two) == 2
+    assert "only one of" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""The ``vitq`` command line: ``models``, ``eval``, ``quantize``.
+"""The ``vitq`` command line: ``models``, ``eval``, ``quantize``, ``cost``.
 
 Every problem with the input ends in one line ``vitq: error: ...`` naming the file, layer or option,
 and a non-zero exit; results are written under temporary names and renamed when complete.
@@ -18,12 +18,14 @@ from .data import DataError, calibration_subset, load_tensors, make_dataset, mak
 from .evaluate import evaluate, evaluate_many
 from .quant.config import ConfigError, QuantConfig
 from .methods.greedy_mp import Budget, greedy_mp, plot_bits
+from .hardware import HardwareError, estimate, extract_workloads, int8_baseline, load_hardware
+from .methods.m2q import m2q, plot_m2q
 from .methods.mptq import MethodOptions, run_pipeline
 from .quant.engine import tensor_table
 from .report import build_report, format_table, summary_line
 from .zoo import ZOO, ZooError, load_model
 
-USER_ERRORS = (ZooError, DataError, ConfigError, ArtifactError, FileNotFoundError, ValueError)
+USER_ERRORS = (ZooError, DataError, ConfigError, ArtifactError, HardwareError, FileNotFoundError, ValueError)
 
 
 def _cmd_models(args) -> int:
@@ -95,6 +97,15 @@ def _cmd_quantize(args) -> int:
 
     options = MethodOptions(sq_b=args.sq_b or args.method == "mptq", opt_m=args.opt_m or args.method == "mptq",
                             m_max=args.m_max)
+    cost_budget = [(k, v) for k, v in (("edp", args.budget_edp), ("energy", args.budget_energy),
+                                       ("latency", args.budget_latency)) if v is not None]
+    if len(cost_budget) > 1:
+        raise ConfigError("give only one of --budget-edp, --budget-energy, --budget-latency")
+    if cost_budget and args.method != "m2q":
+        raise ConfigError(f"--budget-{cost_budget[0][0]} needs --method m2q")
+    if args.method == "m2q" and not cost_budget:
+        cost_budget = [("edp", 1.0)]  # no budget: the scheme choice alone, at the highest candidates
+    hw = load_hardware(args.hw) if (args.method == "m2q" or args.hw) else None
     budget = None
     if args.mixed or (args.method == "mptq" and any(
             v is not None for v in (args.budget_w, args.budget_a, args.budget_mb, args.budget_gbops))):
@@ -104,9 +115,22 @@ def _cmd_quantize(args) -> int:
     t0 = time.perf_counter()
     calib_images, _ = load_tensors(calib_ds, args.batch_size, args.workers)
     extra: dict = {}
-    if budget is not None:
+    if args.method == "m2q":
+        metric, fraction = cost_budget[0]
+        qmodel, m2 = m2q(loaded.model, calib_images, config, hw, fraction, entry.transform.input_size, metric,
+                         _bits_list(args.w_candidates or "4,8"), _bits_list(args.a_candidates or "8"),
+                         n_probe=args.probe_images, lower_per_step=args.lower_per_step)
+        config = m2.config
+        extra["m2q"] = {"metric": metric, "budget": fraction, "search_s": m2.search_s, "steps": m2.steps,
+                        "kl_calib": m2.kl_final, "hardware": hw.to_dict(), "cost": {k: v for k, v in m2.cost.items() if k != "layers"},
+                        "baseline": {k: v for k, v in m2.baseline.items() if k != "layers"},
+                        "edp_saving": 1 - m2.cost["edp"] / m2.baseline["edp"], "layers": m2.layers}
+        print(f"M2Q: {metric} {m2.cost[_METRIC_KEY[metric]] / m2.baseline[_METRIC_KEY[metric]]:.3f} x INT8 baseline "
+              f"(budget {fraction}); EDP saving {extra['m2q']['edp_saving']:.3f}; "
+              f"{sum(r['engine'] == 'shift' for r in m2.layers)} layers on the shift-add engine", flush=True)
+    elif budget is not None:
         qmodel, search = greedy_mp(loaded.model, calib_images, config, options, budget,
-                                   _bits_list(args.w_candidates), _bits_list(args.a_candidates),
+                                   _bits_list(args.w_candidates or "4,5,6,8"), _bits_list(args.a_candidates or "4,5,6,8"),
                                    n_probe=args.probe_images, remeasure_every=args.remeasure_every,
                                    lower_per_step=args.lower_per_step)
         config = search.config
@@ -134,6 +158,9 @@ def _cmd_quantize(args) -> int:
     )
 
     def write(folder: Path) -> None:
+        if "m2q" in extra:
+            config.save(folder / "mixed_config.json")
+            plot_m2q(extra["m2q"]["layers"], folder / "m2q.png", f"{entry.short}: M2Q")
         if budget is not None:
             config.save(folder / "mixed_config.json")
             plot_bits(extra["mixed"]["layers"], folder / "bits.png", f"{entry.short}: Greedy MP {vars(budget)}")
@@ -144,6 +171,48 @@ def _cmd_quantize(args) -> int:
     out = write_dir_atomically(args.out, write)
     print(summary_line(report))
     print(f"calibrate_s={calibrate_s:.1f} eval_s={eval_s:.1f} -> {out}/report.json")
+    return 0
+
+
+_METRIC_KEY = {"edp": "edp", "energy": "energy_j", "latency": "latency_s"}
+
+
+def _cmd_cost(args) -> int:
+    from .io import atomic_write_text
+    from .quant.engine import prepare
+
+    hw = load_hardware(args.hw)
+    if is_artifact(args.model):
+        model, meta = load_artifact(args.model)
+        from .zoo import get_entry
+
+        entry, random_init = get_entry(meta["model"]), meta.get("random_init", False)
+    else:
+        loaded = load_model(args.model, args.checkpoint, args.random_init)
+        model = prepare(loaded.model, _config_from_args(args))
+        entry, random_init = loaded.entry, loaded.random_init
+    workloads = extract_workloads(model, entry.transform.input_size)
+    report = estimate(workloads, hw)
+    base = estimate(int8_baseline(workloads), hw)
+    print(f"vitq cost {entry.timm_name} on {args.hw or 'the default accelerator'} (schedule={hw.schedule})"
+          + ("  [random-init weights: structure and cost only]" if random_init else ""))
+    print(f"{'layer':<44} {'op':<7} {'engine':<6} {'scheme':<8} {'W':>2} {'A':>2} {'MMACs':>9} "
+          f"{'energy uJ':>10} {'latency us':>10} {'EDP %':>6}")
+    for c in report.layers:
+        w = "-" if c.op in ("matmul", "div") else c.w_bits
+        a = "-" if c.op == "div" else c.a_bits
+        print(f"{c.name:<44} {c.op:<7} {c.engine:<6} {c.scheme:<8} {w:>2} {a:>2} {c.macs / 1e6:>9.2f} "
+              f"{c.energy_j * 1e6:>10.2f} {c.latency_s * 1e6:>10.2f} {100 * c.edp_share:>6.2f}")
+    saving = 1 - report.edp / base.edp
+    print(f"total: {report.to_dict()['macs'] / 1e9:.3f} GMACs, energy {report.energy_j * 1e3:.4f} mJ, "
+          f"latency {report.latency_s * 1e3:.4f} ms, EDP {report.edp:.4e} J*s; INT8 baseline EDP {base.edp:.4e}; "
+          f"edp_saving {saving:.4f}")
+    if args.out:
+        out = {"model": entry.timm_name, "random_init": random_init, "hardware": hw.to_dict(), **report.to_dict(),
+               "baseline": {k: v for k, v in base.to_dict().items() if k != "layers"}, "edp_saving": saving}
+        if random_init:
+            out["warning"] = "random-init weights: structure and cost are real, accuracy is not measured"
+        atomic_write_text(args.out, json.dumps(out, indent=2))
     return 0
 
 
@@ -170,6 +239,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_opts(p)
     p.set_defaults(func=_cmd_eval)
 
+    p = sub.add_parser("cost", help="energy, latency and EDP on the modelled accelerator, per layer")
+    p.add_argument("model", help="zoo name, timm name, or a folder written by `vitq quantize`")
+    _add_model_opts(p)
+    p.add_argument("--hw", help="accelerator YAML merged over the defaults (vitq/hardware/accelerator.yaml)")
+    p.add_argument("--baseline", choices=["int8"], default="int8", help="reference for edp_saving")
+    p.add_argument("--w-bits", type=int, default=None)
+    p.add_argument("--a-bits", type=int, default=None)
+    p.add_argument("--w-scheme", choices=["uniform", "pot"])
+    p.add_argument("--config", help="QuantConfig JSON (per-layer bits and schemes), e.g. a mixed_config.json")
+    p.add_argument("--out", help="write the cost report as JSON")
+    p.set_defaults(func=_cmd_cost, protocol=None, observer=None, mse_objective=None, seed=None, w_granularity=None)
+
     p = sub.add_parser("quantize", help="calibrate, quantize and evaluate against the FP model")
     p.add_argument("model")
     _add_model_opts(p)
@@ -188,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--w-scheme", choices=["uniform", "pot"])
     p.add_argument("--config", help="QuantConfig JSON (per-layer rules); explicit options override it")
     p.add_argument("--seed", type=int)
-    p.add_argument("--method", choices=["mptq"], help="mptq = --sq-b --opt-m, plus Greedy MP when a budget is given")
+    p.add_argument("--method", choices=["mptq", "m2q"],
+                   help="mptq = --sq-b --opt-m, plus Greedy MP when a budget is given; "
+                        "m2q = M2-ViT's scheme (uniform/PoT) and precision search under a cost budget")
     p.add_argument("--sq-b", action="store_true", help="SmoothQuant with bias shift, folded into LayerNorm")
     p.add_argument("--opt-m", action="store_true", help="two-region quantizer search for post-GELU/softmax")
     p.add_argument("--m-max", type=int, default=4, help="largest OPT-m ratio exponent")
@@ -199,8 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-gbops", type=float, help="target GBOPs per image (MACs x W bits x A bits)")
     p.add_argument("--probe-images", type=int, default=8, help="calibration images used to measure sensitivities")
     p.add_argument("--lower-per-step", type=int, default=4, help="items Greedy MP lowers before each re-run")
-    p.add_argument("--w-candidates", default="4,5,6,8", help="candidate weight bits")
-    p.add_argument("--a-candidates", default="4,5,6,8", help="candidate activation bits")
+    p.add_argument("--budget-edp", type=float, help="m2q: at most this fraction of the INT8 baseline's EDP")
+    p.add_argument("--budget-energy", type=float, help="m2q: at most this fraction of the INT8 baseline's energy")
+    p.add_argument("--budget-latency", type=float, help="m2q: at most this fraction of the INT8 baseline's latency")
+    p.add_argument("--hw", help="m2q: accelerator YAML merged over the defaults")
+    p.add_argument("--w-candidates", help="candidate weight bits (default 4,5,6,8; m2q 4,8)")
+    p.add_argument("--a-candidates", help="candidate activation bits (default 4,5,6,8; m2q 8)")
     p.add_argument("--remeasure-every", type=int, default=0, help="re-measure all sensitivities every k steps")
     p.add_argument("--out", required=True, help="output folder: report.json, model.safetensors, config.json")
     p.add_argument("--quiet", action="store_true", help="do not print the per-tensor table")

@@ -55,6 +55,9 @@ class EfficientViTAdapter(Adapter):
             if type(m) is LiteMLA:
                 m.matmul_kv = QuantMatMul(f"{names[m]}.matmul_kv", "k", "v", PLACEHOLDER, PLACEHOLDER)
                 m.matmul_qkv = QuantMatMul(f"{names[m]}.matmul_qkv", "q", "kv", PLACEHOLDER, PLACEHOLDER)
+                # v is padded with a ones column, so the last output column is the normalizer that the
+                # other columns are divided by (the hardware cost model counts these divisions).
+                m.matmul_qkv.divides_output = True
                 m.div = None
                 morph(m, QuantLiteMLA)
 

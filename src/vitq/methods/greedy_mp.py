@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -48,9 +49,10 @@ class Budget:
     a_bits: float | None = None
     size_mb: float | None = None
     gbops: float | None = None
+    cost: float | None = None  # the largest value of the ``cost`` function passed to greedy_mp (e.g. EDP)
 
     def __post_init__(self):
-        if all(v is None for v in (self.w_bits, self.a_bits, self.size_mb, self.gbops)):
+        if all(v is None for v in (self.w_bits, self.a_bits, self.size_mb, self.gbops, self.cost)):
             raise ConfigError("a mixed-precision budget needs --budget-w, --budget-a, --budget-mb or --budget-gbops")
 
 
@@ -63,6 +65,8 @@ class GreedyResult:
     search_s: float = 0.0
     kl_final: float = 0.0
     history: list[dict] = field(default_factory=list)
+    # cost value -> the assignment {layer: {"W": bits, "A": bits}} when the cost first fell to it or below
+    snapshots: dict[float, dict] = field(default_factory=dict)
 
 
 @dataclass
@@ -140,7 +144,10 @@ class _Prober:
 
 def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, options: MethodOptions, budget: Budget,
               w_candidates=(4, 5, 6, 8), a_candidates=(4, 5, 6, 8), n_probe: int = 8,
-              remeasure_every: int = 0, lower_per_step: int = 4, progress: bool = True) -> tuple[nn.Module, GreedyResult]:
+              remeasure_every: int = 0, lower_per_step: int = 4, progress: bool = True,
+              bank_config: Callable[[int], QuantConfig] | None = None,
+              cost: Callable[[dict[str, dict[str, int]]], float] | None = None,
+              snapshots: tuple[float, ...] = ()) -> tuple[nn.Module, GreedyResult]:
     """Search per-layer W/A bit-widths under ``budget``; returns the mixed model and the search result.
 
     Args:
@@ -155,6 +162,13 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
         lower_per_step: items lowered per greedy step before the model is re-run (1 = the classic
             one-at-a-time greedy; 4 cuts the number of full re-runs by 4 at a small loss in
             precision of the ranking, see docs/methods.md).
+        bank_config: the config calibrated for candidate bit-width ``b`` (default: ``base`` at ``b`` bits
+            everywhere, no rules). M2Q passes one that keeps each layer's chosen weight scheme.
+        cost: a cost of an assignment ``{layer: {"W": bits, "A": bits}}`` (e.g. the accelerator's EDP),
+            bounded by ``budget.cost``; when it binds, an item's saving is the cost it removes.
+        snapshots: cost values above ``budget.cost``. The search for a smaller budget passes through
+            the same states as the search for a larger one until that one is met, so a single search
+            records the assignment each larger budget would have returned (accuracy-vs-cost curves).
 
     Raises:
         ConfigError: bad candidates or an unreachable budget.
@@ -173,7 +187,8 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
     banks: dict[int, dict] = {}
     model = None
     for b in tqdm(sorted(set(w_c + a_c), reverse=True), desc="calibrate candidates", disable=not progress, leave=False):
-        res = run_pipeline(float_model, calib, replace(base, w_bits=b, a_bits=b, rules=[]), stage)
+        cfg = bank_config(b) if bank_config else replace(base, w_bits=b, a_bits=b, rules=[])
+        res = run_pipeline(float_model, calib, cfg, stage)
         banks[b] = _harvest(res.model)
         if model is None:
             model = res.model  # the highest bit-width model is the starting point
@@ -252,14 +267,28 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
                 budget.size_mb is not None and size_mb() > budget.size_mb + 1e-12)
         return budget.a_bits is not None and avg_a() > budget.a_bits + 1e-9
 
-    def need(kind: str) -> bool:
-        return bits_need(kind) or (budget.gbops is not None and gbops() > budget.gbops + 1e-12)
+    def assignment(lowered: _Item | None = None) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for i in items:
+            out.setdefault(i.layer, {})[i.kind] = i.choices[i.level - 1] if i is lowered else i.bits
+        return out
 
-    def saved(item: _Item) -> float:
-        """Fraction of the binding budget one step down saves: average bits, or BOPs if only they bind."""
+    def cost_need() -> bool:
+        return cost is not None and budget.cost is not None and cost(assignment()) > budget.cost * (1 + 1e-12)
+
+    def need(kind: str) -> bool:
+        return bits_need(kind) or (budget.gbops is not None and gbops() > budget.gbops + 1e-12) or cost_need()
+
+    def saved(item: _Item, now: float | None = None) -> float:
+        """What one step down saves of the binding budget: average bits, else cost, else BOPs.
+        ``now``: the current cost, when the caller has it."""
         drop = item.bits - item.choices[item.level - 1]
-        if bits_need(item.kind) or budget.gbops is None:
+        cost_binds = cost is not None and budget.cost is not None and (
+            now if now is not None else cost(assignment())) > budget.cost * (1 + 1e-12)
+        if bits_need(item.kind) or (budget.gbops is None and not cost_binds):
             return drop * item.size / (w_total if item.kind == "W" else a_total)
+        if cost_binds:
+            return (now if now is not None else cost(assignment())) - cost(assignment(item))
         bops = sum(macs * drop * other.spec.bits for q in item.quantizers for macs, other in partner.get(id(q), []))
         return bops / max(1.0, bops_max)
 
@@ -281,18 +310,33 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
     for item in tqdm(items, desc="sensitivity", disable=not progress, leave=False):
         measure(item)
     result = GreedyResult(config=base)
+    if cost is not None:
+        value = cost(assignment())
+        result.snapshots = {c: assignment() for c in snapshots if value <= c * (1 + 1e-12)}
     bar = tqdm(desc="greedy MP", disable=not progress, leave=False)
     while need("W") or need("A"):
         # Lower up to ``lower_per_step`` items (each one step, cheapest first, only while the budget
         # still needs it), then run the model once and re-measure only the items that moved.
         lowered: list[_Item] = []
         for _ in range(lower_per_step):
-            cands = [i for i in items if i.can_lower() and need(i.kind) and i not in lowered and saved(i) > 0]
-            if not cands:
+            needs = {k: need(k) for k in ("W", "A")}  # once per pick: the cost model is not free
+            now = cost(assignment()) if cost is not None else None
+            scored = []
+            for idx, i in enumerate(items):
+                if i.can_lower() and needs[i.kind] and i not in lowered:
+                    s = saved(i, now)
+                    if s > 0:
+                        scored.append((max(i.sens, 1e-12) / s, idx))
+            if not scored:
                 break
-            best = min(cands, key=lambda i: max(i.sens, 1e-12) / saved(i))
+            best = items[min(scored)[1]]
             set_level(best, best.level - 1)
             lowered.append(best)
+            if cost is not None:
+                value = cost(assignment())
+                for c in snapshots:
+                    if c not in result.snapshots and value <= c * (1 + 1e-12):
+                        result.snapshots[c] = assignment()
         if not lowered:
             raise ConfigError(f"budget {budget} is unreachable with candidates W{w_c} A{a_c}")
         prober.refresh(min(i.block for i in lowered))

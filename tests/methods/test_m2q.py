@@ -1,0 +1,115 @@
+import pytest
+import torch
+
+from vitq.hardware import estimate, extract_workloads, int8_baseline, load_hardware
+from vitq.methods.m2q import choose_schemes, fixed_scheme_config, m2q
+from vitq.quant import QuantConfig
+from vitq.quant.config import ConfigError
+from vitq.quant.engine import prepare, weight_layers
+
+from conftest import tiny_images, tiny_model
+
+
+def _pot_friendly(model):
+    """Make fc1 of block 0 exactly representable as powers of two: level 1 must pick PoT for it."""
+    g = torch.Generator().manual_seed(1)
+    w = model.blocks[0].mlp.fc1.weight
+    with torch.no_grad():
+        sign = torch.randint(0, 2, w.shape, generator=g) * 2 - 1
+        w.copy_(sign * 2.0 ** -torch.randint(1, 7, w.shape, generator=g).float())
+    return model
+
+
+def test_level1_picks_the_lower_error_and_holds_ineligible_layers_uniform():
+    model, size = tiny_model("deit")
+    _pot_friendly(model)
+    x = tiny_images(size, n=8)
+    choice = choose_schemes(model, x, QuantConfig(w_bits=4, a_bits=8), 4, (3, size, size))
+    fc1 = choice["blocks.0.mlp.fc1"]
+    assert fc1.scheme == "pot" and fc1.mse_pot < fc1.mse_uniform
+    for c in choice.values():
+        if c.mse_pot is None:
+            assert c.scheme == "uniform"
+        else:
+            assert c.scheme == ("pot" if c.mse_pot < c.mse_uniform else "uniform")
+    assert choice["patch_embed.proj"].mse_pot is None  # a 8x8 conv: not eligible
+
+
+def test_depthwise_convs_are_never_pot():
+    model, size = tiny_model("efficientvit")
+    choice = choose_schemes(model, tiny_images(size, n=4), QuantConfig(a_bits=8), 4, (3, size, size), n_images=4)
+    names = {w.name: w.op for w in extract_workloads(prepare(model, QuantConfig()), (3, size, size))}
+    dw = [n for n, op in names.items() if op == "dwconv"]
+    assert dw and all(choice[n].scheme == "uniform" and choice[n].mse_pot is None for n in dw)
+
+
+@pytest.mark.parametrize("metric", ["edp", "energy"])
+def test_budget_is_met_and_pot_layers_decode_to_shifts(metric):
+    model, size = tiny_model("deit")
+    _pot_friendly(model)
+    x = tiny_images(size, n=8)
+    hw = load_hardware()
+    q, res = m2q(model, x, QuantConfig(w_bits=8, a_bits=8), hw, 0.6, (3, size, size), metric=metric, progress=False)
+    assert res.cost[{"edp": "edp", "energy": "energy_j"}[metric]] <= 0.6 * res.baseline[
+        {"edp": "edp", "energy": "energy_j"}[metric]] * (1 + 1e-9)
+    # the model's own quantizers agree with the report
+    wl = extract_workloads(q, (3, size, size))
+    assert estimate(wl, hw).edp == pytest.approx(res.cost["edp"])
+    assert estimate(int8_baseline(wl), hw).edp == pytest.approx(res.baseline["edp"])
+    rows = {r["layer"]: r for r in res.layers}
+    for m in weight_layers(q):
+        if m.w_quant.spec.scheme == "pot":
+            assert rows[m.layer_name]["engine"] == "shift"
+            wq = m.w_quant.fake_quant(m.weight)
+            nz = wq[wq != 0].abs()
+            assert torch.equal(torch.log2(nz), torch.log2(nz).round())  # every level is a power of two
+
+
+def test_bad_budget_and_metric():
+    model, size = tiny_model("deit")
+    x = tiny_images(size, n=4)
+    with pytest.raises(ConfigError, match="fraction"):
+        m2q(model, x, QuantConfig(), load_hardware(), 1.5, (3, size, size), progress=False)
+    with pytest.raises(ConfigError, match="metric"):
+        m2q(model, x, QuantConfig(), load_hardware(), 0.5, (3, size, size), metric="power", progress=False)
+    with pytest.raises(ConfigError, match="unreachable"):
+        m2q(model, x, QuantConfig(), load_hardware(), 0.01, (3, size, size), progress=False)
+
+
+def test_pot_only_reference_config():
+    model, size = tiny_model("deit")
+    cfg = fixed_scheme_config(model, QuantConfig(w_bits=8, a_bits=8), (3, size, size))
+    names = {r.pattern for r in cfg.rules}
+    assert "blocks.0.mlp.fc1" in names and "patch_embed.proj" not in names
+    assert all(r.w_scheme == "pot" and r.w_bits == 4 for r in cfg.rules)
+
+
+def test_curve_snapshots_and_config_round_trip():
+    from vitq.methods.mptq import MethodOptions, run_pipeline
+
+    model, size = tiny_model("deit")
+    _pot_friendly(model)
+    x = tiny_images(size, n=8)
+    hw = load_hardware()
+    q, res = m2q(model, x, QuantConfig(w_bits=8, a_bits=8), hw, 0.5, (3, size, size), curve=(0.9, 0.7),
+                 progress=False)
+    # the saved config rebuilds the searched model exactly (schemes and bits included)
+    again = run_pipeline(model, x, res.config, MethodOptions()).model
+    with torch.inference_mode():
+        assert torch.equal(again(x), q(x))
+    assert set(res.curve) == {0.9, 0.7}
+    edps = []
+    for f, cfg in sorted(res.curve.items()):
+        m = run_pipeline(model, x, cfg, MethodOptions()).model
+        edp = estimate(extract_workloads(m, (3, size, size)), hw).edp
+        assert edp <= f * res.baseline["edp"] * (1 + 1e-9)
+        edps.append(edp)
+    assert res.cost["edp"] <= edps[0] <= edps[1]
+
+
+def test_uniform_only_search_uses_no_pot():
+    model, size = tiny_model("deit")
+    _pot_friendly(model)
+    q, res = m2q(model, tiny_images(size, n=8), QuantConfig(w_bits=8, a_bits=8), load_hardware(), 0.6,
+                 (3, size, size), allow_pot=False, progress=False)
+    assert all(r["scheme"] == "uniform" and r["engine"] == "mac" for r in res.layers)
