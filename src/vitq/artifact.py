@@ -110,6 +110,15 @@ def load_artifact(folder: str | Path) -> tuple[nn.Module, dict]:
         state = load_file(str(st_path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise ArtifactError(f"artifact {st_path} is corrupted or unreadable: {exc}") from exc
+    return rebuild(meta, state, cfg_path, st_path)
+
+
+def rebuild(meta: dict, state: dict[str, torch.Tensor], cfg_path, st_path) -> tuple[nn.Module, dict]:
+    """Build the prepared model that ``meta`` describes and load ``state`` into it (no calibration).
+
+    Raises:
+        ArtifactError: an unknown model, or tensors that do not fit it (naming the files).
+    """
     try:
         entry = get_entry(meta["model"])
     except (KeyError, ZooError) as exc:
@@ -117,7 +126,13 @@ def load_artifact(folder: str | Path) -> tuple[nn.Module, dict]:
     config = QuantConfig.from_dict(meta["quant_config"])
     # model_kwargs: timm constructor options the model was built with (e.g. num_classes, img_size).
     model = prepare(create_model(entry, **meta.get("model_kwargs", {})), config, inplace=True)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    from .methods.sqb import restore_channel_affines
+
+    restore_channel_affines(model, state)  # SQ-b's explicit per-channel operations (--sq-b-unnormed)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatch
+        raise ArtifactError(f"artifact {st_path} does not fit {entry.timm_name}: {exc}") from exc
     if missing or unexpected:
         raise ArtifactError(f"artifact {st_path} does not fit {entry.timm_name}: "
                             f"missing {missing[:3]}, unexpected {unexpected[:3]}")

@@ -1,4 +1,4 @@
-"""The ``vitq`` command line: ``models``, ``eval``, ``quantize``, ``cost``.
+"""The ``vitq`` command line: ``models``, ``eval``, ``quantize``, ``cost``, ``export``.
 
 Every problem with the input ends in one line ``vitq: error: ...`` naming the file, layer or option,
 and a non-zero exit; results are written under temporary names and renamed when complete.
@@ -48,8 +48,42 @@ def _add_model_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-init", action="store_true", help="random weights (structure/cost work only)")
 
 
+def _cmd_export(args) -> int:
+    from .export.packed import export_packed
+
+    if not is_artifact(args.model):
+        raise ArtifactError(f"'{args.model}' is not a folder written by `vitq quantize` (no config.json)")
+    model, meta = load_artifact(args.model)
+    if args.format == "onnx":
+        from .export.onnx import export_onnx
+        from .io import atomic_write_text
+        from .zoo import get_entry
+
+        rep = export_onnx(model, get_entry(meta["model"]).transform.input_size, args.out)
+        for row in rep.layers:
+            print(f"{row['layer']:<48} {row['kind']:<7} {'integer' if row['integer'] else 'float':<8} {row['reason']}")
+        print(f"wrote {args.out}: {rep.n_integer}/{len(rep.layers)} layers run as integers in ONNX Runtime "
+              f"({', '.join(f'{k} x{v}' for k, v in sorted(rep.integer_ops.items())) or 'none'}); "
+              f"log: {args.out}.json")
+        atomic_write_text(f"{args.out}.json", json.dumps(rep.to_dict(), indent=2))
+        return 0
+    keep = {k: meta[k] for k in ("model", "checkpoint", "random_init", "model_kwargs") if k in meta}
+    sizes = export_packed(model, keep, args.out)
+    print(f"wrote {args.out}: {sizes['file_bytes'] / 1e6:.3f} MB, {sizes['packed_tensors']} packed weight tensors; "
+          f"fp32 parameters {sizes['fp32_bytes'] / 1e6:.3f} MB ({sizes['ratio']:.2f}x smaller)")
+    return 0
+
+
 def _cmd_eval(args) -> int:
-    if is_artifact(args.model):
+    from .export.packed import is_packed, load_packed
+
+    if is_packed(args.model):
+        model, meta = load_packed(args.model)
+        name, checkpoint, random_init = meta["model"], str(args.model), meta.get("random_init", False)
+        from .zoo import get_entry
+
+        entry = get_entry(meta["model"])
+    elif is_artifact(args.model):
         model, meta = load_artifact(args.model)
         name, checkpoint, random_init = meta["model"], str(Path(args.model) / "model.safetensors"), meta.get("random_init", False)
         from .zoo import get_entry
@@ -96,7 +130,9 @@ def _cmd_quantize(args) -> int:
           + (" RANDOM-INIT" if loaded.random_init else ""), flush=True)
 
     options = MethodOptions(sq_b=args.sq_b or args.method == "mptq", opt_m=args.opt_m or args.method == "mptq",
-                            m_max=args.m_max)
+                            m_max=args.m_max, sq_b_unnormed=args.sq_b_unnormed)
+    if args.sq_b_unnormed and not options.sq_b:
+        raise ConfigError("--sq-b-unnormed extends SQ-b: give it with --sq-b or --method mptq")
     cost_budget = [(k, v) for k, v in (("edp", args.budget_edp), ("energy", args.budget_energy),
                                        ("latency", args.budget_latency)) if v is not None]
     if len(cost_budget) > 1:
@@ -230,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("models", help="list the supported models").set_defaults(func=_cmd_models)
 
     p = sub.add_parser("eval", help="evaluate a model or a quantized artifact folder")
-    p.add_argument("model", help="zoo name, timm name, or a folder written by `vitq quantize`")
+    p.add_argument("model", help="zoo name, timm name, a folder written by `vitq quantize`, or a packed file")
     _add_model_opts(p)
     p.add_argument("--data", required=True, help="image folder (synset sub-folders, or flat synset-prefixed files)")
     p.add_argument("--list", help="file list, one path relative to --data per line")
@@ -238,6 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the result as JSON")
     _add_data_opts(p)
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("export", help="write a quantized folder as a packed integer artifact")
+    p.add_argument("model", help="a folder written by `vitq quantize`")
+    p.add_argument("--format", choices=["vitq", "onnx"], default="vitq",
+                   help="vitq: one safetensors file, weights as bit-packed integer codes; "
+                        "onnx: QDQ model with vitq's scales for ONNX Runtime's integer kernels")
+    p.add_argument("--out", required=True, help="output file (.safetensors)")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("cost", help="energy, latency and EDP on the modelled accelerator, per layer")
     p.add_argument("model", help="zoo name, timm name, or a folder written by `vitq quantize`")
@@ -273,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mptq = --sq-b --opt-m, plus Greedy MP when a budget is given; "
                         "m2q = M2-ViT's scheme (uniform/PoT) and precision search under a cost budget")
     p.add_argument("--sq-b", action="store_true", help="SmoothQuant with bias shift, folded into LayerNorm")
+    p.add_argument("--sq-b-unnormed", action="store_true",
+                   help="SQ-b also on proj/fc2 as an explicit per-channel shift and scale (costs a per-channel "
+                        "subtract and multiply at inference)")
     p.add_argument("--opt-m", action="store_true", help="two-region quantizer search for post-GELU/softmax")
     p.add_argument("--m-max", type=int, default=4, help="largest OPT-m ratio exponent")
     p.add_argument("--mixed", action="store_true", help="Greedy MP mixed precision (needs a budget)")

@@ -65,6 +65,10 @@ class Adapter:
         """(LayerNorm, Linear) pairs where the Linear's only input is the norm's output (for SQ-b)."""
         return []
 
+    def unnormed_linears(self, model: nn.Module) -> list[nn.Linear]:
+        """Block Linears not fed by a LayerNorm (attention proj, MLP fc2): SQ-b's optional explicit form."""
+        return []
+
 
 def morph(module: nn.Module, cls: type) -> nn.Module:
     """Give ``module`` a subclass of its class that overrides ``forward`` (parameters and names kept)."""

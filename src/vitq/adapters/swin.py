@@ -75,6 +75,9 @@ class SwinAdapter(Adapter):
                 pairs.append((m.norm, m.reduction))
         return pairs
 
+    def unnormed_linears(self, model: nn.Module) -> list[nn.Linear]:
+        return [lin for b in model.modules() if isinstance(b, SwinTransformerBlock) for lin in (b.attn.proj, b.mlp.fc2)]
+
     def attach_matmuls(self, model: nn.Module, names: dict[nn.Module, str]) -> None:
         for m in list(model.modules()):
             if type(m) is WindowAttention:

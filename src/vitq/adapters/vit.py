@@ -88,6 +88,9 @@ class ViTAdapter(Adapter):
         return [(p, l) for b in model.modules() if isinstance(b, Block)
                 for p, l in ((b.norm1, b.attn.qkv), (b.norm2, b.mlp.fc1))]
 
+    def unnormed_linears(self, model: nn.Module) -> list[nn.Linear]:
+        return [lin for b in model.modules() if isinstance(b, Block) for lin in (b.attn.proj, b.mlp.fc2)]
+
     def attach_matmuls(self, model: nn.Module, names: dict[nn.Module, str]) -> None:
         for m in list(model.modules()):
             if type(m) is Attention:

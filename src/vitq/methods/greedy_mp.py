@@ -147,7 +147,7 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
               remeasure_every: int = 0, lower_per_step: int = 4, progress: bool = True,
               bank_config: Callable[[int], QuantConfig] | None = None,
               cost: Callable[[dict[str, dict[str, int]]], float] | None = None,
-              snapshots: tuple[float, ...] = ()) -> tuple[nn.Module, GreedyResult]:
+              snapshots: tuple[float, ...] = (), best_effort: bool = False) -> tuple[nn.Module, GreedyResult]:
     """Search per-layer W/A bit-widths under ``budget``; returns the mixed model and the search result.
 
     Args:
@@ -169,6 +169,7 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
         snapshots: cost values above ``budget.cost``. The search for a smaller budget passes through
             the same states as the search for a larger one until that one is met, so a single search
             records the assignment each larger budget would have returned (accuracy-vs-cost curves).
+        best_effort: stop at the cheapest reachable state instead of raising when the budget cannot be met.
 
     Raises:
         ConfigError: bad candidates or an unreachable budget.
@@ -182,7 +183,8 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
         raise ConfigError(f"n_probe ({n_probe}) and lower_per_step ({lower_per_step}) must be at least 1")
     float_model = copy.deepcopy(fp_model)
     if options.sq_b:  # once, at the base bits: every bank shares the same smoothed float model
-        apply_sqb(float_model, calib, QuantConfig(w_bits=base.w_bits, a_bits=base.a_bits), progress=progress)
+        apply_sqb(float_model, calib, QuantConfig(w_bits=base.w_bits, a_bits=base.a_bits), progress=progress,
+                  unnormed=options.sq_b_unnormed)
     stage = MethodOptions(sq_b=False, opt_m=options.opt_m, m_max=options.m_max)
     banks: dict[int, dict] = {}
     model = None
@@ -338,6 +340,8 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
                     if c not in result.snapshots and value <= c * (1 + 1e-12):
                         result.snapshots[c] = assignment()
         if not lowered:
+            if best_effort:
+                break
             raise ConfigError(f"budget {budget} is unreachable with candidates W{w_c} A{a_c}")
         prober.refresh(min(i.block for i in lowered))
         current = prober.kl()

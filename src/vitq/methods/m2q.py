@@ -137,7 +137,7 @@ def _apply_assignment(workloads: list[Workload], assign: dict[str, dict[str, int
 def m2q(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, hw: HardwareSpec, budget: float,
         input_size: tuple[int, int, int], metric: str = "edp", w_candidates=(4, 8), a_candidates=(8,),
         n_probe: int = 8, lower_per_step: int = 4, progress: bool = True, allow_pot: bool = True,
-        curve: tuple[float, ...] = ()) -> tuple[nn.Module, M2QResult]:
+        curve: tuple[float, ...] = (), best_effort: bool = False) -> tuple[nn.Module, M2QResult]:
     """Two-level mixed quantization under ``budget`` x the INT8 baseline's ``metric``.
 
     Args:
@@ -152,6 +152,7 @@ def m2q(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, hw: Hardwar
         allow_pot: False skips level 1 (every layer uniform): uniform mixed precision under the same
             cost budget, the reference M2Q is compared with.
         curve: larger budget fractions whose configs the same search also returns (``result.curve``).
+        best_effort: return the cheapest reachable assignment instead of raising if ``budget`` is unreachable.
 
     Raises:
         ConfigError: a bad metric or budget, or a budget the candidates cannot reach.
@@ -183,7 +184,7 @@ def m2q(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, hw: Hardwar
     model, res = greedy_mp(fp_model, calib, base, MethodOptions(), Budget(cost=limit), w_c, a_candidates,
                            n_probe=n_probe, lower_per_step=lower_per_step, progress=progress,
                            bank_config=bank_config, cost=cost,
-                           snapshots=tuple(f * baseline.metric(metric) for f in curve))
+                           snapshots=tuple(f * baseline.metric(metric) for f in curve), best_effort=best_effort)
 
     def config_of(assign: dict[str, dict[str, int]]) -> QuantConfig:
         # bits from Greedy MP plus each layer's scheme at its bits

@@ -21,6 +21,7 @@ class MethodOptions:
     sq_b: bool = False
     opt_m: bool = False
     m_max: int = 4
+    sq_b_unnormed: bool = False  # SQ-b also on proj/fc2, as an explicit per-channel operation
 
 
 @dataclass
@@ -44,7 +45,7 @@ def run_pipeline(fp_model: nn.Module, calib: torch.Tensor, config: QuantConfig, 
     if options.sq_b:
         t = time.perf_counter()
         uniform = QuantConfig(w_bits=config.w_bits, a_bits=config.a_bits)
-        sqb = apply_sqb(model, calib, uniform, progress=progress).to_dict()
+        sqb = apply_sqb(model, calib, uniform, progress=progress, unnormed=options.sq_b_unnormed).to_dict()
         timing["sqb_s"] = time.perf_counter() - t
     t = time.perf_counter()
     q = prepare(model, config, inplace=True)

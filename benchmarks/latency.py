@@ -1,0 +1,138 @@
+"""Latency of real integer execution: PyTorch eager fp32, ONNX Runtime fp32, ORT dynamic int8, vitq int8.
+
+vitq int8 is `vitq export --format onnx` of a W8A8 standard-protocol model (min-max observer, calib32):
+QDQ pairs with vitq's own scales, which ONNX Runtime fuses into integer kernels. ORT dynamic int8 is
+``onnxruntime.quantization.quantize_dynamic`` (int8 weights, activations quantized at run time) applied
+to the fp32 export. Median of ``--runs`` timed runs after ``--warmup`` runs, per batch size and thread
+count. For models with real weights it also measures the top-1 agreement of the vitq int8 ONNX model
+with vitq's simulation of the same configuration on eval968, and both models' top-1.
+
+    python benchmarks/latency.py --models deit_tiny deit_small efficientvit_b1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from vitq.data import load_tensors, make_dataset, make_loader
+from vitq.export.onnx import export_onnx
+from vitq.quant import QuantConfig
+from vitq.quant.engine import quantize
+from vitq.zoo import ZooError, load_model
+
+
+def _session(path: str, threads: int) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+def _median_ms(fn, warmup: int, runs: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--assets", default=os.environ.get("VITQ_ASSETS", "../shared/assets"))
+    ap.add_argument("--models", nargs="+", default=["deit_tiny", "deit_small", "efficientvit_b1"])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    assets = Path(args.assets)
+    images = assets / "imagenet-sample"
+    rows = []
+    print(f"# latency, {platform.node()} ({os.cpu_count()} cores, {platform.processor() or platform.machine()}), "
+          f"torch {torch.__version__}, onnxruntime {ort.__version__}, {date.today()}; median of {args.runs} runs, ms")
+    print("| model | path | batch | threads | median ms | x vs ORT fp32 |")
+    print("|---|---|---|---|---|---|")
+    work = Path(tempfile.mkdtemp(prefix="vitq-latency-"))
+    for short in args.models:
+        try:
+            loaded = load_model(short)
+        except ZooError:
+            loaded = load_model(short, random_init=True)
+        t = loaded.entry.transform
+        calib, _ = load_tensors(make_dataset(images, t, assets / "calib32.txt"))
+        fp = loaded.model.eval()
+        q = quantize(fp, calib, QuantConfig(w_bits=8, a_bits=8))
+        paths = {p: str(work / f"{short}.{p}.onnx") for p in ("fp32", "dyn", "vitq")}
+        with torch.inference_mode():
+            torch.onnx.export(fp, (torch.zeros(1, *t.input_size),), paths["fp32"], dynamo=False, opset_version=17,
+                              input_names=["images"], output_names=["logits"],
+                              dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+        quantize_dynamic(paths["fp32"], paths["dyn"], weight_type=QuantType.QInt8)
+        rep = export_onnx(q, t.input_size, paths["vitq"])
+        print(f"{short}: vitq int8 export runs {rep.n_integer}/{len(rep.layers)} layers as integers "
+              f"{rep.integer_ops}", file=sys.stderr, flush=True)
+        if not loaded.random_init:
+            ds = make_dataset(images, t, assets / "eval968.txt")
+            s = _session(paths["vitq"], os.cpu_count() or 1)
+            agree = correct_onnx = correct_sim = n = 0
+            for b in make_loader(ds):
+                out = s.run(None, {"images": b.images.numpy()})[0].argmax(1)
+                with torch.inference_mode():
+                    sim = q(b.images).argmax(1).numpy()
+                labels = b.labels.numpy()
+                agree += int((out == sim).sum())
+                correct_onnx += int((out == labels).sum())
+                correct_sim += int((sim == labels).sum())
+                n += len(labels)
+            rows.append(dict(model=loaded.entry.timm_name, kind="agreement", n_images=n,
+                             agreement_with_sim=100 * agree / n, top1_onnx=100 * correct_onnx / n,
+                             top1_sim=100 * correct_sim / n))
+            print(f"{short}: vitq int8 ONNX vs simulation on eval968: agreement {100 * agree / n:.2f} %, "
+                  f"top-1 ONNX {100 * correct_onnx / n:.2f} / simulation {100 * correct_sim / n:.2f}",
+                  file=sys.stderr, flush=True)
+        for batch in args.batches:
+            x = torch.randn(batch, *t.input_size, generator=torch.Generator().manual_seed(0))
+            xn = x.numpy()
+            for threads in args.threads:
+                results = {}
+                for name, path in (("ORT fp32", paths["fp32"]), ("ORT dynamic int8", paths["dyn"]),
+                                   ("vitq int8 (ORT, static QDQ)", paths["vitq"])):
+                    s = _session(path, threads)
+                    results[name] = _median_ms(lambda s=s: s.run(None, {"images": xn}), args.warmup, args.runs)
+                torch.set_num_threads(threads)
+                with torch.inference_mode():
+                    results["PyTorch eager fp32"] = _median_ms(lambda: fp(x), args.warmup, args.runs)
+                base = results["ORT fp32"]
+                for name, ms in results.items():
+                    rows.append(dict(model=loaded.entry.timm_name, random_init=loaded.random_init, path=name,
+                                     batch=batch, threads=threads, median_ms=ms, speedup_vs_ort_fp32=base / ms))
+                    print(f"| {short}{' (random init)' if loaded.random_init else ''} | {name} | {batch} | {threads} | "
+                          f"{ms:.1f} | {base / ms:.2f} |", flush=True)
+    if args.out:
+        from vitq.io import atomic_write_text
+
+        atomic_write_text(args.out, json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""M2-ViT table and accuracy-vs-EDP curves: INT8 baseline, PoT only, uniform mixed precision and M2Q.
+
+For each model: the INT8 baseline (uniform W8A8 on the MAC engine), "PoT only" (every PoT-eligible
+layer at 4-bit PoT weights, the rest W8, A8), uniform mixed precision (Greedy MP with W {4, 8}, A {8}
+under an EDP budget, no PoT) and M2Q (level-1 scheme choice + the same search). One search per method
+runs to the smallest budget and records the configs of the larger ones on the way (see
+``greedy_mp(snapshots=...)``); each config is then rebuilt and measured. Accuracy on eval968 next to FP;
+random-init models (no weights here) get cost rows only.
+
+    python benchmarks/m2q.py --models deit_tiny tf_efficientnet_lite0 efficientvit_b1 --out runs/m2q.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import replace
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from vitq.data import load_tensors, make_dataset, make_loader
+from vitq.evaluate import evaluate_many
+from vitq.hardware import estimate, extract_workloads, int8_baseline, load_hardware
+from vitq.methods.m2q import fixed_scheme_config, m2q
+from vitq.methods.mptq import MethodOptions, run_pipeline
+from vitq.quant import QuantConfig, model_stats
+from vitq.zoo import ZooError, load_model
+
+BUDGETS = (0.7, 0.55, 0.45, 0.4)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--assets", default=os.environ.get("VITQ_ASSETS", "../shared/assets"))
+    ap.add_argument("--models", nargs="+", default=["deit_tiny", "tf_efficientnet_lite0", "efficientvit_b1"])
+    ap.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS), help="EDP fractions of INT8")
+    ap.add_argument("--hw", help="accelerator YAML merged over the defaults")
+    ap.add_argument("--limit", type=int)
+    ap.add_argument("--out")
+    ap.add_argument("--plot-dir", default="docs/figures")
+    args = ap.parse_args()
+    assets = Path(args.assets)
+    images = assets / "imagenet-sample"
+    hw = load_hardware(args.hw)
+    budgets = sorted(set(args.budgets), reverse=True)
+    rows = []
+    print(f"# M2Q benchmark, {platform.node()} ({os.cpu_count()} cores), torch {torch.__version__}, {date.today()}, "
+          f"accelerator {args.hw or 'default'} (schedule={hw.schedule})")
+    print("| model | row | EDP budget | EDP / INT8 | EDP (J s) | energy mJ | latency ms | size MB | shift-engine layers "
+          "| top-1 | drop | agreement % | search s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for short in args.models:
+        try:
+            loaded = load_model(short)
+        except ZooError:
+            loaded = load_model(short, random_init=True)
+        entry, size = loaded.entry, loaded.entry.transform.input_size
+        calib, _ = load_tensors(make_dataset(images, entry.transform, assets / "calib32.txt"))
+        base = QuantConfig(w_bits=8, a_bits=8, observer="mse")
+        built: dict[str, tuple[torch.nn.Module, dict]] = {}
+        t = time.perf_counter()
+        built["INT8 (MAC engine)"] = (run_pipeline(loaded.model, calib, base, MethodOptions()).model,
+                                      dict(budget=None, search_s=time.perf_counter() - t))
+        t = time.perf_counter()
+        pot_cfg = fixed_scheme_config(loaded.model, base, size)
+        built["PoT only (W4 PoT where eligible)"] = (run_pipeline(loaded.model, calib, pot_cfg, MethodOptions()).model,
+                                                     dict(budget=None, search_s=time.perf_counter() - t))
+        for label, allow_pot in (("uniform MP", False), ("M2Q", True)):
+            t = time.perf_counter()
+            q, res = m2q(loaded.model, calib, base, hw, budgets[-1], size, allow_pot=allow_pot,
+                         curve=tuple(budgets[:-1]), best_effort=True, progress=False)
+            search_s = time.perf_counter() - t
+            print(f"searched {short} {label} in {search_s:.0f}s", file=sys.stderr, flush=True)
+            configs = {**res.curve, budgets[-1]: res.config}
+            for f in budgets:
+                if f not in configs:
+                    continue
+                m = q if f == budgets[-1] else run_pipeline(loaded.model, calib, configs[f], MethodOptions()).model
+                built[f"{label} @ {f:g}"] = (m, dict(budget=f, search_s=search_s))
+        results = {}
+        if not loaded.random_init:
+            ds = make_dataset(images, entry.transform, assets / "eval968.txt", args.limit)
+            results = evaluate_many({"fp": loaded.model, **{k: v[0] for k, v in built.items()}}, make_loader(ds),
+                                    reference="fp")
+        fp = results.get("fp")
+        base_cost = None
+        for key, (m, meta) in built.items():
+            wl = extract_workloads(m, size)
+            c = estimate(wl, hw)
+            base_cost = base_cost or estimate(int8_baseline(wl), hw)
+            st = model_stats(m)
+            r = results.get(key)
+            shift = sum(1 for layer in c.layers if layer.engine == "shift")
+            row = dict(model=entry.timm_name, random_init=loaded.random_init, row=key, **meta, edp=c.edp,
+                       edp_ratio=c.edp / base_cost.edp, energy_j=c.energy_j, latency_s=c.latency_s,
+                       size_bytes=st["size_bytes"], shift_layers=shift, n_layers=len(c.layers),
+                       top1=r.top1 if r else None, fp_top1=fp.top1 if fp else None,
+                       agreement=r.agreement if r else None, kl=r.kl if r else None)
+            rows.append(row)
+            acc = (f"{r.top1:.2f} | {r.top1 - fp.top1:+.2f} | {r.agreement:.1f}" if r else "random init | - | -")
+            print(f"| {short} | {key} | {meta['budget'] if meta['budget'] else '-'} | {row['edp_ratio']:.3f} | "
+                  f"{c.edp:.3e} | {c.energy_j * 1e3:.3f} | {c.latency_s * 1e3:.3f} | {st['size_bytes'] / 1e6:.2f} | "
+                  f"{shift}/{len(c.layers)} | {acc} | {meta['search_s']:.0f} |", flush=True)
+        if fp:
+            print(f"| {short} | FP32 | - | - | - | - | - | - | - | {fp.top1:.2f} | 0 | 100 | - |", flush=True)
+        _plot([r for r in rows if r["model"] == entry.timm_name], Path(args.plot_dir) / f"m2q_curve_{short}.png",
+              f"{short}{' (random init: cost only)' if loaded.random_init else ''}")
+    if args.out:
+        from vitq.io import atomic_write_text
+
+        atomic_write_text(args.out, json.dumps(rows, indent=2))
+    return 0
+
+
+def _plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from vitq.io import atomic_path
+
+    have_acc = rows and rows[0]["top1"] is not None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, marker in (("uniform MP", "o-"), ("M2Q", "s-")):
+        pts = sorted((r["edp_ratio"], r["top1"] if have_acc else r["energy_j"] * 1e3) for r in rows
+                     if r["row"].startswith(label))
+        if pts:
+            ax.plot(*zip(*pts), marker, label=label)
+    for r in rows:
+        if r["budget"] is None:
+            ax.plot(r["edp_ratio"], r["top1"] if have_acc else r["energy_j"] * 1e3, "^", label=r["row"])
+    if have_acc:
+        ax.axhline(rows[0]["fp_top1"], color="grey", ls="--", lw=0.8, label="FP32")
+    ax.set_xlabel("EDP / INT8 baseline EDP")
+    ax.set_ylabel("top-1 % (eval968)" if have_acc else "energy mJ")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

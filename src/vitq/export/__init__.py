@@ -1,0 +1,1 @@
+"""Exports of a quantized model: the packed integer artifact (``packed.py``)."""
