@@ -61,8 +61,10 @@ def _cmd_export(args) -> int:
 
         rep = export_onnx(model, get_entry(meta["model"]).transform.input_size, args.out)
         for row in rep.layers:
-            print(f"{row['layer']:<48} {row['kind']:<7} {'integer' if row['integer'] else 'float':<8} {row['reason']}")
-        print(f"wrote {args.out}: {rep.n_integer}/{len(rep.layers)} layers run as integers in ONNX Runtime "
+            kind = "integer" if row["integer"] else ("nbits" if row.get("matmul_nbits") else "float")
+            print(f"{row['layer']:<48} {row['kind']:<7} {kind:<8} {row['reason']}")
+        print(f"wrote {args.out}: {rep.n_integer}/{len(rep.layers)} layers run as integers in ONNX Runtime, "
+              f"{len(rep.nbits_layers)} as weight-only MatMulNBits "
               f"({', '.join(f'{k} x{v}' for k, v in sorted(rep.integer_ops.items())) or 'none'}); "
               f"log: {args.out}.json")
         atomic_write_text(f"{args.out}.json", json.dumps(rep.to_dict(), indent=2))

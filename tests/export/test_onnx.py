@@ -58,3 +58,21 @@ def test_hybrid_model_exports(tmp_path):
     rep = export_onnx(q, (3, size, size), tmp_path / "m.onnx")
     assert rep.n_integer > 0
     assert np.isfinite(_run(tmp_path / "m.onnx", x)).all()
+
+
+def test_4bit_group_weights_become_matmul_nbits_with_vitq_codes(tmp_path):
+    model, size = tiny_model("deit")
+    x = tiny_images(size, 4)
+    cfg = QuantConfig(w_bits=8, a_bits=8, group_size=16,
+                      rules=[LayerRule("blocks.*.mlp.fc*", w_bits=4, w_granularity="per_group"),
+                             LayerRule("blocks.0.attn.qkv", w_bits=3, w_granularity="per_group")])
+    q = quantize(model, x, cfg)
+    f = tmp_path / "m.onnx"
+    rep = export_onnx(q, (3, size, size), f)
+    assert set(rep.nbits_layers) == {"blocks.0.mlp.fc1", "blocks.0.mlp.fc2", "blocks.1.mlp.fc1",
+                                     "blocks.1.mlp.fc2", "blocks.0.attn.qkv"}
+    assert sum(n.op_type == "MatMulNBits" for n in onnx.load(str(f)).graph.node) == 5
+    out = _run(f, x)
+    with torch.inference_mode():
+        ref = q(x).numpy()
+    assert np.corrcoef(out.ravel(), ref.ravel())[0, 1] > 0.99

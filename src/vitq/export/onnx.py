@@ -9,8 +9,11 @@ What becomes what:
   products, int32 accumulation), without re-calibrating anything.
 * Convolutions and activation x activation matmuls with 8-bit operands get the same QDQ pairs; whether
   ONNX Runtime runs them as integers depends on its fusions (reported per layer, see below).
-* Every other quantizer (other widths, PoT, two-region, PTF, per-group weights) is left out: those
-  tensors stay in float. Weights of such layers are the simulation's quantized values, in float.
+* A Linear with uniform symmetric weights of at most 4 bits, per group along the input with a
+  power-of-two group size >= 16, becomes ONNX Runtime's weight-only ``MatMulNBits`` (4-bit blocks =
+  vitq's codes + 8, vitq's group scales; its input stays float, after its own QDQ pair if 8-bit).
+* Every other quantizer (other widths, PoT, two-region, PTF) is left out: those tensors stay in float.
+  Weights of such layers are the simulation's quantized values, in float.
 * SQ-b is already folded into the weights (and ``--sq-b-unnormed`` operations are exported as float
   ``Sub``/``Mul``).
 
@@ -52,6 +55,15 @@ def qdq_weight(q: TensorQuantizer) -> bool:
             and s.granularity in ("per_channel", "per_tensor") and bool((q.zero_point == 0).all()))
 
 
+def nbits_weight(q: TensorQuantizer) -> bool:
+    """Whether a weight fits ONNX Runtime's weight-only ``MatMulNBits`` (4-bit codes, zero point 8):
+    uniform symmetric, at most 4 bits, per group along the input with a power-of-two group >= 16."""
+    s = q.spec
+    g = s.group_size
+    return (q.mode == "quant" and s.scheme == "uniform" and s.symmetric and s.bits <= 4
+            and s.granularity == "per_group" and g >= 16 and g & (g - 1) == 0 and bool((q.zero_point == 0).all()))
+
+
 class _ExportQuantizer(TensorQuantizer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not qdq_activation(self):
@@ -76,6 +88,9 @@ class _ExportLinear(QuantLinear):
         x = self.in_quant(x)
         if qdq_weight(self.w_quant):
             y = torch.matmul(x, _qdq_weight_t(self))
+            return y + self.bias if self.bias is not None else y
+        if nbits_weight(self.w_quant):  # a MatMul on the float weight; replaced by MatMulNBits afterwards
+            y = torch.matmul(x, self.quantized_weight().t().contiguous())
             return y + self.bias if self.bias is not None else y
         return F.linear(x, self.quantized_weight(), self.bias)
 
@@ -102,6 +117,7 @@ class ExportReport:
     opset: int
     layers: list[dict] = field(default_factory=list)  # layer, kind, qdq, integer, reason
     integer_ops: dict = field(default_factory=dict)
+    nbits_layers: list[str] = field(default_factory=list)  # weight-only MatMulNBits (4-bit codes, float input)
 
     @property
     def n_integer(self) -> int:
@@ -113,6 +129,11 @@ class ExportReport:
 
 def _export_copy(model: nn.Module) -> nn.Module:
     m = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, (QuantLinear, QuantConv2d)) and mod.w_quant.mode == "quant":
+                # Computed now, so the exporter sees constants, not the fake-quant arithmetic.
+                mod._wq = mod.w_quant.fake_quant(mod.weight).detach()
     for mod in m.modules():
         if type(mod) is TensorQuantizer:
             mod.__class__ = _ExportQuantizer
@@ -140,6 +161,49 @@ def _layer_status(model: nn.Module) -> list[dict]:
             rows.append({"layer": m.layer_name, "kind": "matmul", "qdq": ok,
                          "reason": "" if ok else "an operand is not 8-bit uniform per tensor"})
     return rows
+
+
+def _to_matmul_nbits(model_proto, layers: dict) -> list[str]:
+    """Replace the ``MatMul`` of each layer in ``layers`` (name -> QuantLinear) by ``MatMulNBits`` whose
+    4-bit blocks are vitq's own codes and scales (code + 8, so the default zero point 8 decodes them)."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    from ..quant import quantizers as Q
+    from .packed import pack_bits
+
+    graph = model_proto.graph
+    inits = {i.name: i for i in graph.initializer}
+    done = []
+    for idx, node in enumerate(list(graph.node)):
+        if node.op_type != "MatMul" or _module_path(node.name) not in layers:
+            continue
+        m = layers[_module_path(node.name)]
+        q = m.w_quant
+        n_out, k = m.weight.shape
+        g = q.spec.group_size
+        v = Q.to_groups(m.weight.detach(), g)
+        codes = Q.quantize_uniform(v, q.scale.reshape(-1, 1), q.zero_point.reshape(-1, 1), *q._qrange())
+        codes = (codes.to(torch.int64) + 8).reshape(n_out, k)  # symmetric codes in [-7, 7] -> [1, 15]
+        blob = pack_bits(codes, 4).numpy().reshape(n_out, k // g, g // 2)
+        b_name, s_name = f"{m.layer_name}.nbits_B", f"{m.layer_name}.nbits_scales"
+        graph.initializer.extend([numpy_helper.from_array(blob.astype(np.uint8), b_name),
+                                  numpy_helper.from_array(q.scale.reshape(-1).numpy().astype(np.float32), s_name)])
+        new = helper.make_node("MatMulNBits", [node.input[0], b_name, s_name], list(node.output),
+                               name=node.name + "NBits", domain="com.microsoft", K=k, N=n_out, bits=4, block_size=g)
+        graph.node.remove(node)
+        graph.node.insert(idx, new)
+        done.append(m.layer_name)
+    # Drop the float weights the replaced MatMuls read (initializers or Constant nodes).
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for name, init in inits.items():
+        if name not in used:
+            graph.initializer.remove(init)
+    for node in [n for n in graph.node if n.op_type == "Constant" and not set(n.output) & used]:
+        graph.node.remove(node)
+    if done and not any(o.domain == "com.microsoft" for o in model_proto.opset_import):
+        model_proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return done
 
 
 def _module_path(node_name: str) -> str:
@@ -170,6 +234,11 @@ def export_onnx(model: nn.Module, input_size: tuple[int, int, int], out: str | P
         with torch.inference_mode():
             torch.onnx.export(m, (dummy,), str(tmp), dynamo=False, opset_version=opset, input_names=["images"],
                               output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+        nbits = {m.layer_name: m for m in model.modules() if isinstance(m, QuantLinear) and nbits_weight(m.w_quant)}
+        if nbits:
+            proto = onnx.load(str(tmp))
+            report.nbits_layers = _to_matmul_nbits(proto, nbits)
+            onnx.save(proto, str(tmp))
         onnx.checker.check_model(str(tmp))
         # Which layers did ONNX Runtime turn into integer kernels? Inspect its optimized graph.
         with tempfile.TemporaryDirectory() as d:
@@ -185,6 +254,9 @@ def export_onnx(model: nn.Module, input_size: tuple[int, int, int], out: str | P
     paths = {_module_path(n.name) for n in int_nodes}
     for row in report.layers:
         row["integer"] = row["layer"] in paths
-        if row["qdq"] and not row["integer"]:
+        row["matmul_nbits"] = row["layer"] in report.nbits_layers
+        if row["matmul_nbits"]:
+            row["reason"] = "weight-only MatMulNBits: 4-bit weights, float activations"
+        elif row["qdq"] and not row["integer"]:
             row["reason"] = "QDQ written, but ONNX Runtime has no integer fusion for this pattern"
     return report
