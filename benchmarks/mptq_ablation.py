@@ -24,6 +24,7 @@ from vitq.evaluate import evaluate_many
 from vitq.methods.greedy_mp import Budget, greedy_mp
 from vitq.methods.mptq import MethodOptions, run_pipeline
 from vitq.quant import QuantConfig, model_stats
+from vitq.quant.config import ConfigError
 from vitq.zoo import load_model
 
 METHODS = {"baseline": MethodOptions(), "+SQ-b": MethodOptions(sq_b=True), "+OPT-m": MethodOptions(opt_m=True),
@@ -72,8 +73,12 @@ def main() -> int:
             else:
                 b = v["budget"]
                 cfg = QuantConfig(w_bits=4, a_bits=4, protocol=v["protocol"], observer="mse")
-                q, _ = greedy_mp(loaded.model, calib, cfg, MethodOptions(sq_b=True, opt_m=True), Budget(b, b),
-                                 progress=False)
+                try:
+                    q, _ = greedy_mp(loaded.model, calib, cfg, MethodOptions(sq_b=True, opt_m=True), Budget(b, b),
+                                     progress=False)
+                except ConfigError as exc:  # report and go on: the other variants are still worth measuring
+                    print(f"skipped {short} {spec}: {exc}", file=sys.stderr, flush=True)
+                    continue
                 label = f"Greedy MP {b:g}-bit (SQ-b, OPT-m)"
             key = f"{v['protocol']} {label}"
             built[key] = q
