@@ -186,6 +186,16 @@ def pot_shift_product(a: torch.Tensor, sign: torch.Tensor, code: torch.Tensor, b
 # ----------------------------------------------------------------------------------------- two-region
 
 
+def _two_region_grid(delta: torch.Tensor, m: int, bits: int, signed_fine: bool):
+    """Codes per region ``n``, the fine step and the fine region's code range (checks the arguments)."""
+    check_bits(bits)
+    if not 0 <= m <= 16:
+        raise ValueError(f"two-region ratio exponent m must be in [0, 16], got {m}")
+    n = 2 ** (bits - 1)
+    fmin, fmax = (-(n // 2), n // 2 - 1) if signed_fine else (0, n - 1)
+    return n, delta / (2**m), fmin, fmax
+
+
 def two_region_codes(x: torch.Tensor, delta: torch.Tensor, m: int, boundary: torch.Tensor, bits: int,
                      signed_fine: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode with the two-region quantizer: ``(region, code)``, region 0 fine, region 1 coarse.
@@ -195,12 +205,7 @@ def two_region_codes(x: torch.Tensor, delta: torch.Tensor, m: int, boundary: tor
     Region 0 codes are unsigned ``[0, 2^(b-1)-1]`` or, with ``signed_fine`` (post-GELU values, which
     dip below zero), signed ``[-2^(b-2), 2^(b-2)-1]``; region 1 codes are unsigned.
     """
-    check_bits(bits)
-    if not 0 <= m <= 16:
-        raise ValueError(f"two-region ratio exponent m must be in [0, 16], got {m}")
-    n = 2 ** (bits - 1)
-    fine = delta / (2**m)
-    fmin, fmax = (-(n // 2), n // 2 - 1) if signed_fine else (0, n - 1)
+    n, fine, fmin, fmax = _two_region_grid(delta, m, bits, signed_fine)
     region = (x >= boundary).to(torch.int64)
     code = torch.where(region == 0, torch.clamp(torch.round(x / fine), fmin, fmax),
                        torch.clamp(torch.round(x / delta), 0, n - 1))
@@ -220,12 +225,7 @@ def fake_quant_two_region(x: torch.Tensor, delta: torch.Tensor, m: int, boundary
     same order, so the result is bit-identical, at about half the cost (it runs on every post-GELU and
     post-softmax tensor of every probe in Greedy MP).
     """
-    check_bits(bits)
-    if not 0 <= m <= 16:
-        raise ValueError(f"two-region ratio exponent m must be in [0, 16], got {m}")
-    n = 2 ** (bits - 1)
-    fine = delta / (2**m)
-    fmin, fmax = (-(n // 2), n // 2 - 1) if signed_fine else (0, n - 1)
+    n, fine, fmin, fmax = _two_region_grid(delta, m, bits, signed_fine)
     coarse = torch.round(x / delta).clamp_(0, n - 1).mul_(delta)
     return torch.where(x >= boundary, coarse, torch.round(x / fine).clamp_(fmin, fmax).mul_(fine))
 
