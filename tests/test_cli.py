@@ -103,7 +103,8 @@ def test_mixed_precision_search_then_config_reuse_gives_same_bits_and_result(tmp
     assert main(["quantize", *common, "--mixed", "--budget-w", "7", "--budget-a", "7",
                  "--w-candidates", "6,8", "--a-candidates", "6,8", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["avg_w_bits"] <= 7 and report["avg_a_bits"] <= 7 and report["mixed"]["search_s"] > 0
+    # the A budget leaves out the 8-bit image input (2 % of DeiT-Tiny's activation values); the report counts it
+    assert report["avg_w_bits"] <= 7 and report["avg_a_bits"] <= 7.05 and report["mixed"]["search_s"] > 0
     assert (out / "bits.png").read_bytes()[:4] == b"\x89PNG" and (out / "mixed_config.json").is_file()
     again = tmp_path / "again"
     assert main(["quantize", *common, "--config", str(out / "mixed_config.json"), "--out", str(again)]) == 0
