@@ -236,7 +236,6 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
     # fixed at 8 bits and not counted (otherwise a 4-bit budget could never be met; the report's
     # avg_a_bits does count it, so a 4-bit search reports e.g. 4.05 there, like uniform W4A4).
     a_total = sum(i.size for i in items if i.kind == "A")
-    a_fixed_bits = 0
     stats0 = model_stats(model)
     size_const_bits = stats0["size_bytes"] * 8 - sum(i.size * i.bits for i in items if i.kind == "W")
 
@@ -244,7 +243,7 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
         return sum(i.size * i.bits for i in items if i.kind == "W") / max(1, w_total)
 
     def avg_a() -> float:
-        return (sum(i.size * i.bits for i in items if i.kind == "A") + a_fixed_bits) / max(1, a_total)
+        return sum(i.size * i.bits for i in items if i.kind == "A") / max(1, a_total)
 
     def size_mb() -> float:
         return (size_const_bits + sum(i.size * i.bits for i in items if i.kind == "W")) / 8 / 1e6
@@ -277,22 +276,23 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
             out.setdefault(i.layer, {})[i.kind] = i.choices[i.level - 1] if i is lowered else i.bits
         return out
 
-    def cost_need() -> bool:
-        return cost is not None and budget.cost is not None and cost(assignment()) > budget.cost * (1 + 1e-12)
+    def current_cost() -> float | None:
+        return cost(assignment()) if cost is not None else None
 
-    def need(kind: str) -> bool:
-        return bits_need(kind) or (budget.gbops is not None and gbops() > budget.gbops + 1e-12) or cost_need()
+    def cost_binds(now: float | None) -> bool:
+        """Whether the cost budget is unmet; ``now`` is the current cost (None without a cost function)."""
+        return now is not None and budget.cost is not None and now > budget.cost * (1 + 1e-12)
 
-    def saved(item: _Item, now: float | None = None) -> float:
-        """What one step down saves of the binding budget: average bits, else cost, else BOPs.
-        ``now``: the current cost, when the caller has it."""
+    def need(kind: str, now: float | None) -> bool:
+        return bits_need(kind) or (budget.gbops is not None and gbops() > budget.gbops + 1e-12) or cost_binds(now)
+
+    def saved(item: _Item, now: float | None) -> float:
+        """What one step down saves of the binding budget: average bits, else cost, else BOPs."""
         drop = item.bits - item.choices[item.level - 1]
-        cost_binds = cost is not None and budget.cost is not None and (
-            now if now is not None else cost(assignment())) > budget.cost * (1 + 1e-12)
-        if bits_need(item.kind) or (budget.gbops is None and not cost_binds):
+        if bits_need(item.kind) or (budget.gbops is None and not cost_binds(now)):
             return drop * item.size / (w_total if item.kind == "W" else a_total)
-        if cost_binds:
-            return (now if now is not None else cost(assignment())) - cost(assignment(item))
+        if cost_binds(now):
+            return now - cost(assignment(item))
         bops = sum(macs * drop * other.spec.bits for q in item.quantizers for macs, other in partner.get(id(q), []))
         return bops / max(1.0, bops_max)
 
@@ -314,17 +314,21 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
     for item in tqdm(items, desc="sensitivity", disable=not progress, leave=False):
         measure(item)
     result = GreedyResult(config=base)
-    if cost is not None:
-        value = cost(assignment())
-        result.snapshots = {c: assignment() for c in snapshots if value <= c * (1 + 1e-12)}
+    now = current_cost()  # the cost of the current assignment, recomputed only when it changes
+
+    def snapshot() -> None:
+        for c in snapshots:
+            if c not in result.snapshots and now is not None and now <= c * (1 + 1e-12):
+                result.snapshots[c] = assignment()
+
+    snapshot()
     bar = tqdm(desc="greedy MP", disable=not progress, leave=False)
-    while need("W") or need("A"):
+    while need("W", now) or need("A", now):
         # Lower up to ``lower_per_step`` items (each one step, cheapest first, only while the budget
         # still needs it), then run the model once and re-measure only the items that moved.
         lowered: list[_Item] = []
         for _ in range(lower_per_step):
-            needs = {k: need(k) for k in ("W", "A")}  # once per pick: the cost model is not free
-            now = cost(assignment()) if cost is not None else None
+            needs = {k: need(k, now) for k in ("W", "A")}
             scored = []
             for idx, i in enumerate(items):
                 if i.can_lower() and needs[i.kind] and i not in lowered:
@@ -336,11 +340,8 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
             best = items[min(scored)[1]]
             set_level(best, best.level - 1)
             lowered.append(best)
-            if cost is not None:
-                value = cost(assignment())
-                for c in snapshots:
-                    if c not in result.snapshots and value <= c * (1 + 1e-12):
-                        result.snapshots[c] = assignment()
+            now = current_cost()
+            snapshot()
         if not lowered:
             if best_effort:
                 break
