@@ -10,7 +10,7 @@ ifeq ($(origin VITQ_ASSETS), undefined)
 endif
 DEMO_OUT ?= runs/demo-deit_tiny-w4a4
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -28,6 +28,10 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+lint: venv
+	$(PY) -m pip install -q -e '.[lint]'
+	$(VENV)/bin/ruff check src tests benchmarks
 
 bench: venv
 	$(PY) benchmarks/throughput.py

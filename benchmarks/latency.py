@@ -4,8 +4,8 @@ vitq int8 is `vitq export --format onnx` of a W8A8 standard-protocol model (min-
 QDQ pairs with vitq's own scales, which ONNX Runtime fuses into integer kernels. ORT dynamic int8 is
 ``onnxruntime.quantization.quantize_dynamic`` (int8 weights, activations quantized at run time) applied
 to the fp32 export. Median of ``--runs`` timed runs after ``--warmup`` runs, per batch size and thread
-count. For models with real weights it also measures the top-1 agreement of the vitq int8 ONNX model
-with vitq's simulation of the same configuration on eval968, and both models' top-1.
+count. The agreement of the vitq int8 ONNX model with vitq's simulation is measured by
+``benchmarks/onnx_agreement.py``.
 
     python benchmarks/latency.py --models deit_tiny deit_small efficientvit_b1
 """
@@ -22,11 +22,10 @@ import time
 from datetime import date
 from pathlib import Path
 
-import numpy as np
 import onnxruntime as ort
 import torch
 
-from vitq.data import load_tensors, make_dataset, make_loader
+from vitq.data import load_tensors, make_dataset
 from vitq.export.onnx import export_onnx
 from vitq.quant import QuantConfig
 from vitq.quant.engine import quantize
@@ -90,25 +89,6 @@ def main() -> int:
         rep = export_onnx(q, t.input_size, paths["vitq"])
         print(f"{short}: vitq int8 export runs {rep.n_integer}/{len(rep.layers)} layers as integers "
               f"{rep.integer_ops}", file=sys.stderr, flush=True)
-        if not loaded.random_init:
-            ds = make_dataset(images, t, assets / "eval968.txt")
-            s = _session(paths["vitq"], os.cpu_count() or 1)
-            agree = correct_onnx = correct_sim = n = 0
-            for b in make_loader(ds):
-                out = s.run(None, {"images": b.images.numpy()})[0].argmax(1)
-                with torch.inference_mode():
-                    sim = q(b.images).argmax(1).numpy()
-                labels = b.labels.numpy()
-                agree += int((out == sim).sum())
-                correct_onnx += int((out == labels).sum())
-                correct_sim += int((sim == labels).sum())
-                n += len(labels)
-            rows.append(dict(model=loaded.entry.timm_name, kind="agreement", n_images=n,
-                             agreement_with_sim=100 * agree / n, top1_onnx=100 * correct_onnx / n,
-                             top1_sim=100 * correct_sim / n))
-            print(f"{short}: vitq int8 ONNX vs simulation on eval968: agreement {100 * agree / n:.2f} %, "
-                  f"top-1 ONNX {100 * correct_onnx / n:.2f} / simulation {100 * correct_sim / n:.2f}",
-                  file=sys.stderr, flush=True)
         for batch in args.batches:
             x = torch.randn(batch, *t.input_size, generator=torch.Generator().manual_seed(0))
             xn = x.numpy()

@@ -17,7 +17,6 @@ import os
 import platform
 import sys
 import time
-from dataclasses import replace
 from datetime import date
 from pathlib import Path
 

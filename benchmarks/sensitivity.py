@@ -17,6 +17,7 @@ import torch
 
 from vitq.data import load_tensors, make_dataset
 from vitq.evaluate import kl_from_reference
+from vitq.methods.mptq import MethodOptions, run_pipeline
 from vitq.quant import QuantConfig, calibrate, prepare
 from vitq.quant.engine import all_quantizers
 from vitq.zoo import load_model
@@ -32,14 +33,20 @@ def main() -> int:
     ap.add_argument("--observer", default="minmax")
     ap.add_argument("--images", type=int, default=16)
     ap.add_argument("--by", choices=["role", "layer"], default="role")
+    ap.add_argument("--sq-b-unnormed", action="store_true", help="with --method mptq: SQ-b on proj/fc2 too")
+    ap.add_argument("--method", choices=["none", "mptq"], default="none",
+                    help="mptq: SQ-b + OPT-m before measuring (what is left after the methods)")
     args = ap.parse_args()
     assets = Path(args.assets)
     loaded = load_model(args.model)
     calib, _ = load_tensors(make_dataset(assets / "imagenet-sample", loaded.entry.transform, assets / "calib32.txt"))
     probe = calib[: args.images]
     cfg = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, protocol=args.protocol, observer=args.observer)
-    q = prepare(loaded.model, cfg)
-    calibrate(q, cfg, calib, progress=False)
+    if args.method == "mptq":
+        q = run_pipeline(loaded.model, calib, cfg, MethodOptions(sq_b=True, opt_m=True, sq_b_unnormed=args.sq_b_unnormed)).model
+    else:
+        q = prepare(loaded.model, cfg)
+        calibrate(q, cfg, calib, progress=False)
     with torch.inference_mode():
         ref = loaded.model(probe)
 
@@ -51,7 +58,7 @@ def main() -> int:
     for t in all_quantizers(q):
         key = t.layer if args.by == "layer" else (f"input.{t.layer.split('.')[-1]}" if t.role == "input" else t.role)
         groups.setdefault(key, []).append(t)
-    print(f"# {loaded.entry.timm_name} W{args.w_bits}A{args.a_bits} {args.protocol} {args.observer}: "
+    print(f"# {loaded.entry.timm_name} W{args.w_bits}A{args.a_bits} {args.protocol} {args.observer} method={args.method}: "
           f"KL on {len(probe)} calibration images, all quantized = {kl():.4f}")
     print("| left in float | KL |")
     print("|---|---|")

@@ -109,7 +109,7 @@ def test_mixed_precision_search_then_config_reuse_gives_same_bits_and_result(tmp
     again = tmp_path / "again"
     assert main(["quantize", *common, "--config", str(out / "mixed_config.json"), "--out", str(again)]) == 0
     r2 = json.loads((again / "report.json").read_text())
-    bits = lambda r: [(l["name"], l["bits"], l["scheme"]) for l in r["layers"]]  # noqa: E731
+    bits = lambda r: [(row["name"], row["bits"], row["scheme"]) for row in r["layers"]]  # noqa: E731
     assert bits(r2) == bits(report)
     assert r2["quantized"] == {**report["quantized"], "images_per_s": r2["quantized"]["images_per_s"]}
 

@@ -323,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SQ-b also on proj/fc2 as an explicit per-channel shift and scale (costs a per-channel "
                         "subtract and multiply at inference)")
     p.add_argument("--opt-m", action="store_true", help="two-region quantizer search for post-GELU/softmax")
-    p.add_argument("--m-max", type=int, default=4, help="largest OPT-m ratio exponent")
+    p.add_argument("--m-max", type=int, default=None,
+                   help="largest OPT-m ratio exponent (default: max(4, bits-1) per tensor)")
     p.add_argument("--mixed", action="store_true", help="Greedy MP mixed precision (needs a budget)")
     p.add_argument("--budget-w", type=float, help="target average weight bits")
     p.add_argument("--budget-a", type=float, help="target average activation bits")

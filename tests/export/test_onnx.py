@@ -1,7 +1,6 @@
 import numpy as np
 import onnx
 import onnxruntime as ort
-import pytest
 import torch
 
 from vitq.export.onnx import _module_path, export_onnx

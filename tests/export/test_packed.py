@@ -1,9 +1,11 @@
+import math
+
 import pytest
 import torch
 
 from vitq.artifact import ArtifactError
-from vitq.export.packed import (codes_per_byte, decode_weight, encode_weight, export_packed, load_packed,
-                                pack_bits, unpack_bits)
+from vitq.export.packed import (SMALL_NUMEL, codes_per_byte, decode_weight, encode_weight, export_packed, load_packed,
+                                merge_small, pack_bits, split_small, unpack_bits)
 from vitq.quant import QuantConfig
 from vitq.quant.config import LayerRule
 from vitq.quant.engine import quantize, weight_layers
@@ -72,12 +74,44 @@ def test_bad_files_are_rejected(tmp_path):
     with pytest.raises(ArtifactError, match="corrupted"):
         load_packed(cut)
     other = tmp_path / "other.safetensors"
-    other.write_bytes(data.replace(b"vitq-packed/1", b"vitq-packed/0"))
-    with pytest.raises(ArtifactError, match="format 'vitq-packed/0'"):
+    other.write_bytes(data.replace(b"vitq-packed/2", b"vitq-packed/1"))  # the older format is refused by name
+    with pytest.raises(ArtifactError, match="format 'vitq-packed/1'"):
         load_packed(other)
+    bad_meta = tmp_path / "bad_meta.safetensors"
+    bad_meta.write_bytes(data.replace(b'"meta_encoding":"zlib+base64"', b'"meta_encoding":"zlib+base32"'))
+    with pytest.raises(ArtifactError, match="metadata encoding 'zlib\\+base32'"):
+        load_packed(bad_meta)
     with pytest.raises(ArtifactError, match="not found"):
         load_packed(tmp_path / "none.safetensors")
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x00" * 64)
     with pytest.raises(ArtifactError, match="corrupted"):
         load_packed(junk)
+
+
+def test_small_tensors_share_one_tensor_per_dtype(tmp_path):
+    from safetensors import safe_open
+
+    q, _ = _model()
+    f = tmp_path / "m.safetensors"
+    export_packed(q, _meta("deit"), f)
+    with safe_open(str(f), "pt") as h:
+        keys = list(h.keys())
+        sizes = {k: h.get_slice(k).get_shape() for k in keys}
+    small = [k for k in keys if k.startswith("__small__.")]
+    assert small, keys
+    # Every other tensor is too large to have been merged (or is packed codes).
+    assert all(math.prod(s) > SMALL_NUMEL or k.endswith(".__packed__") for k, s in sizes.items() if k not in small)
+
+
+def test_merge_small_round_trip_and_size_check():
+    state = {"a.scale": torch.tensor([0.5]), "a.zp": torch.tensor([3], dtype=torch.int64),
+             "b.scale": torch.arange(4.0).reshape(2, 2), "big": torch.zeros(SMALL_NUMEL + 1)}
+    merged, index = merge_small(dict(state))
+    assert set(merged) == {"big", "__small__.float32", "__small__.int64"}
+    back = dict(merged)
+    split_small(back, index, "x")
+    assert set(back) == set(state) and all(torch.equal(back[k], state[k]) for k in state)
+    merged["__small__.float32"] = merged["__small__.float32"][:-1]
+    with pytest.raises(ArtifactError, match="__small__.float32"):
+        split_small(merged, index, "x")

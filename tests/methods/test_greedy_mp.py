@@ -39,7 +39,7 @@ def test_four_bit_budget_is_reachable():
     _, _, q, res = _search(Budget(4.0, 4.0))
     assert {r["w_bits"] for r in res.layers if r["w_bits"]} == {4}
     assert {r["a_bits"] for r in res.layers if r["a_bits"]} == {4}
-    assert res.steps > 0 and {l["w_bits"] for l in res.layers if l["w_bits"]} <= {4, 5, 6, 8}
+    assert res.steps > 0 and {row["w_bits"] for row in res.layers if row["w_bits"]} <= {4, 5, 6, 8}
 
 
 def test_size_budget():

@@ -1,6 +1,6 @@
 import torch
 
-from vitq.methods.optm import apply_optm, search_two_region, search_uniform_clip
+from vitq.methods.optm import CLIP_GRID, apply_optm, default_m_max, search_two_region, search_uniform_clip
 from vitq.quant import QuantConfig, quantize
 
 from conftest import tiny_images, tiny_model
@@ -40,3 +40,24 @@ def test_full_protocol_ptf_grids_are_left_alone():
     before = [t.scale.clone() for t in ptf]
     apply_optm(q, x, progress=False)
     assert ptf and all(torch.equal(t.scale, b) and t.scale.numel() > 1 for t, b in zip(ptf, before))
+
+
+def test_m_max_default_scales_with_bits_and_zero_keeps_every_tensor_uniform():
+    assert [default_m_max(b) for b in (2, 4, 5, 6, 8)] == [4, 4, 4, 5, 7]
+    assert 0.97 in CLIP_GRID and 1.0 in CLIP_GRID and min(CLIP_GRID) == 0.3  # fine steps near the max
+    model, size = tiny_model("deit")
+    x = tiny_images(size, n=8)
+    q = quantize(model, x, QuantConfig(w_bits=8, a_bits=8))
+    apply_optm(q, x, m_max=0, progress=False)  # clip search only: exportable as plain 8-bit QDQ
+    assert all(t.spec.scheme == "uniform" for t in q.modules() if hasattr(t, "spec") and hasattr(t, "role"))
+
+
+def test_wider_m_range_is_never_worse_at_8_bits():
+    torch.manual_seed(0)
+    h = torch.nn.functional.gelu(torch.randn(512, 64) * 2)
+    h[:, 3] *= 60  # one outlier channel, as in ViT-Tiny's post-GELU values
+    w = torch.randn(32, 64)
+    out_fn = lambda a: a @ w.T  # noqa: E731
+    err4 = search_two_region(h, 8, 4, True, out_fn)[3]
+    err7 = search_two_region(h, 8, default_m_max(8), True, out_fn)[3]
+    assert err7 <= err4

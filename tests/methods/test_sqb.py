@@ -61,7 +61,7 @@ def test_unnormed_layers_get_an_explicit_exact_operation_that_survives_prepare_a
     x = tiny_images(size, n=6)
     smoothed = copy.deepcopy(model)
     res = apply_sqb(smoothed, x, QuantConfig(w_bits=4, a_bits=4), progress=False, unnormed=True)
-    names = [l.name for l in res.layers]
+    names = [layer.name for layer in res.layers]
     assert "blocks.0.attn.proj" in names and "blocks.1.mlp.fc2" in names and len(names) == 4 * 2
     proj = smoothed.blocks[0].attn.proj
     assert hasattr(proj, "sqb_shift") and not torch.equal(proj.weight, model.blocks[0].attn.proj.weight)

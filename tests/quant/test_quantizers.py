@@ -168,6 +168,6 @@ def test_ptf_per_channel_power_of_two_factors_cover_each_channel():
     assert shift.min() >= 0 and shift.max() <= 7 and shift[2] == 7
     # every channel's range fits its own grid, so small channels keep a fine step
     assert ((hi - lo) <= scale * 255 + 1e-6).all() and scale[0] < scale[2] / 64
-    x = torch.stack([torch.linspace(l, h, 50) for l, h in zip(lo.tolist(), hi.tolist())], dim=1)
+    x = torch.stack([torch.linspace(a, b, 50) for a, b in zip(lo.tolist(), hi.tolist())], dim=1)
     out = Q.fake_quant_uniform(x, scale, zp, 0, 255, axis=1)
     assert ((out - x).abs() <= scale / 2 + 1e-5).all()

@@ -85,8 +85,8 @@ class ViTAdapter(Adapter):
         return stem, list(model.blocks), head
 
     def norm_linear_pairs(self, model: nn.Module) -> list[tuple[nn.Module, nn.Linear]]:
-        return [(p, l) for b in model.modules() if isinstance(b, Block)
-                for p, l in ((b.norm1, b.attn.qkv), (b.norm2, b.mlp.fc1))]
+        return [(p, layer) for b in model.modules() if isinstance(b, Block)
+                for p, layer in ((b.norm1, b.attn.qkv), (b.norm2, b.mlp.fc1))]
 
     def unnormed_linears(self, model: nn.Module) -> list[nn.Linear]:
         return [lin for b in model.modules() if isinstance(b, Block) for lin in (b.attn.proj, b.mlp.fc2)]

@@ -5,16 +5,24 @@ byte (``8 // bits`` codes per byte: two 4-bit or 3-bit codes, four 2-bit codes),
 byte each. Uniform codes are stored as ``code - qmin`` (unsigned); power-of-two codes as
 ``sign << (bits - 1) | exponent code``. Scales, zero points, every quantizer parameter and every
 unquantized tensor (biases, norms, embeddings) stay in fp32; the zero points (all 0) and clip ranges of
-symmetric weight grids are left out and re-derived from the scales on load. The safetensors metadata holds the format
-tag, the vitq version and the JSON description the folder artifact keeps in ``config.json``.
+symmetric weight grids are left out and re-derived from the scales on load. Tensors of at most
+``SMALL_NUMEL`` values (the per-tensor parameters of every activation quantizer, several hundred of them)
+are concatenated per dtype into one ``__small__.<dtype>`` tensor, because safetensors' per-tensor index
+entry (about 100 bytes of JSON each) would otherwise outweigh their data. The safetensors metadata holds
+the format tag, the vitq version and, under ``meta`` (``meta_encoding: zlib+base64``), the JSON
+description the folder artifact keeps in ``config.json`` plus the packed tensors' shapes and the names in
+each ``__small__`` tensor. Format 2 (these two size measures) replaced format 1 in vitq 0.1's development;
+format-1 files are refused with a message that says so.
 
 Loading decodes the codes with the same arithmetic the simulation uses, so the rebuilt model's outputs
 are bit-identical to the simulated model's (tested).
 """
 from __future__ import annotations
 
+import base64
 import json
 import math
+import zlib
 from pathlib import Path
 
 import torch
@@ -27,7 +35,50 @@ from ..quant import quantizers as Q
 from ..quant.engine import weight_layers
 from ..quant.layers import TensorQuantizer
 
-FORMAT = "vitq-packed/1"
+FORMAT = "vitq-packed/2"
+SMALL_NUMEL = 16  # tensors this small go into the shared __small__.<dtype> tensors
+META_ENCODING = "zlib+base64"
+
+
+def encode_meta(meta: dict) -> str:
+    """The JSON description, compressed (it repeats layer names hundreds of times)."""
+    raw = json.dumps(meta, separators=(",", ":"), sort_keys=True).encode()
+    return base64.b64encode(zlib.compress(raw, 9)).decode("ascii")
+
+
+def decode_meta(text: str) -> dict:
+    """Inverse of :func:`encode_meta`."""
+    return json.loads(zlib.decompress(base64.b64decode(text.encode("ascii"), validate=True)))
+
+
+def merge_small(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, list]]:
+    """Concatenate the tensors of at most ``SMALL_NUMEL`` values per dtype; returns the new state and index."""
+    out, index, parts = {}, {}, {}
+    for k in sorted(state):
+        v = state[k]
+        if v.numel() <= SMALL_NUMEL and not k.endswith(".__packed__"):
+            dt = str(v.dtype).removeprefix("torch.")
+            index.setdefault(dt, []).append([k, list(v.shape)])
+            parts.setdefault(dt, []).append(v.reshape(-1))
+        else:
+            out[k] = v
+    for dt, vs in parts.items():
+        out[f"__small__.{dt}"] = torch.cat(vs)
+    return out, index
+
+
+def split_small(state: dict[str, torch.Tensor], index: dict[str, list], path) -> None:
+    """Inverse of :func:`merge_small`, in place; a size mismatch is an :class:`ArtifactError`."""
+    for dt, entries in index.items():
+        flat = state.pop(f"__small__.{dt}", None)
+        need = sum(math.prod(shape) for _, shape in entries)
+        if flat is None or flat.numel() != need:
+            raise ArtifactError(f"{path}: the shared '__small__.{dt}' tensor is missing or has the wrong size")
+        at = 0
+        for name, shape in entries:
+            n = math.prod(shape)
+            state[name] = flat[at:at + n].reshape(shape).clone()
+            at += n
 
 
 def codes_per_byte(bits: int) -> int:
@@ -120,9 +171,11 @@ def export_packed(model: nn.Module, meta: dict, out: str | Path) -> dict:
                 state.pop(f"{m.layer_name}.w_quant.{buf}", None)
         state[f"{key}.__packed__"] = pack_bits(codes, m.w_quant.spec.bits)
         packed[key] = {"shape": list(m.weight.shape), "bits": m.w_quant.spec.bits, "scheme": m.w_quant.spec.scheme}
-    meta = {**meta, "format": FORMAT, "packed": packed}
+    state, small = merge_small(state)
+    meta = {**meta, "format": FORMAT, "packed": packed, "small": small}
     with atomic_path(out) as tmp:
-        save_file(state, str(tmp), metadata={"format": FORMAT, "vitq_version": __version__, "meta": json.dumps(meta)})
+        save_file(state, str(tmp), metadata={"format": FORMAT, "vitq_version": __version__,
+                                             "meta_encoding": META_ENCODING, "meta": encode_meta(meta)})
     fp32 = sum(p.numel() for p in model.parameters()) * 4
     size = Path(out).stat().st_size
     return {"file_bytes": size, "fp32_bytes": fp32, "ratio": fp32 / size, "packed_tensors": len(packed)}
@@ -163,11 +216,14 @@ def load_packed(path: str | Path) -> tuple[nn.Module, dict]:
                 raise ArtifactError(f"{path} has format {header.get('format')!r} (vitq {header.get('vitq_version')}); "
                                     f"this vitq {__version__} reads {FORMAT!r}")
             state = {k: f.get_tensor(k) for k in f.keys()}
-        meta = json.loads(header["meta"])
+        if header.get("meta_encoding") != META_ENCODING:
+            raise ArtifactError(f"{path}: unknown metadata encoding {header.get('meta_encoding')!r}")
+        meta = decode_meta(header["meta"])
     except ArtifactError:
         raise
-    except (SafetensorError, OSError, ValueError, KeyError) as exc:
+    except (SafetensorError, OSError, ValueError, KeyError, zlib.error) as exc:
         raise ArtifactError(f"{path} is corrupted or not a vitq packed artifact: {exc}") from exc
+    split_small(state, meta.get("small", {}), path)
     packed = meta.get("packed", {})
     weights = {k[: -len(".__packed__")]: state.pop(k) for k in list(state) if k.endswith(".__packed__")}
     if set(weights) != set(packed):

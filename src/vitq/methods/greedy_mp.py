@@ -365,7 +365,7 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
     rules = [LayerRule(layer, w_bits=w_bits.get(layer), a_bits=a_bits.get(layer)) for layer in layers]
     result.config = replace(base, rules=rules)
     model.vitq_config = result.config
-    result.layers = [{"layer": l, "w_bits": w_bits.get(l), "a_bits": a_bits.get(l)} for l in layers]
+    result.layers = [{"layer": row, "w_bits": w_bits.get(row), "a_bits": a_bits.get(row)} for row in layers]
     result.probes = prober.count
     result.kl_final = current
     result.search_s = time.perf_counter() - t0
@@ -389,11 +389,11 @@ def plot_bits(layers: list[dict], path, title: str = "") -> None:
 
     from ..io import atomic_path
 
-    names = [l["layer"] for l in layers]
+    names = [row["layer"] for row in layers]
     x = range(len(names))
     fig, ax = plt.subplots(figsize=(max(8, len(names) * 0.18), 4))
-    ax.bar([i - 0.2 for i in x], [l["w_bits"] or 0 for l in layers], width=0.4, label="W bits")
-    ax.bar([i + 0.2 for i in x], [l["a_bits"] or 0 for l in layers], width=0.4, label="A bits")
+    ax.bar([i - 0.2 for i in x], [row["w_bits"] or 0 for row in layers], width=0.4, label="W bits")
+    ax.bar([i + 0.2 for i in x], [row["a_bits"] or 0 for row in layers], width=0.4, label="A bits")
     ax.set_xticks(list(x))
     ax.set_xticklabels(names, rotation=90, fontsize=5)
     ax.set_ylabel("bits")

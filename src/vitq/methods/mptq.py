@@ -20,7 +20,7 @@ class MethodOptions:
 
     sq_b: bool = False
     opt_m: bool = False
-    m_max: int = 4
+    m_max: int | None = None  # None: max(4, bits - 1) per tensor (optm.default_m_max)
     sq_b_unnormed: bool = False  # SQ-b also on proj/fc2, as an explicit per-channel operation
 
 

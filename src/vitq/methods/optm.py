@@ -25,7 +25,9 @@ from ..quant import quantizers as Q
 from ..quant.engine import all_quantizers
 from ..quant.layers import QuantLinear, QuantMatMul
 
-CLIP_GRID = tuple(round(0.3 + 0.05 * i, 2) for i in range(15))  # 0.30 .. 1.00
+# Clip ratios 0.30 .. 0.90 in steps of 0.05, then 0.90 .. 1.00 in steps of 0.01: at 8 bits the rounding
+# error is small, so the best clip lies close to the max and a 0.05 step is too coarse there.
+CLIP_GRID = tuple(round(0.3 + 0.05 * i, 2) for i in range(12)) + tuple(round(0.9 + 0.01 * i, 2) for i in range(11))
 DELTA_GRID = tuple(round(0.4 + 0.1 * i, 1) for i in range(7))  # coarse step as a fraction of max/(n-1)
 BOUNDARY_GRID = (0.25, 0.5, 1.0)  # boundary as a fraction of the fine region's reach
 
@@ -134,14 +136,26 @@ def search_two_region(x: torch.Tensor, bits: int, m_max: int, signed_fine: bool,
     return best
 
 
-def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int = 4, max_rows: int = 4096,
+def default_m_max(bits: int) -> int:
+    """Largest ratio exponent searched at ``bits`` when none is given: ``max(4, bits - 1)``.
+
+    With ``b - 1`` code bits per region, ``m = b - 1`` puts the fine region's reach at about one coarse
+    step; at 8 bits the best ``m`` is often 5 to 7 (ViT-Tiny's post-GELU values reach 215), so a fixed
+    limit of 4 would leave error on the table there.
+    """
+    return max(4, bits - 1)
+
+
+def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int | None = None, max_rows: int = 4096,
                n_images: int = 8, progress: bool = True) -> OptMResult:
     """Run OPT-m on a calibrated model (in place).
 
     Args:
         model: a prepared and calibrated model.
         calib: calibration images (the first ``n_images`` are used for the search).
-        m_max: largest ratio exponent tried for the two-region tensors.
+        m_max: largest ratio exponent tried for the two-region tensors; ``None`` means
+            :func:`default_m_max` of each tensor's bit-width; ``0`` keeps every tensor uniform (only the
+            clip search runs), which is what an integer runtime without two-region kernels can execute.
 
     Returns:
         Per two-region tensor, the chosen ``m`` and the errors with ``m = 0`` and overall.
@@ -158,8 +172,9 @@ def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int = 4, max_rows: 
             continue  # the 8-bit image input keeps its min-max range
         lo, hi, err0 = search_uniform_clip(x, q.spec.bits, out_fn)
         q.set_range(torch.tensor(lo), torch.tensor(hi))
-        if id(q) in targets:
-            delta, m, boundary, err = search_two_region(x, q.spec.bits, m_max, targets[id(q)], out_fn)
+        top_m = default_m_max(q.spec.bits) if m_max is None else m_max
+        if id(q) in targets and top_m > 0:
+            delta, m, boundary, err = search_two_region(x, q.spec.bits, top_m, targets[id(q)], out_fn)
             if err < err0:
                 q.set_two_region(delta, m, boundary, targets[id(q)])
                 result.choices.append(OptMChoice(q.name, "two_region", m, err0, err))

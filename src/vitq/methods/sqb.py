@@ -43,7 +43,7 @@ class SQBResult:
     layers: list[SQBLayer] = field(default_factory=list)
 
     def to_dict(self) -> list[dict]:
-        return [vars(l) for l in self.layers]
+        return [vars(layer) for layer in self.layers]
 
 
 def _collect_inputs(model: nn.Module, linears: list[nn.Linear], calib: torch.Tensor, max_rows: int) -> list[torch.Tensor]:
