@@ -74,12 +74,15 @@ def main() -> int:
                 b = v["budget"]
                 cfg = QuantConfig(w_bits=4, a_bits=4, protocol=v["protocol"], observer="mse")
                 try:
-                    q, _ = greedy_mp(loaded.model, calib, cfg, MethodOptions(sq_b=True, opt_m=True), Budget(b, b),
-                                     progress=False)
+                    q, found = greedy_mp(loaded.model, calib, cfg, MethodOptions(sq_b=True, opt_m=True),
+                                         Budget(b, b), progress=False)
                 except ConfigError as exc:  # report and go on: the other variants are still worth measuring
                     print(f"skipped {short} {spec}: {exc}", file=sys.stderr, flush=True)
                     continue
                 label = f"Greedy MP {b:g}-bit (SQ-b, OPT-m)"
+                if found.uniform_fallback is not None:  # say so: the row is then a uniform model
+                    label += (f", uniform {found.uniform_fallback}-bit won (probe KL {found.kl_final:.4f} "
+                              f"vs greedy {found.kl_greedy:.4f})")
             key = f"{v['protocol']} {label}"
             built[key] = q
             meta[key] = dict(protocol=v["protocol"], variant=label, time_s=time.perf_counter() - t0)

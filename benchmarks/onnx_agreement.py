@@ -11,8 +11,10 @@ simulation agrees with itself under such a perturbation: a single activation tha
 side of a rounding boundary changes downstream values by a whole quantization step, which moves other
 values across their boundaries, and so on through the network.
 
-Configurations: ``minmax`` (plain engine), ``sqb-clip`` (SQ-b folded + OPT-m's output-error clip search,
-no two-region grids, MSE weight observer; everything stays exportable as QDQ).
+Configurations: ``minmax`` (plain engine W8A8), ``sqb-clip`` (W8A8, SQ-b folded + OPT-m's output-error
+clip search, no two-region grids, MSE weight observer; everything stays exportable as QDQ), and
+``sqb-clip-w7`` (the same with 7-bit weights, ONNX Runtime's ``reduce_range`` advice for CPUs without
+VNNI, whose uint8 x int8 kernels add pairs of products in saturating 16-bit arithmetic).
 
     python benchmarks/onnx_agreement.py --models deit_tiny
 """
@@ -37,14 +39,14 @@ from vitq.quant import QuantConfig
 from vitq.quant.engine import quantize
 from vitq.zoo import load_model
 
-CONFIGS = ("minmax", "sqb-clip")
+CONFIGS = ("minmax", "sqb-clip", "sqb-clip-w7")
 
 
 def build(name: str, fp: torch.nn.Module, calib: torch.Tensor) -> torch.nn.Module:
     if name == "minmax":
         return quantize(fp, calib, QuantConfig(w_bits=8, a_bits=8, observer="minmax"))
-    if name == "sqb-clip":  # m_max=0: OPT-m's clip search only, so every tensor stays uniform 8-bit
-        cfg = QuantConfig(w_bits=8, a_bits=8, observer="mse")
+    if name in ("sqb-clip", "sqb-clip-w7"):  # m_max=0: OPT-m's clip search only, every tensor stays uniform
+        cfg = QuantConfig(w_bits=7 if name.endswith("w7") else 8, a_bits=8, observer="mse")
         return run_pipeline(fp, calib, cfg, MethodOptions(sq_b=True, opt_m=True, m_max=0)).model
     raise ValueError(f"unknown configuration {name!r}; choose from {CONFIGS}")
 

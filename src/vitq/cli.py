@@ -170,10 +170,15 @@ def _cmd_quantize(args) -> int:
         qmodel, search = greedy_mp(loaded.model, calib_images, config, options, budget,
                                    _bits_list(args.w_candidates or "4,5,6,8"), _bits_list(args.a_candidates or "4,5,6,8"),
                                    n_probe=args.probe_images, remeasure_every=args.remeasure_every,
-                                   lower_per_step=args.lower_per_step)
+                                   lower_per_step=args.lower_per_step, uniform_fallback=not args.no_uniform_fallback)
         config = search.config
         extra["mixed"] = {"budget": vars(budget), "search_s": search.search_s, "steps": search.steps,
-                          "probes": search.probes, "kl_calib": search.kl_final, "layers": search.layers}
+                          "probes": search.probes, "kl_calib": search.kl_final,
+                          "uniform_fallback": search.uniform_fallback, "layers": search.layers}
+        if search.uniform_fallback is not None:
+            print(f"Greedy MP: uniform {search.uniform_fallback}-bit has a lower calibration KL than the greedy "
+                  f"assignment and meets the budget; using it (--no-uniform-fallback to keep the greedy one)",
+                  flush=True)
     else:
         res = run_pipeline(loaded.model, calib_images, config, options, progress=True)
         qmodel = res.model
@@ -339,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--w-candidates", help="candidate weight bits (default 4,5,6,8; m2q 4,8)")
     p.add_argument("--a-candidates", help="candidate activation bits (default 4,5,6,8; m2q 8)")
     p.add_argument("--remeasure-every", type=int, default=0, help="re-measure all sensitivities every k steps")
+    p.add_argument("--no-uniform-fallback", action="store_true",
+                   help="return the greedy assignment even when a uniform width meeting the budget scores better")
     p.add_argument("--out", required=True, help="output folder: report.json, model.safetensors, config.json")
     p.add_argument("--quiet", action="store_true", help="do not print the per-tensor table")
     _add_data_opts(p)

@@ -43,11 +43,28 @@ def test_w8a8_export_is_valid_runs_integer_kernels_and_matches_the_simulation(tm
 def test_non_8bit_layers_stay_float_and_say_why(tmp_path):
     model, size = tiny_model("deit")
     x = tiny_images(size, 4)
-    q = quantize(model, x, QuantConfig(w_bits=8, a_bits=8, rules=[LayerRule("blocks.0.mlp.fc1", w_bits=4)]))
+    q = quantize(model, x, QuantConfig(w_bits=8, a_bits=8, rules=[LayerRule("blocks.0.mlp.fc1", a_bits=6)]))
     rep = export_onnx(q, (3, size, size), tmp_path / "m.onnx")
     fc1 = next(r for r in rep.layers if r["layer"] == "blocks.0.mlp.fc1")
-    assert not fc1["integer"] and "weight 4-bit" in fc1["reason"]
+    assert not fc1["integer"] and "input 6-bit" in fc1["reason"]
     assert _run(tmp_path / "m.onnx", x).shape == (4, 1000)
+
+
+def test_narrow_per_channel_weights_ride_in_int8_qdq(tmp_path):
+    # A symmetric 4-bit (or 7-bit) per-channel grid is a subset of int8: the QDQ pair holds it exactly,
+    # so W4A8 / W7A8 layers run on the same integer kernels as W8A8 ones.
+    model, size = tiny_model("deit")
+    x = tiny_images(size, 4)
+    q = quantize(model, x, QuantConfig(w_bits=8, a_bits=8, rules=[LayerRule("blocks.0.mlp.fc1", w_bits=4),
+                                                                    LayerRule("blocks.1.mlp.fc1", w_bits=7)]))
+    rep = export_onnx(q, (3, size, size), tmp_path / "m.onnx")
+    for name in ("blocks.0.mlp.fc1", "blocks.1.mlp.fc1"):
+        row = next(r for r in rep.layers if r["layer"] == name)
+        assert row["qdq"] and row["integer"], row
+    with torch.inference_mode():
+        ref = q(x).numpy()
+    out = _run(tmp_path / "m.onnx", x)
+    assert np.corrcoef(out.ravel(), ref.ravel())[0, 1] > 0.99
 
 
 def test_hybrid_model_exports(tmp_path):

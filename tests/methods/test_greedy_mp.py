@@ -93,3 +93,23 @@ def test_lower_per_step(per_step):
     assert all(1 <= len(h["items"]) <= per_step for h in res.history)
     if per_step > 1:
         assert any(len(h["items"]) > 1 for h in res.history)
+
+
+def test_uniform_fallback_is_never_worse_on_the_probe_kl():
+    _, x, q_off, off = _search(Budget(6.0, 6.0), uniform_fallback=False)
+    _, _, q_on, on = _search(Budget(6.0, 6.0))
+    assert off.uniform_fallback is None
+    assert on.kl_final <= off.kl_final + 1e-12
+    if on.uniform_fallback is not None:  # then every searched tensor sits at that one width
+        assert on.kl_final < off.kl_final
+        assert {r["w_bits"] for r in on.layers if r["w_bits"]} == {on.uniform_fallback}
+        assert {r["a_bits"] for r in on.layers if r["a_bits"]} == {on.uniform_fallback}
+    else:
+        assert on.layers == off.layers
+    # the reported KL is the returned model's
+    from vitq.evaluate import kl_from_reference
+    model, _ = tiny_model("deit")
+    with torch.inference_mode():
+        kl = kl_from_reference(model(x[:8]), q_on(x[:8])).mean().item()
+    assert abs(kl - on.kl_final) < 1e-5
+

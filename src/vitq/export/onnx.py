@@ -3,7 +3,8 @@
 What becomes what:
 
 * A Linear whose input quantizer is uniform 8-bit per tensor and whose weight quantizer is uniform
-  8-bit (per channel or per tensor, symmetric) is written as ``QuantizeLinear/DequantizeLinear`` pairs
+  symmetric with at most 8 bits (per channel or per tensor; a narrower grid such as 4 or 7 bits is a
+  subset of int8, so the pair holds it exactly) is written as ``QuantizeLinear/DequantizeLinear`` pairs
   carrying vitq's own scales and zero points, around ``MatMul`` with the weight stored transposed
   (``x @ W^T``): ONNX Runtime's QDQ optimizer then fuses it into ``MatMulIntegerToFloat`` (int8 x uint8
   products, int32 accumulation), without re-calibrating anything.
@@ -49,9 +50,13 @@ def qdq_activation(q: TensorQuantizer) -> bool:
 
 
 def qdq_weight(q: TensorQuantizer) -> bool:
-    """Whether a weight quantizer can be written as an int8 QDQ pair (per channel or per tensor)."""
+    """Whether a weight quantizer can be written as an int8 QDQ pair (per channel or per tensor).
+
+    Any symmetric uniform grid of at most 8 bits fits: its codes lie in [-127, 127]. 7-bit weights are
+    what ONNX Runtime itself recommends (``reduce_range``) on x86 CPUs without VNNI, where the uint8 x int8
+    kernels add pairs of products in saturating 16-bit arithmetic (docs/results.md, ONNX agreement)."""
     s = q.spec
-    return (q.mode == "quant" and s.scheme == "uniform" and s.bits == 8 and s.symmetric
+    return (q.mode == "quant" and s.scheme == "uniform" and s.bits <= 8 and s.symmetric
             and s.granularity in ("per_channel", "per_tensor") and bool((q.zero_point == 0).all()))
 
 

@@ -67,6 +67,8 @@ class GreedyResult:
     history: list[dict] = field(default_factory=list)
     # cost value -> the assignment {layer: {"W": bits, "A": bits}} when the cost first fell to it or below
     snapshots: dict[float, dict] = field(default_factory=dict)
+    uniform_fallback: int | None = None  # the single width returned instead of the greedy result
+    kl_greedy: float = 0.0  # probe KL of the greedy assignment (equals kl_final unless the fallback won)
 
 
 @dataclass
@@ -147,7 +149,8 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
               remeasure_every: int = 0, lower_per_step: int = 4, progress: bool = True,
               bank_config: Callable[[int], QuantConfig] | None = None,
               cost: Callable[[dict[str, dict[str, int]]], float] | None = None,
-              snapshots: tuple[float, ...] = (), best_effort: bool = False) -> tuple[nn.Module, GreedyResult]:
+              snapshots: tuple[float, ...] = (), best_effort: bool = False,
+              uniform_fallback: bool = True) -> tuple[nn.Module, GreedyResult]:
     """Search per-layer W/A bit-widths under ``budget``; returns the mixed model and the search result.
 
     Args:
@@ -170,6 +173,9 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
             the same states as the search for a larger one until that one is met, so a single search
             records the assignment each larger budget would have returned (accuracy-vs-cost curves).
         best_effort: stop at the cheapest reachable state instead of raising when the budget cannot be met.
+        uniform_fallback: after the greedy loop, also score every single candidate width (all W and A
+            items at ``b``) that meets the budget on the same probe KL, and return it when it is lower.
+            ``GreedyResult.uniform_fallback`` then holds ``b`` (else None).
 
     Raises:
         ConfigError: bad candidates or an unreachable budget.
@@ -358,6 +364,29 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
                 measure(i)
         bar.update(1)
     bar.close()
+
+    result.kl_greedy = current
+    if uniform_fallback:
+        # Every single-width assignment that meets the budget is also in the search space. Greedy
+        # lowering ranks items by one-step sensitivities measured around the current state, which add
+        # up poorly when many tensors move (docs/methods.md); so compare the result with those uniform
+        # assignments on the same probe KL and keep the best. The greedy result wins ties.
+        greedy_levels = [i.level for i in items]
+        chosen = (current, greedy_levels, None)
+        for b in sorted(set(w_c) & set(a_c)):
+            for i in items:
+                set_level(i, i.choices.index(b))
+            now = current_cost()
+            if need("W", now) or need("A", now):
+                continue
+            prober.refresh()
+            kl_b = prober.kl()
+            if kl_b < chosen[0]:
+                chosen = (kl_b, [i.level for i in items], b)
+        for i, level in zip(items, chosen[1]):
+            set_level(i, level)
+        prober.refresh()
+        current, result.uniform_fallback = chosen[0], chosen[2]
 
     w_bits = {i.layer: i.bits for i in items if i.kind == "W"}
     a_bits = {i.layer: i.bits for i in items if i.kind == "A"}

@@ -184,7 +184,8 @@ def m2q(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, hw: Hardwar
     model, res = greedy_mp(fp_model, calib, base, MethodOptions(), Budget(cost=limit), w_c, a_candidates,
                            n_probe=n_probe, lower_per_step=lower_per_step, progress=progress,
                            bank_config=bank_config, cost=cost,
-                           snapshots=tuple(f * baseline.metric(metric) for f in curve), best_effort=best_effort)
+                           snapshots=tuple(f * baseline.metric(metric) for f in curve), best_effort=best_effort,
+                           uniform_fallback=False)  # keep the final point on the same search path as the curve
 
     def config_of(assign: dict[str, dict[str, int]]) -> QuantConfig:
         # bits from Greedy MP plus each layer's scheme at its bits
