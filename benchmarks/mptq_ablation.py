@@ -72,7 +72,10 @@ def main() -> int:
                 label = f"W{v['bits']}A{v['bits']} {v['method']}"
             else:
                 b = v["budget"]
-                cfg = QuantConfig(w_bits=4, a_bits=4, protocol=v["protocol"], observer="mse")
+                # The base bits are where SQ-b searches alpha (once, for every bank): the budget's own width,
+                # so that the greedy rows and the uniform rows at that width share the same smoothing.
+                base = max(2, min(8, round(b)))
+                cfg = QuantConfig(w_bits=base, a_bits=base, protocol=v["protocol"], observer="mse")
                 try:
                     q, found = greedy_mp(loaded.model, calib, cfg, MethodOptions(sq_b=True, opt_m=True),
                                          Budget(b, b), progress=False)
