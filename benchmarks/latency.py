@@ -29,7 +29,8 @@ from vitq.data import load_tensors, make_dataset
 from vitq.export.onnx import export_onnx
 from vitq.quant import QuantConfig
 from vitq.quant.engine import quantize
-from vitq.zoo import ZooError, load_model
+
+from _models import load_or_random_init
 
 
 def _session(path: str, threads: int) -> ort.InferenceSession:
@@ -72,10 +73,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|")
     work = Path(tempfile.mkdtemp(prefix="vitq-latency-"))
     for short in args.models:
-        try:
-            loaded = load_model(short)
-        except ZooError:
-            loaded = load_model(short, random_init=True)
+        loaded = load_or_random_init(short)
         t = loaded.entry.transform
         calib, _ = load_tensors(make_dataset(images, t, assets / "calib32.txt"))
         fp = loaded.model.eval()

@@ -28,7 +28,8 @@ from vitq.hardware import estimate, extract_workloads, int8_baseline, load_hardw
 from vitq.methods.m2q import fixed_scheme_config, m2q
 from vitq.methods.mptq import MethodOptions, run_pipeline
 from vitq.quant import QuantConfig, model_stats
-from vitq.zoo import ZooError, load_model
+
+from _models import load_or_random_init
 
 BUDGETS = (0.7, 0.55, 0.45, 0.4)
 
@@ -54,10 +55,7 @@ def main() -> int:
           "| top-1 | drop | agreement % | search s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for short in args.models:
-        try:
-            loaded = load_model(short)
-        except ZooError:
-            loaded = load_model(short, random_init=True)
+        loaded = load_or_random_init(short)
         entry, size = loaded.entry, loaded.entry.transform.input_size
         calib, _ = load_tensors(make_dataset(images, entry.transform, assets / "calib32.txt"))
         base = QuantConfig(w_bits=8, a_bits=8, observer="mse")

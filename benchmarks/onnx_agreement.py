@@ -33,6 +33,7 @@ import onnxruntime as ort
 import torch
 
 from vitq.data import load_tensors, make_dataset
+from vitq.io import atomic_write_text
 from vitq.export.onnx import export_onnx
 from vitq.methods.mptq import MethodOptions, run_pipeline
 from vitq.quant import QuantConfig
@@ -107,10 +108,7 @@ def main() -> int:
                   f"| {row['top1_sim']:.2f} | {row['top1_onnx']:.2f} | {row['sim_fp']:.2f} | {row['onnx_fp']:.2f} "
                   f"| {row['onnx_sim']:.2f} | {row['dlogit_onnx_sim']:.4f} | {row['ceiling']:.2f} |", flush=True)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(args.out).with_suffix(".tmp")
-        tmp.write_text(json.dumps(rows, indent=2))
-        tmp.replace(args.out)
+        atomic_write_text(args.out, json.dumps(rows, indent=2))
     return 0
 
 

@@ -26,10 +26,12 @@ import torch
 from safetensors import safe_open
 
 from vitq.data import load_tensors, make_dataset
+from vitq.io import atomic_write_text
 from vitq.export.packed import export_packed, load_packed
 from vitq.quant import QuantConfig
 from vitq.quant.engine import quantize
-from vitq.zoo import ZooError, load_model
+
+from _models import load_or_random_init
 
 
 def breakdown(path: Path) -> dict[str, int]:
@@ -64,10 +66,7 @@ def main() -> int:
           "| other float MB | header MB | reload == sim |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for short in args.models:
-        try:
-            loaded = load_model(short)
-        except ZooError:  # no local checkpoint: random weights, said in the row
-            loaded = load_model(short, random_init=True)
+        loaded = load_or_random_init(short)
         calib, _ = load_tensors(make_dataset(assets / "imagenet-sample", loaded.entry.transform,
                                              assets / "calib32.txt"))
         for bits in args.bits:
@@ -92,10 +91,7 @@ def main() -> int:
                   f"| {parts['other float'] / mb:.3f} | {parts['header'] / mb:.3f} | {'yes' if same else 'NO'} |",
                   flush=True)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(args.out).with_suffix(".tmp")
-        tmp.write_text(json.dumps(rows, indent=2))
-        tmp.replace(args.out)
+        atomic_write_text(args.out, json.dumps(rows, indent=2))
     return 0 if all(r["reload_equal"] for r in rows) else 1
 
 

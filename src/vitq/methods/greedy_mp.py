@@ -379,13 +379,12 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
             now = current_cost()
             if need("W", now) or need("A", now):
                 continue
-            prober.refresh()
-            kl_b = prober.kl()
+            prober.refresh()  # runs the blocks once and caches their output ...
+            kl_b = prober.kl(n_blocks)  # ... so only the head runs again here
             if kl_b < chosen[0]:
                 chosen = (kl_b, [i.level for i in items], b)
         for i, level in zip(items, chosen[1]):
             set_level(i, level)
-        prober.refresh()
         current, result.uniform_fallback = chosen[0], chosen[2]
 
     w_bits = {i.layer: i.bits for i in items if i.kind == "W"}
