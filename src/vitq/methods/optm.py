@@ -140,8 +140,8 @@ def default_m_max(bits: int) -> int:
     """Largest ratio exponent searched at ``bits`` when none is given: ``max(4, bits - 1)``.
 
     With ``b - 1`` code bits per region, ``m = b - 1`` puts the fine region's reach at about one coarse
-    step; at 8 bits the best ``m`` is often 5 to 7 (ViT-Tiny's post-GELU values reach 215), so a fixed
-    limit of 4 would leave error on the table there.
+    step. A fixed limit of 4 cost accuracy at 6 and 8 bits: ViT-Tiny W6A6/W8A8 with SQ-b + OPT-m gained
+    when the limit was raised (docs/results.md, MPTQ-ViT ablation).
     """
     return max(4, bits - 1)
 
