@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from vitq.cli import main
 
@@ -152,3 +153,31 @@ def test_m2q_quantize_writes_report_plot_and_config(tmp_path, images, capsys):
     two = [a for a in args if a != "--quiet"] + ["--budget-energy", "0.5"]
     assert main(two) == 2
     assert "only one of" in capsys.readouterr().err
+
+
+def test_gptq_weights_are_saved_on_the_grid_and_reload(tmp_path, images, capsys):
+    from vitq.artifact import load_artifact
+    from vitq.quant.engine import weight_layers
+
+    out = tmp_path / "g"
+    common = ["quantize", "deit_tiny", "--random-init", "--calib", str(images), "--calib-size", "6",
+              "--eval", str(images), "--w-bits", "4", "--a-bits", "8", "--workers", "0", "--quiet"]
+    assert main([*common, "--gptq", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    done = {row["name"] for row in report["gptq"]["layers"]}  # 6 x 197 tokens: enough rows for qkv/proj/fc1
+    assert report["methods"]["gptq"] and "blocks.0.attn.qkv" in done and "head" in report["gptq"]["skipped"]
+    model, _ = load_artifact(out)
+    original = dict(load_model_fp().named_parameters())
+    for m in weight_layers(model):
+        w = m.weight.detach()
+        if m.layer_name in done:  # re-rounded weights lie on the grid and differ from the float ones
+            assert torch.allclose(m.w_quant.fake_quant(w), w, atol=1e-6) and not torch.equal(w, original[m.layer_name + ".weight"])
+    capsys.readouterr()
+    assert main([*common, "--method", "mptq", "--no-gptq", "--gptq", "--out", str(tmp_path / "x")]) == 2
+    assert "--no-gptq" in capsys.readouterr().err
+
+
+def load_model_fp():
+    from vitq.zoo import load_model
+
+    return load_model("deit_tiny", random_init=True).model

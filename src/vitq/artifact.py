@@ -129,6 +129,11 @@ def rebuild(meta: dict, state: dict[str, torch.Tensor], cfg_path, st_path) -> tu
     from .methods.sqb import restore_channel_affines
 
     restore_channel_affines(model, state)  # SQ-b's explicit per-channel operations (--sq-b-unnormed)
+    modules = dict(model.named_modules())
+    for key in state:  # SQ-b and GPTQ give bias-free Linears (Swin's patch merging) a bias
+        owner = modules.get(key.rsplit(".", 1)[0]) if key.endswith(".bias") else None
+        if isinstance(owner, (nn.Linear, nn.Conv2d)) and owner.bias is None:
+            owner.bias = nn.Parameter(torch.zeros_like(state[key]))
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatch

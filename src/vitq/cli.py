@@ -132,7 +132,12 @@ def _cmd_quantize(args) -> int:
           + (" RANDOM-INIT" if loaded.random_init else ""), flush=True)
 
     options = MethodOptions(sq_b=args.sq_b or args.method == "mptq", opt_m=args.opt_m or args.method == "mptq",
-                            m_max=args.m_max, sq_b_unnormed=args.sq_b_unnormed)
+                            m_max=args.m_max, sq_b_unnormed=args.sq_b_unnormed,
+                            gptq=(args.gptq or args.method == "mptq") and not args.no_gptq)
+    if args.gptq and args.no_gptq:
+        raise ConfigError("give only one of --gptq and --no-gptq")
+    if args.method == "m2q" and (args.gptq or args.sq_b or args.opt_m):
+        raise ConfigError("--method m2q does not take --gptq, --sq-b or --opt-m")
     if args.sq_b_unnormed and not options.sq_b:
         raise ConfigError("--sq-b-unnormed extends SQ-b: give it with --sq-b or --method mptq")
     cost_budget = [(k, v) for k, v in (("edp", args.budget_edp), ("energy", args.budget_energy),
@@ -148,7 +153,8 @@ def _cmd_quantize(args) -> int:
     if args.mixed or (args.method == "mptq" and any(
             v is not None for v in (args.budget_w, args.budget_a, args.budget_mb, args.budget_gbops))):
         budget = Budget(args.budget_w, args.budget_a, args.budget_mb, args.budget_gbops)
-    print(f"methods: sq_b={options.sq_b} opt_m={options.opt_m} mixed={budget is not None}", flush=True)
+    print(f"methods: sq_b={options.sq_b} opt_m={options.opt_m} gptq={options.gptq} mixed={budget is not None}",
+          flush=True)
 
     t0 = time.perf_counter()
     calib_images, _ = load_tensors(calib_ds, args.batch_size, args.workers)
@@ -175,6 +181,8 @@ def _cmd_quantize(args) -> int:
         extra["mixed"] = {"budget": vars(budget), "search_s": search.search_s, "steps": search.steps,
                           "probes": search.probes, "kl_calib": search.kl_final,
                           "uniform_fallback": search.uniform_fallback, "layers": search.layers}
+        if search.gptq is not None:
+            extra["gptq"] = search.gptq
         if search.uniform_fallback is not None:
             print(f"Greedy MP: uniform {search.uniform_fallback}-bit has a lower calibration KL than the greedy "
                   f"assignment and meets the budget; using it (--no-uniform-fallback to keep the greedy one)",
@@ -182,7 +190,7 @@ def _cmd_quantize(args) -> int:
     else:
         res = run_pipeline(loaded.model, calib_images, config, options, progress=True)
         qmodel = res.model
-        extra.update({k: v for k, v in (("sqb", res.sqb), ("optm", res.optm)) if v is not None})
+        extra.update({k: v for k, v in (("sqb", res.sqb), ("optm", res.optm), ("gptq", res.gptq)) if v is not None})
         extra["method_timing"] = res.timing
     qmodel.vitq_calib_images = len(calib_images)
     calibrate_s = time.perf_counter() - t0
@@ -321,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="QuantConfig JSON (per-layer rules); explicit options override it")
     p.add_argument("--seed", type=int)
     p.add_argument("--method", choices=["mptq", "m2q"],
-                   help="mptq = --sq-b --opt-m, plus Greedy MP when a budget is given; "
+                   help="mptq = --sq-b --opt-m --gptq, plus Greedy MP when a budget is given; "
                         "m2q = M2-ViT's scheme (uniform/PoT) and precision search under a cost budget")
     p.add_argument("--sq-b", action="store_true", help="SmoothQuant with bias shift, folded into LayerNorm")
     p.add_argument("--sq-b-unnormed", action="store_true",
@@ -330,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opt-m", action="store_true", help="two-region quantizer search for post-GELU/softmax")
     p.add_argument("--m-max", type=int, default=None,
                    help="largest OPT-m ratio exponent (default: max(4, bits-1) per tensor)")
+    p.add_argument("--gptq", action="store_true",
+                   help="GPTQ weight rounding after calibration (vitq's addition to MPTQ-ViT; on with --method mptq)")
+    p.add_argument("--no-gptq", action="store_true", help="--method mptq without GPTQ (the paper's methods only)")
     p.add_argument("--mixed", action="store_true", help="Greedy MP mixed precision (needs a budget)")
     p.add_argument("--budget-w", type=float, help="target average weight bits")
     p.add_argument("--budget-a", type=float, help="target average activation bits")

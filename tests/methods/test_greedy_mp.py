@@ -53,8 +53,10 @@ def test_deterministic():
     assert a.layers == b.layers and a.kl_final == b.kl_final
 
 
-def test_config_round_trip_gives_same_bits_and_outputs(tmp_path):
-    opts = MethodOptions(sq_b=True, opt_m=True)
+@pytest.mark.parametrize("gptq", [False, True])
+def test_config_round_trip_gives_same_bits_and_outputs(tmp_path, gptq):
+    # with GPTQ, the search's final model is re-rounded once; the pipeline on the saved config does the same
+    opts = MethodOptions(sq_b=True, opt_m=True, gptq=gptq)
     model, x, q, res = _search(Budget(5.0, 5.0), opts)
     res.config.save(tmp_path / "mixed.json")
     again = run_pipeline(model, x, QuantConfig.load(tmp_path / "mixed.json"), opts).model

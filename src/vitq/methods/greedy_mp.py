@@ -31,6 +31,7 @@ from ..evaluate import kl_from_reference
 from ..quant.config import ConfigError, LayerRule, QuantConfig
 from ..quant.engine import all_quantizers, compute_layers, model_stats, weight_layers
 from ..quant.layers import QuantMatMul
+from .gptq import apply_gptq
 from .mptq import MethodOptions, run_pipeline
 from .sqb import apply_sqb
 
@@ -69,6 +70,7 @@ class GreedyResult:
     snapshots: dict[float, dict] = field(default_factory=dict)
     uniform_fallback: int | None = None  # the single width returned instead of the greedy result
     kl_greedy: float = 0.0  # probe KL of the greedy assignment (equals kl_final unless the fallback won)
+    gptq: dict | None = None  # GPTQ on the final assignment (options.gptq); kl_final is measured before it
 
 
 @dataclass
@@ -191,6 +193,8 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
     if options.sq_b:  # once, at the base bits: every bank shares the same smoothed float model
         apply_sqb(float_model, calib, QuantConfig(w_bits=base.w_bits, a_bits=base.a_bits), progress=progress,
                   unnormed=options.sq_b_unnormed)
+    # GPTQ runs once on the final assignment (below), not per bank: its weights depend on the upstream
+    # layers' widths, and a bank must not.
     stage = MethodOptions(sq_b=False, opt_m=options.opt_m, m_max=options.m_max)
     banks: dict[int, dict] = {}
     model = None
@@ -396,6 +400,8 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
     result.layers = [{"layer": row, "w_bits": w_bits.get(row), "a_bits": a_bits.get(row)} for row in layers]
     result.probes = prober.count
     result.kl_final = current
+    if options.gptq:
+        result.gptq = apply_gptq(model, calib, progress=progress).to_dict()
     result.search_s = time.perf_counter() - t0
     return model, result
 

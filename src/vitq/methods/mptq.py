@@ -1,4 +1,4 @@
-"""The MPTQ-ViT pipeline: optional SQ-b, calibration, optional OPT-m (Greedy MP builds on it)."""
+"""The MPTQ-ViT pipeline: optional SQ-b, calibration, optional OPT-m, optional GPTQ (Greedy MP builds on it)."""
 from __future__ import annotations
 
 import copy
@@ -10,18 +10,20 @@ from torch import nn
 
 from ..quant.config import QuantConfig
 from ..quant.engine import calibrate, prepare
+from .gptq import apply_gptq
 from .optm import apply_optm
 from .sqb import apply_sqb
 
 
 @dataclass
 class MethodOptions:
-    """Which MPTQ-ViT methods run, and OPT-m's largest ratio exponent."""
+    """Which methods run, and OPT-m's largest ratio exponent."""
 
     sq_b: bool = False
     opt_m: bool = False
     m_max: int | None = None  # None: max(4, bits - 1) per tensor (optm.default_m_max)
     sq_b_unnormed: bool = False  # SQ-b also on proj/fc2, as an explicit per-channel operation
+    gptq: bool = False  # GPTQ weight rounding after calibration (vitq's addition, not in the paper)
 
 
 @dataclass
@@ -30,11 +32,12 @@ class PipelineResult:
     timing: dict = field(default_factory=dict)
     sqb: list | None = None
     optm: list | None = None
+    gptq: dict | None = None
 
 
 def run_pipeline(fp_model: nn.Module, calib: torch.Tensor, config: QuantConfig, options: MethodOptions,
                  progress: bool = False) -> PipelineResult:
-    """SQ-b (on a copy of the float model), prepare + calibrate, then OPT-m.
+    """SQ-b (on a copy of the float model), prepare + calibrate, then OPT-m, then GPTQ.
 
     SQ-b searches alpha at the config's *default* bit-widths (``config.w_bits``/``a_bits``), not the
     per-layer rules, so a mixed-precision config reproduces the same float model when it is reused.
@@ -55,4 +58,9 @@ def run_pipeline(fp_model: nn.Module, calib: torch.Tensor, config: QuantConfig, 
         t = time.perf_counter()
         optm = apply_optm(q, calib, m_max=options.m_max, progress=progress).to_dict()
         timing["optm_s"] = time.perf_counter() - t
-    return PipelineResult(q, timing, sqb, optm)
+    gptq = None
+    if options.gptq:
+        t = time.perf_counter()
+        gptq = apply_gptq(q, calib, progress=progress).to_dict()
+        timing["gptq_s"] = time.perf_counter() - t
+    return PipelineResult(q, timing, sqb, optm, gptq)

@@ -1,0 +1,240 @@
+"""GPTQ weight rounding (Frantar et al., 2023), run after calibration on a quantized model.
+
+Round-to-nearest quantizes every weight independently. GPTQ quantizes one input column at a time and
+spreads each column's rounding error over the columns not yet quantized, weighted by the inverse
+Hessian ``H = XᵀX`` of the layer's inputs, which minimizes ``‖X Wᵀ - X Q(W)ᵀ‖²`` far better than
+rounding to nearest. The grid (per-channel or per-tensor scale from calibration) is kept; only the
+integer chosen for each weight changes. The result is written back as the layer's weight: it lies on
+the grid, so the layer's fake-quantized weight equals it and every exporter packs the same integers.
+
+vitq runs it *sequentially*: layers are processed in execution order and each layer's ``X`` is its
+quantized input in the model whose upstream layers are already quantized and rounded, so a layer also
+compensates for the error its inputs carry. For models with a plain block sequence (``Adapter.trunk``)
+the block inputs are cached, so each layer costs one partial pass through its own block.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from timm.layers.padding import pad_same
+from torch import nn
+from tqdm import tqdm
+
+from ..adapters import adapter_for
+from ..quant import quantizers as Q
+from ..quant.engine import weight_layers
+from ..quant.layers import QuantConv2d, QuantLinear
+
+
+@dataclass
+class GPTQLayer:
+    name: str
+    rows: int  # input rows (tokens or conv positions) in the Hessian
+    err_rtn: float  # ||X W^T - X RTN(W)^T||^2 / ||X W^T||^2 on the same rows, round to nearest
+    err_gptq: float  # the same with the GPTQ weights
+
+
+@dataclass
+class GPTQResult:
+    layers: list[GPTQLayer] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # layers GPTQ cannot handle (PoT, grouped conv, ...)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"layers": [vars(x) for x in self.layers], "skipped": self.skipped, "seconds": self.seconds}
+
+
+class _Stop(Exception):
+    """Raised by the capture hook: the rest of the forward pass is not needed."""
+
+
+def _supported(m: nn.Module) -> bool:
+    q = m.w_quant
+    if q.spec.scheme != "uniform" or q.spec.granularity not in ("per_channel", "per_tensor"):
+        return False
+    return isinstance(m, QuantLinear) or (isinstance(m, QuantConv2d) and m.groups == 1)
+
+
+def _as_rows(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's (quantized) input as a matrix whose rows multiply the flattened weight."""
+    if isinstance(m, QuantLinear):
+        return x.reshape(-1, x.shape[-1])
+    if m.same_padding:
+        x = pad_same(x, m.weight.shape[-2:], m.stride, m.dilation)
+        padding = 0
+    else:
+        padding = m.padding
+    cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=padding, stride=m.stride)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, quant, damp: float = 0.01, act_order: bool = True,
+                  block: int = 128, keep_last: bool = False) -> torch.Tensor:
+    """GPTQ on one weight matrix.
+
+    Args:
+        w: ``[out, in]`` float weights.
+        h: ``[in, in]`` Hessian ``XᵀX`` of the layer's inputs.
+        quant: fake-quantizes one column ``[out, 1]`` on the layer's grid (per-row scales broadcast).
+        damp: added to the diagonal, as a fraction of its mean (numerical stability).
+        act_order: quantize columns in order of decreasing ``H_jj`` (large inputs first).
+        block: columns updated together (speed only; the result is the same up to rounding).
+
+    Returns:
+        The quantized weights ``[out, in]`` (on the grid), in the original column order.
+    """
+    w = w.clone().double()
+    h = h.clone().double()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    n_q = w.shape[1] - int(keep_last)
+    perm = torch.argsort(torch.diag(h)[:n_q], descending=True, stable=True) if act_order else torch.arange(n_q)
+    if keep_last:
+        perm = torch.cat([perm, torch.tensor([n_q])])
+    w, h = w[:, perm], h[perm][:, perm]
+    # Damping relative to the inputs' own scale: a bias column (all ones) must not set it.
+    h += torch.eye(h.shape[0], dtype=h.dtype) * damp * torch.diag(h)[:n_q].mean()
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    out = torch.zeros_like(w)
+    n = w.shape[1]
+    for i1 in range(0, n, block):
+        i2 = min(i1 + block, n)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = w1[:, i:i + 1]
+            q = col if i1 + i >= n_q else quant(col.float()).double()
+            out[:, i1 + i] = q[:, 0]
+            e = (col - q) / hinv1[i, i]
+            w1[:, i:] -= e @ hinv1[i:i + 1, i:]
+            err1[:, i:i + 1] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    inv = torch.argsort(perm)
+    return out[:, inv]
+
+
+def _column_quantizer(m: nn.Module):
+    wq = m.w_quant
+    qmin, qmax = Q.int_range(wq.spec.bits, True)
+    scale, zp = wq.scale, wq.zero_point
+    if scale.numel() > 1:
+        scale, zp = scale.reshape(-1, 1), zp.reshape(-1, 1)
+
+    def quant(col: torch.Tensor) -> torch.Tensor:
+        return Q.fake_quant_uniform(col, scale, zp, qmin, qmax)
+
+    return quant
+
+
+def _rel_err(ref: torch.Tensor, out: torch.Tensor) -> float:
+    return ((out - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30)).item()
+
+
+@torch.no_grad()
+def apply_gptq(model: nn.Module, calib: torch.Tensor, n_images: int = 32, damp: float = 0.01,
+               act_order: bool = True, fit_bias: bool = True, min_rows_per_input: float = 4.0,
+               progress: bool = True) -> GPTQResult:
+    """Re-round every supported weight of a calibrated model with GPTQ (in place).
+
+    Args:
+        model: a prepared and calibrated model (activation quantizers on: each layer sees the
+            quantized inputs it will see at inference).
+        calib: calibration images; the first ``n_images`` build the Hessians.
+        damp: diagonal damping as a fraction of the mean of ``diag(H)``.
+        act_order: process columns by decreasing ``H_jj``.
+
+    Returns:
+        Per layer, the relative output error with round-to-nearest and with GPTQ on its Hessian rows.
+    """
+    t0 = time.perf_counter()
+    x = calib[:n_images]
+    layers = weight_layers(model)
+    result = GPTQResult()
+    todo = []
+    for m in layers:
+        (todo if _supported(m) else result.skipped).append(m if _supported(m) else m.layer_name)
+    adapter = adapter_for(model)
+    # Bias fitting only where a LayerNorm feeds the Linear (qkv, fc1): fitted on proj/fc2, which write
+    # into the residual stream, it made ViT-Tiny W4A4 worse on the calibration images themselves
+    # (KL 1.42 -> 3.53, docs/methods.md).
+    bias_fit_ids = {id(lin) for _, lin in adapter.norm_linear_pairs(model)}
+    trunk = adapter.trunk(model)
+    stages = [model] if trunk is None else [trunk[0], *trunk[1], trunk[2]]
+    done: set[int] = set()
+    captured: dict = {}
+
+    def hook(mod, args, out):
+        if id(mod) not in done and "layer" not in captured:
+            captured["layer"] = owners[id(mod)]
+            captured["x"] = out.detach()
+            raise _Stop
+
+    owners = {id(m.in_quant): m for m in todo}
+    handles = [m.in_quant.register_forward_hook(hook) for m in todo]
+
+    def run(stage, inp):
+        """Run one stage; returns (layer, its input) at the first layer not done yet, else (None, output)."""
+        captured.clear()
+        try:
+            return None, stage(inp)
+        except _Stop:
+            return captured["layer"], captured["x"]
+
+    bar = tqdm(total=len(todo), desc="GPTQ", disable=not progress, leave=False)
+    try:
+        model.eval()
+        for stage in stages:
+            while True:
+                m, xq = run(stage, x)
+                if m is None:  # this stage has no layer left: its output feeds the next stage
+                    x = xq
+                    break
+                rows = _as_rows(m, xq).double()
+                done.add(id(m.in_quant))
+                if rows.shape[0] < min_rows_per_input * rows.shape[1]:
+                    # Too few rows (e.g. a classifier head sees one token per image): the Hessian is
+                    # rank-deficient and GPTQ would fit the calibration images, not the layer.
+                    result.skipped.append(m.layer_name)
+                    bar.update(1)
+                    continue
+                w = m.weight.detach().reshape(m.weight.shape[0], -1).double()
+                bias = m.bias.detach().double() if m.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
+                ref = rows @ w.T + bias
+                fb = fit_bias and id(m) in bias_fit_ids
+                if fb:
+                    # The bias is one more input column (all ones) that is never quantized: quantized last,
+                    # it receives the compensation of every column's error, i.e. an optimal bias correction.
+                    rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], 1)
+                    w_aug = torch.cat([w, bias[:, None]], 1)
+                else:
+                    w_aug = w
+                h = rows.T @ rows
+                qw = gptq_quantize(w_aug, h, _column_quantizer(m), damp=damp, act_order=act_order,
+                                   keep_last=fb)
+                rtn = m.w_quant.fake_quant(m.weight.detach()).reshape(w.shape).double()
+                sel = slice(None, None, max(1, rows.shape[0] // 8192))
+                base = ref[sel]
+                err_rtn = _rel_err(base, rows[sel, : w.shape[1]] @ rtn.T + bias)
+                err_new = _rel_err(base, rows[sel] @ qw.T + (0 if fb else bias))
+                result.layers.append(GPTQLayer(m.layer_name, int(rows.shape[0]), err_rtn, err_new))
+                m.weight.copy_(qw[:, : w.shape[1]].reshape(m.weight.shape).to(m.weight.dtype))
+                if fb:
+                    if m.bias is None:
+                        m.bias = nn.Parameter(qw[:, -1].to(m.weight.dtype))
+                    else:
+                        m.bias.copy_(qw[:, -1])
+                m.refresh()
+                bar.update(1)
+    finally:
+        for hd_ in handles:
+            hd_.remove()
+        bar.close()
+    missed = [m.layer_name for m in todo if id(m.in_quant) not in done]
+    result.skipped += missed  # layers the forward pass never reached (unused heads)
+    result.seconds = time.perf_counter() - t0
+    return result
