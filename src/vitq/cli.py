@@ -133,7 +133,10 @@ def _cmd_quantize(args) -> int:
 
     options = MethodOptions(sq_b=args.sq_b or args.method == "mptq", opt_m=args.opt_m or args.method == "mptq",
                             m_max=args.m_max, sq_b_unnormed=args.sq_b_unnormed,
-                            gptq=(args.gptq or args.method == "mptq") and not args.no_gptq)
+                            gptq=(args.gptq or args.method == "mptq") and not args.no_gptq,
+                            gptq_max_bits=args.gptq_max_bits)
+    if not 2 <= args.gptq_max_bits <= 8:
+        raise ConfigError(f"--gptq-max-bits must be from 2 to 8, got {args.gptq_max_bits}")
     if args.gptq and args.no_gptq:
         raise ConfigError("give only one of --gptq and --no-gptq")
     if args.method == "m2q" and (args.gptq or args.sq_b or args.opt_m):
@@ -341,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gptq", action="store_true",
                    help="GPTQ weight rounding after calibration (vitq's addition to MPTQ-ViT; on with --method mptq)")
     p.add_argument("--no-gptq", action="store_true", help="--method mptq without GPTQ (the paper's methods only)")
+    p.add_argument("--gptq-max-bits", type=int, default=5,
+                   help="GPTQ re-rounds layers with at most this many weight bits; wider ones keep "
+                        "round-to-nearest (default 5, see docs/methods.md)")
     p.add_argument("--mixed", action="store_true", help="Greedy MP mixed precision (needs a budget)")
     p.add_argument("--budget-w", type=float, help="target average weight bits")
     p.add_argument("--budget-a", type=float, help="target average activation bits")

@@ -84,3 +84,21 @@ def test_gptq_pipeline_is_deterministic_and_improves_kl():
     with torch.inference_mode():
         assert torch.equal(a(x), b(x))
     assert kl(a) < kl(base)
+
+
+def test_bad_fit_bias_is_named():
+    model, size = tiny_model("deit")
+    x = tiny_images(size, n=2)
+    cfg = QuantConfig(w_bits=4, a_bits=8)
+    q = prepare(model, cfg)
+    calibrate(q, cfg, x, progress=False)
+    with pytest.raises(ValueError, match="fit_bias"):
+        apply_gptq(q, x, fit_bias="sometimes", progress=False)
+
+
+def test_only_layers_up_to_max_bits_are_rerounded():
+    model, size = tiny_model("deit")
+    x = tiny_images(size, n=16)
+    cfg = QuantConfig(w_bits=6, a_bits=8, rules=[{"pattern": "blocks.0.attn.qkv", "w_bits": 4}])
+    res = run_pipeline(model, x, cfg, MethodOptions(gptq=True)).gptq  # default: layers of <= 5 weight bits
+    assert [row["name"] for row in res["layers"]] == ["blocks.0.attn.qkv"] and res["skipped"] == []

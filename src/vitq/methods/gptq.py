@@ -47,12 +47,17 @@ class GPTQResult:
         return {"layers": [vars(x) for x in self.layers], "skipped": self.skipped, "seconds": self.seconds}
 
 
+FIT_BIAS = ("none", "norm_fed", "all")
+
+
 class _Stop(Exception):
     """Raised by the capture hook: the rest of the forward pass is not needed."""
 
 
-def _supported(m: nn.Module) -> bool:
+def _supported(m: nn.Module, max_bits: int) -> bool:
     q = m.w_quant
+    if q.spec.bits > max_bits:
+        return False
     if q.spec.scheme != "uniform" or q.spec.granularity not in ("per_channel", "per_tensor"):
         return False
     return isinstance(m, QuantLinear) or (isinstance(m, QuantConv2d) and m.groups == 1)
@@ -137,7 +142,8 @@ def _rel_err(ref: torch.Tensor, out: torch.Tensor) -> float:
 
 @torch.no_grad()
 def apply_gptq(model: nn.Module, calib: torch.Tensor, n_images: int = 32, damp: float = 0.01,
-               act_order: bool = True, fit_bias: bool = True, min_rows_per_input: float = 4.0,
+               act_order: bool = True, fit_bias: str = "norm_fed", min_rows_per_input: float = 4.0,
+               max_bits: int = 8,
                progress: bool = True) -> GPTQResult:
     """Re-round every supported weight of a calibrated model with GPTQ (in place).
 
@@ -147,6 +153,10 @@ def apply_gptq(model: nn.Module, calib: torch.Tensor, n_images: int = 32, damp: 
         calib: calibration images; the first ``n_images`` build the Hessians.
         damp: diagonal damping as a fraction of the mean of ``diag(H)``.
         act_order: process columns by decreasing ``H_jj``.
+        fit_bias: which Linears also re-fit their bias: ``norm_fed`` (those a LayerNorm feeds, the default),
+            ``all`` or ``none``.
+        min_rows_per_input: layers with fewer Hessian rows per input column keep round-to-nearest.
+        max_bits: layers with wider weights keep round-to-nearest (not listed as skipped).
 
     Returns:
         Per layer, the relative output error with round-to-nearest and with GPTQ on its Hessian rows.
@@ -157,12 +167,17 @@ def apply_gptq(model: nn.Module, calib: torch.Tensor, n_images: int = 32, damp: 
     result = GPTQResult()
     todo = []
     for m in layers:
-        (todo if _supported(m) else result.skipped).append(m if _supported(m) else m.layer_name)
+        if _supported(m, max_bits):
+            todo.append(m)
+        elif m.w_quant.spec.bits <= max_bits:
+            result.skipped.append(m.layer_name)
     adapter = adapter_for(model)
     # Bias fitting only where a LayerNorm feeds the Linear (qkv, fc1): fitted on proj/fc2, which write
     # into the residual stream, it made ViT-Tiny W4A4 worse on the calibration images themselves
     # (KL 1.42 -> 3.53, docs/methods.md).
-    bias_fit_ids = {id(lin) for _, lin in adapter.norm_linear_pairs(model)}
+    if fit_bias not in FIT_BIAS:
+        raise ValueError(f"fit_bias must be one of {', '.join(FIT_BIAS)}, got {fit_bias!r}")
+    bias_fit_ids = {id(lin) for _, lin in adapter.norm_linear_pairs(model)} if fit_bias == "norm_fed" else set()
     trunk = adapter.trunk(model)
     stages = [model] if trunk is None else [trunk[0], *trunk[1], trunk[2]]
     done: set[int] = set()
@@ -205,7 +220,7 @@ def apply_gptq(model: nn.Module, calib: torch.Tensor, n_images: int = 32, damp: 
                 w = m.weight.detach().reshape(m.weight.shape[0], -1).double()
                 bias = m.bias.detach().double() if m.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
                 ref = rows @ w.T + bias
-                fb = fit_bias and id(m) in bias_fit_ids
+                fb = fit_bias == "all" or id(m) in bias_fit_ids
                 if fb:
                     # The bias is one more input column (all ones) that is never quantized: quantized last,
                     # it receives the compensation of every column's error, i.e. an optimal bias correction.

@@ -401,7 +401,7 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
     result.probes = prober.count
     result.kl_final = current
     if options.gptq:
-        result.gptq = apply_gptq(model, calib, progress=progress).to_dict()
+        result.gptq = apply_gptq(model, calib, max_bits=options.gptq_max_bits, progress=progress).to_dict()
     result.search_s = time.perf_counter() - t0
     return model, result
 

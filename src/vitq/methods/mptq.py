@@ -24,6 +24,7 @@ class MethodOptions:
     m_max: int | None = None  # None: max(4, bits - 1) per tensor (optm.default_m_max)
     sq_b_unnormed: bool = False  # SQ-b also on proj/fc2, as an explicit per-channel operation
     gptq: bool = False  # GPTQ weight rounding after calibration (vitq's addition, not in the paper)
+    gptq_max_bits: int = 5  # layers with wider weights keep round-to-nearest (docs/methods.md)
 
 
 @dataclass
@@ -61,6 +62,6 @@ def run_pipeline(fp_model: nn.Module, calib: torch.Tensor, config: QuantConfig, 
     gptq = None
     if options.gptq:
         t = time.perf_counter()
-        gptq = apply_gptq(q, calib, progress=progress).to_dict()
+        gptq = apply_gptq(q, calib, max_bits=options.gptq_max_bits, progress=progress).to_dict()
         timing["gptq_s"] = time.perf_counter() - t
     return PipelineResult(q, timing, sqb, optm, gptq)
