@@ -61,37 +61,3 @@ def test_wider_m_range_is_never_worse_at_8_bits():
     err4 = search_two_region(h, 8, 4, True, out_fn)[3]
     err7 = search_two_region(h, 8, default_m_max(8), True, out_fn)[3]
     assert err7 <= err4
-
-
-def test_softmax_and_gelu_inputs_are_clipped_for_their_output_error():
-    import copy
-
-    from vitq.adapters import adapter_for
-
-    model, size = tiny_model("deit")
-    x = tiny_images(size, n=8)
-    q = quantize(model, x, QuantConfig(w_bits=8, a_bits=4, protocol="full"))
-    targets = adapter_for(q).nonlinearity_inputs(q)
-    assert {t.name.split(".")[-2] for t, _ in targets} == {"softmax", "act"}  # attn.softmax.input, mlp.act.input
-    seen = {}
-    hooks = [t.register_forward_hook(lambda m, a, o: seen.setdefault(m.name, a[0].detach())) for t, _ in targets]
-    for t in [t for t, _ in targets]:
-        t.mode = "off"
-    with torch.inference_mode():
-        q(x)
-    for h in hooks:
-        h.remove()
-    for t, _ in targets:
-        t.mode = "quant"
-
-    def errors(obj):
-        m = copy.deepcopy(q)
-        apply_optm(m, x, progress=False, nonlinear_objective=obj)
-        mine = adapter_for(m).nonlinearity_inputs(m)
-        return [(fn(t.fake_quant(seen[t.name])) - fn(seen[t.name])).pow(2).mean().item() for t, fn in mine]
-
-    # all rows of 8 tiny images fit in the search sample, so the searched objective is exactly this error
-    new, old = errors(True), errors(False)
-    for with_output, own in zip(new, old):
-        assert with_output <= own * (1 + 1e-6) + 1e-12
-    assert new != old  # the objective changes at least one clip

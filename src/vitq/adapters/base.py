@@ -56,12 +56,6 @@ class Adapter:
         (post-GELU values dip below zero: signed fine region; post-softmax values do not)."""
         return []
 
-    def nonlinearity_inputs(self, model: nn.Module) -> list[tuple[TensorQuantizer, object]]:
-        """Full protocol: quantizers of tensors that feed a nonlinearity acting on the last axis or on each
-        element (softmax, GELU), with that function: OPT-m then searches their clip on the error of the
-        nonlinearity's output instead of the tensor's own error."""
-        return []
-
     def trunk(self, model: nn.Module):
         """``(stem, blocks, head)`` callables if the model is a plain sequence of blocks (lets searches
         re-run only the blocks after a change), else None."""

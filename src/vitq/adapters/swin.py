@@ -66,11 +66,6 @@ class SwinAdapter(Adapter):
                 out += [(b.mlp.fc2.in_quant, True), (b.attn.matmul_av.a_quant, False)]
         return out
 
-    def nonlinearity_inputs(self, model: nn.Module):
-        # the module's own forward: calling the module would run its input quantizer's pre-hook again
-        return [(m.in_quant, m.forward) for m in model.modules()
-                if isinstance(m, (nn.GELU, nn.Softmax)) and hasattr(m, "in_quant")]
-
     def norm_linear_pairs(self, model: nn.Module) -> list[tuple[nn.Module, nn.Linear]]:
         pairs = []
         for m in model.modules():

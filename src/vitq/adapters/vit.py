@@ -6,7 +6,7 @@ from timm.layers.attention import Attention, maybe_add_mask, resolve_self_attn_m
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from ..quant.layers import QuantMatMul, TensorQuantizer
+from ..quant.layers import QuantMatMul
 from .base import PLACEHOLDER, Adapter, QuantAdd, morph, quantize_inputs_of
 
 
@@ -46,10 +46,6 @@ class QuantViTBlock(Block):
         return x
 
 
-def _softmax_last(x: torch.Tensor) -> torch.Tensor:
-    return x.softmax(dim=-1)
-
-
 def attach_attention_matmuls(attn: nn.Module, name: str) -> None:
     """Add the two matmul modules (q @ k^T and attn @ v) and an identity softmax-input slot."""
     attn.fused_attn = False
@@ -79,15 +75,6 @@ class ViTAdapter(Adapter):
                 out += [(b.mlp.fc2.in_quant, True), (b.attn.matmul_av.a_quant, False)]
         return out
 
-    def nonlinearity_inputs(self, model: nn.Module):
-        out = []
-        for m in model.modules():
-            if isinstance(m, QuantViTAttention) and isinstance(m.softmax_in, TensorQuantizer):
-                out.append((m.softmax_in, _softmax_last))
-            elif isinstance(m, nn.GELU) and hasattr(m, "in_quant"):
-                out.append((m.in_quant, m.forward))  # the module's own forward: no pre-hook runs
-        return out
-
     def trunk(self, model: nn.Module):
         def stem(x):
             return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
@@ -111,6 +98,8 @@ class ViTAdapter(Adapter):
                 morph(m, QuantViTAttention)
 
     def attach_full(self, model: nn.Module, names: dict[nn.Module, str]) -> None:
+        from ..quant.layers import TensorQuantizer
+
         for m in list(model.modules()):
             if type(m) is Block:
                 name = names[m]

@@ -87,15 +87,18 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, quant, damp: float = 0.01, a
         damp: added to the diagonal, as a fraction of its mean (numerical stability).
         act_order: quantize columns in order of decreasing ``H_jj`` (large inputs first).
         block: columns updated together (speed only; the result is the same up to rounding).
+        keep_last: the last column is a bias (its input is all ones): processed last and never quantized,
+            so it takes the compensation of every other column's error.
 
     Returns:
         The quantized weights ``[out, in]`` (on the grid), in the original column order.
     """
     w = w.clone().double()
     h = h.clone().double()
+    # Inputs that were always zero on the calibration data: a unit diagonal decouples them, so their
+    # weights are simply rounded to nearest (not zeroed as in the paper: they may be non-zero later).
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
-    w[:, dead] = 0.0
     n_q = w.shape[1] - int(keep_last)
     perm = torch.argsort(torch.diag(h)[:n_q], descending=True, stable=True) if act_order else torch.arange(n_q)
     if keep_last:

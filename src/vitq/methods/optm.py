@@ -49,10 +49,8 @@ class OptMResult:
         return [vars(c) for c in self.choices]
 
 
-def _capture(model: nn.Module, calib: torch.Tensor, max_rows: int,
-             nonlinear: dict[int, object] | None = None) -> dict[int, tuple[torch.Tensor, object]]:
-    """Float inputs of every activation quantizer and a function giving the output it feeds
-    (``nonlinear``: quantizer id -> the last-axis or elementwise function its tensor feeds).
+def _capture(model: nn.Module, calib: torch.Tensor, max_rows: int) -> dict[int, tuple[torch.Tensor, object]]:
+    """Float inputs of every activation quantizer and a function giving the output it feeds.
 
     Returns ``id(quantizer) -> (sample, output_fn or None)``.
     """
@@ -79,7 +77,7 @@ def _capture(model: nn.Module, calib: torch.Tensor, max_rows: int,
         found[id(mod.b_quant)] = (b, lambda v, a=a: a @ v)
 
     def act_hook(mod, args, out):
-        found.setdefault(id(mod), (rows(args[0]), (nonlinear or {}).get(id(mod))))
+        found.setdefault(id(mod), (rows(args[0]), None))
 
     for m in model.modules():
         if isinstance(m, QuantLinear):
@@ -149,7 +147,7 @@ def default_m_max(bits: int) -> int:
 
 
 def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int | None = None, max_rows: int = 4096,
-               n_images: int = 8, progress: bool = True, nonlinear_objective: bool = True) -> OptMResult:
+               n_images: int = 8, progress: bool = True) -> OptMResult:
     """Run OPT-m on a calibrated model (in place).
 
     Args:
@@ -158,16 +156,12 @@ def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int | None = None, 
         m_max: largest ratio exponent tried for the two-region tensors; ``None`` means
             :func:`default_m_max` of each tensor's bit-width; ``0`` keeps every tensor uniform (only the
             clip search runs), which is what an integer runtime without two-region kernels can execute.
-        nonlinear_objective: full protocol: search the clip of a softmax or GELU input on the error of the
-            nonlinearity's output (``Adapter.nonlinearity_inputs``); False: on the input's own error.
 
     Returns:
         Per two-region tensor, the chosen ``m`` and the errors with ``m = 0`` and overall.
     """
     targets = {id(q): signed for q, signed in adapter_for(model).two_region_targets(model)}
-    adapter = adapter_for(model)
-    nonlinear = {id(q): fn for q, fn in adapter.nonlinearity_inputs(model)} if nonlinear_objective else {}
-    found = _capture(model, calib[:n_images], max_rows, nonlinear)
+    found = _capture(model, calib[:n_images], max_rows)
     result = OptMResult()
     acts = [q for q in all_quantizers(model) if not q.is_weight and id(q) in found]
     for q in tqdm(acts, desc="OPT-m", disable=not progress, leave=False):
