@@ -109,7 +109,7 @@ class ViTAdapter(Adapter):
             if isinstance(m, QuantViTAttention):
                 m.softmax_in = TensorQuantizer(f"{names[m]}.softmax", "input", PLACEHOLDER)
         # GELU inputs (fc1 outputs) and the final norms; norm1/norm2 inputs are the residual stream above.
-        quantize_inputs_of(model, names, (nn.GELU,), ptf_axis=-1)
+        quantize_inputs_of(model, names, (nn.GELU,))
         for norm in (model.norm, getattr(model, "fc_norm", None)):
             if isinstance(norm, nn.LayerNorm):
                 quantize_inputs_of(norm, {norm: names[norm]}, (nn.LayerNorm,), ptf_axis=-1)
