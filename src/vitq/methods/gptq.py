@@ -24,7 +24,6 @@ from torch import nn
 from tqdm import tqdm
 
 from ..adapters import adapter_for
-from ..quant import quantizers as Q
 from ..quant.engine import weight_layers
 from ..quant.layers import QuantConv2d, QuantLinear
 
@@ -126,19 +125,6 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, quant, damp: float = 0.01, a
     return out[:, inv]
 
 
-def _column_quantizer(m: nn.Module):
-    wq = m.w_quant
-    qmin, qmax = Q.int_range(wq.spec.bits, True)
-    scale, zp = wq.scale, wq.zero_point
-    if scale.numel() > 1:
-        scale, zp = scale.reshape(-1, 1), zp.reshape(-1, 1)
-
-    def quant(col: torch.Tensor) -> torch.Tensor:
-        return Q.fake_quant_uniform(col, scale, zp, qmin, qmax)
-
-    return quant
-
-
 def _rel_err(ref: torch.Tensor, out: torch.Tensor) -> float:
     return ((out - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30)).item()
 
@@ -175,9 +161,9 @@ def apply_gptq(model: nn.Module, calib: torch.Tensor, n_images: int = 32, damp: 
         elif m.w_quant.spec.bits <= max_bits:
             result.skipped.append(m.layer_name)
     adapter = adapter_for(model)
-    # Bias fitting only where a LayerNorm feeds the Linear (qkv, fc1): fitted on proj/fc2, which write
+    # Bias fitting only where a LayerNorm feeds the Linear (qkv, fc1): fitted on proj/fc2 too, which write
     # into the residual stream, it made ViT-Tiny W4A4 worse on the calibration images themselves
-    # (KL 1.42 -> 3.53, docs/methods.md).
+    # (benchmarks/gptq_variants.py, docs/methods.md).
     if fit_bias not in FIT_BIAS:
         raise ValueError(f"fit_bias must be one of {', '.join(FIT_BIAS)}, got {fit_bias!r}")
     bias_fit_ids = {id(lin) for _, lin in adapter.norm_linear_pairs(model)} if fit_bias == "norm_fed" else set()
@@ -232,7 +218,8 @@ def apply_gptq(model: nn.Module, calib: torch.Tensor, n_images: int = 32, damp: 
                 else:
                     w_aug = w
                 h = rows.T @ rows
-                qw = gptq_quantize(w_aug, h, _column_quantizer(m), damp=damp, act_order=act_order,
+                # the weight quantizer takes a [out, 1] column as it takes the weight: per-row scales broadcast
+                qw = gptq_quantize(w_aug, h, m.w_quant.fake_quant, damp=damp, act_order=act_order,
                                    keep_last=fb)
                 rtn = m.w_quant.fake_quant(m.weight.detach()).reshape(w.shape).double()
                 sel = slice(None, None, max(1, rows.shape[0] // 8192))
