@@ -102,3 +102,30 @@ def test_only_layers_up_to_max_bits_are_rerounded():
     cfg = QuantConfig(w_bits=6, a_bits=8, rules=[{"pattern": "blocks.0.attn.qkv", "w_bits": 4}])
     res = run_pipeline(model, x, cfg, MethodOptions(gptq=True)).gptq  # default: layers of <= 5 weight bits
     assert [row["name"] for row in res["layers"]] == ["blocks.0.attn.qkv"] and res["skipped"] == []
+
+
+def test_hessian_clip_keeps_a_weight_that_meets_a_huge_input():
+    from vitq.methods.gptq import CLIP_RATIOS, hessian_clip
+    from vitq.quant.config import TensorSpec
+    from vitq.quant.layers import TensorQuantizer
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 512, generator=g)
+    x[::64, 5] = 200.0  # a rare "massive activation" channel
+    w = torch.randn(8, 512, generator=g) * 0.15
+    w[3, 5] = 2.5  # the one weight that turns it into a huge output
+    h = x.T @ x
+    wq = TensorQuantizer("fc", "weight", TensorSpec(bits=4, granularity="per_channel"), is_weight=True)
+    wq.calibrate_weight(w, "mse", 99.9)  # the weight-error clip cuts the outlier weight
+    assert wq.fake_quant(w)[3, 5] < 2.0
+    mse_err = ((wq.fake_quant(w) - w) @ h * (wq.fake_quant(w) - w)).sum()
+    lo, hi = hessian_clip(w, h, wq)
+    wq.set_range(lo, hi)
+    e = wq.fake_quant(w) - w
+    assert abs(wq.fake_quant(w)[3, 5] - 2.5) < 0.05  # kept (up to rounding), not clipped
+    assert (e @ h * e).sum() < 0.5 * mse_err
+    # never worse than the min-max grid (ratio 1.0 is a candidate), row by row
+    wq.calibrate_weight(w, "minmax", 99.9)
+    e0 = wq.fake_quant(w) - w
+    assert CLIP_RATIOS[0] == 1.0
+    assert torch.all((e @ h * e).sum(1) <= (e0 @ h * e0).sum(1) * (1 + 1e-5))
