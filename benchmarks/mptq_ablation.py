@@ -32,15 +32,21 @@ METHODS = {"baseline": MethodOptions(), "+SQ-b": MethodOptions(sq_b=True), "+OPT
            # vitq's addition beyond the paper, here on every layer whatever its width (--method mptq re-rounds
            # only layers of <= 5 weight bits, so at W4 these rows are what it runs)
            "+GPTQ": MethodOptions(gptq=True, gptq_max_bits=8),
-           "+SQ-b +OPT-m +GPTQ": MethodOptions(sq_b=True, opt_m=True, gptq=True, gptq_max_bits=8)}
+           "+SQ-b +OPT-m +GPTQ": MethodOptions(sq_b=True, opt_m=True, gptq=True, gptq_max_bits=8),
+           # exactly what --method mptq runs since session 5 (GPTQ on <= 5-bit weights, block reconstruction at
+           # <= 5-bit activations)
+           "mptq": MethodOptions(sq_b=True, opt_m=True, gptq=True, recon=True)}
 
 
 def variants(spec: str):
-    """``single:PROTOCOL:BITS:METHOD`` or ``greedy:PROTOCOL:BUDGET[:gptq]`` -> a description."""
+    """``single:PROTOCOL:BITS:METHOD`` or ``greedy:PROTOCOL:BUDGET[:gptq][:recon]`` -> a description."""
     parts = spec.split(":")
     if parts[0] == "single":
         return dict(kind="single", protocol=parts[1], bits=int(parts[2]), method=parts[3])
-    return dict(kind="greedy", protocol=parts[1], budget=float(parts[2]), gptq=parts[3:] == ["gptq"])
+    extra = set(parts[3:])
+    if extra - {"gptq", "recon"}:
+        raise SystemExit(f"unknown greedy option(s) {sorted(extra - {'gptq', 'recon'})} in {spec!r}")
+    return dict(kind="greedy", protocol=parts[1], budget=float(parts[2]), gptq="gptq" in extra, recon="recon" in extra)
 
 
 DEFAULT = ([f"single:standard:{b}:{m}" for b in (4, 6) for m in METHODS]
@@ -83,12 +89,14 @@ def main() -> int:
                 cfg = QuantConfig(w_bits=base, a_bits=base, protocol=v["protocol"], observer="mse")
                 try:
                     q, found = greedy_mp(loaded.model, calib, cfg,
-                                         MethodOptions(sq_b=True, opt_m=True, gptq=v["gptq"]), Budget(b, b),
+                                         MethodOptions(sq_b=True, opt_m=True, gptq=v["gptq"], recon=v["recon"]),
+                                         Budget(b, b),
                                          n_probe=args.probe_images, progress=False)
                 except ConfigError as exc:  # report and go on: the other variants are still worth measuring
                     print(f"skipped {short} {spec}: {exc}", file=sys.stderr, flush=True)
                     continue
-                label = (f"Greedy MP {b:g}-bit (SQ-b, OPT-m{', GPTQ on <= 5-bit layers' if v['gptq'] else ''}, "
+                label = (f"Greedy MP {b:g}-bit (SQ-b, OPT-m{', GPTQ on <= 5-bit layers' if v['gptq'] else ''}"
+                         f"{', recon' if v['recon'] and base <= 5 else ''}, "
                          f"{args.probe_images} probe images)")
                 if found.uniform_fallback is not None:  # say so: the row is then a uniform model
                     label += (f", uniform {found.uniform_fallback}-bit won (probe KL {found.kl_final:.4f} "

@@ -134,13 +134,16 @@ def _cmd_quantize(args) -> int:
     options = MethodOptions(sq_b=args.sq_b or args.method == "mptq", opt_m=args.opt_m or args.method == "mptq",
                             m_max=args.m_max, sq_b_unnormed=args.sq_b_unnormed,
                             gptq=(args.gptq or args.method == "mptq") and not args.no_gptq,
-                            gptq_max_bits=args.gptq_max_bits)
+                            gptq_max_bits=args.gptq_max_bits,
+                            recon=(args.recon or args.method == "mptq") and not args.no_recon)
+    if args.recon and args.no_recon:
+        raise ConfigError("give only one of --recon and --no-recon")
     if not 2 <= args.gptq_max_bits <= 8:
         raise ConfigError(f"--gptq-max-bits must be from 2 to 8, got {args.gptq_max_bits}")
     if args.gptq and args.no_gptq:
         raise ConfigError("give only one of --gptq and --no-gptq")
-    if args.method == "m2q" and (args.gptq or args.sq_b or args.opt_m):
-        raise ConfigError("--method m2q does not take --gptq, --sq-b or --opt-m")
+    if args.method == "m2q" and (args.gptq or args.sq_b or args.opt_m or args.recon):
+        raise ConfigError("--method m2q does not take --gptq, --sq-b, --opt-m or --recon")
     if args.sq_b_unnormed and not options.sq_b:
         raise ConfigError("--sq-b-unnormed extends SQ-b: give it with --sq-b or --method mptq")
     cost_budget = [(k, v) for k, v in (("edp", args.budget_edp), ("energy", args.budget_energy),
@@ -156,7 +159,8 @@ def _cmd_quantize(args) -> int:
     if args.mixed or (args.method == "mptq" and any(
             v is not None for v in (args.budget_w, args.budget_a, args.budget_mb, args.budget_gbops))):
         budget = Budget(args.budget_w, args.budget_a, args.budget_mb, args.budget_gbops)
-    print(f"methods: sq_b={options.sq_b} opt_m={options.opt_m} gptq={options.gptq} mixed={budget is not None}",
+    print(f"methods: sq_b={options.sq_b} opt_m={options.opt_m} gptq={options.gptq} "
+          f"recon={options.recon_applies(config)} mixed={budget is not None}",
           flush=True)
 
     t0 = time.perf_counter()
@@ -186,6 +190,8 @@ def _cmd_quantize(args) -> int:
                           "uniform_fallback": search.uniform_fallback, "layers": search.layers}
         if search.gptq is not None:
             extra["gptq"] = search.gptq
+        if search.recon is not None:
+            extra["recon"] = search.recon
         if search.uniform_fallback is not None:
             print(f"Greedy MP: uniform {search.uniform_fallback}-bit has a lower calibration KL than the greedy "
                   f"assignment and meets the budget; using it (--no-uniform-fallback to keep the greedy one)",
@@ -193,7 +199,8 @@ def _cmd_quantize(args) -> int:
     else:
         res = run_pipeline(loaded.model, calib_images, config, options, progress=True)
         qmodel = res.model
-        extra.update({k: v for k, v in (("sqb", res.sqb), ("optm", res.optm), ("gptq", res.gptq)) if v is not None})
+        extra.update({k: v for k, v in (("sqb", res.sqb), ("optm", res.optm), ("gptq", res.gptq),
+                                                        ("recon", res.recon)) if v is not None})
         extra["method_timing"] = res.timing
     qmodel.vitq_calib_images = len(calib_images)
     calibrate_s = time.perf_counter() - t0
@@ -332,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="QuantConfig JSON (per-layer rules); explicit options override it")
     p.add_argument("--seed", type=int)
     p.add_argument("--method", choices=["mptq", "m2q"],
-                   help="mptq = --sq-b --opt-m --gptq, plus Greedy MP when a budget is given; "
+                   help="mptq = --sq-b --opt-m --gptq --recon, plus Greedy MP when a budget is given; "
                         "m2q = M2-ViT's scheme (uniform/PoT) and precision search under a cost budget")
     p.add_argument("--sq-b", action="store_true", help="SmoothQuant with bias shift, folded into LayerNorm")
     p.add_argument("--sq-b-unnormed", action="store_true",
@@ -347,6 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gptq-max-bits", type=int, default=5,
                    help="GPTQ re-rounds layers with at most this many weight bits; wider ones keep "
                         "round-to-nearest (default 5, see docs/methods.md)")
+    p.add_argument("--recon", action="store_true",
+                   help="block reconstruction of step sizes after GPTQ, at <= 5 activation bits (vitq's "
+                        "addition; on with --method mptq)")
+    p.add_argument("--no-recon", action="store_true", help="--method mptq without block reconstruction")
     p.add_argument("--mixed", action="store_true", help="Greedy MP mixed precision (needs a budget)")
     p.add_argument("--budget-w", type=float, help="target average weight bits")
     p.add_argument("--budget-a", type=float, help="target average activation bits")

@@ -32,6 +32,7 @@ from ..quant.config import ConfigError, LayerRule, QuantConfig
 from ..quant.engine import all_quantizers, compute_layers, model_stats, weight_layers
 from ..quant.layers import QuantMatMul
 from .gptq import apply_gptq
+from .recon import apply_block_recon
 from .mptq import MethodOptions, run_pipeline
 from .sqb import apply_sqb
 
@@ -71,6 +72,7 @@ class GreedyResult:
     uniform_fallback: int | None = None  # the single width returned instead of the greedy result
     kl_greedy: float = 0.0  # probe KL of the greedy assignment (equals kl_final unless the fallback won)
     gptq: dict | None = None  # GPTQ on the final assignment (options.gptq); kl_final is measured before it
+    recon: dict | None = None  # block reconstruction on the final assignment, after GPTQ (options.recon)
 
 
 @dataclass
@@ -402,6 +404,8 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
     result.kl_final = current
     if options.gptq:
         result.gptq = apply_gptq(model, calib, max_bits=options.gptq_max_bits, progress=progress).to_dict()
+    if options.recon_applies(base):
+        result.recon = apply_block_recon(model, fp_model, calib, progress=progress).to_dict()
     result.search_s = time.perf_counter() - t0
     return model, result
 

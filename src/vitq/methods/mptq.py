@@ -1,4 +1,5 @@
-"""The MPTQ-ViT pipeline: optional SQ-b, calibration, optional OPT-m, optional GPTQ (Greedy MP builds on it)."""
+"""The MPTQ-ViT pipeline: optional SQ-b, calibration, optional OPT-m, optional GPTQ, optional block
+reconstruction (Greedy MP builds on it)."""
 from __future__ import annotations
 
 import copy
@@ -12,6 +13,7 @@ from ..quant.config import QuantConfig
 from ..quant.engine import calibrate, prepare
 from .gptq import apply_gptq
 from .optm import apply_optm
+from .recon import apply_block_recon
 from .sqb import apply_sqb
 
 
@@ -25,6 +27,11 @@ class MethodOptions:
     sq_b_unnormed: bool = False  # SQ-b also on proj/fc2, as an explicit per-channel operation
     gptq: bool = False  # GPTQ weight rounding after calibration (vitq's addition, not in the paper)
     gptq_max_bits: int = 5  # layers with wider weights keep round-to-nearest (docs/methods.md)
+    recon: bool = False  # block reconstruction of step sizes after GPTQ (vitq's addition)
+    recon_max_bits: int = 5  # it runs only when the config's default activation bits are at most this
+
+    def recon_applies(self, config: QuantConfig) -> bool:
+        return self.recon and config.a_bits <= self.recon_max_bits
 
 
 @dataclass
@@ -34,11 +41,13 @@ class PipelineResult:
     sqb: list | None = None
     optm: list | None = None
     gptq: dict | None = None
+    recon: dict | None = None
 
 
 def run_pipeline(fp_model: nn.Module, calib: torch.Tensor, config: QuantConfig, options: MethodOptions,
                  progress: bool = False) -> PipelineResult:
-    """SQ-b (on a copy of the float model), prepare + calibrate, then OPT-m, then GPTQ.
+    """SQ-b (on a copy of the float model), prepare + calibrate, then OPT-m, then GPTQ, then block
+    reconstruction (only at ``options.recon_max_bits`` activation bits or fewer).
 
     SQ-b searches alpha at the config's *default* bit-widths (``config.w_bits``/``a_bits``), not the
     per-layer rules, so a mixed-precision config reproduces the same float model when it is reused.
@@ -64,4 +73,9 @@ def run_pipeline(fp_model: nn.Module, calib: torch.Tensor, config: QuantConfig, 
         t = time.perf_counter()
         gptq = apply_gptq(q, calib, max_bits=options.gptq_max_bits, progress=progress).to_dict()
         timing["gptq_s"] = time.perf_counter() - t
-    return PipelineResult(q, timing, sqb, optm, gptq)
+    recon = None
+    if options.recon_applies(config):
+        t = time.perf_counter()
+        recon = apply_block_recon(q, fp_model, calib, progress=progress).to_dict()
+        timing["recon_s"] = time.perf_counter() - t
+    return PipelineResult(q, timing, sqb, optm, gptq, recon)

@@ -51,6 +51,9 @@ class TensorQuantizer(nn.Module):
         # Two-region scheme (OPT-m): ``scale`` is the coarse step, fine step = scale / 2^region_m.
         self.register_buffer("region_m", torch.zeros(()))
         self.register_buffer("boundary", torch.zeros(()))
+        # Block reconstruction (methods/recon.py) makes the step size learnable for a while: a plain
+        # tensor, not a registered parameter, so it never reaches a state dict.
+        self.log_scale: torch.Tensor | None = None
 
     # ---- calibration
     def start_observing(self, method: str, seed: int) -> None:
@@ -155,8 +158,54 @@ class TensorQuantizer(nn.Module):
         self.boundary = torch.tensor(float(boundary))
         self.mode = "quant"
 
+    # ---- step-size learning (block reconstruction)
+    @property
+    def scale_learnable(self) -> bool:
+        """Per-tensor uniform and two-region activation grids can learn their step size; PoT and PTF
+        grids keep their power-of-two structure and weights are handled by their layer."""
+        s = self.spec
+        return (not self.is_weight and self.mode == "quant" and self.scale.numel() == 1
+                and s.granularity != "ptf" and s.scheme in ("uniform", "two_region"))
+
+    def begin_scale_learning(self) -> torch.Tensor:
+        """Make the step size a learnable log-scale (returned, for the optimizer)."""
+        if not self.scale_learnable:
+            raise ValueError(f"quantizer {self.name} ({self.spec.scheme}, {self.spec.granularity}) cannot learn its scale")
+        self.log_scale = self.scale.detach().log().clone().requires_grad_(True)
+        return self.log_scale
+
+    def end_scale_learning(self) -> None:
+        """Adopt the learned step size as the quantizer's scale (and its clip range / region boundary)."""
+        if self.log_scale is None:
+            return
+        new = self.log_scale.detach().exp().reshape(self.scale.shape)
+        if self.spec.scheme == "two_region":
+            # the boundary was chosen relative to the fine region's reach, which scales with the step
+            self.boundary = self.boundary * (new / self.scale)
+        else:
+            qmin, qmax = self._qrange()
+            self.range_min, self.range_max = (qmin - self.zero_point) * new, (qmax - self.zero_point) * new
+        self.scale = new
+        self.log_scale = None
+
+    def _fake_quant_ste(self, x: torch.Tensor) -> torch.Tensor:
+        """Fake quantization that lets gradients through: LSQ gradients for a learnable step, else the
+        straight-through estimator for ``x`` (a quantizer downstream of learned ones must not stop them)."""
+        if self.log_scale is None:
+            xd = x.detach()
+            return x + (self.fake_quant(xd) - xd)
+        scale = self.log_scale.exp()
+        if self.spec.scheme == "two_region":
+            boundary = self.boundary * (scale.detach() / self.scale)
+            return Q.fake_quant_two_region_ste(x, scale, int(self.region_m), boundary, self.spec.bits,
+                                               signed_fine=self.spec.symmetric)
+        qmin, qmax = self._qrange()
+        return Q.fake_quant_uniform_ste(x, scale, self.zero_point, qmin, qmax)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
+        if self.mode == "quant" and x.requires_grad:
+            return self._fake_quant_ste(x)
         if self.mode == "observe":
             self.observer.update(x)
             self.elements += x.numel()
@@ -189,10 +238,45 @@ class _WeightQuantMixin:
         self.in_quant = TensorQuantizer(name, "input", a_spec)
         self.macs = 0  # accumulated while observing; divided by the number of images by the engine
         self._wq: torch.Tensor | None = None
+        self._w_codes: torch.Tensor | None = None  # integer codes while the weight scale is learned
+        self.w_log_scale: torch.Tensor | None = None
+
+    def begin_weight_scale_learning(self) -> torch.Tensor | None:
+        """Freeze the weight's integer codes and make its (per-channel) scale learnable.
+
+        Returns the log-scale tensor for the optimizer, or None where the grid is not a symmetric
+        uniform per-channel / per-tensor one."""
+        q = self.w_quant
+        if q.mode != "quant" or q.spec.scheme != "uniform" or q.spec.granularity not in ("per_channel", "per_tensor"):
+            return None
+        with torch.no_grad():
+            shape = [-1] + [1] * (self.weight.dim() - 1) if q.scale.numel() > 1 else []
+            scale = q.scale.reshape(shape)
+            qmin, qmax = q._qrange()
+            self._w_codes = torch.clamp(torch.round(self.weight * (1.0 / scale)) + q.zero_point.reshape(shape),
+                                        qmin, qmax) - q.zero_point.reshape(shape)
+        self.w_log_scale = scale.log().clone().requires_grad_(True)
+        return self.w_log_scale
+
+    def end_weight_scale_learning(self) -> None:
+        """Write the weight back on the learned grid (same integers, new scale)."""
+        if self.w_log_scale is None:
+            return
+        q = self.w_quant
+        with torch.no_grad():
+            scale = self.w_log_scale.exp()
+            self.weight.copy_(self._w_codes * scale)
+            q.scale = scale.reshape(q.scale.shape).clone()
+            qmin, qmax = q._qrange()
+            q.range_min, q.range_max = (qmin - q.zero_point) * q.scale, (qmax - q.zero_point) * q.scale
+        self._w_codes = self.w_log_scale = None
+        self.refresh()
 
     def quantized_weight(self) -> torch.Tensor:
         """The fake-quantized weight, computed once after calibration and cached (it never changes
         during evaluation, so evaluation pays only for the activation quantizers)."""
+        if self.w_log_scale is not None:
+            return self._w_codes * self.w_log_scale.exp()
         if self.w_quant.mode != "quant":
             return self.weight
         if self._wq is None:

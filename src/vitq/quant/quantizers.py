@@ -251,3 +251,27 @@ def to_groups(w: torch.Tensor, group_size: int) -> torch.Tensor:
     if flat.shape[1] % group_size:
         raise ValueError(f"input size {flat.shape[1]} is not a multiple of group size {group_size}")
     return flat.reshape(-1, group_size)
+
+
+# ----------------------------------------------------------------------------------------- differentiable
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest in the forward pass, identity in the backward pass (straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def fake_quant_uniform_ste(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
+                           qmax: int) -> torch.Tensor:
+    """:func:`fake_quant_uniform` with gradients (LSQ, Esser et al. 2020): ``x`` gets the straight-through
+    gradient inside the grid and none where it is clipped; ``scale`` gets ``round(x/s) - x/s`` inside and
+    the clip level outside. The forward value equals :func:`fake_quant_uniform` up to float rounding."""
+    return (torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax) - zero_point) * scale
+
+
+def fake_quant_two_region_ste(x: torch.Tensor, delta: torch.Tensor, m: int, boundary: torch.Tensor, bits: int,
+                              signed_fine: bool = False) -> torch.Tensor:
+    """:func:`fake_quant_two_region` with LSQ gradients for ``delta`` (both regions' steps follow it)."""
+    n, fine, fmin, fmax = _two_region_grid(delta, m, bits, signed_fine)
+    coarse = torch.clamp(round_ste(x / delta), 0, n - 1) * delta
+    return torch.where(x >= boundary, coarse, torch.clamp(round_ste(x / fine), fmin, fmax) * fine)

@@ -1,0 +1,85 @@
+import copy
+
+import pytest
+import torch
+
+from vitq.methods.mptq import MethodOptions, run_pipeline
+from vitq.methods.recon import apply_block_recon
+from vitq.quant import QuantConfig
+from vitq.quant import quantizers as Q
+from vitq.quant.engine import weight_layers
+
+from conftest import tiny_images, tiny_model
+
+
+def _kl(model, x, ref):
+    with torch.inference_mode():
+        return torch.nn.functional.kl_div(model(x).log_softmax(-1), ref, log_target=True, reduction="batchmean").item()
+
+
+def test_ste_quantizers_match_the_plain_ones_and_pass_gradients():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, generator=g) * 3
+    scale, zp = torch.tensor(0.1), torch.tensor(3.0)
+    s = scale.clone().requires_grad_(True)
+    xi = x.clone().requires_grad_(True)
+    y = Q.fake_quant_uniform_ste(xi, s, zp, 0, 15)
+    assert torch.allclose(y, Q.fake_quant_uniform(x, scale, zp, 0, 15), atol=1e-6)
+    y.sum().backward()
+    assert s.grad.abs() > 0
+    r = torch.round(x / scale) + zp
+    inner, outer = (r > 0) & (r < 15), (r < 0) | (r > 15)  # codes on the edge may go either way
+    assert torch.allclose(xi.grad[inner], torch.ones(())) and torch.equal(xi.grad[outer], torch.zeros(int(outer.sum())))
+    d = torch.tensor(0.5, requires_grad=True)
+    y2 = Q.fake_quant_two_region_ste(x.abs(), d, 3, torch.tensor(0.4), 4)
+    assert torch.allclose(y2, Q.fake_quant_two_region(x.abs(), torch.tensor(0.5), 3, torch.tensor(0.4), 4), atol=1e-6)
+    y2.sum().backward()
+    assert d.grad.abs() > 0
+
+
+def test_recon_lowers_calibration_kl_keeps_weights_on_grid_and_is_deterministic():
+    model, size = tiny_model("deit")
+    x = tiny_images(size, n=16)
+    with torch.inference_mode():
+        ref = model(x).log_softmax(-1)
+    cfg = QuantConfig(w_bits=4, a_bits=4, observer="mse")
+    base = run_pipeline(model, x, cfg, MethodOptions(sq_b=True, opt_m=True)).model
+    keys = set(base.state_dict())
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    res = apply_block_recon(a, model, x, iters=30, progress=False)
+    apply_block_recon(b, model, x, iters=30, progress=False)
+    assert res.skipped is None and [s.name for s in res.stages][:2] == ["stem", "blocks.0"]
+    assert res.stages[-1].name == "head"
+    assert _kl(a, x, ref) < _kl(base, x, ref)
+    with torch.inference_mode():
+        assert torch.equal(a(x), b(x))
+    assert set(a.state_dict()) == keys  # learnable copies never reach a state dict
+    assert all(p.requires_grad for p in a.parameters())  # restored
+    learned = [m for m, m0 in zip(weight_layers(a), weight_layers(base))
+               if not torch.equal(m.w_quant.scale, m0.w_quant.scale)]
+    assert learned
+    for m in learned:  # a learned weight scale rewrites the weight on its new grid (same integers)
+        w = m.weight.detach()
+        assert torch.allclose(m.w_quant.fake_quant(w), w, atol=1e-5), m.layer_name
+    # the classifier (one token per image) keeps its weight scales
+    assert torch.equal(a.head.w_quant.scale, base.head.w_quant.scale)
+
+
+def test_recon_only_at_low_activation_bits_and_named_when_no_trunk():
+    model, size = tiny_model("deit")
+    x = tiny_images(size, n=8)
+    opts = MethodOptions(opt_m=True, recon=True)
+    assert run_pipeline(model, x, QuantConfig(w_bits=6, a_bits=6), opts).recon is None
+    assert run_pipeline(model, x, QuantConfig(w_bits=4, a_bits=4), opts).recon is not None
+    swin, size = tiny_model("swin")
+    q = run_pipeline(swin, tiny_images(size, n=4), QuantConfig(w_bits=4, a_bits=4), MethodOptions(recon=True))
+    assert "trunk" in q.recon["skipped"]
+
+
+@pytest.mark.parametrize("bad", ["weight"])
+def test_weight_quantizer_cannot_learn_an_activation_step(bad):
+    model, size = tiny_model("deit")
+    x = tiny_images(size, n=4)
+    q = run_pipeline(model, x, QuantConfig(w_bits=4, a_bits=4), MethodOptions()).model
+    with pytest.raises(ValueError, match="cannot learn"):
+        q.blocks[0].attn.qkv.w_quant.begin_scale_learning()
