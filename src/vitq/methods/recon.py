@@ -55,7 +55,7 @@ def _batched(fn, x: torch.Tensor, bs: int = 8) -> torch.Tensor:
     return torch.cat([fn(x[i:i + bs]) for i in range(0, len(x), bs)])
 
 
-def apply_block_recon(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor, iters: int = 100,
+def apply_block_recon(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor, iters: int = 50,
                       batch: int = 8, lr: float = 4e-3, weight_scales: bool = True,
                       min_rows_per_channel: float = 4.0, seed: int = 0,
                       progress: bool = True) -> ReconResult:
