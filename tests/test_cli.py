@@ -177,6 +177,25 @@ def test_gptq_weights_are_saved_on_the_grid_and_reload(tmp_path, images, capsys)
     assert "--no-gptq" in capsys.readouterr().err
 
 
+def test_recon_runs_at_low_bits_is_reported_and_reloads(tmp_path, images, capsys):
+    from vitq.artifact import load_artifact
+
+    out = tmp_path / "r"
+    common = ["quantize", "deit_tiny", "--random-init", "--calib", str(images), "--calib-size", "6",
+              "--eval", str(images), "--w-bits", "4", "--a-bits", "4", "--workers", "0", "--quiet"]
+    assert main([*common, "--recon", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["methods"]["recon"] and [s["name"] for s in report["recon"]["stages"]][0] == "stem"
+    model, _ = load_artifact(out)
+    for m in model.modules():  # learned scales come back as ordinary parameters, nothing left learnable
+        assert getattr(m, "log_scale", None) is None and getattr(m, "w_log_scale", None) is None
+    capsys.readouterr()
+    assert main([*common, "--recon", "--no-recon", "--out", str(tmp_path / "x")]) == 2
+    assert "--no-recon" in capsys.readouterr().err
+    assert main([*common, "--method", "m2q", "--recon", "--out", str(tmp_path / "y")]) == 2
+    assert "--recon" in capsys.readouterr().err
+
+
 def load_model_fp():
     from vitq.zoo import load_model
 
