@@ -87,16 +87,15 @@ def main() -> int:
                 # so that the greedy rows and the uniform rows at that width share the same smoothing.
                 base = max(2, min(8, round(b)))
                 cfg = QuantConfig(w_bits=base, a_bits=base, protocol=v["protocol"], observer="mse")
+                opts = MethodOptions(sq_b=True, opt_m=True, gptq=v["gptq"], recon=v["recon"])
                 try:
-                    q, found = greedy_mp(loaded.model, calib, cfg,
-                                         MethodOptions(sq_b=True, opt_m=True, gptq=v["gptq"], recon=v["recon"]),
-                                         Budget(b, b),
-                                         n_probe=args.probe_images, progress=False)
+                    q, found = greedy_mp(loaded.model, calib, cfg, opts, Budget(b, b), n_probe=args.probe_images,
+                                         progress=False)
                 except ConfigError as exc:  # report and go on: the other variants are still worth measuring
                     print(f"skipped {short} {spec}: {exc}", file=sys.stderr, flush=True)
                     continue
                 label = (f"Greedy MP {b:g}-bit (SQ-b, OPT-m{', GPTQ on <= 5-bit layers' if v['gptq'] else ''}"
-                         f"{', recon' if v['recon'] and base <= 5 else ''}, "
+                         f"{', recon' if opts.recon_applies(cfg) else ''}, "
                          f"{args.probe_images} probe images)")
                 if found.uniform_fallback is not None:  # say so: the row is then a uniform model
                     label += (f", uniform {found.uniform_fallback}-bit won (probe KL {found.kl_final:.4f} "

@@ -75,7 +75,7 @@ def apply_block_recon(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor
         seed: seeds the mini-batch order.
 
     Returns:
-        Per stage, the number of learned scalars and the output MSE before and after.
+        Per stage, the number of learned scalars and :func:`stage_loss` before and after.
     """
     t0 = time.perf_counter()
     result = ReconResult()
@@ -148,8 +148,7 @@ def stage_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     normalization without affine parameters, i.e. as the next LayerNorm sees them. Plain MSE on the
     stream is dominated by the few "massive activation" tokens and channels (ViT-Tiny's channel 41
     reaches 577 after blocks.7 while the rest stay below 40), whose absolute error the next LayerNorm
-    divides away; on ViT-Tiny W4A4 the normalized loss gave 57.85 top-1 where plain MSE on DeiT-Tiny
-    gave no gain (docs/results.md). Other outputs (logits) use plain MSE.
+    divides away (docs/methods.md, "Block reconstruction"). Other outputs (logits) use plain MSE.
     """
     if target.dim() == 3:
         out = F.layer_norm(out, out.shape[-1:])

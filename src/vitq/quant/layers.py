@@ -182,11 +182,16 @@ class TensorQuantizer(nn.Module):
         if self.spec.scheme == "two_region":
             # the boundary was chosen relative to the fine region's reach, which scales with the step
             self.boundary = self.boundary * (new / self.scale)
+            self.scale = new
         else:
-            qmin, qmax = self._qrange()
-            self.range_min, self.range_max = (qmin - self.zero_point) * new, (qmax - self.zero_point) * new
-        self.scale = new
+            self.set_uniform_scale(new)
         self.log_scale = None
+
+    def set_uniform_scale(self, scale: torch.Tensor) -> None:
+        """Adopt a new step for a uniform grid, keeping its zero points (the clip range follows)."""
+        qmin, qmax = self._qrange()
+        self.scale = scale.detach().reshape(self.scale.shape).clone()
+        self.range_min, self.range_max = (qmin - self.zero_point) * self.scale, (qmax - self.zero_point) * self.scale
 
     def _fake_quant_ste(self, x: torch.Tensor) -> torch.Tensor:
         """Fake quantization that lets gradients through: LSQ gradients for a learnable step, else the
@@ -251,10 +256,8 @@ class _WeightQuantMixin:
             return None
         with torch.no_grad():
             shape = [-1] + [1] * (self.weight.dim() - 1) if q.scale.numel() > 1 else []
-            scale = q.scale.reshape(shape)
-            qmin, qmax = q._qrange()
-            self._w_codes = torch.clamp(torch.round(self.weight * (1.0 / scale)) + q.zero_point.reshape(shape),
-                                        qmin, qmax) - q.zero_point.reshape(shape)
+            scale, zero_point = q.scale.reshape(shape), q.zero_point.reshape(shape)
+            self._w_codes = Q.quantize_uniform(self.weight, scale, zero_point, *q._qrange()) - zero_point
         self.w_log_scale = scale.log().clone().requires_grad_(True)
         return self.w_log_scale
 
@@ -262,13 +265,10 @@ class _WeightQuantMixin:
         """Write the weight back on the learned grid (same integers, new scale)."""
         if self.w_log_scale is None:
             return
-        q = self.w_quant
         with torch.no_grad():
             scale = self.w_log_scale.exp()
             self.weight.copy_(self._w_codes * scale)
-            q.scale = scale.reshape(q.scale.shape).clone()
-            qmin, qmax = q._qrange()
-            q.range_min, q.range_max = (qmin - q.zero_point) * q.scale, (qmax - q.zero_point) * q.scale
+            self.w_quant.set_uniform_scale(scale)
         self._w_codes = self.w_log_scale = None
         self.refresh()
 
