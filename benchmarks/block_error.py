@@ -20,10 +20,11 @@ import torch
 
 from vitq.adapters import adapter_for
 from vitq.data import load_tensors, make_dataset
+from vitq.evaluate import kl_from_reference
 from vitq.methods.mptq import MethodOptions, run_pipeline
 from vitq.methods.recon import stage_loss
 from vitq.quant import QuantConfig
-from vitq.quant.layers import TensorQuantizer
+from vitq.quant.engine import all_quantizers, left_in_float
 from vitq.zoo import load_model
 
 
@@ -52,27 +53,22 @@ def main() -> int:
     print("| block | input | output | float block, quant input | weights only | top channel (MSE) | "
           "output, token-normalized |")
     print("|---|---|---|---|---|---|---|")
+    def mse(a, b):
+        return (a - b).pow(2).mean().item()
+
     with torch.no_grad():
         xq, xf = stem(x), fstem(x)
         for i, (bq, bf) in enumerate(zip(blocks, fblocks)):
             target, out, out_f = bf(xf), bq(xq), bf(xq)
-            acts = [m for m in bq.modules() if isinstance(m, TensorQuantizer) and m.mode == "quant" and not m.is_weight]
-            for m in acts:
-                m.mode = "off"
-            out_w = bq(xq)
-            for m in acts:
-                m.mode = "quant"
+            with left_in_float(t for t in all_quantizers(bq) if not t.is_weight):
+                out_w = bq(xq)
             err = (out - target).pow(2)
             ch = int(err.mean((0, 1)).argmax())
-
-            def mse(a, b):
-                return (a - b).pow(2).mean().item()
             print(f"| {i} | {mse(xq, xf):.4g} | {err.mean().item():.4g} | {mse(out_f, target):.4g} | "
                   f"{mse(out_w, target):.4g} | {ch} ({err.mean((0, 1))[ch].item():.4g}) | "
                   f"{stage_loss(out, target).item():.4g} |")
             xq, xf = out, target
-        kl = torch.nn.functional.kl_div(head(xq).log_softmax(-1), fhead(xf).log_softmax(-1), log_target=True,
-                                        reduction="batchmean").item()
+        kl = kl_from_reference(fhead(xf), head(xq)).mean().item()
     print(f"logit KL on these images: {kl:.4f}")
     return 0
 

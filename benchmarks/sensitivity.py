@@ -19,7 +19,7 @@ from vitq.data import load_tensors, make_dataset
 from vitq.evaluate import kl_from_reference
 from vitq.methods.mptq import MethodOptions, run_pipeline
 from vitq.quant import QuantConfig, calibrate, prepare
-from vitq.quant.engine import all_quantizers
+from vitq.quant.engine import all_quantizers, left_in_float
 from vitq.zoo import load_model
 
 
@@ -63,11 +63,8 @@ def main() -> int:
     print("| left in float | KL |")
     print("|---|---|")
     for key, ts in groups.items():
-        for t in ts:
-            t.mode = "off"
-        print(f"| {key} | {kl():.4f} |", flush=True)
-        for t in ts:
-            t.mode = "quant"
+        with left_in_float(ts):
+            print(f"| {key} | {kl():.4f} |", flush=True)
     return 0
 
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from vitq.quant import LayerRule, QuantConfig, calibrate, model_stats, prepare, quantize, tensor_table
 from vitq.quant.config import ConfigError
-from vitq.quant.engine import all_quantizers, set_quant_enabled
+from vitq.quant.engine import all_quantizers, left_in_float, set_quant_enabled
 from vitq.quant.layers import QuantConv2d, QuantLinear, QuantMatMul
 
 from conftest import tiny_images, tiny_model
@@ -192,3 +192,21 @@ def test_full_protocol_residual_stream_uses_ptf_and_can_be_turned_off():
         err_ptf = (ptf.blocks[0].residual1.x_quant.fake_quant(stream) - stream)[..., normal].norm()
         err_flat = (flat.blocks[0].residual1.x_quant.fake_quant(stream) - stream)[..., normal].norm()
     assert err_ptf < err_flat / 10  # per tensor, the big channel's range swamps the others
+
+
+def test_left_in_float_switches_off_and_restores_modes_even_on_error():
+    model, size = tiny_model("deit")
+    x = tiny_images(size)
+    q = quantize(model, x, QuantConfig(w_bits=4, a_bits=4))
+    acts = [t for t in all_quantizers(q) if not t.is_weight]
+    acts[0].mode = "off"  # one already off stays off afterwards
+    before = [t.mode for t in all_quantizers(q)]
+    with torch.inference_mode():
+        quantized = q(x)
+        with left_in_float(acts):
+            assert all(t.mode == "off" for t in acts)
+            assert not torch.equal(q(x), quantized)
+    with pytest.raises(RuntimeError):
+        with left_in_float(acts):
+            raise RuntimeError("boom")
+    assert [t.mode for t in all_quantizers(q)] == before

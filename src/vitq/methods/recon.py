@@ -30,7 +30,8 @@ from torch import nn
 from tqdm import tqdm
 
 from ..adapters import adapter_for
-from ..quant.layers import QuantConv2d, QuantLinear, TensorQuantizer
+from ..quant.engine import all_quantizers, weight_layers
+from ..quant.layers import QuantLinear
 
 
 @dataclass
@@ -89,8 +90,8 @@ def apply_block_recon(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor
     stages = [("stem", stem_q, stem_f)]
     stages += [(f"blocks.{i}", bq, bf) for i, (bq, bf) in enumerate(zip(blocks_q, blocks_f))]
     stages.append(("head", head_q, head_f))
-    quantizers = [q for q in model.modules() if isinstance(q, TensorQuantizer)]
-    layers_all = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantConv2d))]
+    quantizers = all_quantizers(model)
+    layers_all = weight_layers(model)
     gen = torch.Generator().manual_seed(seed)
     requires = {p: p.requires_grad for p in model.parameters()}
     for p in requires:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import copy
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -191,6 +192,21 @@ def set_quant_enabled(model: nn.Module, enabled: bool) -> None:
     """Switch all quantizers between quantizing and pass-through (for A/B comparisons)."""
     for q in all_quantizers(model):
         q.mode = "quant" if enabled else "off"
+
+
+@contextmanager
+def left_in_float(quantizers: Iterable[TensorQuantizer]) -> Iterator[None]:
+    """Let the given quantizers pass their tensors through unquantized for a while (sensitivity
+    diagnostics), then restore each one's mode."""
+    quantizers = list(quantizers)
+    modes = [q.mode for q in quantizers]
+    for q in quantizers:
+        q.mode = "off"
+    try:
+        yield
+    finally:
+        for q, mode in zip(quantizers, modes):
+            q.mode = mode
 
 
 def tensor_table(model: nn.Module) -> list[QuantizedTensor]:
