@@ -9,7 +9,6 @@ one pass over the images next to the FP model, so every row is paired with FP on
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -21,6 +20,7 @@ import torch
 
 from vitq.data import load_tensors, make_dataset, make_loader
 from vitq.evaluate import evaluate_many
+from vitq.io import atomic_write_json
 from vitq.quant import QuantConfig, calibrate, model_stats, prepare
 from vitq.zoo import load_model
 
@@ -73,9 +73,7 @@ def main() -> int:
                   f"{fp.top1:.2f} | {r.top1 - fp.top1:+.2f} | {r.agreement:.1f} | {r.kl:.4f} | {st['avg_w_bits']:.2f} | "
                   f"{st['avg_a_bits']:.2f} | {st['size_bytes'] / 1e6:.2f} | {m['calib_s']:.1f} |", flush=True)
     if args.out:
-        from vitq.io import atomic_write_text
-
-        atomic_write_text(args.out, json.dumps(rows, indent=2))
+        atomic_write_json(args.out, rows)
     return 0
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import sys
@@ -21,6 +20,7 @@ import torch
 
 from vitq.data import load_tensors, make_dataset, make_loader
 from vitq.evaluate import evaluate_many, kl_from_reference
+from vitq.io import atomic_write_json
 from vitq.methods.gptq import FIT_BIAS, apply_gptq
 from vitq.methods.mptq import MethodOptions, run_pipeline
 from vitq.quant import QuantConfig
@@ -74,9 +74,7 @@ def main() -> int:
             print(f"| {short} | {m['bits']} | {label} | {m['calib_kl']:.4f} | {r.top1:.2f} | {fp.top1:.2f} | "
                   f"{r.top1 - fp.top1:+.2f} | {r.agreement:.1f} | {r.kl:.4f} | {m['gptq_s']:.0f} |", flush=True)
     if args.out:
-        from vitq.io import atomic_write_text
-
-        atomic_write_text(args.out, json.dumps(rows, indent=2))
+        atomic_write_json(args.out, rows)
     return 0
 
 

@@ -12,7 +12,6 @@ count. The agreement of the vitq int8 ONNX model with vitq's simulation is measu
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -27,6 +26,7 @@ import torch
 
 from vitq.data import load_tensors, make_dataset
 from vitq.export.onnx import export_onnx
+from vitq.io import atomic_write_json
 from vitq.quant import QuantConfig
 from vitq.quant.engine import quantize
 
@@ -106,9 +106,7 @@ def main() -> int:
                     print(f"| {short}{' (random init)' if loaded.random_init else ''} | {name} | {batch} | {threads} | "
                           f"{ms:.1f} | {base / ms:.2f} |", flush=True)
     if args.out:
-        from vitq.io import atomic_write_text
-
-        atomic_write_text(args.out, json.dumps(rows, indent=2))
+        atomic_write_json(args.out, rows)
     return 0
 
 

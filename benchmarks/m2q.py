@@ -12,7 +12,6 @@ random-init models (no weights here) get cost rows only.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -25,6 +24,7 @@ import torch
 from vitq.data import load_tensors, make_dataset, make_loader
 from vitq.evaluate import evaluate_many
 from vitq.hardware import estimate, extract_workloads, int8_baseline, load_hardware
+from vitq.io import atomic_write_json
 from vitq.methods.m2q import fixed_scheme_config, m2q
 from vitq.methods.mptq import MethodOptions, run_pipeline
 from vitq.quant import QuantConfig, model_stats
@@ -108,9 +108,7 @@ def main() -> int:
         _plot([r for r in rows if r["model"] == entry.timm_name], Path(args.plot_dir) / f"m2q_curve_{short}.png",
               f"{short}{' (random init: cost only)' if loaded.random_init else ''}")
     if args.out:
-        from vitq.io import atomic_write_text
-
-        atomic_write_text(args.out, json.dumps(rows, indent=2))
+        atomic_write_json(args.out, rows)
     return 0
 
 

@@ -9,7 +9,6 @@ time of calibration plus searches.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -21,6 +20,7 @@ import torch
 
 from vitq.data import load_tensors, make_dataset, make_loader
 from vitq.evaluate import evaluate_many
+from vitq.io import atomic_write_json
 from vitq.methods.greedy_mp import Budget, greedy_mp
 from vitq.methods.mptq import MethodOptions, run_pipeline
 from vitq.quant import QuantConfig, model_stats
@@ -115,9 +115,7 @@ def main() -> int:
                   f"{r.agreement:.1f} | {r.kl:.4f} | {st['avg_w_bits']:.2f} | {st['avg_a_bits']:.2f} | "
                   f"{st['size_bytes'] / 1e6:.2f} | {st['bops'] / 1e9:.1f} | {m['time_s']:.0f} |", flush=True)
     if args.out:
-        from vitq.io import atomic_write_text
-
-        atomic_write_text(args.out, json.dumps(rows, indent=2))
+        atomic_write_json(args.out, rows)
     return 0
 
 

@@ -21,7 +21,6 @@ VNNI, whose uint8 x int8 kernels add pairs of products in saturating 16-bit arit
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -33,8 +32,8 @@ import onnxruntime as ort
 import torch
 
 from vitq.data import load_tensors, make_dataset
-from vitq.io import atomic_write_text
 from vitq.export.onnx import export_onnx
+from vitq.io import atomic_write_json
 from vitq.methods.mptq import MethodOptions, run_pipeline
 from vitq.quant import QuantConfig
 from vitq.quant.engine import quantize
@@ -108,7 +107,7 @@ def main() -> int:
                   f"| {row['top1_sim']:.2f} | {row['top1_onnx']:.2f} | {row['sim_fp']:.2f} | {row['onnx_fp']:.2f} "
                   f"| {row['onnx_sim']:.2f} | {row['dlogit_onnx_sim']:.4f} | {row['ceiling']:.2f} |", flush=True)
     if args.out:
-        atomic_write_text(args.out, json.dumps(rows, indent=2))
+        atomic_write_json(args.out, rows)
     return 0
 
 

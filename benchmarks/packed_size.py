@@ -13,7 +13,6 @@ values; the report says so).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import struct
@@ -26,8 +25,8 @@ import torch
 from safetensors import safe_open
 
 from vitq.data import load_tensors, make_dataset
-from vitq.io import atomic_write_text
 from vitq.export.packed import export_packed, load_packed
+from vitq.io import atomic_write_json
 from vitq.quant import QuantConfig
 from vitq.quant.engine import quantize
 
@@ -91,7 +90,7 @@ def main() -> int:
                   f"| {parts['other float'] / mb:.3f} | {parts['header'] / mb:.3f} | {'yes' if same else 'NO'} |",
                   flush=True)
     if args.out:
-        atomic_write_text(args.out, json.dumps(rows, indent=2))
+        atomic_write_json(args.out, rows)
     return 0 if all(r["reload_equal"] for r in rows) else 1
 
 

@@ -56,7 +56,7 @@ def _cmd_export(args) -> int:
     model, meta = load_artifact(args.model)
     if args.format == "onnx":
         from .export.onnx import export_onnx
-        from .io import atomic_write_text
+        from .io import atomic_write_json
         from .zoo import get_entry
 
         rep = export_onnx(model, get_entry(meta["model"]).transform.input_size, args.out)
@@ -67,7 +67,7 @@ def _cmd_export(args) -> int:
               f"{len(rep.nbits_layers)} as weight-only MatMulNBits "
               f"({', '.join(f'{k} x{v}' for k, v in sorted(rep.integer_ops.items())) or 'none'}); "
               f"log: {args.out}.json")
-        atomic_write_text(f"{args.out}.json", json.dumps(rep.to_dict(), indent=2))
+        atomic_write_json(f"{args.out}.json", rep.to_dict())
         return 0
     keep = {k: meta[k] for k in ("model", "checkpoint", "random_init", "model_kwargs") if k in meta}
     sizes = export_packed(model, keep, args.out)
@@ -239,7 +239,7 @@ _METRIC_KEY = {"edp": "edp", "energy": "energy_j", "latency": "latency_s"}
 
 
 def _cmd_cost(args) -> int:
-    from .io import atomic_write_text
+    from .io import atomic_write_json
     from .quant.engine import prepare
 
     hw = load_hardware(args.hw)
@@ -273,7 +273,7 @@ def _cmd_cost(args) -> int:
                "baseline": {k: v for k, v in base.to_dict().items() if k != "layers"}, "edp_saving": saving}
         if random_init:
             out["warning"] = "random-init weights: structure and cost are real, accuracy is not measured"
-        atomic_write_text(args.out, json.dumps(out, indent=2))
+        atomic_write_json(args.out, out)
     return 0
 
 

@@ -1,7 +1,6 @@
 """Classification evaluation: top-1/top-5, throughput, and agreement / KL against a reference model."""
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from typing import Iterable
@@ -50,9 +49,9 @@ class EvalResult:
         return s
 
     def save(self, path) -> None:
-        from .io import atomic_write_text
+        from .io import atomic_write_json
 
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2))
+        atomic_write_json(path, self.to_dict())
 
 
 def _batches(data) -> Iterable[Batch]:

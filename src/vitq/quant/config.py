@@ -150,9 +150,9 @@ class QuantConfig:
         return cls(**d)
 
     def save(self, path: str | Path) -> None:
-        from ..io import atomic_write_text
+        from ..io import atomic_write_json
 
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2))
+        atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "QuantConfig":
