@@ -54,9 +54,8 @@ def test_eval_writes_json(tmp_path, images, capsys):
 
 def test_quantize_then_eval_artifact_gives_identical_result(tmp_path, images, capsys):
     out = tmp_path / "q"
-    args = ["quantize", "deit_tiny", "--random-init", "--calib", str(images), "--calib-size", "2",
-            "--eval", str(images), "--w-bits", "4", "--a-bits", "4", "--observer", "percentile", "--out", str(out),
-            "--workers", "0", "--protocol", "full"]
+    args = [*_quantize_args(images, 2), "--w-bits", "4", "--a-bits", "4", "--observer", "percentile",
+            "--out", str(out), "--protocol", "full"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "blocks.0.attn.matmul_qk.q" in printed and "protocol=full" in printed
@@ -90,8 +89,7 @@ def test_quantize_then_eval_artifact_gives_identical_result(tmp_path, images, ca
 def test_config_pattern_error_names_pattern(tmp_path, images, capsys):
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"rules": [{"pattern": "blocks.77.*", "w_bits": 4}]}))
-    args = ["quantize", "deit_tiny", "--random-init", "--calib", str(images), "--calib-size", "2",
-            "--eval", str(images), "--config", str(cfg), "--out", str(tmp_path / "q"), "--workers", "0"]
+    args = [*_quantize_args(images, 2), "--config", str(cfg), "--out", str(tmp_path / "q")]
     assert main(args) == 2
     assert "blocks.77.*" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
@@ -136,9 +134,8 @@ def test_cost_command_json_and_errors(tmp_path, capsys):
 
 def test_m2q_quantize_writes_report_plot_and_config(tmp_path, images, capsys):
     out = tmp_path / "m2q"
-    args = ["quantize", "efficientvit_b0", "--random-init", "--calib", str(images), "--calib-size", "2",
-            "--eval", str(images), "--method", "m2q", "--budget-edp", "0.7", "--out", str(out), "--workers", "0",
-            "--quiet"]
+    args = [*_quantize_args(images, 2, "efficientvit_b0"), "--method", "m2q", "--budget-edp", "0.7",
+            "--out", str(out), "--quiet"]
     assert main(args) == 0
     r = json.loads((out / "report.json").read_text())
     m = r["m2q"]
@@ -160,8 +157,7 @@ def test_gptq_weights_are_saved_on_the_grid_and_reload(tmp_path, images, capsys)
     from vitq.quant.engine import weight_layers
 
     out = tmp_path / "g"
-    common = ["quantize", "deit_tiny", "--random-init", "--calib", str(images), "--calib-size", "6",
-              "--eval", str(images), "--w-bits", "4", "--a-bits", "8", "--workers", "0", "--quiet"]
+    common = [*_quantize_args(images, 6), "--w-bits", "4", "--a-bits", "8", "--quiet"]
     assert main([*common, "--gptq", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     done = {row["name"] for row in report["gptq"]["layers"]}  # 6 x 197 tokens: enough rows for qkv/proj/fc1
@@ -181,8 +177,7 @@ def test_recon_runs_at_low_bits_is_reported_and_reloads(tmp_path, images, capsys
     from vitq.artifact import load_artifact
 
     out = tmp_path / "r"
-    common = ["quantize", "deit_tiny", "--random-init", "--calib", str(images), "--calib-size", "6",
-              "--eval", str(images), "--w-bits", "4", "--a-bits", "4", "--workers", "0", "--quiet"]
+    common = [*_quantize_args(images, 6), "--w-bits", "4", "--a-bits", "4", "--quiet"]
     assert main([*common, "--recon", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["methods"]["recon"] and [s["name"] for s in report["recon"]["stages"]][0] == "stem"
@@ -194,6 +189,13 @@ def test_recon_runs_at_low_bits_is_reported_and_reloads(tmp_path, images, capsys
     assert "--no-recon" in capsys.readouterr().err
     assert main([*common, "--method", "m2q", "--recon", "--out", str(tmp_path / "y")]) == 2
     assert "--recon" in capsys.readouterr().err
+
+
+def _quantize_args(images, calib_size: int, model: str = "deit_tiny") -> list[str]:
+    """``vitq quantize`` on a random-init model, calibrating on ``calib_size`` of ``images`` and
+    evaluating on all of them, in-process (no data-loader workers)."""
+    return ["quantize", model, "--random-init", "--calib", str(images), "--calib-size", str(calib_size),
+            "--eval", str(images), "--workers", "0"]
 
 
 def load_model_fp():
