@@ -2,7 +2,8 @@
 
 For each block of the trunk: the error of its input (inherited from the quantized blocks before it), of
 its output, of the *float* block run on the same quantized input (what the block would add if it were not
-quantized), and of the block with only its weights quantized; plus the channel with the largest error.
+quantized), and of the block with only its weights quantized; plus the channel with the largest error
+and the largest magnitude that channel reaches in float.
 Errors are MSE against the float model's block output (raw, and normalized per token as the next
 LayerNorm sees it). Uses `--method mptq` (SQ-b, OPT-m, GPTQ; block reconstruction at <= 5 bits unless
 `--no-recon`).
@@ -51,8 +52,8 @@ def main() -> int:
     print(f"# {loaded.entry.timm_name} W{args.bits}A{args.bits} mptq{' (no recon)' if args.no_recon else ''}: "
           f"MSE against the float block output on {len(x)} calibration images")
     print("| block | input | output | float block, quant input | weights only | top channel (MSE) | "
-          "output, token-normalized |")
-    print("|---|---|---|---|---|---|---|")
+          "its float max abs | output, token-normalized |")
+    print("|---|---|---|---|---|---|---|---|")
     def mse(a, b):
         return (a - b).pow(2).mean().item()
 
@@ -66,6 +67,7 @@ def main() -> int:
             ch = int(err.mean((0, 1)).argmax())
             print(f"| {i} | {mse(xq, xf):.4g} | {err.mean().item():.4g} | {mse(out_f, target):.4g} | "
                   f"{mse(out_w, target):.4g} | {ch} ({err.mean((0, 1))[ch].item():.4g}) | "
+                  f"{target[..., ch].abs().max().item():.4g} | "
                   f"{stage_loss(out, target).item():.4g} |")
             xq, xf = out, target
         kl = kl_from_reference(fhead(xf), head(xq)).mean().item()

@@ -134,10 +134,10 @@ def hessian_clip(w: torch.Tensor, h: torch.Tensor, wq, ratios=CLIP_RATIOS) -> tu
     """Clip range of a weight grid chosen on the layer's *output* error, ``(W - Q(W)) H (W - Q(W))^T``.
 
     The weight observers choose a clip on the weight's own error, which treats every input alike. A
-    weight that multiplies a rare, huge input (ViT-Tiny's "massive activation" channel: one input near
-    190 where the rest stay below 4) is an outlier of its row, so the weight-MSE clip cuts it (2.62 to
-    1.21 in ViT-Tiny's blocks.7.mlp.fc2) and the huge output it exists to produce is lost. Weighting
-    the error by the input's second moment ``H = X^T X`` keeps it.
+    weight that multiplies a rare, huge input (the input of ViT-Tiny's "massive activation" in
+    blocks.7.mlp.fc2, docs/methods.md) is an outlier of its row, so the weight-MSE clip cuts it and the
+    huge output it exists to produce is lost. Weighting the error by the input's second moment
+    ``H = X^T X`` keeps it (tested).
 
     Args:
         w: ``[out, in]`` float weight.

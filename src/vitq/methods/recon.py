@@ -148,7 +148,7 @@ def stage_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     Token tensors ``[images, tokens, channels]`` (the residual stream) are compared after a per-token
     normalization without affine parameters, i.e. as the next LayerNorm sees them. Plain MSE on the
     stream is dominated by the few "massive activation" tokens and channels (ViT-Tiny's channel 41
-    reaches 577 after blocks.7 while the rest stay below 40), whose absolute error the next LayerNorm
+    reaches 577 after blocks.7, benchmarks/block_error.py), whose absolute error the next LayerNorm
     divides away (docs/methods.md, "Block reconstruction"). Other outputs (logits) use plain MSE.
     """
     if target.dim() == 3:
