@@ -83,3 +83,36 @@ def test_weight_quantizer_cannot_learn_an_activation_step(bad):
     q = run_pipeline(model, x, QuantConfig(w_bits=4, a_bits=4), MethodOptions()).model
     with pytest.raises(ValueError, match="cannot learn"):
         q.blocks[0].attn.qkv.w_quant.begin_scale_learning()
+
+
+def test_qdrop_keeps_the_drawn_fraction_float_only_on_the_gradient_path():
+    from vitq.quant.config import TensorSpec
+    from vitq.quant.layers import TensorQuantizer
+
+    q = TensorQuantizer("l", "input", TensorSpec(bits=4))
+    x = torch.randn(4000, generator=torch.Generator().manual_seed(1))
+    q.set_range(x.min(), x.max())
+    q.mode = "quant"
+    fq = q.fake_quant(x)
+    q.drop_prob, q.drop_generator = 0.5, torch.Generator().manual_seed(0)
+    y = q(x.clone().requires_grad_(True)).detach()
+    is_float, is_quant = y == x, y == fq
+    assert bool((is_float | is_quant).all())
+    assert 0.45 < (is_float & ~is_quant).float().mean().item() / (x != fq).float().mean().item() < 0.55
+    assert torch.equal(q(x), fq)  # evaluation (no gradient) never drops
+    q.drop_generator = torch.Generator().manual_seed(0)
+    assert torch.equal(q(x.clone().requires_grad_(True)).detach(), y)  # same seed, same draw
+
+
+def test_recon_with_qdrop_is_deterministic_and_resets_the_drop():
+    model, size = tiny_model("deit")
+    x = tiny_images(size, n=8)
+    cfg = QuantConfig(w_bits=4, a_bits=4, observer="mse")
+    base = run_pipeline(model, x, cfg, MethodOptions(opt_m=True)).model
+    a, b = copy.deepcopy(base), copy.deepcopy(base)
+    apply_block_recon(a, model, x, iters=10, drop_prob=0.5, progress=False)
+    apply_block_recon(b, model, x, iters=10, drop_prob=0.5, progress=False)
+    with torch.inference_mode():
+        assert torch.equal(a(x), b(x))
+    from vitq.quant.engine import all_quantizers
+    assert all(q.drop_prob == 0 and q.drop_generator is None for q in all_quantizers(a))

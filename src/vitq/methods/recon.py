@@ -58,7 +58,7 @@ def _batched(fn, x: torch.Tensor, bs: int = 8) -> torch.Tensor:
 
 def apply_block_recon(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor, iters: int = 50,
                       batch: int = 8, lr: float = 4e-3, weight_scales: bool = True,
-                      min_rows_per_channel: float = 4.0, seed: int = 0,
+                      min_rows_per_channel: float = 4.0, drop_prob: float = 0.0, seed: int = 0,
                       progress: bool = True) -> ReconResult:
     """Tune step sizes block by block so each quantized block reproduces the float block (in place).
 
@@ -73,7 +73,9 @@ def apply_block_recon(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor
         weight_scales: also learn per-channel weight scales with frozen integer codes.
         min_rows_per_channel: layers whose calibration rows are fewer than this many times their inputs
             per output channel keep their weight scales.
-        seed: seeds the mini-batch order.
+        drop_prob: QDrop; during training each activation element of the stage stays float with this
+            probability (0 = always quantized).
+        seed: seeds the mini-batch order and the QDrop draws.
 
     Returns:
         Per stage, the number of learned scalars and :func:`stage_loss` before and after.
@@ -120,10 +122,15 @@ def apply_block_recon(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor
                       and rows.get(id(m), 0) >= min_rows_per_channel * m.weight[0].numel()] if weight_scales else []
             params = [q.begin_scale_learning() for q in act]
             params += [p for m in layers if (p := m.begin_weight_scale_learning()) is not None]
+            acts = [q for q in used if not q.is_weight]
+            for q in acts:
+                q.drop_prob, q.drop_generator = drop_prob, gen
             try:
                 if params:
                     _train(fq, xq, target, params, iters, batch, lr, gen)
             finally:
+                for q in acts:
+                    q.drop_prob, q.drop_generator = 0.0, None
                 for q in act:
                     q.end_scale_learning()
                 for m in layers:

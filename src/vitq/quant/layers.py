@@ -54,6 +54,11 @@ class TensorQuantizer(nn.Module):
         # Block reconstruction (methods/recon.py) makes the step size learnable for a while: a plain
         # tensor, not a registered parameter, so it never reaches a state dict.
         self.log_scale: torch.Tensor | None = None
+        # QDrop (Wei et al. 2022): while reconstructing, each element keeps its float value with this
+        # probability, so the learned steps do not over-fit one pattern of rounding errors. Applied only
+        # on the differentiable path (inputs that require grad), never in calibration or evaluation.
+        self.drop_prob = 0.0
+        self.drop_generator: torch.Generator | None = None
 
     # ---- calibration
     def start_observing(self, method: str, seed: int) -> None:
@@ -195,17 +200,24 @@ class TensorQuantizer(nn.Module):
 
     def _fake_quant_ste(self, x: torch.Tensor) -> torch.Tensor:
         """Fake quantization that lets gradients through: LSQ gradients for a learnable step, else the
-        straight-through estimator for ``x`` (a quantizer downstream of learned ones must not stop them)."""
+        straight-through estimator for ``x`` (a quantizer downstream of learned ones must not stop them).
+        With ``drop_prob`` > 0, that fraction of elements (drawn from ``drop_generator``) stays float."""
         if self.log_scale is None:
             xd = x.detach()
-            return x + (self.fake_quant(xd) - xd)
-        scale = self.log_scale.exp()
-        if self.spec.scheme == "two_region":
-            boundary = self.boundary * (scale.detach() / self.scale)
-            return Q.fake_quant_two_region_ste(x, scale, int(self.region_m), boundary, self.spec.bits,
-                                               signed_fine=self.spec.symmetric)
-        qmin, qmax = self._qrange()
-        return Q.fake_quant_uniform_ste(x, scale, self.zero_point, qmin, qmax)
+            out = x + (self.fake_quant(xd) - xd)
+        else:
+            scale = self.log_scale.exp()
+            if self.spec.scheme == "two_region":
+                boundary = self.boundary * (scale.detach() / self.scale)
+                out = Q.fake_quant_two_region_ste(x, scale, int(self.region_m), boundary, self.spec.bits,
+                                                  signed_fine=self.spec.symmetric)
+            else:
+                qmin, qmax = self._qrange()
+                out = Q.fake_quant_uniform_ste(x, scale, self.zero_point, qmin, qmax)
+        if self.drop_prob > 0:
+            keep_float = torch.rand(x.shape, generator=self.drop_generator) < self.drop_prob
+            out = torch.where(keep_float, x, out)
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1

@@ -1,0 +1,111 @@
+"""Choose block-reconstruction settings on held-out *calibration* images (never the evaluation images).
+
+calib32 is split into folds of 8 images (a fixed seeded permutation). For each fold, the whole `--method
+mptq` pipeline without reconstruction (SQ-b, OPT-m, GPTQ) runs on the other 24 images; then each
+setting's block reconstruction runs on the same 24 images, and the quantized model is compared with the
+float model on the 8 held-out images (mean KL of the logits, top-1 agreement) and on the 24 it was fitted
+on (to show over-fitting). Figures are averaged over the folds.
+
+    python benchmarks/recon_holdout.py --models deit_tiny vit_tiny --bits 4 \\
+        --settings none iters=50,drop=0 iters=50,drop=0.5 iters=100,drop=0.5
+
+A setting is ``none`` (no reconstruction) or comma-separated ``key=value`` with keys ``iters``, ``lr``,
+``drop`` (QDrop probability), ``batch``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from vitq.data import load_tensors, make_dataset
+from vitq.evaluate import kl_from_reference
+from vitq.methods.mptq import MethodOptions, run_pipeline
+from vitq.methods.recon import apply_block_recon
+from vitq.quant import QuantConfig
+from vitq.zoo import load_model
+
+KEYS = {"iters": int, "lr": float, "drop": float, "batch": int}
+
+
+def parse_setting(text: str) -> dict | None:
+    if text == "none":
+        return None
+    out = {}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        if key not in KEYS or not value:
+            raise SystemExit(f"bad setting {text!r}: expected 'none' or key=value pairs with keys {sorted(KEYS)}")
+        out[key] = KEYS[key](value)
+    return out
+
+
+def _logits(model, x: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.cat([model(x[i:i + 16]) for i in range(0, len(x), 16)])
+
+
+def _scores(fp_logits: torch.Tensor, q_logits: torch.Tensor) -> tuple[float, float]:
+    kl = kl_from_reference(fp_logits, q_logits).mean().item()
+    agree = (fp_logits.argmax(1) == q_logits.argmax(1)).float().mean().item() * 100
+    return kl, agree
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["deit_tiny", "vit_tiny"])
+    ap.add_argument("--assets", default=os.environ.get("VITQ_ASSETS", "../shared/assets"))
+    ap.add_argument("--bits", type=int, default=4, help="W and A bits (standard protocol)")
+    ap.add_argument("--settings", nargs="+", default=["none", "iters=50,drop=0", "iters=50,drop=0.5"])
+    ap.add_argument("--folds", type=int, default=4, help="how many of the 4 folds of 8 images to run")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    settings = [(s, parse_setting(s)) for s in args.settings]
+    assets = Path(args.assets)
+    cfg = QuantConfig(w_bits=args.bits, a_bits=args.bits, observer="mse")
+    opts = MethodOptions(sq_b=True, opt_m=True, gptq=True, recon=False)
+    rows = []
+    for name in args.models:
+        torch.manual_seed(args.seed)
+        loaded = load_model(name)
+        calib, _ = load_tensors(make_dataset(assets / "imagenet-sample", loaded.entry.transform,
+                                             assets / "calib32.txt"))
+        perm = torch.randperm(len(calib), generator=torch.Generator().manual_seed(args.seed))
+        folds = perm.reshape(-1, 8)[: args.folds]
+        sums = {s: [0.0, 0.0, 0.0, 0.0, 0.0] for s, _ in settings}  # held KL, held agr, fit KL, fit agr, s
+        for k, held_idx in enumerate(folds):
+            fit_idx = perm[~torch.isin(perm, held_idx)]
+            fit, held = calib[fit_idx], calib[held_idx]
+            fp_fit, fp_held = _logits(loaded.model, fit), _logits(loaded.model, held)
+            base = run_pipeline(loaded.model, fit, cfg, opts).model
+            for text, setting in settings:
+                q = copy.deepcopy(base)
+                t = time.perf_counter()
+                if setting is not None:
+                    apply_block_recon(q, loaded.model, fit, iters=setting.get("iters", 50),
+                                      batch=setting.get("batch", 8), lr=setting.get("lr", 4e-3),
+                                      drop_prob=setting.get("drop", 0.0), seed=args.seed, progress=False)
+                secs = time.perf_counter() - t
+                hk, ha = _scores(fp_held, _logits(q, held))
+                fk, fa = _scores(fp_fit, _logits(q, fit))
+                print(f"{name} fold {k} {text}: held KL {hk:.4f} agr {ha:.1f} | fit KL {fk:.4f} agr {fa:.1f} "
+                      f"| {secs:.0f} s", flush=True)
+                for i, v in enumerate((hk, ha, fk, fa, secs)):
+                    sums[text][i] += v / len(folds)
+        for text, _ in settings:
+            rows.append((name, text, *sums[text]))
+    print(f"\n# W{args.bits}A{args.bits} standard, mptq pipeline, reconstruction settings; mean over "
+          f"{args.folds} fold(s): fitted on 24 calibration images, scored on the other 8")
+    print("| model | setting | held-out KL | held-out agreement | fitted KL | fitted agreement | recon s |")
+    print("|---|---|---|---|---|---|---|")
+    for name, text, hk, ha, fk, fa, secs in rows:
+        print(f"| {name} | {text} | {hk:.4f} | {ha:.1f} % | {fk:.4f} | {fa:.1f} % | {secs:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
