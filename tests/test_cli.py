@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from vitq.cli import main
+from vitq.methods.mptq import MethodOptions
 
 from conftest import write_images
 
@@ -181,6 +182,7 @@ def test_recon_runs_at_low_bits_is_reported_and_reloads(tmp_path, images, capsys
     assert main([*common, "--recon", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["methods"]["recon"] and [s["name"] for s in report["recon"]["stages"]][0] == "stem"
+    assert report["recon"]["settings"]["iters"] == MethodOptions.recon_iters
     model, _ = load_artifact(out)
     for m in model.modules():  # learned scales come back as ordinary parameters, nothing left learnable
         assert getattr(m, "log_scale", None) is None and getattr(m, "w_log_scale", None) is None
@@ -189,6 +191,11 @@ def test_recon_runs_at_low_bits_is_reported_and_reloads(tmp_path, images, capsys
     assert "--no-recon" in capsys.readouterr().err
     assert main([*common, "--method", "m2q", "--recon", "--out", str(tmp_path / "y")]) == 2
     assert "--recon" in capsys.readouterr().err
+    assert main([*common, "--recon", "--recon-drop", "1.5", "--out", str(tmp_path / "z")]) == 2
+    assert "--recon-drop" in capsys.readouterr().err
+    assert main([*common, "--recon", "--recon-iters", "0", "--out", str(tmp_path / "w")]) == 2
+    assert "--recon-iters" in capsys.readouterr().err
+    assert not (tmp_path / "z").exists() and not (tmp_path / "w").exists()
 
 
 def _quantize_args(images, calib_size: int, model: str = "deit_tiny") -> list[str]:

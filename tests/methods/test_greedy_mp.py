@@ -73,9 +73,16 @@ def test_unreachable_budget_and_no_budget():
         Budget()
 
 
-def test_works_without_block_cache_on_swin():
-    _, _, q, res = _search(Budget(6.0, 6.0), family="swin")
+def test_swin_probes_through_its_trunk_and_reports_the_returned_models_kl():
+    # Swin's trunk steps through each patch merging; the cached block inputs must give the same KL as a
+    # full run of the returned model
+    from vitq.evaluate import kl_from_reference
+
+    model, x, q, res = _search(Budget(6.0, 6.0), family="swin")
     assert model_stats(q)["avg_w_bits"] <= 6.0 + 1e-9
+    with torch.inference_mode():
+        kl = kl_from_reference(model(x[:8]), q(x[:8])).mean().item()
+    assert abs(kl - res.kl_final) < 1e-5
 
 
 def test_bops_budget_is_met_and_binding():

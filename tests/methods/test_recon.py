@@ -3,6 +3,7 @@ import copy
 import pytest
 import torch
 
+from vitq.adapters import adapter_for
 from vitq.methods.mptq import MethodOptions, run_pipeline
 from vitq.methods.recon import apply_block_recon
 from vitq.quant import QuantConfig
@@ -71,9 +72,33 @@ def test_recon_only_at_low_activation_bits_and_named_when_no_trunk():
     opts = MethodOptions(opt_m=True, recon=True)
     assert run_pipeline(model, x, QuantConfig(w_bits=6, a_bits=6), opts).recon is None
     assert run_pipeline(model, x, QuantConfig(w_bits=4, a_bits=4), opts).recon is not None
-    swin, size = tiny_model("swin")
-    q = run_pipeline(swin, tiny_images(size, n=4), QuantConfig(w_bits=4, a_bits=4), MethodOptions(recon=True))
+    hybrid, size = tiny_model("efficientvit")
+    q = run_pipeline(hybrid, tiny_images(size, n=4), QuantConfig(w_bits=4, a_bits=4), MethodOptions(recon=True))
     assert "trunk" in q.recon["skipped"]
+
+
+@pytest.mark.parametrize("protocol", ["standard", "full"])
+def test_recon_on_swin_steps_through_patch_merging_and_lowers_kl(protocol):
+    from timm.models.swin_transformer import PatchMerging
+
+    model, size = tiny_model("swin")
+    x = tiny_images(size, n=8)
+    stem, steps, head = adapter_for(model).trunk(model)
+    with torch.inference_mode():  # the trunk is the model: same logits
+        y = stem(x)
+        for s in steps:
+            y = s(y)
+        assert torch.allclose(head(y), model(x), atol=1e-5)
+    assert any(isinstance(s, PatchMerging) for s in steps)
+    with torch.inference_mode():
+        ref = model(x).log_softmax(-1)
+    cfg = QuantConfig(w_bits=4, a_bits=4, protocol=protocol)
+    base = run_pipeline(model, x, cfg, MethodOptions(opt_m=True)).model
+    a = copy.deepcopy(base)
+    res = apply_block_recon(a, model, x, iters=20, progress=False)
+    assert res.skipped is None and len(res.stages) == len(steps) + 2
+    assert any(s.params > 0 for s in res.stages)
+    assert _kl(a, x, ref) < _kl(base, x, ref)
 
 
 @pytest.mark.parametrize("bad", ["weight"])

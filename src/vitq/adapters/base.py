@@ -58,7 +58,8 @@ class Adapter:
 
     def trunk(self, model: nn.Module):
         """``(stem, blocks, head)`` callables if the model is a plain sequence of blocks (lets searches
-        re-run only the blocks after a change), else None."""
+        re-run only the blocks after a change; block reconstruction tunes one step at a time), else None.
+        ``blocks`` are modules whose outputs are channels-last token tensors ([B, N, C] or [B, H, W, C])."""
         return None
 
     def norm_linear_pairs(self, model: nn.Module) -> list[tuple[nn.Module, nn.Linear]]:

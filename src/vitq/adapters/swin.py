@@ -59,6 +59,19 @@ class SwinAdapter(Adapter):
     def first_layers(self, model: nn.Module) -> list[nn.Module]:
         return [model.patch_embed.proj]
 
+    def trunk(self, model: nn.Module):
+        # timm's SwinTransformerStage is downsample (PatchMerging or Identity) then its blocks, on NHWC
+        # features; flattening the stages gives a plain sequence, with each patch merging as its own step.
+        def head(x):
+            return model.forward_head(model.norm(x))
+
+        steps: list[nn.Module] = []
+        for stage in model.layers:
+            if not isinstance(stage.downsample, nn.Identity):
+                steps.append(stage.downsample)
+            steps.extend(stage.blocks)
+        return model.patch_embed, steps, head
+
     def two_region_targets(self, model: nn.Module):
         out = []
         for b in model.modules():

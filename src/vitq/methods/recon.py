@@ -15,8 +15,8 @@ BRECQ, Li et al. 2021; the step-size gradient of LSQ, Esser et al. 2020):
 * never learned: bit-widths, zero points, region ratios ``m``, PoT and PTF grids, float parameters.
   Every result is an ordinary calibrated model: the exporters see a different scale, nothing else.
 
-Needs a plain block sequence (``Adapter.trunk``: ViT/DeiT); other families are returned unchanged
-with a note in the result.
+Needs a plain block sequence (``Adapter.trunk``: ViT/DeiT, and Swin with each patch merging as its own
+step); other families (the conv hybrids) are returned unchanged with a note in the result.
 """
 from __future__ import annotations
 
@@ -47,9 +47,11 @@ class ReconResult:
     stages: list[ReconStage] = field(default_factory=list)
     skipped: str | None = None  # why nothing was done (e.g. no block sequence)
     seconds: float = 0.0
+    settings: dict = field(default_factory=dict)  # iters, batch, lr, drop_prob, seed: for the report
 
     def to_dict(self) -> dict:
-        return {"stages": [vars(s) for s in self.stages], "skipped": self.skipped, "seconds": self.seconds}
+        return {"stages": [vars(s) for s in self.stages], "skipped": self.skipped, "seconds": self.seconds,
+                "settings": self.settings}
 
 
 def _batched(fn, x: torch.Tensor, bs: int = 8) -> torch.Tensor:
@@ -74,14 +76,15 @@ def apply_block_recon(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor
         min_rows_per_channel: layers whose calibration rows are fewer than this many times their inputs
             per output channel keep their weight scales.
         drop_prob: QDrop; during training each activation element of the stage stays float with this
-            probability (0 = always quantized).
+            probability (0 = always quantized). How the defaults were chosen: docs/methods.md.
         seed: seeds the mini-batch order and the QDrop draws.
 
     Returns:
         Per stage, the number of learned scalars and :func:`stage_loss` before and after.
     """
     t0 = time.perf_counter()
-    result = ReconResult()
+    result = ReconResult(settings={"iters": iters, "batch": batch, "lr": lr, "weight_scales": weight_scales,
+                                   "drop_prob": drop_prob, "seed": seed})
     adapter = adapter_for(model)
     trunk_q, trunk_f = adapter.trunk(model), adapter_for(fp_model).trunk(fp_model)
     if trunk_q is None or trunk_f is None:
@@ -152,13 +155,14 @@ def apply_block_recon(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor
 def stage_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Reconstruction loss of one stage.
 
-    Token tensors ``[images, tokens, channels]`` (the residual stream) are compared after a per-token
+    Token tensors ``[images, tokens, channels]`` or ``[images, H, W, channels]`` (the residual stream;
+    ``Adapter.trunk`` promises channels-last) are compared after a per-token
     normalization without affine parameters, i.e. as the next LayerNorm sees them. Plain MSE on the
     stream is dominated by the few "massive activation" tokens and channels (ViT-Tiny's channel 41
     reaches 577 after blocks.7, benchmarks/block_error.py), whose absolute error the next LayerNorm
     divides away (docs/methods.md, "Block reconstruction"). Other outputs (logits) use plain MSE.
     """
-    if target.dim() == 3:
+    if target.dim() in (3, 4):
         out = F.layer_norm(out, out.shape[-1:])
         target = F.layer_norm(target, target.shape[-1:])
     return (out - target).pow(2).mean()
