@@ -23,13 +23,14 @@ from pathlib import Path
 import torch
 
 from vitq.data import load_tensors, make_dataset
-from vitq.evaluate import kl_from_reference
+from vitq.evaluate import evaluate
 from vitq.methods.mptq import MethodOptions, run_pipeline
 from vitq.methods.recon import apply_block_recon
 from vitq.quant import QuantConfig
 from vitq.zoo import load_model
 
-KEYS = {"iters": int, "lr": float, "drop": float, "batch": int}
+# setting key -> (apply_block_recon argument, type); keys left out keep apply_block_recon's defaults
+KEYS = {"iters": ("iters", int), "lr": ("lr", float), "drop": ("drop_prob", float), "batch": ("batch", int)}
 
 
 def parse_setting(text: str) -> dict | None:
@@ -40,19 +41,18 @@ def parse_setting(text: str) -> dict | None:
         key, _, value = part.partition("=")
         if key not in KEYS or not value:
             raise SystemExit(f"bad setting {text!r}: expected 'none' or key=value pairs with keys {sorted(KEYS)}")
-        out[key] = KEYS[key](value)
+        arg, kind = KEYS[key]
+        try:
+            out[arg] = kind(value)
+        except ValueError:
+            raise SystemExit(f"bad setting {text!r}: {key} must be {kind.__name__}, got {value!r}") from None
     return out
 
 
-def _logits(model, x: torch.Tensor) -> torch.Tensor:
-    with torch.inference_mode():
-        return torch.cat([model(x[i:i + 16]) for i in range(0, len(x), 16)])
-
-
-def _scores(fp_logits: torch.Tensor, q_logits: torch.Tensor) -> tuple[float, float]:
-    kl = kl_from_reference(fp_logits, q_logits).mean().item()
-    agree = (fp_logits.argmax(1) == q_logits.argmax(1)).float().mean().item() * 100
-    return kl, agree
+def _scores(model, fp_model, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """Mean KL from FP and top-1 agreement (%), as vitq.evaluate defines them."""
+    r = evaluate(model, (images, labels), reference=fp_model, progress=False)
+    return r.kl, r.agreement
 
 
 def main() -> int:
@@ -72,7 +72,7 @@ def main() -> int:
     for name in args.models:
         torch.manual_seed(args.seed)
         loaded = load_model(name)
-        calib, _ = load_tensors(make_dataset(assets / "imagenet-sample", loaded.entry.transform,
+        calib, labels = load_tensors(make_dataset(assets / "imagenet-sample", loaded.entry.transform,
                                              assets / "calib32.txt"))
         perm = torch.randperm(len(calib), generator=torch.Generator().manual_seed(args.seed))
         folds = perm.reshape(-1, 8)[: args.folds]
@@ -80,18 +80,15 @@ def main() -> int:
         for k, held_idx in enumerate(folds):
             fit_idx = perm[~torch.isin(perm, held_idx)]
             fit, held = calib[fit_idx], calib[held_idx]
-            fp_fit, fp_held = _logits(loaded.model, fit), _logits(loaded.model, held)
             base = run_pipeline(loaded.model, fit, cfg, opts).model
             for text, setting in settings:
                 q = copy.deepcopy(base)
                 t = time.perf_counter()
                 if setting is not None:
-                    apply_block_recon(q, loaded.model, fit, iters=setting.get("iters", 50),
-                                      batch=setting.get("batch", 8), lr=setting.get("lr", 4e-3),
-                                      drop_prob=setting.get("drop", 0.0), seed=args.seed, progress=False)
+                    apply_block_recon(q, loaded.model, fit, seed=args.seed, progress=False, **setting)
                 secs = time.perf_counter() - t
-                hk, ha = _scores(fp_held, _logits(q, held))
-                fk, fa = _scores(fp_fit, _logits(q, fit))
+                hk, ha = _scores(q, loaded.model, held, labels[held_idx])
+                fk, fa = _scores(q, loaded.model, fit, labels[fit_idx])
                 print(f"{name} fold {k} {text}: held KL {hk:.4f} agr {ha:.1f} | fit KL {fk:.4f} agr {fa:.1f} "
                       f"| {secs:.0f} s", flush=True)
                 for i, v in enumerate((hk, ha, fk, fa, secs)):

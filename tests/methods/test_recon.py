@@ -8,7 +8,9 @@ from vitq.methods.mptq import MethodOptions, run_pipeline
 from vitq.methods.recon import apply_block_recon
 from vitq.quant import QuantConfig
 from vitq.quant import quantizers as Q
-from vitq.quant.engine import weight_layers
+from vitq.quant.config import TensorSpec
+from vitq.quant.engine import all_quantizers, weight_layers
+from vitq.quant.layers import TensorQuantizer
 
 from conftest import tiny_images, tiny_model
 
@@ -111,9 +113,6 @@ def test_weight_quantizer_cannot_learn_an_activation_step(bad):
 
 
 def test_qdrop_keeps_the_drawn_fraction_float_only_on_the_gradient_path():
-    from vitq.quant.config import TensorSpec
-    from vitq.quant.layers import TensorQuantizer
-
     q = TensorQuantizer("l", "input", TensorSpec(bits=4))
     x = torch.randn(4000, generator=torch.Generator().manual_seed(1))
     q.set_range(x.min(), x.max())
@@ -139,5 +138,4 @@ def test_recon_with_qdrop_is_deterministic_and_resets_the_drop():
     apply_block_recon(b, model, x, iters=10, drop_prob=0.5, progress=False)
     with torch.inference_mode():
         assert torch.equal(a(x), b(x))
-    from vitq.quant.engine import all_quantizers
     assert all(q.drop_prob == 0 and q.drop_generator is None for q in all_quantizers(a))
