@@ -13,6 +13,7 @@ import os
 import platform
 import sys
 import time
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
@@ -61,9 +62,17 @@ def main() -> int:
     ap.add_argument("--variants", nargs="+", default=DEFAULT)
     ap.add_argument("--limit", type=int)
     ap.add_argument("--probe-images", type=int, default=8, help="Greedy MP: calibration images for sensitivities")
+    ap.add_argument("--recon-iters", type=int, default=MethodOptions.recon_iters,
+                    help="block-reconstruction steps per stage in the variants that run it")
+    ap.add_argument("--recon-drop", type=float, default=MethodOptions.recon_drop,
+                    help="QDrop probability during block reconstruction")
     ap.add_argument("--out")
     args = ap.parse_args()
     assets = Path(args.assets)
+
+    def with_recon(opts: MethodOptions) -> MethodOptions:
+        return replace(opts, recon_iters=args.recon_iters, recon_drop=args.recon_drop)
+
     images = assets / "imagenet-sample"
     rows = []
     print(f"# MPTQ-ViT ablation, {platform.node()} ({os.cpu_count()} cores), torch {torch.__version__}, {date.today()}")
@@ -79,7 +88,7 @@ def main() -> int:
             t0 = time.perf_counter()
             if v["kind"] == "single":
                 cfg = QuantConfig(w_bits=v["bits"], a_bits=v["bits"], protocol=v["protocol"], observer="mse")
-                q = run_pipeline(loaded.model, calib, cfg, METHODS[v["method"]]).model
+                q = run_pipeline(loaded.model, calib, cfg, with_recon(METHODS[v["method"]])).model
                 label = f"W{v['bits']}A{v['bits']} {v['method']}"
             else:
                 b = v["budget"]
@@ -87,7 +96,7 @@ def main() -> int:
                 # so that the greedy rows and the uniform rows at that width share the same smoothing.
                 base = max(2, min(8, round(b)))
                 cfg = QuantConfig(w_bits=base, a_bits=base, protocol=v["protocol"], observer="mse")
-                opts = MethodOptions(sq_b=True, opt_m=True, gptq=v["gptq"], recon=v["recon"])
+                opts = with_recon(MethodOptions(sq_b=True, opt_m=True, gptq=v["gptq"], recon=v["recon"]))
                 try:
                     q, found = greedy_mp(loaded.model, calib, cfg, opts, Budget(b, b), n_probe=args.probe_images,
                                          progress=False)
