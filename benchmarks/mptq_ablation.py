@@ -66,12 +66,17 @@ def main() -> int:
                     help="block-reconstruction steps per stage in the variants that run it")
     ap.add_argument("--recon-drop", type=float, default=MethodOptions.recon_drop,
                     help="QDrop probability during block reconstruction")
+    ap.add_argument("--recon-max-bits", type=int, default=MethodOptions.recon_max_bits,
+                    help="block reconstruction runs when the default activation width is at most this")
+    ap.add_argument("--no-recon-ptf", action="store_true",
+                    help="block reconstruction keeps the PTF grids' steps (full protocol)")
     ap.add_argument("--out")
     args = ap.parse_args()
     assets = Path(args.assets)
 
     def with_recon(opts: MethodOptions) -> MethodOptions:
-        return replace(opts, recon_iters=args.recon_iters, recon_drop=args.recon_drop)
+        return replace(opts, recon_iters=args.recon_iters, recon_drop=args.recon_drop,
+                       recon_max_bits=args.recon_max_bits, recon_ptf=not args.no_recon_ptf)
 
     images = assets / "imagenet-sample"
     rows = []

@@ -10,7 +10,8 @@ on (to show over-fitting). Figures are averaged over the folds.
         --settings none iters=50,drop=0 iters=50,drop=0.5 iters=100,drop=0.5
 
 A setting is ``none`` (no reconstruction) or comma-separated ``key=value`` with keys ``iters``, ``lr``,
-``drop`` (QDrop probability), ``batch``.
+``drop`` (QDrop probability), ``batch``, ``ptf`` (0/1: learn the PTF grids' step multipliers, full
+protocol).
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ from vitq.quant import QuantConfig
 from vitq.zoo import load_model
 
 # setting key -> (apply_block_recon argument, type); keys left out keep apply_block_recon's defaults
-KEYS = {"iters": ("iters", int), "lr": ("lr", float), "drop": ("drop_prob", float), "batch": ("batch", int)}
+KEYS = {"iters": ("iters", int), "lr": ("lr", float), "drop": ("drop_prob", float), "batch": ("batch", int),
+        "ptf": ("ptf_scales", lambda v: bool(int(v)))}
 
 
 def parse_setting(text: str) -> dict | None:
@@ -45,7 +47,8 @@ def parse_setting(text: str) -> dict | None:
         try:
             out[arg] = kind(value)
         except ValueError:
-            raise SystemExit(f"bad setting {text!r}: {key} must be {kind.__name__}, got {value!r}") from None
+            raise SystemExit(f"bad setting {text!r}: {key} must be {getattr(kind, '__name__', 'bool')}, "
+                             f"got {value!r}") from None
     return out
 
 
@@ -59,14 +62,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["deit_tiny", "vit_tiny"])
     ap.add_argument("--assets", default=os.environ.get("VITQ_ASSETS", "../shared/assets"))
-    ap.add_argument("--bits", type=int, default=4, help="W and A bits (standard protocol)")
+    ap.add_argument("--bits", type=int, default=4, help="W and A bits")
+    ap.add_argument("--protocol", choices=["standard", "full"], default="standard")
     ap.add_argument("--settings", nargs="+", default=["none", "iters=50,drop=0", "iters=50,drop=0.5"])
     ap.add_argument("--folds", type=int, default=4, help="how many of the 4 folds of 8 images to run")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     settings = [(s, parse_setting(s)) for s in args.settings]
     assets = Path(args.assets)
-    cfg = QuantConfig(w_bits=args.bits, a_bits=args.bits, observer="mse")
+    cfg = QuantConfig(w_bits=args.bits, a_bits=args.bits, observer="mse", protocol=args.protocol)
     opts = MethodOptions(sq_b=True, opt_m=True, gptq=True, recon=False)
     rows = []
     for name in args.models:
@@ -95,7 +99,7 @@ def main() -> int:
                     sums[text][i] += v / len(folds)
         for text, _ in settings:
             rows.append((name, text, *sums[text]))
-    print(f"\n# W{args.bits}A{args.bits} standard, mptq pipeline, reconstruction settings; mean over "
+    print(f"\n# W{args.bits}A{args.bits} {args.protocol}, mptq pipeline, reconstruction settings; mean over "
           f"{args.folds} fold(s): fitted on 24 calibration images, scored on the other 8")
     print("| model | setting | held-out KL | held-out agreement | fitted KL | fitted agreement | recon s |")
     print("|---|---|---|---|---|---|---|")

@@ -136,13 +136,16 @@ def _cmd_quantize(args) -> int:
                             gptq=(args.gptq or args.method == "mptq") and not args.no_gptq,
                             gptq_max_bits=args.gptq_max_bits,
                             recon=(args.recon or args.method == "mptq") and not args.no_recon,
-                            recon_iters=args.recon_iters, recon_drop=args.recon_drop)
+                            recon_iters=args.recon_iters, recon_drop=args.recon_drop,
+                            recon_max_bits=args.recon_max_bits, recon_ptf=not args.no_recon_ptf)
     if args.recon and args.no_recon:
         raise ConfigError("give only one of --recon and --no-recon")
     if args.recon_iters < 1:
         raise ConfigError(f"--recon-iters must be at least 1, got {args.recon_iters}")
     if not 0.0 <= args.recon_drop < 1.0:
         raise ConfigError(f"--recon-drop is a probability in [0, 1), got {args.recon_drop}")
+    if not 2 <= args.recon_max_bits <= 8:
+        raise ConfigError(f"--recon-max-bits must be from 2 to 8, got {args.recon_max_bits}")
     if not 2 <= args.gptq_max_bits <= 8:
         raise ConfigError(f"--gptq-max-bits must be from 2 to 8, got {args.gptq_max_bits}")
     if args.gptq and args.no_gptq:
@@ -360,14 +363,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPTQ re-rounds layers with at most this many weight bits; wider ones keep "
                         "round-to-nearest (default 5, see docs/methods.md)")
     p.add_argument("--recon", action="store_true",
-                   help="block reconstruction of step sizes after GPTQ, at <= 5 activation bits (vitq's "
-                        "addition; on with --method mptq)")
+                   help="block reconstruction of step sizes after GPTQ, at <= --recon-max-bits activation "
+                        "bits (vitq's addition; on with --method mptq)")
     p.add_argument("--no-recon", action="store_true", help="--method mptq without block reconstruction")
     p.add_argument("--recon-iters", type=int, default=MethodOptions.recon_iters,
                    help=f"Adam steps per reconstruction stage (default {MethodOptions.recon_iters})")
     p.add_argument("--recon-drop", type=float, default=MethodOptions.recon_drop,
                    help="QDrop probability during reconstruction: each activation element stays float with "
                         f"this probability (default {MethodOptions.recon_drop}; docs/methods.md)")
+    p.add_argument("--recon-max-bits", type=int, default=MethodOptions.recon_max_bits,
+                   help="reconstruction runs when the default activation width is at most this "
+                        f"(default {MethodOptions.recon_max_bits})")
+    p.add_argument("--no-recon-ptf", action="store_true",
+                   help="reconstruction keeps the PTF grids' steps (full protocol's residual stream)")
     p.add_argument("--mixed", action="store_true", help="Greedy MP mixed precision (needs a budget)")
     p.add_argument("--budget-w", type=float, help="target average weight bits")
     p.add_argument("--budget-a", type=float, help="target average activation bits")

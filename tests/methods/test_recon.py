@@ -5,7 +5,7 @@ import torch
 
 from vitq.adapters import adapter_for
 from vitq.methods.mptq import MethodOptions, run_pipeline
-from vitq.methods.recon import apply_block_recon
+from vitq.methods.recon import apply_block_recon, stage_loss
 from vitq.quant import QuantConfig
 from vitq.quant import quantizers as Q
 from vitq.quant.config import TensorSpec
@@ -139,3 +139,38 @@ def test_recon_with_qdrop_is_deterministic_and_resets_the_drop():
     with torch.inference_mode():
         assert torch.equal(a(x), b(x))
     assert all(q.drop_prob == 0 and q.drop_generator is None for q in all_quantizers(a))
+
+
+def test_recon_learns_the_ptf_base_scale_and_keeps_power_of_two_ratios():
+    model, size = tiny_model("deit")
+    x = tiny_images(size, n=16)
+    base = run_pipeline(model, x, QuantConfig(w_bits=4, a_bits=4, protocol="full"), MethodOptions(opt_m=True)).model
+    ptf0 = [q for q in all_quantizers(base) if q.spec.granularity == "ptf"]
+    assert ptf0 and all(q.scale_learnable for q in ptf0)
+    a = copy.deepcopy(base)
+    apply_block_recon(a, model, x, iters=30, progress=False)
+    # (the random-init tiny model's logits do not move at 4 bits; its residual stream does)
+    with torch.inference_mode():
+        target = model.forward_features(x)
+        assert stage_loss(a.forward_features(x), target) < stage_loss(base.forward_features(x), target)
+    ptf = [q for q in all_quantizers(a) if q.spec.granularity == "ptf"]
+    moved = 0
+    for q, q0 in zip(ptf, ptf0):
+        ratio = q.scale / q0.scale  # one multiplier for every channel
+        assert torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-5), q.name
+        moved += not torch.allclose(ratio[0], torch.ones(()))
+        shifts = torch.log2(q.scale / q.scale.min())
+        assert torch.allclose(shifts, shifts.round(), atol=1e-4), q.name  # still power-of-two apart
+        assert torch.equal(q.zero_point, q0.zero_point)
+        # the clip range follows the scale, and the plain path uses the learned grid
+        assert torch.allclose(q.range_max, (Q.int_range(q.spec.bits, False)[1] - q.zero_point) * q.scale)
+    assert moved
+
+
+@pytest.mark.parametrize("bad", [dict(drop_prob=1.0), dict(drop_prob=-0.1), dict(iters=0), dict(batch=0)])
+def test_recon_rejects_bad_settings_by_name(bad):
+    model, size = tiny_model("deit")
+    x = tiny_images(size, n=4)
+    q = run_pipeline(model, x, QuantConfig(w_bits=4, a_bits=4), MethodOptions()).model
+    with pytest.raises(ValueError, match=next(iter(bad)).split("_")[0]):
+        apply_block_recon(q, model, x, progress=False, **bad)

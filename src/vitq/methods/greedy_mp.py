@@ -405,8 +405,8 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
     if options.gptq:
         result.gptq = apply_gptq(model, calib, max_bits=options.gptq_max_bits, progress=progress).to_dict()
     if options.recon_applies(base):
-        result.recon = apply_block_recon(model, fp_model, calib, iters=options.recon_iters,
-                                         drop_prob=options.recon_drop, progress=progress).to_dict()
+        result.recon = apply_block_recon(model, fp_model, calib, progress=progress,
+                                         **options.recon_kwargs()).to_dict()
     result.search_s = time.perf_counter() - t0
     return model, result
 

@@ -34,9 +34,14 @@ class MethodOptions:
     # including what eval968 showed first: docs/methods.md "Block reconstruction").
     recon_iters: int = 50
     recon_drop: float = 0.0
+    recon_ptf: bool = True  # also learn the PTF grids' step multipliers (full protocol's residual stream)
 
     def recon_applies(self, config: QuantConfig) -> bool:
         return self.recon and config.a_bits <= self.recon_max_bits
+
+    def recon_kwargs(self) -> dict:
+        """The :func:`apply_block_recon` settings these options choose (one place for every caller)."""
+        return {"iters": self.recon_iters, "drop_prob": self.recon_drop, "ptf_scales": self.recon_ptf}
 
 
 @dataclass
@@ -81,7 +86,6 @@ def run_pipeline(fp_model: nn.Module, calib: torch.Tensor, config: QuantConfig, 
     recon = None
     if options.recon_applies(config):
         t = time.perf_counter()
-        recon = apply_block_recon(q, fp_model, calib, iters=options.recon_iters, drop_prob=options.recon_drop,
-                                  progress=progress).to_dict()
+        recon = apply_block_recon(q, fp_model, calib, progress=progress, **options.recon_kwargs()).to_dict()
         timing["recon_s"] = time.perf_counter() - t
     return PipelineResult(q, timing, sqb, optm, gptq, recon)

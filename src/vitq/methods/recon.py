@@ -12,7 +12,9 @@ BRECQ, Li et al. 2021; the step-size gradient of LSQ, Esser et al. 2020):
 * learned: the step size of every per-tensor uniform or two-region activation quantizer in the stage
   (log-parametrized), and optionally each weight's per-channel scale with its integer codes frozen
   (so GPTQ's rounding is kept and the weight stays on its grid);
-* never learned: bit-widths, zero points, region ratios ``m``, PoT and PTF grids, float parameters.
+* in the full protocol, one step multiplier per PTF grid (the residual stream): every channel's step
+  scales by it, so the channels stay power-of-two apart;
+* never learned: bit-widths, zero points, region ratios ``m``, PTF shifts, PoT grids, float parameters.
   Every result is an ordinary calibrated model: the exporters see a different scale, nothing else.
 
 Needs a plain block sequence (``Adapter.trunk``: ViT/DeiT, and Swin with each patch merging as its own
@@ -61,7 +63,7 @@ def _batched(fn, x: torch.Tensor, bs: int = 8) -> torch.Tensor:
 def apply_block_recon(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor, iters: int = 50,
                       batch: int = 8, lr: float = 4e-3, weight_scales: bool = True,
                       min_rows_per_channel: float = 4.0, drop_prob: float = 0.0, seed: int = 0,
-                      progress: bool = True) -> ReconResult:
+                      ptf_scales: bool = True, progress: bool = True) -> ReconResult:
     """Tune step sizes block by block so each quantized block reproduces the float block (in place).
 
     Args:
@@ -78,13 +80,19 @@ def apply_block_recon(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor
         drop_prob: QDrop; during training each activation element of the stage stays float with this
             probability (0 = always quantized). How the defaults were chosen: docs/methods.md.
         seed: seeds the mini-batch order and the QDrop draws.
+        ptf_scales: also learn one step multiplier per PTF grid (the full protocol's residual stream);
+            the channels' power-of-two shifts and zero points stay.
 
     Returns:
         Per stage, the number of learned scalars and :func:`stage_loss` before and after.
     """
+    if not 0.0 <= drop_prob < 1.0:
+        raise ValueError(f"drop_prob is a probability in [0, 1), got {drop_prob}")
+    if iters < 1 or batch < 1:
+        raise ValueError(f"iters and batch must be at least 1, got iters={iters}, batch={batch}")
     t0 = time.perf_counter()
     result = ReconResult(settings={"iters": iters, "batch": batch, "lr": lr, "weight_scales": weight_scales,
-                                   "drop_prob": drop_prob, "seed": seed})
+                                   "drop_prob": drop_prob, "seed": seed, "ptf_scales": ptf_scales})
     adapter = adapter_for(model)
     trunk_q, trunk_f = adapter.trunk(model), adapter_for(fp_model).trunk(fp_model)
     if trunk_q is None or trunk_f is None:
@@ -117,7 +125,7 @@ def apply_block_recon(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor
                 h.remove()
             # the stage's quantizers are the ones its forward pass called (no name matching)
             used = [q for q, c in zip(quantizers, calls) if q.calls > c]
-            act = [q for q in used if q.scale_learnable]
+            act = [q for q in used if q.scale_learnable and (ptf_scales or q.spec.granularity != "ptf")]
             used_ids = {id(q) for q in used}
             # A layer that sees few rows per output channel (the classifier: one token per image) would fit
             # its per-class scales to the calibration images, so it keeps its weight scales.

@@ -166,22 +166,37 @@ class TensorQuantizer(nn.Module):
     # ---- step-size learning (block reconstruction)
     @property
     def scale_learnable(self) -> bool:
-        """Per-tensor uniform and two-region activation grids can learn their step size; PoT and PTF
-        grids keep their power-of-two structure and weights are handled by their layer."""
+        """Per-tensor uniform and two-region activation grids can learn their step size, and PTF grids
+        their shared base scale (the per-channel power-of-two shifts stay); PoT grids keep their
+        power-of-two scale, and weights are handled by their layer."""
         s = self.spec
-        return (not self.is_weight and self.mode == "quant" and self.scale.numel() == 1
-                and s.granularity != "ptf" and s.scheme in ("uniform", "two_region"))
+        if self.is_weight or self.mode != "quant":
+            return False
+        if s.granularity == "ptf":
+            return s.scheme == "uniform"
+        return self.scale.numel() == 1 and s.scheme in ("uniform", "two_region")
 
     def begin_scale_learning(self) -> torch.Tensor:
-        """Make the step size a learnable log-scale (returned, for the optimizer)."""
+        """Make the step size a learnable log-scale (returned, for the optimizer).
+
+        For a PTF grid it is one log *multiplier* of every channel's step (0 = unchanged): the channels'
+        steps keep their power-of-two ratios, so the integer LayerNorm / adder still aligns them with shifts.
+        """
         if not self.scale_learnable:
             raise ValueError(f"quantizer {self.name} ({self.spec.scheme}, {self.spec.granularity}) cannot learn its scale")
-        self.log_scale = self.scale.detach().log().clone().requires_grad_(True)
+        if self.spec.granularity == "ptf":
+            self.log_scale = torch.zeros((), requires_grad=True)
+        else:
+            self.log_scale = self.scale.detach().log().clone().requires_grad_(True)
         return self.log_scale
 
     def end_scale_learning(self) -> None:
         """Adopt the learned step size as the quantizer's scale (and its clip range / region boundary)."""
         if self.log_scale is None:
+            return
+        if self.spec.granularity == "ptf":
+            self.set_uniform_scale(self.scale * self.log_scale.detach().exp())
+            self.log_scale = None
             return
         new = self.log_scale.detach().exp().reshape(self.scale.shape)
         if self.spec.scheme == "two_region":
@@ -205,6 +220,12 @@ class TensorQuantizer(nn.Module):
         if self.log_scale is None:
             xd = x.detach()
             out = x + (self.fake_quant(xd) - xd)
+        elif self.spec.granularity == "ptf":
+            shape = [1] * x.dim()
+            shape[self.ptf_axis % x.dim()] = -1
+            qmin, qmax = self._qrange()
+            out = Q.fake_quant_uniform_ste(x, self.scale.reshape(shape) * self.log_scale.exp(),
+                                           self.zero_point.reshape(shape), qmin, qmax)
         else:
             scale = self.log_scale.exp()
             if self.spec.scheme == "two_region":
