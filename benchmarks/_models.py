@@ -1,7 +1,12 @@
-"""Model loading shared by the benchmarks that also run architectures without a local checkpoint."""
+"""Loading shared by the benchmarks: models (with a random-init fallback where weights do not matter) and calib32."""
 from __future__ import annotations
 
-from vitq.zoo import LoadedModel, ZooError, load_model
+from pathlib import Path
+
+import torch
+
+from vitq.data import load_tensors, make_dataset
+from vitq.zoo import EvalTransform, LoadedModel, ZooError, load_model
 
 
 def load_or_random_init(name: str) -> LoadedModel:
@@ -14,3 +19,9 @@ def load_or_random_init(name: str) -> LoadedModel:
         return load_model(name)
     except ZooError:
         return load_model(name, random_init=True)
+
+
+def load_calib32(assets: Path, transform: EvalTransform) -> torch.Tensor:
+    """The fixed calibration split (``assets/calib32.txt`` of ``assets/imagenet-sample``) as one tensor."""
+    images, _ = load_tensors(make_dataset(Path(assets) / "imagenet-sample", transform, Path(assets) / "calib32.txt"))
+    return images

@@ -18,11 +18,13 @@ from pathlib import Path
 
 import torch
 
-from vitq.data import load_tensors, make_dataset, make_loader
+from vitq.data import make_dataset, make_loader
 from vitq.evaluate import evaluate_many
 from vitq.io import atomic_write_json
 from vitq.quant import QuantConfig, calibrate, model_stats, prepare
 from vitq.zoo import load_model
+
+from _models import load_calib32
 
 DEFAULT_GRID = {
     "deit_tiny": [(p, w, a, o) for p in ("standard", "full") for (w, a) in ((8, 8), (6, 6), (4, 4)) for o in ("minmax", "mse")],
@@ -48,7 +50,7 @@ def main() -> int:
     for short in args.models:
         loaded = load_model(short)
         entry = loaded.entry
-        calib, _ = load_tensors(make_dataset(images, entry.transform, assets / "calib32.txt"))
+        calib = load_calib32(assets, entry.transform)
         variants, meta = {}, {}
         for protocol, w, a, obs in DEFAULT_GRID[short]:
             if protocol not in args.protocols:

@@ -20,13 +20,14 @@ from pathlib import Path
 import torch
 
 from vitq.adapters import adapter_for
-from vitq.data import load_tensors, make_dataset
 from vitq.evaluate import kl_from_reference
 from vitq.methods.mptq import MethodOptions, run_pipeline
 from vitq.methods.recon import stage_loss
 from vitq.quant import QuantConfig
 from vitq.quant.engine import all_quantizers, left_in_float
 from vitq.zoo import load_model
+
+from _models import load_calib32
 
 
 def main() -> int:
@@ -39,7 +40,7 @@ def main() -> int:
     args = ap.parse_args()
     assets = Path(args.assets)
     loaded = load_model(args.model)
-    calib, _ = load_tensors(make_dataset(assets / "imagenet-sample", loaded.entry.transform, assets / "calib32.txt"))
+    calib = load_calib32(assets, loaded.entry.transform)
     cfg = QuantConfig(w_bits=args.bits, a_bits=args.bits, observer="mse")
     opts = MethodOptions(sq_b=True, opt_m=True, gptq=True, recon=not args.no_recon)
     q = run_pipeline(loaded.model, calib, cfg, opts).model

@@ -18,13 +18,15 @@ from pathlib import Path
 
 import torch
 
-from vitq.data import load_tensors, make_dataset, make_loader
+from vitq.data import make_dataset, make_loader
 from vitq.evaluate import evaluate_many, kl_from_reference
 from vitq.io import atomic_write_json
 from vitq.methods.gptq import FIT_BIAS, apply_gptq
 from vitq.methods.mptq import MethodOptions, run_pipeline
 from vitq.quant import QuantConfig
 from vitq.zoo import load_model
+
+from _models import load_calib32
 
 
 def main() -> int:
@@ -44,7 +46,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for short in args.models:
         loaded = load_model(short)
-        calib, _ = load_tensors(make_dataset(images, loaded.entry.transform, assets / "calib32.txt"))
+        calib = load_calib32(assets, loaded.entry.transform)
         with torch.inference_mode():
             calib_ref = loaded.model(calib)
         built, meta = {}, {}

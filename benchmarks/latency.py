@@ -24,13 +24,12 @@ from pathlib import Path
 import onnxruntime as ort
 import torch
 
-from vitq.data import load_tensors, make_dataset
 from vitq.export.onnx import export_onnx
 from vitq.io import atomic_write_json
 from vitq.quant import QuantConfig
 from vitq.quant.engine import quantize
 
-from _models import load_or_random_init
+from _models import load_calib32, load_or_random_init
 
 
 def _session(path: str, threads: int) -> ort.InferenceSession:
@@ -65,7 +64,6 @@ def main() -> int:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     assets = Path(args.assets)
-    images = assets / "imagenet-sample"
     rows = []
     print(f"# latency, {platform.node()} ({os.cpu_count()} cores, {platform.processor() or platform.machine()}), "
           f"torch {torch.__version__}, onnxruntime {ort.__version__}, {date.today()}; median of {args.runs} runs, ms")
@@ -75,7 +73,7 @@ def main() -> int:
     for short in args.models:
         loaded = load_or_random_init(short)
         t = loaded.entry.transform
-        calib, _ = load_tensors(make_dataset(images, t, assets / "calib32.txt"))
+        calib = load_calib32(assets, t)
         fp = loaded.model.eval()
         q = quantize(fp, calib, QuantConfig(w_bits=8, a_bits=8))
         paths = {p: str(work / f"{short}.{p}.onnx") for p in ("fp32", "dyn", "vitq")}

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from vitq.data import load_tensors, make_dataset, make_loader
+from vitq.data import make_dataset, make_loader
 from vitq.evaluate import evaluate_many
 from vitq.hardware import estimate, extract_workloads, int8_baseline, load_hardware
 from vitq.io import atomic_write_json
@@ -29,7 +29,7 @@ from vitq.methods.m2q import fixed_scheme_config, m2q
 from vitq.methods.mptq import MethodOptions, run_pipeline
 from vitq.quant import QuantConfig, model_stats
 
-from _models import load_or_random_init
+from _models import load_calib32, load_or_random_init
 
 BUDGETS = (0.7, 0.55, 0.45, 0.4)
 
@@ -57,7 +57,7 @@ def main() -> int:
     for short in args.models:
         loaded = load_or_random_init(short)
         entry, size = loaded.entry, loaded.entry.transform.input_size
-        calib, _ = load_tensors(make_dataset(images, entry.transform, assets / "calib32.txt"))
+        calib = load_calib32(assets, entry.transform)
         base = QuantConfig(w_bits=8, a_bits=8, observer="mse")
         built: dict[str, tuple[torch.nn.Module, dict]] = {}
         t = time.perf_counter()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from vitq.data import load_tensors, make_dataset, make_loader
+from vitq.data import make_dataset, make_loader
 from vitq.evaluate import evaluate_many
 from vitq.io import atomic_write_json
 from vitq.methods.greedy_mp import Budget, greedy_mp
@@ -27,6 +27,8 @@ from vitq.methods.mptq import MethodOptions, run_pipeline
 from vitq.quant import QuantConfig, model_stats
 from vitq.quant.config import ConfigError
 from vitq.zoo import load_model
+
+from _models import load_calib32
 
 METHODS = {"baseline": MethodOptions(), "+SQ-b": MethodOptions(sq_b=True), "+OPT-m": MethodOptions(opt_m=True),
            "+SQ-b +OPT-m": MethodOptions(sq_b=True, opt_m=True),
@@ -86,7 +88,7 @@ def main() -> int:
     for short in args.models:
         loaded = load_model(short)
         t = loaded.entry.transform
-        calib, _ = load_tensors(make_dataset(images, t, assets / "calib32.txt"))
+        calib = load_calib32(assets, t)
         built, meta = {}, {}
         for spec in args.variants:
             v = variants(spec)

@@ -39,6 +39,8 @@ from vitq.quant import QuantConfig
 from vitq.quant.engine import quantize
 from vitq.zoo import load_model
 
+from _models import load_calib32
+
 CONFIGS = ("minmax", "sqb-clip", "sqb-clip-w7")
 
 
@@ -74,7 +76,7 @@ def main() -> int:
     for short in args.models:
         loaded = load_model(short)  # real weights needed: agreement on random weights means nothing
         t = loaded.entry.transform
-        calib, _ = load_tensors(make_dataset(assets / "imagenet-sample", t, assets / "calib32.txt"))
+        calib = load_calib32(assets, t)
         x, labels = load_tensors(make_dataset(assets / "imagenet-sample", t, assets / "eval968.txt"))
         fp = logits(loaded.model, x)
         g = torch.Generator().manual_seed(0)

@@ -24,13 +24,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from vitq.data import load_tensors, make_dataset
 from vitq.export.packed import export_packed, load_packed
 from vitq.io import atomic_write_json
 from vitq.quant import QuantConfig
 from vitq.quant.engine import quantize
 
-from _models import load_or_random_init
+from _models import load_calib32, load_or_random_init
 
 
 def breakdown(path: Path) -> dict[str, int]:
@@ -66,8 +65,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for short in args.models:
         loaded = load_or_random_init(short)
-        calib, _ = load_tensors(make_dataset(assets / "imagenet-sample", loaded.entry.transform,
-                                             assets / "calib32.txt"))
+        calib = load_calib32(assets, loaded.entry.transform)
         for bits in args.bits:
             cfg = QuantConfig(w_bits=bits, a_bits=bits, protocol="standard", observer="minmax")
             q = quantize(loaded.model, calib, cfg, progress=False)

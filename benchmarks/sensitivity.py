@@ -15,12 +15,13 @@ from pathlib import Path
 
 import torch
 
-from vitq.data import load_tensors, make_dataset
 from vitq.evaluate import kl_from_reference
 from vitq.methods.mptq import MethodOptions, run_pipeline
 from vitq.quant import QuantConfig, calibrate, prepare
 from vitq.quant.engine import all_quantizers, left_in_float
 from vitq.zoo import load_model
+
+from _models import load_calib32
 
 
 def main() -> int:
@@ -39,7 +40,7 @@ def main() -> int:
     args = ap.parse_args()
     assets = Path(args.assets)
     loaded = load_model(args.model)
-    calib, _ = load_tensors(make_dataset(assets / "imagenet-sample", loaded.entry.transform, assets / "calib32.txt"))
+    calib = load_calib32(assets, loaded.entry.transform)
     probe = calib[: args.images]
     cfg = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, protocol=args.protocol, observer=args.observer)
     if args.method == "mptq":
