@@ -1,4 +1,5 @@
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -72,8 +73,10 @@ def test_recon_only_at_low_activation_bits_and_named_when_no_trunk():
     model, size = tiny_model("deit")
     x = tiny_images(size, n=8)
     opts = MethodOptions(opt_m=True, recon=True)
-    assert run_pipeline(model, x, QuantConfig(w_bits=6, a_bits=6), opts).recon is None
+    assert run_pipeline(model, x, QuantConfig(w_bits=8, a_bits=8), opts).recon is None
+    assert run_pipeline(model, x, QuantConfig(w_bits=6, a_bits=6), opts).recon is not None
     assert run_pipeline(model, x, QuantConfig(w_bits=4, a_bits=4), opts).recon is not None
+    assert run_pipeline(model, x, QuantConfig(w_bits=4, a_bits=4), replace(opts, recon_max_bits=3)).recon is None
     hybrid, size = tiny_model("efficientvit")
     q = run_pipeline(hybrid, tiny_images(size, n=4), QuantConfig(w_bits=4, a_bits=4), MethodOptions(recon=True))
     assert "trunk" in q.recon["skipped"]
