@@ -147,11 +147,12 @@ def test_recon_with_qdrop_is_deterministic_and_resets_the_drop():
 def test_recon_learns_the_ptf_base_scale_and_keeps_power_of_two_ratios():
     model, size = tiny_model("deit")
     x = tiny_images(size, n=16)
-    base = run_pipeline(model, x, QuantConfig(w_bits=4, a_bits=4, protocol="full"), MethodOptions(opt_m=True)).model
+    cfg, opts = QuantConfig(w_bits=4, a_bits=4, protocol="full"), MethodOptions(opt_m=True)
+    base = run_pipeline(model, x, cfg, opts).model
     ptf0 = [q for q in all_quantizers(base) if q.spec.granularity == "ptf"]
     assert ptf0 and all(q.scale_learnable for q in ptf0)
-    a = copy.deepcopy(base)
-    apply_block_recon(a, model, x, iters=30, progress=False)
+    # in the pipeline itself: calibration makes the steps under inference mode, and they must still train
+    a = run_pipeline(model, x, cfg, replace(opts, recon=True, recon_iters=30)).model
     # (the random-init tiny model's logits do not move at 4 bits; its residual stream does)
     with torch.inference_mode():
         target = model.forward_features(x)

@@ -185,6 +185,9 @@ class TensorQuantizer(nn.Module):
         if not self.scale_learnable:
             raise ValueError(f"quantizer {self.name} ({self.spec.scheme}, {self.spec.granularity}) cannot learn its scale")
         if self.spec.granularity == "ptf":
+            # the steps enter the autograd graph as they are: plain copies, in case calibration made them
+            # under inference mode (such tensors cannot be saved for backward)
+            self.scale, self.zero_point = self.scale.detach().clone(), self.zero_point.detach().clone()
             self.log_scale = torch.zeros((), requires_grad=True)
         else:
             self.log_scale = self.scale.detach().log().clone().requires_grad_(True)
