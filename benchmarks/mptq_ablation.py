@@ -72,13 +72,16 @@ def main() -> int:
                     help="block reconstruction runs when the default activation width is at most this")
     ap.add_argument("--no-recon-ptf", action="store_true",
                     help="block reconstruction keeps the PTF grids' steps (full protocol)")
+    ap.add_argument("--recon-flip", action=argparse.BooleanOptionalAction, default=MethodOptions.recon_flip,
+                    help="block reconstruction also fits the mirrored calibration images")
     ap.add_argument("--out")
     args = ap.parse_args()
     assets = Path(args.assets)
 
     def with_recon(opts: MethodOptions) -> MethodOptions:
         return replace(opts, recon_iters=args.recon_iters, recon_drop=args.recon_drop,
-                       recon_max_bits=args.recon_max_bits, recon_ptf=not args.no_recon_ptf)
+                       recon_max_bits=args.recon_max_bits, recon_ptf=not args.no_recon_ptf,
+                       recon_flip=args.recon_flip)
 
     images = assets / "imagenet-sample"
     rows = []

@@ -137,7 +137,8 @@ def _cmd_quantize(args) -> int:
                             gptq_max_bits=args.gptq_max_bits,
                             recon=(args.recon or args.method == "mptq") and not args.no_recon,
                             recon_iters=args.recon_iters, recon_drop=args.recon_drop,
-                            recon_max_bits=args.recon_max_bits, recon_ptf=not args.no_recon_ptf)
+                            recon_max_bits=args.recon_max_bits, recon_ptf=not args.no_recon_ptf,
+                            recon_flip=args.recon_flip)
     if args.recon and args.no_recon:
         raise ConfigError("give only one of --recon and --no-recon")
     if args.recon_iters < 1:
@@ -376,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {MethodOptions.recon_max_bits})")
     p.add_argument("--no-recon-ptf", action="store_true",
                    help="reconstruction keeps the PTF grids' steps (full protocol's residual stream)")
+    p.add_argument("--recon-flip", action=argparse.BooleanOptionalAction, default=MethodOptions.recon_flip,
+                   help="reconstruction also fits the mirrored calibration images "
+                        f"(default {'on' if MethodOptions.recon_flip else 'off'})")
     p.add_argument("--mixed", action="store_true", help="Greedy MP mixed precision (needs a budget)")
     p.add_argument("--budget-w", type=float, help="target average weight bits")
     p.add_argument("--budget-a", type=float, help="target average activation bits")

@@ -37,13 +37,15 @@ class MethodOptions:
     recon_iters: int = 50
     recon_drop: float = 0.0
     recon_ptf: bool = True  # also learn the PTF grids' step multipliers (full protocol's residual stream)
+    recon_flip: bool = False  # also fit the mirrored calibration images
 
     def recon_applies(self, config: QuantConfig) -> bool:
         return self.recon and config.a_bits <= self.recon_max_bits
 
     def recon_kwargs(self) -> dict:
         """The :func:`apply_block_recon` settings these options choose (one place for every caller)."""
-        return {"iters": self.recon_iters, "drop_prob": self.recon_drop, "ptf_scales": self.recon_ptf}
+        return {"iters": self.recon_iters, "drop_prob": self.recon_drop, "ptf_scales": self.recon_ptf,
+                "flip": self.recon_flip}
 
 
 @dataclass

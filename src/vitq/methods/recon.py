@@ -63,7 +63,7 @@ def _batched(fn, x: torch.Tensor, bs: int = 8) -> torch.Tensor:
 def apply_block_recon(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor, iters: int = 50,
                       batch: int = 8, lr: float = 4e-3, weight_scales: bool = True,
                       min_rows_per_channel: float = 4.0, drop_prob: float = 0.0, seed: int = 0,
-                      ptf_scales: bool = True, progress: bool = True) -> ReconResult:
+                      ptf_scales: bool = True, flip: bool = False, progress: bool = True) -> ReconResult:
     """Tune step sizes block by block so each quantized block reproduces the float block (in place).
 
     Args:
@@ -82,6 +82,8 @@ def apply_block_recon(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor
         seed: seeds the mini-batch order and the QDrop draws.
         ptf_scales: also learn one step multiplier per PTF grid (the full protocol's residual stream);
             the channels' power-of-two shifts and zero points stay.
+        flip: also fit the horizontally mirrored calibration images (twice the inputs, same steps), a
+            guard against fitting the step sizes to few images.
 
     Returns:
         Per stage, the number of learned scalars and :func:`stage_loss` before and after.
@@ -92,7 +94,7 @@ def apply_block_recon(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor
         raise ValueError(f"iters and batch must be at least 1, got iters={iters}, batch={batch}")
     t0 = time.perf_counter()
     result = ReconResult(settings={"iters": iters, "batch": batch, "lr": lr, "weight_scales": weight_scales,
-                                   "drop_prob": drop_prob, "seed": seed, "ptf_scales": ptf_scales})
+                                   "drop_prob": drop_prob, "seed": seed, "ptf_scales": ptf_scales, "flip": flip})
     adapter = adapter_for(model)
     trunk_q, trunk_f = adapter.trunk(model), adapter_for(fp_model).trunk(fp_model)
     if trunk_q is None or trunk_f is None:
@@ -113,6 +115,8 @@ def apply_block_recon(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor
     fp_model.eval()
     bar = tqdm(total=len(stages), desc="block reconstruction", disable=not progress, leave=False)
     try:
+        if flip:  # images are [N, C, H, W]: mirror the width
+            calib = torch.cat([calib, calib.flip(-1)])
         xq, xf = calib, calib
         for name, fq, ff in stages:
             rows: dict[int, int] = {}
