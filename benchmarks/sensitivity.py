@@ -35,16 +35,19 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=16)
     ap.add_argument("--by", choices=["role", "layer"], default="role")
     ap.add_argument("--sq-b-unnormed", action="store_true", help="with --method mptq: SQ-b on proj/fc2 too")
-    ap.add_argument("--method", choices=["none", "mptq"], default="none",
-                    help="mptq: SQ-b + OPT-m before measuring (what is left after the methods)")
+    ap.add_argument("--method", choices=["none", "mptq", "mptq-all"], default="none",
+                    help="mptq: SQ-b + OPT-m before measuring (what is left after the paper's methods); "
+                         "mptq-all: what `vitq quantize --method mptq` runs now (adds GPTQ and reconstruction)")
     args = ap.parse_args()
     assets = Path(args.assets)
     loaded = load_model(args.model)
     calib = load_calib32(assets, loaded.entry.transform)
     probe = calib[: args.images]
     cfg = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, protocol=args.protocol, observer=args.observer)
-    if args.method == "mptq":
-        q = run_pipeline(loaded.model, calib, cfg, MethodOptions(sq_b=True, opt_m=True, sq_b_unnormed=args.sq_b_unnormed)).model
+    if args.method != "none":
+        full = args.method == "mptq-all"
+        opts = MethodOptions(sq_b=True, opt_m=True, sq_b_unnormed=args.sq_b_unnormed, gptq=full, recon=full)
+        q = run_pipeline(loaded.model, calib, cfg, opts).model
     else:
         q = prepare(loaded.model, cfg)
         calibrate(q, cfg, calib, progress=False)
