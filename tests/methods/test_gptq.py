@@ -1,3 +1,4 @@
+import copy
 import pytest
 import torch
 
@@ -129,3 +130,22 @@ def test_hessian_clip_keeps_a_weight_that_meets_a_huge_input():
     e0 = wq.fake_quant(w) - w
     assert CLIP_RATIOS[0] == 1.0
     assert torch.all((e @ h * e).sum(1) <= (e0 @ h * e0).sum(1) * (1 + 1e-5))
+
+
+def test_gptq_through_the_efficientvit_trunk_equals_whole_model_capture(monkeypatch):
+    # staged capture (one block at a time, NHWC between steps) must give the weights that capturing each
+    # layer's input from whole-model runs gives
+    from vitq.adapters.efficientvit import EfficientViTAdapter
+
+    model, size = tiny_model("efficientvit")
+    x = tiny_images(size, n=8)
+    cfg = QuantConfig(w_bits=4, a_bits=8)
+    q = prepare(model, cfg)
+    calibrate(q, cfg, x, progress=False)
+    staged, whole = copy.deepcopy(q), copy.deepcopy(q)
+    apply_gptq(staged, x, progress=False)
+    monkeypatch.setattr(EfficientViTAdapter, "trunk", lambda self, m: None)
+    apply_gptq(whole, x, progress=False)
+    for a, b in zip(weight_layers(staged), weight_layers(whole)):
+        assert torch.allclose(a.weight, b.weight, atol=1e-6), a.layer_name
+    assert any(not torch.equal(a.weight, b.weight) for a, b in zip(weight_layers(staged), weight_layers(q)))

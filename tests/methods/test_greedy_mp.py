@@ -73,12 +73,13 @@ def test_unreachable_budget_and_no_budget():
         Budget()
 
 
-def test_swin_probes_through_its_trunk_and_reports_the_returned_models_kl():
-    # Swin's trunk steps through each patch merging; the cached block inputs must give the same KL as a
-    # full run of the returned model
+@pytest.mark.parametrize("family", ["swin", "efficientvit"])
+def test_trunk_probing_reports_the_returned_models_kl(family):
+    # Swin's trunk steps through each patch merging, EfficientViT's through NCHW blocks seen as NHWC; the
+    # cached block inputs must give the same KL as a full run of the returned model
     from vitq.evaluate import kl_from_reference
 
-    model, x, q, res = _search(Budget(6.0, 6.0), family="swin")
+    model, x, q, res = _search(Budget(6.0, 6.0), family=family)
     assert model_stats(q)["avg_w_bits"] <= 6.0 + 1e-9
     with torch.inference_mode():
         kl = kl_from_reference(model(x[:8]), q(x[:8])).mean().item()

@@ -35,8 +35,35 @@ class QuantResidualBlock(ResidualBlock):
         return res
 
 
+class ChannelsLast(nn.Module):
+    """Runs an NCHW block on the trunk's channels-last features (``Adapter.trunk`` promises NHWC).
+
+    The input is made contiguous NCHW again, so the block computes exactly what it computes inside the
+    model (same memory layout, same float rounding)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x.permute(0, 3, 1, 2).contiguous()).permute(0, 2, 3, 1)
+
+
 class EfficientViTAdapter(Adapter):
     family = "efficientvit"
+
+    def trunk(self, model: nn.Module):
+        # timm's EfficientVit is stem, stages (each only a sequence of blocks: MBConv/DSConv ResidualBlocks,
+        # then EfficientVitBlocks of LiteMLA context + MBConv local module), head; each block is a step.
+        # Features are NCHW: the steps see and return NHWC so that the reconstruction loss normalizes per
+        # pixel over channels (docs/methods.md, "Block reconstruction").
+        def stem(x):
+            return model.stem(x).permute(0, 2, 3, 1)
+
+        def head(x):
+            return model.forward_head(x.permute(0, 3, 1, 2).contiguous())
+
+        return stem, [ChannelsLast(b) for stage in model.stages for b in stage.blocks], head
 
     def applies_to(self, model: nn.Module) -> bool:
         return isinstance(model, EfficientVit)

@@ -12,7 +12,7 @@
    them per step), re-measure their next step, until the budget holds. Optionally re-measure every
    item every ``remeasure_every`` steps.
 
-Speed: for families whose adapter exposes a sequential trunk (ViT/DeiT), the input of every block
+Speed: for families whose adapter exposes a sequential trunk (ViT/DeiT, Swin, EfficientViT), the input of every block
 under the current assignment is cached; probing a layer of block ``k`` runs only blocks ``k..end``.
 """
 from __future__ import annotations

@@ -17,8 +17,9 @@ BRECQ, Li et al. 2021; the step-size gradient of LSQ, Esser et al. 2020):
 * never learned: bit-widths, zero points, region ratios ``m``, PTF shifts, PoT grids, float parameters.
   Every result is an ordinary calibrated model: the exporters see a different scale, nothing else.
 
-Needs a plain block sequence (``Adapter.trunk``: ViT/DeiT, and Swin with each patch merging as its own
-step); other families (the conv hybrids) are returned unchanged with a note in the result.
+Needs a plain block sequence (``Adapter.trunk``: ViT/DeiT, Swin with each patch merging as its own step,
+EfficientViT with its NCHW blocks seen channels-last); other families (the CNNs) are returned unchanged
+with a note in the result.
 """
 from __future__ import annotations
 
