@@ -50,7 +50,7 @@ class ReconResult:
     stages: list[ReconStage] = field(default_factory=list)
     skipped: str | None = None  # why nothing was done (e.g. no block sequence)
     seconds: float = 0.0
-    settings: dict = field(default_factory=dict)  # iters, batch, lr, drop_prob, seed: for the report
+    settings: dict = field(default_factory=dict)  # apply_block_recon's arguments, for the report
 
     def to_dict(self) -> dict:
         return {"stages": [vars(s) for s in self.stages], "skipped": self.skipped, "seconds": self.seconds,

@@ -185,9 +185,9 @@ class TensorQuantizer(nn.Module):
         if not self.scale_learnable:
             raise ValueError(f"quantizer {self.name} ({self.spec.scheme}, {self.spec.granularity}) cannot learn its scale")
         if self.spec.granularity == "ptf":
-            # the steps enter the autograd graph as they are: plain copies, in case calibration made them
-            # under inference mode (such tensors cannot be saved for backward)
-            self.scale, self.zero_point = self.scale.detach().clone(), self.zero_point.detach().clone()
+            # the steps are saved for backward: a plain copy, in case calibration made them under inference
+            # mode (such tensors cannot be saved for backward)
+            self.scale = self.scale.detach().clone()
             self.log_scale = torch.zeros((), requires_grad=True)
         else:
             self.log_scale = self.scale.detach().log().clone().requires_grad_(True)
@@ -224,11 +224,9 @@ class TensorQuantizer(nn.Module):
             xd = x.detach()
             out = x + (self.fake_quant(xd) - xd)
         elif self.spec.granularity == "ptf":
-            shape = [1] * x.dim()
-            shape[self.ptf_axis % x.dim()] = -1
             qmin, qmax = self._qrange()
-            out = Q.fake_quant_uniform_ste(x, self.scale.reshape(shape) * self.log_scale.exp(),
-                                           self.zero_point.reshape(shape), qmin, qmax)
+            out = Q.fake_quant_uniform_ste(x, self.scale * self.log_scale.exp(), self.zero_point, qmin, qmax,
+                                           axis=self.ptf_axis)
         else:
             scale = self.log_scale.exp()
             if self.spec.scheme == "two_region":

@@ -72,6 +72,16 @@ def dequantize_uniform(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.T
     return (q - zero_point) * scale
 
 
+def _along_axis(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D per-channel ``scale``/``zero_point`` reshaped to broadcast along ``axis`` of ``x`` (else as given)."""
+    if axis is not None and scale.dim() == 1 and x.dim() > 1:
+        shape = [1] * x.dim()
+        shape[axis % x.dim()] = -1
+        scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+    return scale, zero_point
+
+
 def fake_quant_uniform(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
                        axis: int | None = None) -> torch.Tensor:
     """Quantize-dequantize on a uniform grid: ``dequantize_uniform(quantize_uniform(x))``, bit-identical.
@@ -85,10 +95,7 @@ def fake_quant_uniform(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.T
         axis: channel axis of a per-channel ``scale``/``zero_point`` (1-D); None for per-tensor or for
             parameters already shaped to broadcast.
     """
-    if axis is not None and scale.dim() == 1 and x.dim() > 1:
-        shape = [1] * x.dim()
-        shape[axis % x.dim()] = -1
-        scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+    scale, zero_point = _along_axis(x, scale, zero_point, axis)
     y = x * (1.0 / scale)
     y.round_()
     if zero_point.numel() == 1:
@@ -262,10 +269,12 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 def fake_quant_uniform_ste(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
-                           qmax: int) -> torch.Tensor:
+                           qmax: int, axis: int | None = None) -> torch.Tensor:
     """:func:`fake_quant_uniform` with gradients (LSQ, Esser et al. 2020): ``x`` gets the straight-through
     gradient inside the grid and none where it is clipped; ``scale`` gets ``round(x/s) - x/s`` inside and
-    the clip level outside. The forward value equals :func:`fake_quant_uniform` up to float rounding."""
+    the clip level outside. The forward value equals :func:`fake_quant_uniform` up to float rounding.
+    ``axis`` as in :func:`fake_quant_uniform`."""
+    scale, zero_point = _along_axis(x, scale, zero_point, axis)
     return (torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax) - zero_point) * scale
 
 
