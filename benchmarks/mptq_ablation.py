@@ -36,9 +36,11 @@ METHODS = {"baseline": MethodOptions(), "+SQ-b": MethodOptions(sq_b=True), "+OPT
            # only layers of <= 5 weight bits, so at W4 these rows are what it runs)
            "+GPTQ": MethodOptions(gptq=True, gptq_max_bits=8),
            "+SQ-b +OPT-m +GPTQ": MethodOptions(sq_b=True, opt_m=True, gptq=True, gptq_max_bits=8),
-           # exactly what --method mptq runs since session 5 (GPTQ on <= 5-bit weights, block reconstruction at
-           # <= 5-bit activations)
-           "mptq": MethodOptions(sq_b=True, opt_m=True, gptq=True, recon=True)}
+           # exactly what --method mptq runs (GPTQ on <= 5-bit weights; block reconstruction at activation widths
+           # up to MethodOptions.recon_max_bits, 6 since session 8)
+           "mptq": MethodOptions(sq_b=True, opt_m=True, gptq=True, recon=True),
+           # --method mptq --sq-b-unnormed: SQ-b's shift and scale also on proj/fc2 inputs (explicit per-channel op)
+           "mptq+unnormed": MethodOptions(sq_b=True, sq_b_unnormed=True, opt_m=True, gptq=True, recon=True)}
 
 
 def variants(spec: str):
@@ -74,6 +76,8 @@ def main() -> int:
                     help="block reconstruction keeps the PTF grids' steps (full protocol)")
     ap.add_argument("--recon-flip", action=argparse.BooleanOptionalAction, default=MethodOptions.recon_flip,
                     help="block reconstruction also fits the mirrored calibration images")
+    ap.add_argument("--recon-float-lr", type=float, default=MethodOptions.recon_float_lr,
+                    help="block reconstruction also learns biases and LayerNorm affines at this rate (0 = off)")
     ap.add_argument("--out")
     args = ap.parse_args()
     assets = Path(args.assets)
@@ -81,7 +85,7 @@ def main() -> int:
     def with_recon(opts: MethodOptions) -> MethodOptions:
         return replace(opts, recon_iters=args.recon_iters, recon_drop=args.recon_drop,
                        recon_max_bits=args.recon_max_bits, recon_ptf=not args.no_recon_ptf,
-                       recon_flip=args.recon_flip)
+                       recon_flip=args.recon_flip, recon_float_lr=args.recon_float_lr)
 
     images = assets / "imagenet-sample"
     rows = []

@@ -11,7 +11,8 @@ on (to show over-fitting). Figures are averaged over the folds.
 
 A setting is ``none`` (no reconstruction) or comma-separated ``key=value`` with keys ``iters``, ``lr``,
 ``drop`` (QDrop probability), ``batch``, ``ptf`` (0/1: learn the PTF grids' step multipliers, full
-protocol), ``flip`` (0/1: also fit the mirrored images).
+protocol), ``flip`` (0/1: also fit the mirrored images), ``float`` (learning rate of the biases and
+LayerNorm affines; 0 = not learned).
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ from vitq.zoo import load_model
 
 # setting key -> (apply_block_recon argument, type); keys left out keep apply_block_recon's defaults
 KEYS = {"iters": ("iters", int), "lr": ("lr", float), "drop": ("drop_prob", float), "batch": ("batch", int),
-        "ptf": ("ptf_scales", lambda v: bool(int(v))), "flip": ("flip", lambda v: bool(int(v)))}
+        "ptf": ("ptf_scales", lambda v: bool(int(v))), "flip": ("flip", lambda v: bool(int(v))),
+        "float": ("float_lr", float)}
 
 
 def parse_setting(text: str) -> dict | None:

@@ -193,6 +193,8 @@ def test_recon_runs_at_low_bits_is_reported_and_reloads(tmp_path, images, capsys
     assert "--recon" in capsys.readouterr().err
     assert main([*common, "--recon", "--recon-drop", "1.5", "--out", str(tmp_path / "z")]) == 2
     assert "--recon-drop" in capsys.readouterr().err
+    assert main([*common, "--recon", "--recon-float-lr", "-1", "--out", str(tmp_path / "z")]) == 2
+    assert "--recon-float-lr" in capsys.readouterr().err
     assert main([*common, "--recon", "--recon-iters", "0", "--out", str(tmp_path / "w")]) == 2
     assert "--recon-iters" in capsys.readouterr().err
     assert main([*common, "--recon", "--recon-max-bits", "9", "--out", str(tmp_path / "v")]) == 2

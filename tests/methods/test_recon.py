@@ -171,7 +171,8 @@ def test_recon_learns_the_ptf_base_scale_and_keeps_power_of_two_ratios():
     assert moved
 
 
-@pytest.mark.parametrize("bad", [dict(drop_prob=1.0), dict(drop_prob=-0.1), dict(iters=0), dict(batch=0)])
+@pytest.mark.parametrize("bad", [dict(drop_prob=1.0), dict(drop_prob=-0.1), dict(iters=0), dict(batch=0),
+                                 dict(float_lr=-1e-3), dict(float_lr=float("nan"))])
 def test_recon_rejects_bad_settings_by_name(bad):
     model, size = tiny_model("deit")
     x = tiny_images(size, n=4)
@@ -216,3 +217,30 @@ def test_recon_on_efficientvit_runs_block_by_block_on_nchw_features(protocol):
     # the random-init tiny model's logits say little; the per-block objective must fall
     blocks = res.stages[1:-1]
     assert sum(s.loss_after for s in blocks) < sum(s.loss_before for s in blocks)
+
+
+def test_recon_learns_biases_and_norms_only_when_asked_and_never_the_classifiers():
+    model, size = tiny_model("deit")
+    x = tiny_images(size, n=16)
+    with torch.inference_mode():
+        ref = model(x).log_softmax(-1)
+    base = run_pipeline(model, x, QuantConfig(w_bits=4, a_bits=4, observer="mse"), MethodOptions(opt_m=True)).model
+    steps_only, a, b = copy.deepcopy(base), copy.deepcopy(base), copy.deepcopy(base)
+    apply_block_recon(steps_only, model, x, iters=30, progress=False)
+    res = apply_block_recon(a, model, x, iters=30, float_lr=1e-2, progress=False)
+    apply_block_recon(b, model, x, iters=30, float_lr=1e-2, progress=False)
+    assert res.settings["float_lr"] == 1e-2
+
+    def floats(m):
+        return {k: v for k, v in m.state_dict().items()
+                if "norm" in k or (k.endswith(".bias") and "quant" not in k)}
+
+    f0, f1, fa = floats(base), floats(steps_only), floats(a)
+    assert all(torch.equal(f0[k], f1[k]) for k in f0)  # off by default: no float parameter moves
+    moved = {k for k in f0 if not torch.equal(f0[k], fa[k])}
+    assert {"blocks.0.attn.qkv.bias", "blocks.0.attn.proj.bias", "blocks.0.norm1.weight", "norm.bias"} <= moved
+    assert "head.bias" not in moved  # one token per image: it would fit the calibration images
+    with torch.inference_mode():
+        assert torch.equal(a(x), b(x))
+    assert _kl(a, x, ref) < _kl(base, x, ref)
+    assert [p.requires_grad for p in a.parameters()] == [p.requires_grad for p in base.parameters()]

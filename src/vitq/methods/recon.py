@@ -14,8 +14,11 @@ BRECQ, Li et al. 2021; the step-size gradient of LSQ, Esser et al. 2020):
   (so GPTQ's rounding is kept and the weight stays on its grid);
 * in the full protocol, one step multiplier per PTF grid (the residual stream): every channel's step
   scales by it, so the channels stay power-of-two apart;
-* never learned: bit-widths, zero points, region ratios ``m``, PTF shifts, PoT grids, float parameters.
-  Every result is an ordinary calibrated model: the exporters see a different scale, nothing else.
+* optionally (``float_lr > 0``, off by default): the biases of those layers and the LayerNorms' affine
+  parameters;
+* never learned: bit-widths, zero points, region ratios ``m``, PTF shifts, PoT grids, other float
+  parameters. Every result is an ordinary calibrated model: the exporters see a different scale (and,
+  with ``float_lr``, different float biases and norms), nothing else.
 
 Needs a plain block sequence (``Adapter.trunk``: ViT/DeiT, Swin with each patch merging as its own step,
 EfficientViT with its NCHW blocks seen channels-last); other families (the CNNs) are returned unchanged
@@ -64,7 +67,8 @@ def _batched(fn, x: torch.Tensor, bs: int = 8) -> torch.Tensor:
 def apply_block_recon(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor, iters: int = 50,
                       batch: int = 8, lr: float = 4e-3, weight_scales: bool = True,
                       min_rows_per_channel: float = 4.0, drop_prob: float = 0.0, seed: int = 0,
-                      ptf_scales: bool = True, flip: bool = False, progress: bool = True) -> ReconResult:
+                      ptf_scales: bool = True, flip: bool = False, float_lr: float = 0.0,
+                      progress: bool = True) -> ReconResult:
     """Tune step sizes block by block so each quantized block reproduces the float block (in place).
 
     Args:
@@ -85,17 +89,23 @@ def apply_block_recon(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor
             the channels' power-of-two shifts and zero points stay.
         flip: also fit the horizontally mirrored calibration images (twice the inputs, same steps), a
             guard against fitting the step sizes to few images.
+        float_lr: when > 0, also learn float parameters with this Adam learning rate (cosine-decayed):
+            the biases of the layers that learn weight scales and the affine parameters of every
+            LayerNorm the stage calls. 0 (default) learns quantization steps only.
 
     Returns:
         Per stage, the number of learned scalars and :func:`stage_loss` before and after.
     """
     if not 0.0 <= drop_prob < 1.0:
         raise ValueError(f"drop_prob is a probability in [0, 1), got {drop_prob}")
+    if not (math.isfinite(float_lr) and float_lr >= 0.0):
+        raise ValueError(f"float_lr must be a finite learning rate >= 0 (0 = off), got {float_lr}")
     if iters < 1 or batch < 1:
         raise ValueError(f"iters and batch must be at least 1, got iters={iters}, batch={batch}")
     t0 = time.perf_counter()
     result = ReconResult(settings={"iters": iters, "batch": batch, "lr": lr, "weight_scales": weight_scales,
-                                   "drop_prob": drop_prob, "seed": seed, "ptf_scales": ptf_scales, "flip": flip})
+                                   "drop_prob": drop_prob, "seed": seed, "ptf_scales": ptf_scales, "flip": flip,
+                                   "float_lr": float_lr})
     adapter = adapter_for(model)
     trunk_q, trunk_f = adapter.trunk(model), adapter_for(fp_model).trunk(fp_model)
     if trunk_q is None or trunk_f is None:
@@ -108,6 +118,7 @@ def apply_block_recon(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor
     stages.append(("head", head_q, head_f))
     quantizers = all_quantizers(model)
     layers_all = weight_layers(model)
+    norms_all = [m for m in model.modules() if isinstance(m, nn.LayerNorm) and m.elementwise_affine]
     gen = torch.Generator().manual_seed(seed)
     requires = {p: p.requires_grad for p in model.parameters()}
     for p in requires:
@@ -122,6 +133,7 @@ def apply_block_recon(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor
         for name, fq, ff in stages:
             rows: dict[int, int] = {}
             hooks = [m.register_forward_hook(_count_rows(rows)) for m in layers_all]
+            hooks += [m.register_forward_hook(_count_rows(rows)) for m in norms_all]
             with torch.no_grad():
                 target = _batched(ff, xf)
                 calls = [q.calls for q in quantizers]
@@ -134,17 +146,32 @@ def apply_block_recon(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor
             used_ids = {id(q) for q in used}
             # A layer that sees few rows per output channel (the classifier: one token per image) would fit
             # its per-class scales to the calibration images, so it keeps its weight scales.
-            layers = [m for m in layers_all if id(m.in_quant) in used_ids
-                      and rows.get(id(m), 0) >= min_rows_per_channel * m.weight[0].numel()] if weight_scales else []
+            eligible = [m for m in layers_all if id(m.in_quant) in used_ids
+                        and rows.get(id(m), 0) >= min_rows_per_channel * m.weight[0].numel()]
+            layers = eligible if weight_scales else []
             params = [q.begin_scale_learning() for q in act]
             params += [p for m in layers if (p := m.begin_weight_scale_learning()) is not None]
+            # Float parameters (optional): the same layers' biases (the classifier's 1000 biases would fit
+            # the calibration images like its scales) and the affine parameters of the LayerNorms the stage
+            # ran, which scale and shift the inputs of the layers after them per channel.
+            floats = []
+            if float_lr > 0:
+                floats = [m.bias for m in eligible if m.bias is not None]
+                floats += [t for m in norms_all if id(m) in rows for t in (m.weight, m.bias) if t is not None]
+                for t in floats:
+                    t.requires_grad_(True)
             acts = [q for q in used if not q.is_weight]
             for q in acts:
                 q.drop_prob, q.drop_generator = drop_prob, gen
             try:
-                if params:
-                    _train(fq, xq, target, params, iters, batch, lr, gen)
+                groups = [{"params": params, "lr": lr}] if params else []
+                if floats:
+                    groups.append({"params": floats, "lr": float_lr})
+                if groups:
+                    _train(fq, xq, target, groups, iters, batch, gen)
             finally:
+                for t in floats:
+                    t.requires_grad_(False)
                 for q in acts:
                     q.drop_prob, q.drop_generator = 0.0, None
                 for q in act:
@@ -154,7 +181,8 @@ def apply_block_recon(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor
             with torch.no_grad():
                 out = _batched(fq, xq)
             after = stage_loss(out, target).item()
-            result.stages.append(ReconStage(name, sum(p.numel() for p in params), before, after))
+            learned = sum(p.numel() for p in params) + sum(t.numel() for t in floats)
+            result.stages.append(ReconStage(name, learned, before, after))
             xq, xf = out, target
             bar.update(1)
     finally:
@@ -188,9 +216,11 @@ def _count_rows(rows: dict[int, int]):
     return hook
 
 
-def _train(fn, x: torch.Tensor, target: torch.Tensor, params: list[torch.Tensor], iters: int, batch: int,
-           lr: float, gen: torch.Generator) -> None:
-    opt = torch.optim.Adam(params, lr=lr)
+def _train(fn, x: torch.Tensor, target: torch.Tensor, groups: list[dict], iters: int, batch: int,
+           gen: torch.Generator) -> None:
+    """Adam on parameter groups (``{"params": [...], "lr": base}``), each cosine-decayed from its base."""
+    opt = torch.optim.Adam(groups)
+    base = [g["lr"] for g in opt.param_groups]
     n = len(x)
     order = torch.randperm(n, generator=gen)
     pos = 0
@@ -204,6 +234,6 @@ def _train(fn, x: torch.Tensor, target: torch.Tensor, params: list[torch.Tensor]
         loss = stage_loss(fn(xb), target[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        for g in opt.param_groups:
+        for g, lr in zip(opt.param_groups, base):
             g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * it / iters))
         opt.step()
