@@ -181,12 +181,18 @@ def test_recon_rejects_bad_settings_by_name(bad):
         apply_block_recon(q, model, x, progress=False, **bad)
 
 
-def test_recon_with_mirrored_images_fits_twice_the_inputs_and_is_deterministic():
+def _tiny_w4_opt_m(n: int):
+    """A tiny random-init DeiT, n images, its FP log-probabilities and its W4A4 OPT-m model (no recon)."""
     model, size = tiny_model("deit")
-    x = tiny_images(size, n=8)
+    x = tiny_images(size, n=n)
     with torch.inference_mode():
         ref = model(x).log_softmax(-1)
     base = run_pipeline(model, x, QuantConfig(w_bits=4, a_bits=4, observer="mse"), MethodOptions(opt_m=True)).model
+    return model, x, ref, base
+
+
+def test_recon_with_mirrored_images_fits_twice_the_inputs_and_is_deterministic():
+    model, x, ref, base = _tiny_w4_opt_m(8)
     a, b, c = copy.deepcopy(base), copy.deepcopy(base), copy.deepcopy(base)
     res = apply_block_recon(a, model, x, iters=20, flip=True, progress=False)
     apply_block_recon(b, model, x, iters=20, flip=True, progress=False)
@@ -220,11 +226,7 @@ def test_recon_on_efficientvit_runs_block_by_block_on_nchw_features(protocol):
 
 
 def test_recon_learns_biases_and_norms_only_when_asked_and_never_the_classifiers():
-    model, size = tiny_model("deit")
-    x = tiny_images(size, n=16)
-    with torch.inference_mode():
-        ref = model(x).log_softmax(-1)
-    base = run_pipeline(model, x, QuantConfig(w_bits=4, a_bits=4, observer="mse"), MethodOptions(opt_m=True)).model
+    model, x, ref, base = _tiny_w4_opt_m(16)
     steps_only, a, b = copy.deepcopy(base), copy.deepcopy(base), copy.deepcopy(base)
     apply_block_recon(steps_only, model, x, iters=30, progress=False)
     res = apply_block_recon(a, model, x, iters=30, float_lr=1e-2, progress=False)
