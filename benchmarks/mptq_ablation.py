@@ -40,7 +40,9 @@ METHODS = {"baseline": MethodOptions(), "+SQ-b": MethodOptions(sq_b=True), "+OPT
            # up to MethodOptions.recon_max_bits, 6 since session 8)
            "mptq": MethodOptions(sq_b=True, opt_m=True, gptq=True, recon=True),
            # --method mptq --sq-b-unnormed: SQ-b's shift and scale also on proj/fc2 inputs (explicit per-channel op)
-           "mptq+unnormed": MethodOptions(sq_b=True, sq_b_unnormed=True, opt_m=True, gptq=True, recon=True)}
+           "mptq+unnormed": MethodOptions(sq_b=True, sq_b_unnormed=True, opt_m=True, gptq=True, recon=True),
+           # --method mptq --sq-b-gelu: SQ-b's scale-only form on fc2's post-GELU input (explicit per-channel scale)
+           "mptq+gelu": MethodOptions(sq_b=True, sq_b_gelu=True, opt_m=True, gptq=True, recon=True)}
 
 
 def variants(spec: str):

@@ -12,7 +12,9 @@ on (to show over-fitting). Figures are averaged over the folds.
 A setting is ``none`` (no reconstruction) or comma-separated ``key=value`` with keys ``iters``, ``lr``,
 ``drop`` (QDrop probability), ``batch``, ``ptf`` (0/1: learn the PTF grids' step multipliers, full
 protocol), ``flip`` (0/1: also fit the mirrored images), ``float`` (learning rate of the biases and
-LayerNorm affines; 0 = not learned).
+LayerNorm affines; 0 = not learned). The key ``gelu`` (0/1: ``--sq-b-gelu``) changes the pipeline before
+reconstruction instead; settings that share it share one pipeline run per fold. ``gelu=1`` alone means
+that pipeline without reconstruction (like ``none``).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import argparse
 import copy
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -35,23 +38,28 @@ from vitq.zoo import load_model
 KEYS = {"iters": ("iters", int), "lr": ("lr", float), "drop": ("drop_prob", float), "batch": ("batch", int),
         "ptf": ("ptf_scales", lambda v: bool(int(v))), "flip": ("flip", lambda v: bool(int(v))),
         "float": ("float_lr", float)}
+# setting key -> (MethodOptions field, type): these change the pipeline that runs before reconstruction
+PIPELINE_KEYS = {"gelu": ("sq_b_gelu", lambda v: bool(int(v)))}
 
 
-def parse_setting(text: str) -> dict | None:
+def parse_setting(text: str) -> tuple[tuple, dict | None]:
+    """``(pipeline options as sorted (field, value) pairs, apply_block_recon kwargs or None)``."""
     if text == "none":
-        return None
-    out = {}
+        return (), None
+    out, pipe = {}, {}
     for part in text.split(","):
         key, _, value = part.partition("=")
-        if key not in KEYS or not value:
-            raise SystemExit(f"bad setting {text!r}: expected 'none' or key=value pairs with keys {sorted(KEYS)}")
-        arg, kind = KEYS[key]
+        table = PIPELINE_KEYS if key in PIPELINE_KEYS else KEYS
+        if key not in table or not value:
+            raise SystemExit(f"bad setting {text!r}: expected 'none' or key=value pairs with keys "
+                             f"{sorted(KEYS) + sorted(PIPELINE_KEYS)}")
+        arg, kind = table[key]
         try:
-            out[arg] = kind(value)
+            (pipe if table is PIPELINE_KEYS else out)[arg] = kind(value)
         except ValueError:
             raise SystemExit(f"bad setting {text!r}: {key} must be {getattr(kind, '__name__', 'bool')}, "
                              f"got {value!r}") from None
-    return out
+    return tuple(sorted(pipe.items())), (out or None)
 
 
 def _scores(model, fp_model, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
@@ -86,9 +94,10 @@ def main() -> int:
         for k, held_idx in enumerate(folds):
             fit_idx = perm[~torch.isin(perm, held_idx)]
             fit, held = calib[fit_idx], calib[held_idx]
-            base = run_pipeline(loaded.model, fit, cfg, opts).model
-            for text, setting in settings:
-                q = copy.deepcopy(base)
+            bases = {pipe: run_pipeline(loaded.model, fit, cfg, replace(opts, **dict(pipe))).model
+                     for pipe in dict.fromkeys(p for _, (p, _) in settings)}
+            for text, (pipe, setting) in settings:
+                q = copy.deepcopy(bases[pipe])
                 t = time.perf_counter()
                 if setting is not None:
                     apply_block_recon(q, loaded.model, fit, seed=args.seed, progress=False, **setting)

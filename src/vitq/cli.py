@@ -133,7 +133,7 @@ def _cmd_quantize(args) -> int:
           + (" RANDOM-INIT" if loaded.random_init else ""), flush=True)
 
     options = MethodOptions(sq_b=args.sq_b or args.method == "mptq", opt_m=args.opt_m or args.method == "mptq",
-                            m_max=args.m_max, sq_b_unnormed=args.sq_b_unnormed,
+                            m_max=args.m_max, sq_b_unnormed=args.sq_b_unnormed, sq_b_gelu=args.sq_b_gelu,
                             gptq=(args.gptq or args.method == "mptq") and not args.no_gptq,
                             gptq_max_bits=args.gptq_max_bits,
                             recon=(args.recon or args.method == "mptq") and not args.no_recon,
@@ -158,6 +158,10 @@ def _cmd_quantize(args) -> int:
         raise ConfigError("--method m2q does not take --gptq, --sq-b, --opt-m or --recon")
     if args.sq_b_unnormed and not options.sq_b:
         raise ConfigError("--sq-b-unnormed extends SQ-b: give it with --sq-b or --method mptq")
+    if args.sq_b_gelu and not options.sq_b:
+        raise ConfigError("--sq-b-gelu extends SQ-b: give it with --sq-b or --method mptq")
+    if args.sq_b_gelu and args.sq_b_unnormed:
+        raise ConfigError("give only one of --sq-b-gelu and --sq-b-unnormed (both transform fc2's input)")
     cost_budget = [(k, v) for k, v in (("edp", args.budget_edp), ("energy", args.budget_energy),
                                        ("latency", args.budget_latency)) if v is not None]
     if len(cost_budget) > 1:
@@ -357,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sq-b-unnormed", action="store_true",
                    help="SQ-b also on proj/fc2 as an explicit per-channel shift and scale (costs a per-channel "
                         "subtract and multiply at inference)")
+    p.add_argument("--sq-b-gelu", action="store_true",
+                   help="SQ-b's scale-only form on fc2's post-GELU input, alpha scored with OPT-m's two-region "
+                        "grid (costs a per-channel multiply at inference)")
     p.add_argument("--opt-m", action="store_true", help="two-region quantizer search for post-GELU/softmax")
     p.add_argument("--m-max", type=int, default=None,
                    help="largest OPT-m ratio exponent (default: max(4, bits-1) per tensor)")

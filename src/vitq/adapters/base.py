@@ -70,6 +70,10 @@ class Adapter:
         """Block Linears not fed by a LayerNorm (attention proj, MLP fc2): SQ-b's optional explicit form."""
         return []
 
+    def post_gelu_linears(self, model: nn.Module) -> list[nn.Linear]:
+        """Linears whose input is a GELU output (MLP fc2): SQ-b's optional scale-only form (``--sq-b-gelu``)."""
+        return []
+
 
 def morph(module: nn.Module, cls: type) -> nn.Module:
     """Give ``module`` a subclass of its class that overrides ``forward`` (parameters and names kept)."""

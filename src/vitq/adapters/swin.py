@@ -91,6 +91,9 @@ class SwinAdapter(Adapter):
     def unnormed_linears(self, model: nn.Module) -> list[nn.Linear]:
         return [lin for b in model.modules() if isinstance(b, SwinTransformerBlock) for lin in (b.attn.proj, b.mlp.fc2)]
 
+    def post_gelu_linears(self, model: nn.Module) -> list[nn.Linear]:
+        return [b.mlp.fc2 for b in model.modules() if isinstance(b, SwinTransformerBlock)]
+
     def attach_matmuls(self, model: nn.Module, names: dict[nn.Module, str]) -> None:
         for m in list(model.modules()):
             if type(m) is WindowAttention:

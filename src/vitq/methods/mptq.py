@@ -25,6 +25,7 @@ class MethodOptions:
     opt_m: bool = False
     m_max: int | None = None  # None: max(4, bits - 1) per tensor (optm.default_m_max)
     sq_b_unnormed: bool = False  # SQ-b also on proj/fc2, as an explicit per-channel operation
+    sq_b_gelu: bool = False  # SQ-b's scale-only form on fc2's post-GELU input (explicit per-channel scale)
     gptq: bool = False  # GPTQ weight rounding after calibration (vitq's addition, not in the paper)
     gptq_max_bits: int = 5  # layers with wider weights keep round-to-nearest (docs/methods.md)
     recon: bool = False  # block reconstruction of step sizes after GPTQ (vitq's addition)
@@ -74,7 +75,8 @@ def run_pipeline(fp_model: nn.Module, calib: torch.Tensor, config: QuantConfig, 
     if options.sq_b:
         t = time.perf_counter()
         uniform = QuantConfig(w_bits=config.w_bits, a_bits=config.a_bits)
-        sqb = apply_sqb(model, calib, uniform, progress=progress, unnormed=options.sq_b_unnormed).to_dict()
+        sqb = apply_sqb(model, calib, uniform, progress=progress, unnormed=options.sq_b_unnormed,
+                         post_gelu=options.sq_b_gelu).to_dict()
         timing["sqb_s"] = time.perf_counter() - t
     t = time.perf_counter()
     q = prepare(model, config, inplace=True)
