@@ -80,6 +80,8 @@ def main() -> int:
                     help="block reconstruction also fits the mirrored calibration images")
     ap.add_argument("--recon-float-lr", type=float, default=MethodOptions.recon_float_lr,
                     help="block reconstruction also learns biases and LayerNorm affines at this rate (0 = off)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="QuantConfig seed: observers' sampling and reconstruction's batch order (not the images)")
     ap.add_argument("--out")
     args = ap.parse_args()
     assets = Path(args.assets)
@@ -103,7 +105,8 @@ def main() -> int:
             v = variants(spec)
             t0 = time.perf_counter()
             if v["kind"] == "single":
-                cfg = QuantConfig(w_bits=v["bits"], a_bits=v["bits"], protocol=v["protocol"], observer="mse")
+                cfg = QuantConfig(w_bits=v["bits"], a_bits=v["bits"], protocol=v["protocol"], observer="mse",
+                                  seed=args.seed)
                 q = run_pipeline(loaded.model, calib, cfg, with_recon(METHODS[v["method"]])).model
                 label = f"W{v['bits']}A{v['bits']} {v['method']}"
             else:
@@ -111,7 +114,7 @@ def main() -> int:
                 # The base bits are where SQ-b searches alpha (once, for every bank): the budget's own width,
                 # so that the greedy rows and the uniform rows at that width share the same smoothing.
                 base = max(2, min(8, round(b)))
-                cfg = QuantConfig(w_bits=base, a_bits=base, protocol=v["protocol"], observer="mse")
+                cfg = QuantConfig(w_bits=base, a_bits=base, protocol=v["protocol"], observer="mse", seed=args.seed)
                 opts = with_recon(MethodOptions(sq_b=True, opt_m=True, gptq=v["gptq"], recon=v["recon"]))
                 try:
                     q, found = greedy_mp(loaded.model, calib, cfg, opts, Budget(b, b), n_probe=args.probe_images,
@@ -125,6 +128,8 @@ def main() -> int:
                 if found.uniform_fallback is not None:  # say so: the row is then a uniform model
                     label += (f", uniform {found.uniform_fallback}-bit won (probe KL {found.kl_final:.4f} "
                               f"vs greedy {found.kl_greedy:.4f})")
+            if args.seed:
+                label += f", seed {args.seed}"
             key = f"{v['protocol']} {label}"
             built[key] = q
             meta[key] = dict(protocol=v["protocol"], variant=label, time_s=time.perf_counter() - t0)

@@ -246,3 +246,16 @@ def test_recon_learns_biases_and_norms_only_when_asked_and_never_the_classifiers
         assert torch.equal(a(x), b(x))
     assert _kl(a, x, ref) < _kl(base, x, ref)
     assert [p.requires_grad for p in a.parameters()] == [p.requires_grad for p in base.parameters()]
+
+
+def test_pipeline_seed_reaches_reconstruction():
+    model, size = tiny_model("deit")
+    x = tiny_images(size, n=12)
+    opts = MethodOptions(sq_b=True, opt_m=True, recon=True, recon_iters=10)
+    cfg = QuantConfig(w_bits=4, a_bits=4)
+    runs = {seed: run_pipeline(model, x, replace(cfg, seed=seed), opts) for seed in (0, 1)}
+    again = run_pipeline(model, x, cfg, opts)
+    assert runs[0].recon["settings"]["seed"] == 0 and runs[1].recon["settings"]["seed"] == 1
+    with torch.inference_mode():
+        assert torch.equal(again.model(x), runs[0].model(x))  # same seed, same model
+        assert not torch.equal(runs[1].model(x), runs[0].model(x))  # the batch order changed

@@ -405,7 +405,7 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
     if options.gptq:
         result.gptq = apply_gptq(model, calib, max_bits=options.gptq_max_bits, progress=progress).to_dict()
     if options.recon_applies(base):
-        result.recon = apply_block_recon(model, fp_model, calib, progress=progress,
+        result.recon = apply_block_recon(model, fp_model, calib, progress=progress, seed=base.seed,
                                          **options.recon_kwargs()).to_dict()
     result.search_s = time.perf_counter() - t0
     return model, result

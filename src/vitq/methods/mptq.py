@@ -94,6 +94,8 @@ def run_pipeline(fp_model: nn.Module, calib: torch.Tensor, config: QuantConfig, 
     recon = None
     if options.recon_applies(config):
         t = time.perf_counter()
-        recon = apply_block_recon(q, fp_model, calib, progress=progress, **options.recon_kwargs()).to_dict()
+        # the config's seed (--seed) also seeds reconstruction's mini-batch order and QDrop draws
+        recon = apply_block_recon(q, fp_model, calib, progress=progress, seed=config.seed,
+                                  **options.recon_kwargs()).to_dict()
         timing["recon_s"] = time.perf_counter() - t
     return PipelineResult(q, timing, sqb, optm, gptq, recon)

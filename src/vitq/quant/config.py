@@ -64,7 +64,7 @@ class QuantConfig:
             residual additions) per channel with power-of-two scale factors (FQ-ViT's PTF), since a few
             channels are hundreds of times larger than the rest. False: per tensor.
         rules: per-layer overrides, applied in order (later rules win).
-        seed: seed of every random choice (observer sampling).
+        seed: seed of every random choice (observer sampling; block reconstruction's batch order and QDrop).
     """
 
     w_bits: int = 8
