@@ -21,17 +21,9 @@ from vitq.data import load_tensors, make_dataset
 from vitq.methods.sqb import _collect_inputs
 from vitq.zoo import load_model
 
-WIDE_DELTA = tuple(round(0.05 * k, 2) for k in range(1, 21))
-WIDE_BOUNDARY = (0.25, 0.5, 0.75, 1.0)
-
-
-def _search(x, bits, out_fn, deltas, boundaries, m_max):
-    saved = optm.DELTA_GRID, optm.BOUNDARY_GRID
-    optm.DELTA_GRID, optm.BOUNDARY_GRID = deltas, boundaries  # search_two_region reads the module grids
-    try:
-        return optm.search_two_region(x, bits, m_max, True, out_fn)
-    finally:
-        optm.DELTA_GRID, optm.BOUNDARY_GRID = saved
+# A probe grid finer and wider than any OPT-m preset: r = 0.05 .. 1.00 in 0.05 steps.
+PROBE_GRID = optm.TwoRegionGrid(deltas=tuple(round(0.05 * k, 2) for k in range(1, 21)),
+                                boundaries=(0.25, 0.5, 0.75, 1.0))
 
 
 def main() -> int:
@@ -53,10 +45,10 @@ def main() -> int:
     for i, (lin, x) in enumerate(zip(fc2s, _collect_inputs(loaded.model, fc2s, calib[:8], 2048))):
         w = lin.weight.detach().float()
         top = x.max().item()
-        d0, m0, _, e0 = _search(x, args.bits, lambda v: v @ w.T, optm.DELTA_GRID, optm.BOUNDARY_GRID,
-                                optm.default_m_max(args.bits))
-        d1, m1, _, e1 = _search(x, args.bits, lambda v: v @ w.T, WIDE_DELTA, WIDE_BOUNDARY,
-                                args.wide_m_max or optm.default_m_max(args.bits))
+        d0, m0, _, e0 = optm.search_two_region(x, args.bits, optm.default_m_max(args.bits), True,
+                                               lambda v: v @ w.T, optm.STANDARD_GRID)
+        d1, m1, _, e1 = optm.search_two_region(x, args.bits, args.wide_m_max or optm.default_m_max(args.bits), True,
+                                               lambda v: v @ w.T, PROBE_GRID)
         print(f"| {i} | {top:.2f} | {d0 * (n - 1) / top:.2f} | {m0} | {e0:.5f} | {d1 * (n - 1) / top:.2f} | {m1} | "
               f"{e1:.5f} | {1 - e1 / e0:.1%} |", flush=True)
     return 0

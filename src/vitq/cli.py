@@ -133,7 +133,7 @@ def _cmd_quantize(args) -> int:
           + (" RANDOM-INIT" if loaded.random_init else ""), flush=True)
 
     options = MethodOptions(sq_b=args.sq_b or args.method == "mptq", opt_m=args.opt_m or args.method == "mptq",
-                            m_max=args.m_max, sq_b_unnormed=args.sq_b_unnormed, sq_b_gelu=args.sq_b_gelu,
+                            m_max=args.m_max, optm_grid=args.opt_m_grid, sq_b_unnormed=args.sq_b_unnormed, sq_b_gelu=args.sq_b_gelu,
                             gptq=(args.gptq or args.method == "mptq") and not args.no_gptq,
                             gptq_max_bits=args.gptq_max_bits,
                             recon=(args.recon or args.method == "mptq") and not args.no_recon,
@@ -367,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opt-m", action="store_true", help="two-region quantizer search for post-GELU/softmax")
     p.add_argument("--m-max", type=int, default=None,
                    help="largest OPT-m ratio exponent (default: max(4, bits-1) per tensor)")
+    p.add_argument("--opt-m-grid", choices=["standard", "wide"], default="standard",
+                   help="OPT-m's two-region candidates: standard (coarse step 0.4-1.0 of min-max, 3 boundaries) "
+                        "or wide (0.2-1.0, 4 boundaries, about 1.7x the search time); docs/methods.md")
     p.add_argument("--gptq", action="store_true",
                    help="GPTQ weight rounding after calibration (vitq's addition to MPTQ-ViT; on with --method mptq)")
     p.add_argument("--no-gptq", action="store_true", help="--method mptq without GPTQ (the paper's methods only)")

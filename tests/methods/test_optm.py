@@ -61,3 +61,28 @@ def test_wider_m_range_is_never_worse_at_8_bits():
     err4 = search_two_region(h, 8, 4, True, out_fn)[3]
     err7 = search_two_region(h, 8, default_m_max(8), True, out_fn)[3]
     assert err7 <= err4
+
+
+def test_wide_grid_contains_the_standard_one_so_it_is_never_worse():
+    from vitq.methods.optm import GRIDS, STANDARD_GRID, WIDE_GRID
+
+    assert set(STANDARD_GRID.deltas) <= set(WIDE_GRID.deltas) and min(WIDE_GRID.deltas) < min(STANDARD_GRID.deltas)
+    assert set(STANDARD_GRID.boundaries) <= set(WIDE_GRID.boundaries)
+    torch.manual_seed(0)
+    h = torch.nn.functional.gelu(torch.randn(512, 64) * 2)
+    h[:, 3] *= 60
+    w = torch.randn(32, 64)
+    out_fn = lambda a: a @ w.T  # noqa: E731
+    std = search_two_region(h, 4, 4, True, out_fn, STANDARD_GRID)
+    wide = search_two_region(h, 4, 4, True, out_fn, GRIDS["wide"])
+    assert wide[3] <= std[3]
+
+
+def test_unknown_grid_is_named_in_the_error():
+    import pytest
+
+    model, size = tiny_model("deit")
+    x = tiny_images(size, n=4)
+    q = quantize(model, x, QuantConfig(w_bits=4, a_bits=4))
+    with pytest.raises(ValueError, match="unknown OPT-m grid 'huge'"):
+        apply_optm(q, x, progress=False, grid="huge")

@@ -28,8 +28,27 @@ from ..quant.layers import QuantLinear, QuantMatMul
 # Clip ratios 0.30 .. 0.90 in steps of 0.05, then 0.90 .. 1.00 in steps of 0.01: at 8 bits the rounding
 # error is small, so the best clip lies close to the max and a 0.05 step is too coarse there.
 CLIP_GRID = tuple(round(0.3 + 0.05 * i, 2) for i in range(12)) + tuple(round(0.9 + 0.01 * i, 2) for i in range(11))
-DELTA_GRID = tuple(round(0.4 + 0.1 * i, 1) for i in range(7))  # coarse step as a fraction of max/(n-1)
-BOUNDARY_GRID = (0.25, 0.5, 1.0)  # boundary as a fraction of the fine region's reach
+
+
+@dataclass(frozen=True)
+class TwoRegionGrid:
+    """The candidates OPT-m's two-region search tries besides ``m``.
+
+    Attributes:
+        deltas: coarse step ``Δ`` as a fraction of ``max / (n - 1)`` (1.0 = the min-max step).
+        boundaries: region boundary as a fraction of the fine region's reach.
+    """
+
+    deltas: tuple[float, ...]
+    boundaries: tuple[float, ...]
+
+
+# The default since session 2: 7 x 3 candidates per m.
+STANDARD_GRID = TwoRegionGrid(deltas=tuple(round(0.4 + 0.1 * i, 1) for i in range(7)), boundaries=(0.25, 0.5, 1.0))
+# Reaches below the standard floor r = 0.4, where ViT-Tiny's blocks 0 and 6 sit (docs/results.md, session
+# 10, benchmarks/optm_grid_edge.py), and adds a 0.75 boundary: 9 x 4 candidates per m, about 1.7x the time.
+WIDE_GRID = TwoRegionGrid(deltas=tuple(round(0.2 + 0.1 * i, 1) for i in range(9)), boundaries=(0.25, 0.5, 0.75, 1.0))
+GRIDS = {"standard": STANDARD_GRID, "wide": WIDE_GRID}
 
 
 @dataclass
@@ -116,18 +135,19 @@ def search_uniform_clip(x: torch.Tensor, bits: int, out_fn=None) -> tuple[float,
     return best
 
 
-def search_two_region(x: torch.Tensor, bits: int, m_max: int, signed_fine: bool, out_fn=None):
-    """Best (delta, m, boundary) for m in 1..m_max. Returns (delta, m, boundary, error)."""
+def search_two_region(x: torch.Tensor, bits: int, m_max: int, signed_fine: bool, out_fn=None,
+                      grid: TwoRegionGrid = STANDARD_GRID):
+    """Best (delta, m, boundary) for m in 1..m_max over ``grid``. Returns (delta, m, boundary, error)."""
     ref = out_fn(x) if out_fn is not None else x
     n = 2 ** (bits - 1)
     top = x.max().clamp_min(1e-8)
     best = (None, None, None, float("inf"))
     for m in range(1, m_max + 1):
-        for r in DELTA_GRID:
+        for r in grid.deltas:
             delta = top * r / (n - 1)
             fine = delta / 2**m
             fine_top = ((n // 2 if signed_fine else n) - 0.5) * fine  # reach of the fine codes
-            for c in BOUNDARY_GRID:
+            for c in grid.boundaries:
                 boundary = fine_top * c
                 xq = Q.fake_quant_two_region(x, delta, m, boundary, bits, signed_fine)
                 err = _error(out_fn, ref, xq)
@@ -147,7 +167,7 @@ def default_m_max(bits: int) -> int:
 
 
 def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int | None = None, max_rows: int = 4096,
-               n_images: int = 8, progress: bool = True) -> OptMResult:
+               n_images: int = 8, progress: bool = True, grid: str = "standard") -> OptMResult:
     """Run OPT-m on a calibrated model (in place).
 
     Args:
@@ -156,10 +176,13 @@ def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int | None = None, 
         m_max: largest ratio exponent tried for the two-region tensors; ``None`` means
             :func:`default_m_max` of each tensor's bit-width; ``0`` keeps every tensor uniform (only the
             clip search runs), which is what an integer runtime without two-region kernels can execute.
+        grid: name of the two-region candidate grid in :data:`GRIDS` ("standard" or "wide").
 
     Returns:
         Per two-region tensor, the chosen ``m`` and the errors with ``m = 0`` and overall.
     """
+    if grid not in GRIDS:
+        raise ValueError(f"unknown OPT-m grid {grid!r}; choose one of {sorted(GRIDS)}")
     targets = {id(q): signed for q, signed in adapter_for(model).two_region_targets(model)}
     found = _capture(model, calib[:n_images], max_rows)
     result = OptMResult()
@@ -174,7 +197,7 @@ def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int | None = None, 
         q.set_range(torch.tensor(lo), torch.tensor(hi))
         top_m = default_m_max(q.spec.bits) if m_max is None else m_max
         if id(q) in targets and top_m > 0:
-            delta, m, boundary, err = search_two_region(x, q.spec.bits, top_m, targets[id(q)], out_fn)
+            delta, m, boundary, err = search_two_region(x, q.spec.bits, top_m, targets[id(q)], out_fn, GRIDS[grid])
             if err < err0:
                 q.set_two_region(delta, m, boundary, targets[id(q)])
                 result.choices.append(OptMChoice(q.name, "two_region", m, err0, err))
