@@ -84,6 +84,7 @@ def main() -> int:
                     help="QuantConfig seed: observers' sampling and reconstruction's batch order (not the images)")
     ap.add_argument("--opt-m-grid", choices=["standard", "wide"], default=MethodOptions.optm_grid,
                     help="OPT-m's two-region candidate grid (vitq quantize --opt-m-grid)")
+    ap.add_argument("--opt-m-ptf", action="store_true", help="OPT-m also searches the PTF steps (vitq quantize --opt-m-ptf)")
     ap.add_argument("--out")
     args = ap.parse_args()
     assets = Path(args.assets)
@@ -91,7 +92,8 @@ def main() -> int:
     def with_recon(opts: MethodOptions) -> MethodOptions:
         return replace(opts, recon_iters=args.recon_iters, recon_drop=args.recon_drop,
                        recon_max_bits=args.recon_max_bits, recon_ptf=not args.no_recon_ptf,
-                       recon_flip=args.recon_flip, recon_float_lr=args.recon_float_lr, optm_grid=args.opt_m_grid)
+                       recon_flip=args.recon_flip, recon_float_lr=args.recon_float_lr, optm_grid=args.opt_m_grid,
+                       optm_ptf=args.opt_m_ptf)
 
     images = assets / "imagenet-sample"
     rows = []
@@ -134,6 +136,8 @@ def main() -> int:
                 label += f", seed {args.seed}"
             if args.opt_m_grid != MethodOptions.optm_grid:
                 label += f", OPT-m grid {args.opt_m_grid}"
+            if args.opt_m_ptf:
+                label += ", OPT-m PTF search"
             key = f"{v['protocol']} {label}"
             built[key] = q
             meta[key] = dict(protocol=v["protocol"], variant=label, time_s=time.perf_counter() - t0)

@@ -25,6 +25,7 @@ class MethodOptions:
     opt_m: bool = False
     m_max: int | None = None  # None: max(4, bits - 1) per tensor (optm.default_m_max)
     optm_grid: str = "standard"  # OPT-m's two-region candidates: a key of optm.GRIDS
+    optm_ptf: bool = False  # OPT-m also searches the full protocol's PTF residual-stream steps (optm.search_ptf)
     sq_b_unnormed: bool = False  # SQ-b also on proj/fc2, as an explicit per-channel operation
     sq_b_gelu: bool = False  # SQ-b's scale-only form on fc2's post-GELU input (explicit per-channel scale)
     gptq: bool = False  # GPTQ weight rounding after calibration (vitq's addition, not in the paper)
@@ -85,7 +86,8 @@ def run_pipeline(fp_model: nn.Module, calib: torch.Tensor, config: QuantConfig, 
     timing["calibrate_s"] = time.perf_counter() - t
     if options.opt_m:
         t = time.perf_counter()
-        optm = apply_optm(q, calib, m_max=options.m_max, progress=progress, grid=options.optm_grid).to_dict()
+        optm = apply_optm(q, calib, m_max=options.m_max, progress=progress, grid=options.optm_grid,
+                          ptf=options.optm_ptf).to_dict()
         timing["optm_s"] = time.perf_counter() - t
     gptq = None
     if options.gptq:

@@ -156,6 +156,50 @@ def search_two_region(x: torch.Tensor, bits: int, m_max: int, signed_fine: bool,
     return best
 
 
+# Base-step multipliers of the PTF search: eighths of an octave over two octaves. Within one octave they
+# move where each channel's power-of-two steps fall; below 0.5 they trade the widest channel's clip (its
+# shift is capped) for finer steps in the narrow channels (whose shift cannot go below 0).
+PTF_BASE_GRID = tuple(2 ** (-j / 8) for j in range(16))
+
+
+def search_ptf(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, max_shift: int = 7):
+    """Data-driven steps for a PTF (power-of-two-factor) per-channel grid, on the tensor's own error.
+
+    The calibrated grid (:func:`~vitq.quant.quantizers.ptf_params`) takes the base step that covers the
+    widest channel at the largest shift, then the smallest covering shift per channel. This searches the
+    base over :data:`PTF_BASE_GRID` and, per channel, any shift in ``0..max_shift`` (a smaller shift clips
+    that channel's range, :func:`~vitq.quant.quantizers.ptf_window_params`), keeping the total squared
+    error of ``x``. The steps stay one base times powers of two, so integer LayerNorms and adders still
+    align channels with shifts. The calibrated grid is one of the candidates: never worse on this error.
+
+    Args:
+        x: samples, channels last (rows x channels).
+        lo, hi: each channel's calibrated range.
+
+    Returns:
+        ``(scale, zero_point, error)`` with one step and zero point per channel and the mean squared error.
+    """
+    qmin, qmax = Q.int_range(bits, False)
+    scale0, zp0, _ = Q.ptf_params(lo, hi, bits, max_shift)
+    best_err = (Q.fake_quant_uniform(x, scale0, zp0, qmin, qmax, axis=-1) - x).pow(2).sum(0)
+    best = (scale0.clone(), zp0.clone(), best_err.sum().item())
+    rng = (hi.clamp(min=0.0) - lo.clamp(max=0.0)).clamp_min(Q.EPS)
+    base0 = (rng.max() / (qmax - qmin) / 2**max_shift).clamp_min(Q.EPS)
+    for r in PTF_BASE_GRID:
+        ch_err = torch.full_like(best_err, float("inf"))
+        ch_scale, ch_zp = torch.zeros_like(scale0), torch.zeros_like(zp0)
+        for a in range(max_shift + 1):
+            scale = torch.full_like(scale0, float(base0 * r * 2**a))
+            zp = Q.ptf_window_params(lo, hi, scale, bits)
+            err = (Q.fake_quant_uniform(x, scale, zp, qmin, qmax, axis=-1) - x).pow(2).sum(0)
+            better = err < ch_err
+            ch_err = torch.where(better, err, ch_err)
+            ch_scale, ch_zp = torch.where(better, scale, ch_scale), torch.where(better, zp, ch_zp)
+        if ch_err.sum().item() < best[2]:
+            best = (ch_scale, ch_zp, ch_err.sum().item())
+    return best[0], best[1], best[2] / x.numel()
+
+
 def default_m_max(bits: int) -> int:
     """Largest ratio exponent searched at ``bits`` when none is given: ``max(4, bits - 1)``.
 
@@ -167,7 +211,7 @@ def default_m_max(bits: int) -> int:
 
 
 def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int | None = None, max_rows: int = 4096,
-               n_images: int = 8, progress: bool = True, grid: str = "standard") -> OptMResult:
+               n_images: int = 8, progress: bool = True, grid: str = "standard", ptf: bool = False) -> OptMResult:
     """Run OPT-m on a calibrated model (in place).
 
     Args:
@@ -177,6 +221,8 @@ def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int | None = None, 
             :func:`default_m_max` of each tensor's bit-width; ``0`` keeps every tensor uniform (only the
             clip search runs), which is what an integer runtime without two-region kernels can execute.
         grid: name of the two-region candidate grid in :data:`GRIDS` ("standard" or "wide").
+        ptf: also search the steps of the full protocol's PTF residual-stream grids (:func:`search_ptf`);
+            off: they keep their min-max calibration.
 
     Returns:
         Per two-region tensor, the chosen ``m`` and the errors with ``m = 0`` and overall.
@@ -189,6 +235,10 @@ def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int | None = None, 
     acts = [q for q in all_quantizers(model) if not q.is_weight and id(q) in found]
     for q in tqdm(acts, desc="OPT-m", disable=not progress, leave=False):
         x, out_fn = found[id(q)]
+        if ptf and q.spec.granularity == "ptf" and q.spec.scheme == "uniform" and q.ptf_axis == -1:  # samples are channel-last rows
+            scale, zp, _ = search_ptf(x, q.range_min, q.range_max, q.spec.bits)
+            q.set_ptf(scale, zp)
+            continue
         if q.spec.scheme != "uniform" or q.spec.granularity != "per_tensor":
             continue  # PoT, two-region and per-channel PTF residual grids keep their own calibration
         if q.layer in getattr(model, "vitq_first_layers", []) and q.role == "input":

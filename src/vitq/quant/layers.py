@@ -210,6 +210,17 @@ class TensorQuantizer(nn.Module):
             self.set_uniform_scale(new)
         self.log_scale = None
 
+    def set_ptf(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """Adopt searched per-channel steps and zero points for a PTF grid (the clip range follows).
+
+        The caller keeps the steps a shared base times powers of two (``methods/optm.py: search_ptf``).
+        """
+        if self.spec.granularity != "ptf":
+            raise ValueError(f"quantizer {self.name} is {self.spec.granularity}, not a PTF grid")
+        qmin, qmax = self._qrange()
+        self.scale, self.zero_point = scale.detach().float().clone(), zero_point.detach().float().clone()
+        self.range_min, self.range_max = (qmin - self.zero_point) * self.scale, (qmax - self.zero_point) * self.scale
+
     def set_uniform_scale(self, scale: torch.Tensor) -> None:
         """Adopt a new step for a uniform grid, keeping its zero points (the clip range follows)."""
         qmin, qmax = self._qrange()

@@ -127,6 +127,20 @@ def ptf_params(lo: torch.Tensor, hi: torch.Tensor, bits: int, max_shift: int = 7
     return scale, zero_point, shift
 
 
+def ptf_window_params(lo: torch.Tensor, hi: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Zero points of a per-channel grid with fixed steps ``scale`` over the ranges ``[lo, hi]``.
+
+    Where a channel's range is wider than its grid's window (``scale * (qmax - qmin)``), the window is
+    the range shrunk about zero by the same factor at both ends (the clip ``r·[min, max]`` used for
+    per-tensor grids); otherwise it starts at ``lo``, as in :func:`ptf_params`.
+    """
+    qmin, qmax = int_range(bits, False)
+    lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+    rng = (hi - lo).clamp_min(EPS)
+    shrink = (scale * (qmax - qmin) / rng).clamp(max=1.0)
+    return (qmin - torch.round(lo * shrink / scale)).clamp(qmin, qmax)
+
+
 # ----------------------------------------------------------------------------------------- power of two
 
 
