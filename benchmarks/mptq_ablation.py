@@ -84,7 +84,8 @@ def main() -> int:
                     help="QuantConfig seed: observers' sampling and reconstruction's batch order (not the images)")
     ap.add_argument("--opt-m-grid", choices=["standard", "wide"], default=MethodOptions.optm_grid,
                     help="OPT-m's two-region candidate grid (vitq quantize --opt-m-grid)")
-    ap.add_argument("--opt-m-ptf", action="store_true", help="OPT-m also searches the PTF steps (vitq quantize --opt-m-ptf)")
+    ap.add_argument("--opt-m-ptf", action=argparse.BooleanOptionalAction, default=MethodOptions.optm_ptf,
+                    help="OPT-m also searches the PTF steps (vitq quantize --opt-m-ptf / --no-opt-m-ptf)")
     ap.add_argument("--out")
     args = ap.parse_args()
     assets = Path(args.assets)
@@ -136,8 +137,8 @@ def main() -> int:
                 label += f", seed {args.seed}"
             if args.opt_m_grid != MethodOptions.optm_grid:
                 label += f", OPT-m grid {args.opt_m_grid}"
-            if args.opt_m_ptf:
-                label += ", OPT-m PTF search"
+            if args.opt_m_ptf != MethodOptions.optm_ptf:
+                label += ", --no-opt-m-ptf" if not args.opt_m_ptf else ", --opt-m-ptf"
             key = f"{v['protocol']} {label}"
             built[key] = q
             meta[key] = dict(protocol=v["protocol"], variant=label, time_s=time.perf_counter() - t0)

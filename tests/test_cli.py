@@ -203,6 +203,8 @@ def test_recon_runs_at_low_bits_is_reported_and_reloads(tmp_path, images, capsys
     assert "--opt-m-grid wide" in capsys.readouterr().err
     assert main([*common, "--opt-m-grid", "huge", "--opt-m", "--out", str(tmp_path / "z")]) == 2
     assert "--opt-m-grid" in capsys.readouterr().err
+    assert main([*common, "--opt-m-ptf", "--out", str(tmp_path / "z")]) == 2
+    assert "--opt-m-ptf" in capsys.readouterr().err
     assert main([*common, "--opt-m", "--opt-m-grid", "wide", "--out", str(tmp_path / "g")]) == 0
     assert json.loads((tmp_path / "g" / "report.json").read_text())["methods"]["optm_grid"] == "wide"
     assert main([*common, "--recon", "--recon-iters", "0", "--out", str(tmp_path / "w")]) == 2

@@ -133,7 +133,8 @@ def _cmd_quantize(args) -> int:
           + (" RANDOM-INIT" if loaded.random_init else ""), flush=True)
 
     options = MethodOptions(sq_b=args.sq_b or args.method == "mptq", opt_m=args.opt_m or args.method == "mptq",
-                            m_max=args.m_max, optm_grid=args.opt_m_grid, optm_ptf=args.opt_m_ptf, sq_b_unnormed=args.sq_b_unnormed, sq_b_gelu=args.sq_b_gelu,
+                            m_max=args.m_max, optm_grid=args.opt_m_grid, optm_ptf=args.opt_m_ptf is not False,
+                            sq_b_unnormed=args.sq_b_unnormed, sq_b_gelu=args.sq_b_gelu,
                             gptq=(args.gptq or args.method == "mptq") and not args.no_gptq,
                             gptq_max_bits=args.gptq_max_bits,
                             recon=(args.recon or args.method == "mptq") and not args.no_recon,
@@ -162,7 +163,7 @@ def _cmd_quantize(args) -> int:
         raise ConfigError("--sq-b-gelu extends SQ-b: give it with --sq-b or --method mptq")
     if args.opt_m_grid != "standard" and not options.opt_m:
         raise ConfigError(f"--opt-m-grid {args.opt_m_grid} sets OPT-m's search: give it with --opt-m or --method mptq")
-    if args.opt_m_ptf and not options.opt_m:
+    if args.opt_m_ptf is not None and not options.opt_m:
         raise ConfigError("--opt-m-ptf is part of OPT-m's search: give it with --opt-m or --method mptq")
     if args.sq_b_gelu and args.sq_b_unnormed:
         raise ConfigError("give only one of --sq-b-gelu and --sq-b-unnormed (both transform fc2's input)")
@@ -374,9 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opt-m-grid", choices=["standard", "wide"], default="standard",
                    help="OPT-m's two-region candidates: standard (coarse step 0.4-1.0 of min-max, 3 boundaries) "
                         "or wide (0.2-1.0, 4 boundaries, about 1.7x the search time); docs/methods.md")
-    p.add_argument("--opt-m-ptf", action="store_true",
+    p.add_argument("--opt-m-ptf", action=argparse.BooleanOptionalAction, default=None,
                    help="full protocol: OPT-m also searches the residual stream's PTF steps on their own error "
-                        "(default: per-channel min-max); docs/methods.md")
+                        "(default: on with OPT-m; --no-opt-m-ptf keeps per-channel min-max); docs/methods.md")
     p.add_argument("--gptq", action="store_true",
                    help="GPTQ weight rounding after calibration (vitq's addition to MPTQ-ViT; on with --method mptq)")
     p.add_argument("--no-gptq", action="store_true", help="--method mptq without GPTQ (the paper's methods only)")

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from vitq.methods.optm import CLIP_GRID, apply_optm, default_m_max, search_two_region, search_uniform_clip
@@ -32,13 +33,13 @@ def test_apply_optm_on_model_choices_are_consistent():
         assert torch.isfinite(q(x)).all()
 
 
-def test_full_protocol_ptf_grids_are_left_alone():
+def test_full_protocol_ptf_grids_are_left_alone_without_the_ptf_search():
     model, size = tiny_model("vit")
     x = tiny_images(size, n=8)
     q = quantize(model, x, QuantConfig(w_bits=6, a_bits=6, protocol="full"))
     ptf = [t for t in q.modules() if getattr(t, "spec", None) is not None and getattr(t.spec, "granularity", "") == "ptf"]
     before = [t.scale.clone() for t in ptf]
-    apply_optm(q, x, progress=False)
+    apply_optm(q, x, progress=False, ptf=False)
     assert ptf and all(torch.equal(t.scale, b) and t.scale.numel() > 1 for t, b in zip(ptf, before))
 
 
@@ -79,10 +80,53 @@ def test_wide_grid_contains_the_standard_one_so_it_is_never_worse():
 
 
 def test_unknown_grid_is_named_in_the_error():
-    import pytest
-
     model, size = tiny_model("deit")
     x = tiny_images(size, n=4)
     q = quantize(model, x, QuantConfig(w_bits=4, a_bits=4))
     with pytest.raises(ValueError, match="unknown OPT-m grid 'huge'"):
         apply_optm(q, x, progress=False, grid="huge")
+
+
+def _residual_like(seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(512, 32, generator=g) * torch.linspace(0.05, 3.0, 32)  # channel ranges over two orders
+    x[7, 5] = 400.0  # one massive activation in one token and channel, as in ViT-Tiny's residual stream
+    return x
+
+
+def test_ptf_search_is_never_worse_than_minmax_and_keeps_power_of_two_steps():
+    from vitq.methods.optm import search_ptf
+    from vitq.quant import quantizers as Q
+
+    x = _residual_like()
+    lo, hi = x.min(0).values, x.max(0).values
+    for bits in (4, 6, 8):
+        scale0, zp0, _ = Q.ptf_params(lo, hi, bits)
+        qmin, qmax = Q.int_range(bits, False)
+        err0 = (Q.fake_quant_uniform(x, scale0, zp0, qmin, qmax, axis=-1) - x).pow(2).mean().item()
+        scale, zp, err = search_ptf(x, lo, hi, bits)
+        got = (Q.fake_quant_uniform(x, scale, zp, qmin, qmax, axis=-1) - x).pow(2).mean().item()
+        assert err <= err0 and abs(got - err) <= 1e-6 * max(1.0, err)  # the reported error is the grid's error
+        ratios = torch.log2(scale / scale.min())
+        assert torch.allclose(ratios, ratios.round(), atol=1e-5) and ratios.max() <= 7  # one base, shifts 0..7
+        assert ((zp >= qmin) & (zp <= qmax)).all()
+    assert err < err0  # at 8 bits the min-max grid wastes resolution: the search finds a strictly better one
+
+
+def test_apply_optm_searches_ptf_grids_by_default():
+    model, size = tiny_model("vit")
+    x = tiny_images(size, n=8)
+    q = quantize(model, x, QuantConfig(w_bits=6, a_bits=6, protocol="full"))
+    ptf = [t for t in q.modules() if getattr(t, "spec", None) is not None and getattr(t.spec, "granularity", "") == "ptf"]
+    before = [t.scale.clone() for t in ptf]
+    apply_optm(q, x, progress=False)
+    assert any(not torch.equal(t.scale, b) for t, b in zip(ptf, before))
+    for t in ptf:  # the clip range follows the new steps and zero points
+        qmin, qmax = t._qrange()
+        assert torch.allclose(t.range_max, (qmax - t.zero_point) * t.scale)
+    with torch.inference_mode():
+        assert torch.isfinite(q(x)).all()
+    other = next(t for t in q.modules() if getattr(t, "spec", None) is not None and hasattr(t, "role")
+                 and not t.is_weight and t.spec.granularity == "per_tensor")
+    with pytest.raises(ValueError, match="not a PTF grid"):
+        other.set_ptf(torch.ones(3), torch.zeros(3))

@@ -25,7 +25,9 @@ class MethodOptions:
     opt_m: bool = False
     m_max: int | None = None  # None: max(4, bits - 1) per tensor (optm.default_m_max)
     optm_grid: str = "standard"  # OPT-m's two-region candidates: a key of optm.GRIDS
-    optm_ptf: bool = False  # OPT-m also searches the full protocol's PTF residual-stream steps (optm.search_ptf)
+    # OPT-m also searches the full protocol's PTF residual-stream steps (optm.search_ptf): on since session
+    # 11, chosen on held-out calibration folds by rule R9, written before its run (docs/methods.md, OPT-m).
+    optm_ptf: bool = True
     sq_b_unnormed: bool = False  # SQ-b also on proj/fc2, as an explicit per-channel operation
     sq_b_gelu: bool = False  # SQ-b's scale-only form on fc2's post-GELU input (explicit per-channel scale)
     gptq: bool = False  # GPTQ weight rounding after calibration (vitq's addition, not in the paper)

@@ -211,7 +211,7 @@ def default_m_max(bits: int) -> int:
 
 
 def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int | None = None, max_rows: int = 4096,
-               n_images: int = 8, progress: bool = True, grid: str = "standard", ptf: bool = False) -> OptMResult:
+               n_images: int = 8, progress: bool = True, grid: str = "standard", ptf: bool = True) -> OptMResult:
     """Run OPT-m on a calibrated model (in place).
 
     Args:
@@ -221,8 +221,8 @@ def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int | None = None, 
             :func:`default_m_max` of each tensor's bit-width; ``0`` keeps every tensor uniform (only the
             clip search runs), which is what an integer runtime without two-region kernels can execute.
         grid: name of the two-region candidate grid in :data:`GRIDS` ("standard" or "wide").
-        ptf: also search the steps of the full protocol's PTF residual-stream grids (:func:`search_ptf`);
-            off: they keep their min-max calibration.
+        ptf: also search the steps of the full protocol's PTF residual-stream grids (:func:`search_ptf`;
+            on by default since session 11); off: they keep their min-max calibration.
 
     Returns:
         Per two-region tensor, the chosen ``m`` and the errors with ``m = 0`` and overall.
