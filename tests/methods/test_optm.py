@@ -104,7 +104,8 @@ def test_ptf_search_is_never_worse_than_minmax_and_keeps_power_of_two_steps():
         scale0, zp0, _ = Q.ptf_params(lo, hi, bits)
         qmin, qmax = Q.int_range(bits, False)
         err0 = (Q.fake_quant_uniform(x, scale0, zp0, qmin, qmax, axis=-1) - x).pow(2).mean().item()
-        scale, zp, err = search_ptf(x, lo, hi, bits)
+        scale, zp, err, err_minmax = search_ptf(x, lo, hi, bits)
+        assert abs(err_minmax - err0) <= 1e-6 * max(1.0, err0)
         got = (Q.fake_quant_uniform(x, scale, zp, qmin, qmax, axis=-1) - x).pow(2).mean().item()
         assert err <= err0 and abs(got - err) <= 1e-6 * max(1.0, err)  # the reported error is the grid's error
         ratios = torch.log2(scale / scale.min())
@@ -119,8 +120,10 @@ def test_apply_optm_searches_ptf_grids_by_default():
     q = quantize(model, x, QuantConfig(w_bits=6, a_bits=6, protocol="full"))
     ptf = [t for t in q.modules() if getattr(t, "spec", None) is not None and getattr(t.spec, "granularity", "") == "ptf"]
     before = [t.scale.clone() for t in ptf]
-    apply_optm(q, x, progress=False)
+    res = apply_optm(q, x, progress=False)
     assert any(not torch.equal(t.scale, b) for t, b in zip(ptf, before))
+    searched = [c for c in res.choices if c.scheme == "ptf"]  # reported, with the error before and after
+    assert len(searched) == len(ptf) and all(c.error <= c.error_m0 for c in searched)
     for t in ptf:  # the clip range follows the new steps and zero points
         qmin, qmax = t._qrange()
         assert torch.allclose(t.range_max, (qmax - t.zero_point) * t.scale)

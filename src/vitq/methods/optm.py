@@ -10,7 +10,9 @@ worse than ``m = 0`` on its own objective.
 
 Every other activation quantizer gets its clip range from the same kind of search (the clip factor
 ``r`` of ``r·[min, max]`` minimizing the error of the output of the layer it feeds; for tensors that
-feed no Linear or matmul, such as residual inputs in the full protocol, the tensor's own error).
+feed no Linear or matmul, the tensor's own error). The full protocol's per-channel PTF grids on the
+residual stream get their base step and per-channel shifts from the same kind of search
+(:func:`search_ptf`, on the tensor's own error).
 """
 from __future__ import annotations
 
@@ -54,9 +56,9 @@ GRIDS = {"standard": STANDARD_GRID, "wide": WIDE_GRID}
 @dataclass
 class OptMChoice:
     name: str
-    scheme: str  # uniform (m = 0) or two_region
+    scheme: str  # uniform (m = 0), two_region, or ptf (a searched PTF grid; m unused)
     m: int
-    error_m0: float  # best output error with m = 0 (uniform)
+    error_m0: float  # best output error with m = 0 (uniform); for ptf: the min-max PTF grid's error
     error: float  # best output error overall (<= error_m0)
 
 
@@ -177,12 +179,14 @@ def search_ptf(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, m
         lo, hi: each channel's calibrated range.
 
     Returns:
-        ``(scale, zero_point, error)`` with one step and zero point per channel and the mean squared error.
+        ``(scale, zero_point, error, error_minmax)``: one step and zero point per channel, the mean squared
+        error of that grid and of the min-max grid.
     """
     qmin, qmax = Q.int_range(bits, False)
     scale0, zp0, _ = Q.ptf_params(lo, hi, bits, max_shift)
     best_err = (Q.fake_quant_uniform(x, scale0, zp0, qmin, qmax, axis=-1) - x).pow(2).sum(0)
     best = (scale0.clone(), zp0.clone(), best_err.sum().item())
+    err_minmax = best[2] / x.numel()
     rng = (hi.clamp(min=0.0) - lo.clamp(max=0.0)).clamp_min(Q.EPS)
     base0 = (rng.max() / (qmax - qmin) / 2**max_shift).clamp_min(Q.EPS)
     for r in PTF_BASE_GRID:
@@ -197,7 +201,7 @@ def search_ptf(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, m
             ch_scale, ch_zp = torch.where(better, scale, ch_scale), torch.where(better, zp, ch_zp)
         if ch_err.sum().item() < best[2]:
             best = (ch_scale, ch_zp, ch_err.sum().item())
-    return best[0], best[1], best[2] / x.numel()
+    return best[0], best[1], best[2] / x.numel(), err_minmax
 
 
 def default_m_max(bits: int) -> int:
@@ -225,7 +229,8 @@ def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int | None = None, 
             on by default since session 11); off: they keep their min-max calibration.
 
     Returns:
-        Per two-region tensor, the chosen ``m`` and the errors with ``m = 0`` and overall.
+        Per two-region tensor, the chosen ``m`` and the errors with ``m = 0`` and overall; per searched PTF
+        grid, its error before and after the search.
     """
     if grid not in GRIDS:
         raise ValueError(f"unknown OPT-m grid {grid!r}; choose one of {sorted(GRIDS)}")
@@ -235,12 +240,14 @@ def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int | None = None, 
     acts = [q for q in all_quantizers(model) if not q.is_weight and id(q) in found]
     for q in tqdm(acts, desc="OPT-m", disable=not progress, leave=False):
         x, out_fn = found[id(q)]
-        if ptf and q.spec.granularity == "ptf" and q.spec.scheme == "uniform" and q.ptf_axis == -1:  # samples are channel-last rows
-            scale, zp, _ = search_ptf(x, q.range_min, q.range_max, q.spec.bits)
+        # the samples are channel-last rows, so only grids whose channels are the last axis are searched
+        if ptf and q.spec.granularity == "ptf" and q.spec.scheme == "uniform" and q.ptf_axis == -1:
+            scale, zp, err, err0 = search_ptf(x, q.range_min, q.range_max, q.spec.bits)
             q.set_ptf(scale, zp)
+            result.choices.append(OptMChoice(q.name, "ptf", 0, err0, err))
             continue
         if q.spec.scheme != "uniform" or q.spec.granularity != "per_tensor":
-            continue  # PoT, two-region and per-channel PTF residual grids keep their own calibration
+            continue  # PoT, two-region and (with ptf=False) PTF residual grids keep their own calibration
         if q.layer in getattr(model, "vitq_first_layers", []) and q.role == "input":
             continue  # the 8-bit image input keeps its min-max range
         lo, hi, err0 = search_uniform_clip(x, q.spec.bits, out_fn)
