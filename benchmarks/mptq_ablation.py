@@ -86,6 +86,8 @@ def main() -> int:
                     help="OPT-m's two-region candidate grid (vitq quantize --opt-m-grid)")
     ap.add_argument("--opt-m-ptf", action=argparse.BooleanOptionalAction, default=MethodOptions.optm_ptf,
                     help="OPT-m also searches the PTF steps (vitq quantize --opt-m-ptf / --no-opt-m-ptf)")
+    ap.add_argument("--opt-m-ptf-objective", choices=["tensor", "normalized"], default=MethodOptions.optm_ptf_objective,
+                    help="what the PTF search minimizes (vitq quantize --opt-m-ptf-objective)")
     ap.add_argument("--out")
     args = ap.parse_args()
     assets = Path(args.assets)
@@ -94,7 +96,7 @@ def main() -> int:
         return replace(opts, recon_iters=args.recon_iters, recon_drop=args.recon_drop,
                        recon_max_bits=args.recon_max_bits, recon_ptf=not args.no_recon_ptf,
                        recon_flip=args.recon_flip, recon_float_lr=args.recon_float_lr, optm_grid=args.opt_m_grid,
-                       optm_ptf=args.opt_m_ptf)
+                       optm_ptf=args.opt_m_ptf, optm_ptf_objective=args.opt_m_ptf_objective)
 
     images = assets / "imagenet-sample"
     rows = []
@@ -139,6 +141,8 @@ def main() -> int:
                 label += f", OPT-m grid {args.opt_m_grid}"
             if args.opt_m_ptf != MethodOptions.optm_ptf:
                 label += ", --no-opt-m-ptf" if not args.opt_m_ptf else ", --opt-m-ptf"
+            if args.opt_m_ptf_objective != MethodOptions.optm_ptf_objective:
+                label += f", PTF objective {args.opt_m_ptf_objective}"
             key = f"{v['protocol']} {label}"
             built[key] = q
             meta[key] = dict(protocol=v["protocol"], variant=label, time_s=time.perf_counter() - t0)

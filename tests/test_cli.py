@@ -206,6 +206,11 @@ def test_recon_runs_at_low_bits_is_reported_and_reloads(tmp_path, images, capsys
     assert exc.value.code == 2 and "--opt-m-grid" in capsys.readouterr().err
     assert main([*common, "--opt-m-ptf", "--out", str(tmp_path / "z")]) == 2
     assert "--opt-m-ptf" in capsys.readouterr().err
+    assert main([*common, "--opt-m-ptf-objective", "normalized", "--out", str(tmp_path / "z")]) == 2
+    assert "--opt-m-ptf-objective normalized" in capsys.readouterr().err
+    assert main([*common, "--opt-m", "--no-opt-m-ptf", "--opt-m-ptf-objective", "normalized",
+                 "--out", str(tmp_path / "z")]) == 2
+    assert "--no-opt-m-ptf" in capsys.readouterr().err
     assert main([*common, "--opt-m", "--opt-m-grid", "wide", "--out", str(tmp_path / "g")]) == 0
     assert json.loads((tmp_path / "g" / "report.json").read_text())["methods"]["optm_grid"] == "wide"
     assert main([*common, "--recon", "--recon-iters", "0", "--out", str(tmp_path / "w")]) == 2

@@ -134,6 +134,7 @@ def _cmd_quantize(args) -> int:
 
     options = MethodOptions(sq_b=args.sq_b or args.method == "mptq", opt_m=args.opt_m or args.method == "mptq",
                             m_max=args.m_max, optm_grid=args.opt_m_grid, optm_ptf=args.opt_m_ptf is not False,
+                            optm_ptf_objective=args.opt_m_ptf_objective or MethodOptions.optm_ptf_objective,
                             sq_b_unnormed=args.sq_b_unnormed, sq_b_gelu=args.sq_b_gelu,
                             gptq=(args.gptq or args.method == "mptq") and not args.no_gptq,
                             gptq_max_bits=args.gptq_max_bits,
@@ -165,6 +166,9 @@ def _cmd_quantize(args) -> int:
         raise ConfigError(f"--opt-m-grid {args.opt_m_grid} sets OPT-m's search: give it with --opt-m or --method mptq")
     if args.opt_m_ptf is not None and not options.opt_m:
         raise ConfigError("--opt-m-ptf is part of OPT-m's search: give it with --opt-m or --method mptq")
+    if args.opt_m_ptf_objective is not None and not (options.opt_m and options.optm_ptf):
+        raise ConfigError(f"--opt-m-ptf-objective {args.opt_m_ptf_objective} sets OPT-m's PTF search: give it with "
+                          "--opt-m or --method mptq, and without --no-opt-m-ptf")
     if args.sq_b_gelu and args.sq_b_unnormed:
         raise ConfigError("give only one of --sq-b-gelu and --sq-b-unnormed (both transform fc2's input)")
     cost_budget = [(k, v) for k, v in (("edp", args.budget_edp), ("energy", args.budget_energy),
@@ -378,6 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opt-m-ptf", action=argparse.BooleanOptionalAction, default=None,
                    help="full protocol: OPT-m also searches the residual stream's PTF steps on their own error "
                         "(default: on with OPT-m; --no-opt-m-ptf keeps per-channel min-max); docs/methods.md")
+    p.add_argument("--opt-m-ptf-objective", choices=["tensor", "normalized"], default=None,
+                   help="what the PTF search minimizes: tensor (the grid's own squared error, default) or normalized "
+                        "(each token's error over the residual stream's variance there, as the next LayerNorm "
+                        "sees it); docs/methods.md")
     p.add_argument("--gptq", action="store_true",
                    help="GPTQ weight rounding after calibration (vitq's addition to MPTQ-ViT; on with --method mptq)")
     p.add_argument("--no-gptq", action="store_true", help="--method mptq without GPTQ (the paper's methods only)")

@@ -133,3 +133,69 @@ def test_apply_optm_searches_ptf_grids_by_default():
                  and not t.is_weight and t.spec.granularity == "per_tensor")
     with pytest.raises(ValueError, match="not a PTF grid"):
         other.set_ptf(torch.ones(3), torch.zeros(3))
+
+
+def test_ptf_search_row_weights_define_the_objective():
+    from vitq.methods.optm import search_ptf
+    from vitq.quant import quantizers as Q
+
+    x = _residual_like()
+    lo, hi = x.min(0).values, x.max(0).values
+    qmin, qmax = Q.int_range(6, False)
+    # weights all one: the same grid and error as no weights
+    plain = search_ptf(x, lo, hi, 6)
+    ones = search_ptf(x, lo, hi, 6, row_weight=torch.ones(x.shape[0]))
+    assert torch.equal(plain[0], ones[0]) and torch.equal(plain[1], ones[1]) and abs(plain[2] - ones[2]) < 1e-9
+    # the massive token (row 7) has a huge variance: weighted by 1 / var, its error counts for less
+    w = 1.0 / x.var(-1, unbiased=False)
+    scale, zp, err, err_minmax = search_ptf(x, lo, hi, 6, row_weight=w)
+
+    def weighted(s, z):
+        e = (Q.fake_quant_uniform(x, s, z, qmin, qmax, axis=-1) - x).pow(2) * w[:, None]
+        return e.sum().item() / (w.sum().item() * x.shape[1])
+
+    s0, z0, _ = Q.ptf_params(lo, hi, 6)
+    assert abs(err_minmax - weighted(s0, z0)) <= 1e-6 * err_minmax and abs(err - weighted(scale, zp)) <= 1e-6 * err
+    assert err <= err_minmax and err <= weighted(plain[0], plain[1])  # optimal on its own objective
+    assert err < weighted(plain[0], plain[1])  # and here strictly better than the unweighted search's grid
+
+
+def test_capture_row_weights_are_the_residual_streams_inverse_variance():
+    from vitq.methods.optm import _capture
+
+    model, size = tiny_model("vit")
+    x = tiny_images(size, n=2)
+    q = quantize(model, x, QuantConfig(w_bits=6, a_bits=6, protocol="full"))
+    block = q.blocks[0]
+    seen = {}
+    hooks = [block.residual1.x_quant.register_forward_hook(lambda m, a, o: seen.setdefault("x1", a[0].clone())),
+             block.residual2.x_quant.register_forward_hook(lambda m, a, o: seen.setdefault("x2", a[0].clone()))]
+    weights: dict = {}
+    try:
+        _capture(q, x, max_rows=10**6, row_weights=weights)  # no subsampling: rows are every token
+    finally:
+        for h in hooks:
+            h.remove()
+
+    def inv_var(t):
+        return 1.0 / t.reshape(-1, t.shape[-1]).var(-1, unbiased=False).clamp_min(1e-6)
+
+    assert torch.allclose(weights[id(block.residual1.x_quant)], inv_var(seen["x1"]))
+    # the branch is added to x: its error reaches norm2 through x + branch, which is residual2's input
+    assert torch.allclose(weights[id(block.residual1.b_quant)], inv_var(seen["x2"]), rtol=1e-4)
+    assert id(q.norm.in_quant) in weights
+    # only the PTF grids get weights
+    assert all(getattr(t, "ptf_axis", None) == -1 for t in q.modules() if id(t) in weights)
+
+
+def test_apply_optm_normalized_ptf_objective():
+    model, size = tiny_model("vit")
+    x = tiny_images(size, n=8)
+    q = quantize(model, x, QuantConfig(w_bits=6, a_bits=6, protocol="full"))
+    res = apply_optm(q, x, progress=False, ptf_objective="normalized")
+    searched = [c for c in res.choices if c.scheme == "ptf"]
+    assert searched and all(c.error <= c.error_m0 for c in searched)
+    with torch.inference_mode():
+        assert torch.isfinite(q(x)).all()
+    with pytest.raises(ValueError, match="PTF search objective 'own'"):
+        apply_optm(q, x, progress=False, ptf_objective="own")

@@ -28,6 +28,8 @@ class MethodOptions:
     # OPT-m also searches the full protocol's PTF residual-stream steps (optm.search_ptf): on since session
     # 11, chosen on held-out calibration folds by rule R9, written before its run (docs/methods.md, OPT-m).
     optm_ptf: bool = True
+    # What that search minimizes, a name in optm.PTF_OBJECTIVES ("tensor": the grid's own squared error).
+    optm_ptf_objective: str = "tensor"
     sq_b_unnormed: bool = False  # SQ-b also on proj/fc2, as an explicit per-channel operation
     sq_b_gelu: bool = False  # SQ-b's scale-only form on fc2's post-GELU input (explicit per-channel scale)
     gptq: bool = False  # GPTQ weight rounding after calibration (vitq's addition, not in the paper)
@@ -89,7 +91,7 @@ def run_pipeline(fp_model: nn.Module, calib: torch.Tensor, config: QuantConfig, 
     if options.opt_m:
         t = time.perf_counter()
         optm = apply_optm(q, calib, m_max=options.m_max, progress=progress, grid=options.optm_grid,
-                          ptf=options.optm_ptf).to_dict()
+                          ptf=options.optm_ptf, ptf_objective=options.optm_ptf_objective).to_dict()
         timing["optm_s"] = time.perf_counter() - t
     gptq = None
     if options.gptq:

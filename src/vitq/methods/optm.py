@@ -12,7 +12,8 @@ Every other activation quantizer gets its clip range from the same kind of searc
 ``r`` of ``r·[min, max]`` minimizing the error of the output of the layer it feeds; for tensors that
 feed no Linear or matmul, the tensor's own error). The full protocol's per-channel PTF grids on the
 residual stream get their base step and per-channel shifts from the same kind of search
-(:func:`search_ptf`, on the tensor's own error).
+(:func:`search_ptf`, on the tensor's own error, or with ``ptf_objective="normalized"`` on the error as
+the next LayerNorm sees it to first order).
 """
 from __future__ import annotations
 
@@ -70,8 +71,15 @@ class OptMResult:
         return [vars(c) for c in self.choices]
 
 
-def _capture(model: nn.Module, calib: torch.Tensor, max_rows: int) -> dict[int, tuple[torch.Tensor, object]]:
+def _capture(model: nn.Module, calib: torch.Tensor, max_rows: int,
+             row_weights: dict[int, torch.Tensor] | None = None) -> dict[int, tuple[torch.Tensor, object]]:
     """Float inputs of every activation quantizer and a function giving the output it feeds.
+
+    Args:
+        row_weights: if given, filled with ``id(quantizer) -> weight per sample row`` for the channel-last
+            PTF grids: ``1 / var`` of the residual stream at that token (over channels), the factor by
+            which the next LayerNorm scales an error there. A LayerNorm's input grid and a residual
+            addition's ``x`` grid use their own input's variance; the ``branch`` grid that of ``x + branch``.
 
     Returns ``id(quantizer) -> (sample, output_fn or None)``.
     """
@@ -81,16 +89,23 @@ def _capture(model: nn.Module, calib: torch.Tensor, max_rows: int) -> dict[int, 
     found: dict[int, tuple[torch.Tensor, object]] = {}
     hooks = []
     g = torch.Generator().manual_seed(0)
+    # branch quantizer -> x quantizer of the same residual addition (QuantAdd has x_quant and b_quant)
+    stream_of = {id(m.b_quant): id(m.x_quant) for m in model.modules() if hasattr(m, "x_quant") and hasattr(m, "b_quant")}
+    streams: dict[int, torch.Tensor] = {}
 
-    def rows(x):
+    def pick(x):
         x = x.detach().reshape(-1, x.shape[-1])
         if x.shape[0] > max_rows:
-            x = x[torch.randperm(x.shape[0], generator=g)[:max_rows].sort().values]
-        return x
+            return torch.randperm(x.shape[0], generator=g)[:max_rows].sort().values
+        return None
+
+    def rows(x, idx=None):
+        x = x.detach().reshape(-1, x.shape[-1])
+        return x if idx is None else x[idx]
 
     def lin_hook(mod, args):
         w = mod.weight.detach()
-        found[id(mod.in_quant)] = (rows(args[0]), lambda v, w=w: v @ w.T)
+        found[id(mod.in_quant)] = (rows(args[0], pick(args[0])), lambda v, w=w: v @ w.T)
 
     def mm_hook(mod, args):
         a, b = args[0].detach()[:4], args[1].detach()[:4]  # a few images keep the pairing of a and b
@@ -98,7 +113,20 @@ def _capture(model: nn.Module, calib: torch.Tensor, max_rows: int) -> dict[int, 
         found[id(mod.b_quant)] = (b, lambda v, a=a: a @ v)
 
     def act_hook(mod, args, out):
-        found.setdefault(id(mod), (rows(args[0]), None))
+        x = args[0].detach()
+        idx = pick(x)  # drawn even when already captured, so every other sample stays as it was
+        if id(mod) in found:
+            return
+        found[id(mod)] = (rows(x, idx), None)
+        if row_weights is None or getattr(mod, "ptf_axis", None) != -1:
+            return
+        streams[id(mod)] = x
+        stream = x
+        if id(mod) in stream_of and streams.get(stream_of[id(mod)]) is not None \
+                and streams[stream_of[id(mod)]].shape == x.shape:
+            stream = streams[stream_of[id(mod)]] + x
+        w = 1.0 / stream.float().var(-1, unbiased=False).clamp_min(1e-6)
+        row_weights[id(mod)] = rows(w.unsqueeze(-1), idx).squeeze(-1)
 
     for m in model.modules():
         if isinstance(m, QuantLinear):
@@ -164,29 +192,40 @@ def search_two_region(x: torch.Tensor, bits: int, m_max: int, signed_fine: bool,
 PTF_BASE_GRID = tuple(2 ** (-j / 8) for j in range(16))
 
 
-def search_ptf(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, max_shift: int = 7):
-    """Data-driven steps for a PTF (power-of-two-factor) per-channel grid, on the tensor's own error.
+def search_ptf(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, max_shift: int = 7,
+               row_weight: torch.Tensor | None = None):
+    """Data-driven steps for a PTF (power-of-two-factor) per-channel grid.
 
     The calibrated grid (:func:`~vitq.quant.quantizers.ptf_params`) takes the base step that covers the
     widest channel at the largest shift, then the smallest covering shift per channel. This searches the
     base over :data:`PTF_BASE_GRID` and, per channel, any shift in ``0..max_shift`` (a smaller shift clips
-    that channel's range, :func:`~vitq.quant.quantizers.ptf_window_params`), keeping the total squared
-    error of ``x``. The steps stay one base times powers of two, so integer LayerNorms and adders still
-    align channels with shifts. The calibrated grid is one of the candidates: never worse on this error.
+    that channel's range, :func:`~vitq.quant.quantizers.ptf_window_params`), keeping the least total
+    squared error of ``x``, each row weighted by ``row_weight`` if given. The steps stay one base times
+    powers of two, so integer LayerNorms and adders still align channels with shifts. The calibrated grid is
+    one of the candidates: never worse on this error.
 
     Args:
         x: samples, channels last (rows x channels).
         lo, hi: each channel's calibrated range.
+        row_weight: optional non-negative weight per row (``"normalized"`` objective: ``1 / var`` of the
+            residual stream at that token, see :data:`PTF_OBJECTIVES`).
 
     Returns:
-        ``(scale, zero_point, error, error_minmax)``: one step and zero point per channel, the mean squared
-        error of that grid and of the min-max grid.
+        ``(scale, zero_point, error, error_minmax)``: one step and zero point per channel, the (weighted)
+        mean squared error of that grid and of the min-max grid.
     """
     qmin, qmax = Q.int_range(bits, False)
+    w = None if row_weight is None else row_weight.reshape(-1, 1).to(x.dtype)
+    norm = x.numel() if w is None else w.sum().item() * x.shape[-1]
+
+    def channel_error(scale, zp):
+        e = (Q.fake_quant_uniform(x, scale, zp, qmin, qmax, axis=-1) - x).pow(2)
+        return (e if w is None else e * w).sum(0)
+
     scale0, zp0, _ = Q.ptf_params(lo, hi, bits, max_shift)
-    best_err = (Q.fake_quant_uniform(x, scale0, zp0, qmin, qmax, axis=-1) - x).pow(2).sum(0)
+    best_err = channel_error(scale0, zp0)
     best = (scale0.clone(), zp0.clone(), best_err.sum().item())
-    err_minmax = best[2] / x.numel()
+    err_minmax = best[2] / norm
     rng = (hi.clamp(min=0.0) - lo.clamp(max=0.0)).clamp_min(Q.EPS)
     base0 = (rng.max() / (qmax - qmin) / 2**max_shift).clamp_min(Q.EPS)
     for r in PTF_BASE_GRID:
@@ -195,13 +234,22 @@ def search_ptf(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, m
         for a in range(max_shift + 1):
             scale = torch.full_like(scale0, float(base0 * r * 2**a))
             zp = Q.ptf_window_params(lo, hi, scale, bits)
-            err = (Q.fake_quant_uniform(x, scale, zp, qmin, qmax, axis=-1) - x).pow(2).sum(0)
+            err = channel_error(scale, zp)
             better = err < ch_err
             ch_err = torch.where(better, err, ch_err)
             ch_scale, ch_zp = torch.where(better, scale, ch_scale), torch.where(better, zp, ch_zp)
         if ch_err.sum().item() < best[2]:
             best = (ch_scale, ch_zp, ch_err.sum().item())
-    return best[0], best[1], best[2] / x.numel(), err_minmax
+    return best[0], best[1], best[2] / norm, err_minmax
+
+
+# What the PTF search minimizes. "tensor": the grid's own squared error (the default since session 11).
+# "normalized": each token's error divided by the variance of the residual stream at that token. Every
+# use of the residual stream goes through a LayerNorm, which divides token t by its standard deviation,
+# so to first order (ignoring the shift of the norm's own mean and variance) this is the error the next
+# LayerNorm's output sees, up to its per-channel gain, which does not change any channel's best shift.
+# Tokens that carry massive activations have a large variance, so their errors count for less.
+PTF_OBJECTIVES = ("tensor", "normalized")
 
 
 def default_m_max(bits: int) -> int:
@@ -215,7 +263,8 @@ def default_m_max(bits: int) -> int:
 
 
 def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int | None = None, max_rows: int = 4096,
-               n_images: int = 8, progress: bool = True, grid: str = "standard", ptf: bool = True) -> OptMResult:
+               n_images: int = 8, progress: bool = True, grid: str = "standard", ptf: bool = True,
+               ptf_objective: str = "tensor") -> OptMResult:
     """Run OPT-m on a calibrated model (in place).
 
     Args:
@@ -227,6 +276,7 @@ def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int | None = None, 
         grid: name of the two-region candidate grid in :data:`GRIDS` ("standard" or "wide").
         ptf: also search the steps of the full protocol's PTF residual-stream grids (:func:`search_ptf`;
             on by default since session 11); off: they keep their min-max calibration.
+        ptf_objective: what that search minimizes, one of :data:`PTF_OBJECTIVES`.
 
     Returns:
         Per two-region tensor, the chosen ``m`` and the errors with ``m = 0`` and overall; per searched PTF
@@ -234,15 +284,19 @@ def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int | None = None, 
     """
     if grid not in GRIDS:
         raise ValueError(f"unknown OPT-m grid {grid!r}; choose one of {sorted(GRIDS)}")
+    if ptf_objective not in PTF_OBJECTIVES:
+        raise ValueError(f"unknown PTF search objective {ptf_objective!r}; choose one of {list(PTF_OBJECTIVES)}")
     targets = {id(q): signed for q, signed in adapter_for(model).two_region_targets(model)}
-    found = _capture(model, calib[:n_images], max_rows)
+    row_weights: dict[int, torch.Tensor] | None = {} if ptf_objective == "normalized" else None
+    found = _capture(model, calib[:n_images], max_rows, row_weights)
     result = OptMResult()
     acts = [q for q in all_quantizers(model) if not q.is_weight and id(q) in found]
     for q in tqdm(acts, desc="OPT-m", disable=not progress, leave=False):
         x, out_fn = found[id(q)]
         # the samples are channel-last rows, so only grids whose channels are the last axis are searched
         if ptf and q.spec.granularity == "ptf" and q.spec.scheme == "uniform" and q.ptf_axis == -1:
-            scale, zp, err, err0 = search_ptf(x, q.range_min, q.range_max, q.spec.bits)
+            weight = None if row_weights is None else row_weights[id(q)]
+            scale, zp, err, err0 = search_ptf(x, q.range_min, q.range_max, q.spec.bits, row_weight=weight)
             q.set_ptf(scale, zp)
             result.choices.append(OptMChoice(q.name, "ptf", 0, err0, err))
             continue
