@@ -383,9 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="full protocol: OPT-m also searches the residual stream's PTF steps on their own error "
                         "(default: on with OPT-m; --no-opt-m-ptf keeps per-channel min-max); docs/methods.md")
     p.add_argument("--opt-m-ptf-objective", choices=["tensor", "normalized"], default=None,
-                   help="what the PTF search minimizes: tensor (the grid's own squared error, default) or normalized "
-                        "(each token's error over the residual stream's variance there, as the next LayerNorm "
-                        "sees it); docs/methods.md")
+                   help="what the PTF search minimizes: normalized (default: each token's error over the residual "
+                        "stream's variance there, as the next LayerNorm sees it) or tensor (the grid's own squared "
+                        "error, the default before session 12); docs/methods.md")
     p.add_argument("--gptq", action="store_true",
                    help="GPTQ weight rounding after calibration (vitq's addition to MPTQ-ViT; on with --method mptq)")
     p.add_argument("--no-gptq", action="store_true", help="--method mptq without GPTQ (the paper's methods only)")

@@ -28,8 +28,10 @@ class MethodOptions:
     # OPT-m also searches the full protocol's PTF residual-stream steps (optm.search_ptf): on since session
     # 11, chosen on held-out calibration folds by rule R9, written before its run (docs/methods.md, OPT-m).
     optm_ptf: bool = True
-    # What that search minimizes, a name in optm.PTF_OBJECTIVES ("tensor": the grid's own squared error).
-    optm_ptf_objective: str = "tensor"
+    # What that search minimizes, a name in optm.PTF_OBJECTIVES: "normalized" (the error as the next
+    # LayerNorm sees it, to first order) since session 12, by rule R10 on held-out calibration folds,
+    # written before its run (docs/methods.md, OPT-m); "tensor" is the grid's own squared error.
+    optm_ptf_objective: str = "normalized"
     sq_b_unnormed: bool = False  # SQ-b also on proj/fc2, as an explicit per-channel operation
     sq_b_gelu: bool = False  # SQ-b's scale-only form on fc2's post-GELU input (explicit per-channel scale)
     gptq: bool = False  # GPTQ weight rounding after calibration (vitq's addition, not in the paper)

@@ -12,8 +12,8 @@ Every other activation quantizer gets its clip range from the same kind of searc
 ``r`` of ``r·[min, max]`` minimizing the error of the output of the layer it feeds; for tensors that
 feed no Linear or matmul, the tensor's own error). The full protocol's per-channel PTF grids on the
 residual stream get their base step and per-channel shifts from the same kind of search
-(:func:`search_ptf`, on the tensor's own error, or with ``ptf_objective="normalized"`` on the error as
-the next LayerNorm sees it to first order).
+(:func:`search_ptf`, by default on the error as the next LayerNorm sees it to first order,
+``ptf_objective="normalized"``; ``"tensor"``: on the tensor's own error).
 """
 from __future__ import annotations
 
@@ -243,12 +243,13 @@ def search_ptf(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, m
     return best[0], best[1], best[2] / norm, err_minmax
 
 
-# What the PTF search minimizes. "tensor": the grid's own squared error (the default since session 11).
+# What the PTF search minimizes. "tensor": the grid's own squared error (session 11's default).
 # "normalized": each token's error divided by the variance of the residual stream at that token. Every
 # use of the residual stream goes through a LayerNorm, which divides token t by its standard deviation,
 # so to first order (ignoring the shift of the norm's own mean and variance) this is the error the next
 # LayerNorm's output sees, up to its per-channel gain, which does not change any channel's best shift.
 # Tokens that carry massive activations have a large variance, so their errors count for less.
+# The default since session 12 (rule R10, docs/methods.md).
 PTF_OBJECTIVES = ("tensor", "normalized")
 
 
@@ -264,7 +265,7 @@ def default_m_max(bits: int) -> int:
 
 def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int | None = None, max_rows: int = 4096,
                n_images: int = 8, progress: bool = True, grid: str = "standard", ptf: bool = True,
-               ptf_objective: str = "tensor") -> OptMResult:
+               ptf_objective: str = "normalized") -> OptMResult:
     """Run OPT-m on a calibrated model (in place).
 
     Args:
