@@ -32,14 +32,14 @@ from vitq.zoo import load_model
 
 
 @torch.no_grad()
-def layernorm_table(q, calib, bits: int) -> None:
+def layernorm_table(q, calib, bits: int, model_name: str) -> None:
     """LayerNorm-output error of each LayerNorm-feeding grid: min-max vs each search objective."""
     feeds = [(b.residual1.x_quant, b.norm1) for b in q.blocks] + [(b.residual2.x_quant, b.norm2) for b in q.blocks]
     feeds.append((q.norm.in_quant, q.norm))
     weights: dict[int, torch.Tensor] = {}
     found = _capture(q, calib[:8], 4096, weights)
     qmin, qmax = Q.int_range(bits, False)
-    print(f"# full protocol, {bits}-bit PTF grids feeding a LayerNorm: MSE of the LayerNorm output, 8 calibration images")
+    print(f"# {model_name}, full protocol, {bits}-bit PTF grids feeding a LayerNorm: MSE of the LayerNorm output, 8 calibration images")
     print("| grid | min-max | " + " | ".join(f"searched: {o}" for o in PTF_OBJECTIVES) + " |")
     print("|---|---|" + "---|" * len(PTF_OBJECTIVES))
     totals = [0.0] * (1 + len(PTF_OBJECTIVES))
@@ -75,7 +75,7 @@ def main() -> int:
     if args.layernorm:
         if not hasattr(q, "blocks") or not hasattr(q, "norm"):
             raise SystemExit(f"--layernorm knows ViT/DeiT blocks only; {args.model} has no .blocks/.norm")
-        layernorm_table(q, calib, args.bits)
+        layernorm_table(q, calib, args.bits, args.model)
         return 0
     found = _capture(q, calib[:8], 4096)
     grids = [t for t in all_quantizers(q) if t.spec.granularity == "ptf" and t.ptf_axis == -1 and id(t) in found]

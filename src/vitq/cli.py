@@ -380,8 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="OPT-m's two-region candidates: standard (coarse step 0.4-1.0 of min-max, 3 boundaries) "
                         "or wide (0.2-1.0, 4 boundaries, about 1.7x the search time); docs/methods.md")
     p.add_argument("--opt-m-ptf", action=argparse.BooleanOptionalAction, default=None,
-                   help="full protocol: OPT-m also searches the residual stream's PTF steps on their own error "
-                        "(default: on with OPT-m; --no-opt-m-ptf keeps per-channel min-max); docs/methods.md")
+                   help="full protocol: OPT-m also searches the residual stream's PTF steps, objective set by "
+                        "--opt-m-ptf-objective (default: on with OPT-m; --no-opt-m-ptf keeps per-channel min-max); "
+                        "docs/methods.md")
     p.add_argument("--opt-m-ptf-objective", choices=["tensor", "normalized"], default=None,
                    help="what the PTF search minimizes: normalized (default: each token's error over the residual "
                         "stream's variance there, as the next LayerNorm sees it) or tensor (the grid's own squared "
