@@ -24,6 +24,7 @@ from vitq.evaluate import evaluate_many
 from vitq.io import atomic_write_json
 from vitq.methods.greedy_mp import Budget, greedy_mp
 from vitq.methods.mptq import MethodOptions, run_pipeline
+from vitq.methods.optm import PTF_OBJECTIVES
 from vitq.quant import QuantConfig, model_stats
 from vitq.quant.config import ConfigError
 from vitq.zoo import load_model
@@ -86,7 +87,7 @@ def main() -> int:
                     help="OPT-m's two-region candidate grid (vitq quantize --opt-m-grid)")
     ap.add_argument("--opt-m-ptf", action=argparse.BooleanOptionalAction, default=MethodOptions.optm_ptf,
                     help="OPT-m also searches the PTF steps (vitq quantize --opt-m-ptf / --no-opt-m-ptf)")
-    ap.add_argument("--opt-m-ptf-objective", choices=["tensor", "normalized"], default=MethodOptions.optm_ptf_objective,
+    ap.add_argument("--opt-m-ptf-objective", choices=list(PTF_OBJECTIVES), default=MethodOptions.optm_ptf_objective,
                     help="what the PTF search minimizes (vitq quantize --opt-m-ptf-objective)")
     ap.add_argument("--out")
     args = ap.parse_args()

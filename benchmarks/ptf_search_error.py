@@ -45,7 +45,11 @@ def layernorm_table(q, calib, bits: int, model_name: str) -> None:
     totals = [0.0] * (1 + len(PTF_OBJECTIVES))
     for t, norm in sorted(feeds, key=lambda f: f[0].name):
         x = found[id(t)][0]
-        ref = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+        def ln(v, norm=norm):
+            return F.layer_norm(v, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+        ref = ln(x)
         grids = [Q.ptf_params(t.range_min, t.range_max, bits, 7)[:2]]
         for obj in PTF_OBJECTIVES:
             scale, zp, _, _ = search_ptf(x, t.range_min, t.range_max, bits,
@@ -54,7 +58,7 @@ def layernorm_table(q, calib, bits: int, model_name: str) -> None:
         errs = []
         for scale, zp in grids:
             xq = Q.fake_quant_uniform(x, scale, zp, qmin, qmax, axis=-1)
-            errs.append((F.layer_norm(xq, norm.normalized_shape, norm.weight, norm.bias, norm.eps) - ref).pow(2).mean().item())
+            errs.append((ln(xq) - ref).pow(2).mean().item())
         totals = [a + b for a, b in zip(totals, errs)]
         print(f"| {t.name} | " + " | ".join(f"{e:.5f}" for e in errs) + " |", flush=True)
     print("| **sum** | " + " | ".join(f"**{e:.4f}**" for e in totals) + " |")

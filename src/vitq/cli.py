@@ -21,6 +21,7 @@ from .quant.config import ConfigError, QuantConfig
 from .methods.greedy_mp import Budget, greedy_mp, plot_bits
 from .hardware import HardwareError, estimate, extract_workloads, int8_baseline, load_hardware
 from .methods.m2q import m2q, plot_m2q
+from .methods.optm import PTF_OBJECTIVES
 from .methods.mptq import MethodOptions, run_pipeline
 from .quant.engine import tensor_table
 from .report import build_report, format_table, summary_line
@@ -383,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="full protocol: OPT-m also searches the residual stream's PTF steps, objective set by "
                         "--opt-m-ptf-objective (default: on with OPT-m; --no-opt-m-ptf keeps per-channel min-max); "
                         "docs/methods.md")
-    p.add_argument("--opt-m-ptf-objective", choices=["tensor", "normalized"], default=None,
+    p.add_argument("--opt-m-ptf-objective", choices=list(PTF_OBJECTIVES), default=None,
                    help="what the PTF search minimizes: normalized (default: each token's error over the residual "
                         "stream's variance there, as the next LayerNorm sees it) or tensor (the grid's own squared "
                         "error, the default before session 12); docs/methods.md")

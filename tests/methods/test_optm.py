@@ -33,11 +33,17 @@ def test_apply_optm_on_model_choices_are_consistent():
         assert torch.isfinite(q(x)).all()
 
 
-def test_full_protocol_ptf_grids_are_left_alone_without_the_ptf_search():
+def _full_protocol_vit():
+    """A tiny ViT quantized at W6A6 in the full protocol, its 8 images, and its PTF residual-stream grids."""
     model, size = tiny_model("vit")
     x = tiny_images(size, n=8)
     q = quantize(model, x, QuantConfig(w_bits=6, a_bits=6, protocol="full"))
     ptf = [t for t in q.modules() if getattr(t, "spec", None) is not None and getattr(t.spec, "granularity", "") == "ptf"]
+    return q, x, ptf
+
+
+def test_full_protocol_ptf_grids_are_left_alone_without_the_ptf_search():
+    q, x, ptf = _full_protocol_vit()
     before = [t.scale.clone() for t in ptf]
     apply_optm(q, x, progress=False, ptf=False)
     assert ptf and all(torch.equal(t.scale, b) and t.scale.numel() > 1 for t, b in zip(ptf, before))
@@ -115,10 +121,7 @@ def test_ptf_search_is_never_worse_than_minmax_and_keeps_power_of_two_steps():
 
 
 def test_apply_optm_searches_ptf_grids_by_default():
-    model, size = tiny_model("vit")
-    x = tiny_images(size, n=8)
-    q = quantize(model, x, QuantConfig(w_bits=6, a_bits=6, protocol="full"))
-    ptf = [t for t in q.modules() if getattr(t, "spec", None) is not None and getattr(t.spec, "granularity", "") == "ptf"]
+    q, x, ptf = _full_protocol_vit()
     before = [t.scale.clone() for t in ptf]
     res = apply_optm(q, x, progress=False)
     assert any(not torch.equal(t.scale, b) for t, b in zip(ptf, before))
@@ -189,9 +192,7 @@ def test_capture_row_weights_are_the_residual_streams_inverse_variance():
 
 
 def test_apply_optm_normalized_ptf_objective():
-    model, size = tiny_model("vit")
-    x = tiny_images(size, n=8)
-    q = quantize(model, x, QuantConfig(w_bits=6, a_bits=6, protocol="full"))
+    q, x, _ = _full_protocol_vit()
     res = apply_optm(q, x, progress=False, ptf_objective="normalized")
     searched = [c for c in res.choices if c.scheme == "ptf"]
     assert searched and all(c.error <= c.error_m0 for c in searched)

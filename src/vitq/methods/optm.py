@@ -91,13 +91,13 @@ def _capture(model: nn.Module, calib: torch.Tensor, max_rows: int,
     g = torch.Generator().manual_seed(0)
     # branch quantizer -> x quantizer of the same residual addition (QuantAdd has x_quant and b_quant)
     stream_of = {id(m.b_quant): id(m.x_quant) for m in model.modules() if hasattr(m, "x_quant") and hasattr(m, "b_quant")}
-    streams: dict[int, torch.Tensor] = {}
+    x_grids = set(stream_of.values())
+    streams: dict[int, torch.Tensor] = {}  # x quantizer -> its float input, for the branch grid after it
 
     def pick(x):
-        x = x.detach().reshape(-1, x.shape[-1])
-        if x.shape[0] > max_rows:
-            return torch.randperm(x.shape[0], generator=g)[:max_rows].sort().values
-        return None
+        """Row indices to keep (None: all); a tensor's rows are its entries over the last axis."""
+        n = x.numel() // x.shape[-1]
+        return torch.randperm(n, generator=g)[:max_rows].sort().values if n > max_rows else None
 
     def rows(x, idx=None):
         x = x.detach().reshape(-1, x.shape[-1])
@@ -120,11 +120,10 @@ def _capture(model: nn.Module, calib: torch.Tensor, max_rows: int,
         found[id(mod)] = (rows(x, idx), None)
         if row_weights is None or getattr(mod, "ptf_axis", None) != -1:
             return
-        streams[id(mod)] = x
-        stream = x
-        if id(mod) in stream_of and streams.get(stream_of[id(mod)]) is not None \
-                and streams[stream_of[id(mod)]].shape == x.shape:
-            stream = streams[stream_of[id(mod)]] + x
+        if id(mod) in x_grids:
+            streams[id(mod)] = x
+        before = streams.get(stream_of.get(id(mod)))  # for a branch grid: the x it is added to
+        stream = before + x if before is not None and before.shape == x.shape else x
         w = 1.0 / stream.float().var(-1, unbiased=False).clamp_min(1e-6)
         row_weights[id(mod)] = rows(w.unsqueeze(-1), idx).squeeze(-1)
 
