@@ -22,9 +22,9 @@ import torch
 from vitq.data import make_dataset, make_loader
 from vitq.evaluate import evaluate_many
 from vitq.io import atomic_write_json
-from vitq.methods.greedy_mp import Budget, greedy_mp
+from vitq.methods.greedy_mp import SEARCHES, Budget, greedy_mp
 from vitq.methods.mptq import MethodOptions, run_pipeline
-from vitq.methods.optm import PTF_OBJECTIVES
+from vitq.methods.optm import GRIDS, PTF_OBJECTIVES
 from vitq.quant import QuantConfig, model_stats
 from vitq.quant.config import ConfigError
 from vitq.zoo import load_model
@@ -69,6 +69,10 @@ def main() -> int:
     ap.add_argument("--variants", nargs="+", default=DEFAULT)
     ap.add_argument("--limit", type=int)
     ap.add_argument("--probe-images", type=int, default=8, help="Greedy MP: calibration images for sensitivities")
+    ap.add_argument("--mp-search", choices=list(SEARCHES), default="greedy",
+                    help="Greedy MP's search (vitq quantize --mp-search)")
+    ap.add_argument("--no-uniform-fallback", action="store_true",
+                    help="Greedy MP keeps its searched assignment (vitq quantize --no-uniform-fallback)")
     ap.add_argument("--recon-iters", type=int, default=MethodOptions.recon_iters,
                     help="block-reconstruction steps per stage in the variants that run it")
     ap.add_argument("--recon-drop", type=float, default=MethodOptions.recon_drop,
@@ -83,7 +87,7 @@ def main() -> int:
                     help="block reconstruction also learns biases and LayerNorm affines at this rate (0 = off)")
     ap.add_argument("--seed", type=int, default=0,
                     help="QuantConfig seed: observers' sampling and reconstruction's batch order (not the images)")
-    ap.add_argument("--opt-m-grid", choices=["standard", "wide"], default=MethodOptions.optm_grid,
+    ap.add_argument("--opt-m-grid", choices=sorted(GRIDS), default=MethodOptions.optm_grid,
                     help="OPT-m's two-region candidate grid (vitq quantize --opt-m-grid)")
     ap.add_argument("--opt-m-ptf", action=argparse.BooleanOptionalAction, default=MethodOptions.optm_ptf,
                     help="OPT-m also searches the PTF steps (vitq quantize --opt-m-ptf / --no-opt-m-ptf)")
@@ -126,16 +130,22 @@ def main() -> int:
                 opts = with_recon(MethodOptions(sq_b=True, opt_m=True, gptq=v["gptq"], recon=v["recon"]))
                 try:
                     q, found = greedy_mp(loaded.model, calib, cfg, opts, Budget(b, b), n_probe=args.probe_images,
-                                         progress=False)
+                                         progress=False, search=args.mp_search,
+                                         uniform_fallback=not args.no_uniform_fallback)
                 except ConfigError as exc:  # report and go on: the other variants are still worth measuring
                     print(f"skipped {short} {spec}: {exc}", file=sys.stderr, flush=True)
                     continue
                 label = (f"Greedy MP {b:g}-bit (SQ-b, OPT-m{', GPTQ on <= 5-bit layers' if v['gptq'] else ''}"
                          f"{', recon' if opts.recon_applies(cfg) else ''}, "
-                         f"{args.probe_images} probe images)")
+                         f"{args.probe_images} probe images"
+                         f"{', knapsack search' if args.mp_search == 'knapsack' else ''}"
+                         f"{', no uniform fallback' if args.no_uniform_fallback else ''})")
+                if found.history and "kl_predicted" in found.history[0]:
+                    label += (f", probe KL start {found.history[0]['kl_start']:.4f} / predicted "
+                              f"{found.history[0]['kl_predicted']:.4f} / found {found.kl_greedy:.4f}")
                 if found.uniform_fallback is not None:  # say so: the row is then a uniform model
                     label += (f", uniform {found.uniform_fallback}-bit won (probe KL {found.kl_final:.4f} "
-                              f"vs greedy {found.kl_greedy:.4f})")
+                              f"vs {args.mp_search} {found.kl_greedy:.4f})")
             if args.seed:
                 label += f", seed {args.seed}"
             if args.opt_m_grid != MethodOptions.optm_grid:

@@ -114,6 +114,30 @@ def test_mixed_precision_search_then_config_reuse_gives_same_bits_and_result(tmp
     assert r2["quantized"] == {**report["quantized"], "images_per_s": r2["quantized"]["images_per_s"]}
 
 
+@pytest.mark.parametrize("extra,needle", [
+    (["--mp-search", "knapsack"], "--mp-search knapsack searches a mixed-precision assignment: give a budget"),
+    (["--method", "m2q", "--mp-search", "knapsack"], "--mp-search knapsack is for Greedy MP"),
+    (["--mixed", "--budget-gbops", "1", "--mp-search", "knapsack"], "average-bit and size budgets only"),
+])
+def test_mp_search_errors(tmp_path, images, extra, needle, capsys):
+    argv = ["quantize", "deit_tiny", "--random-init", "--calib", str(images), "--calib-size", "2", "--eval",
+            str(images), "--workers", "0", "--quiet", "--out", str(tmp_path / "o"), *extra]
+    assert main(argv) == 2
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_knapsack_search_from_the_cli_meets_the_budget(tmp_path, images, capsys):
+    out = tmp_path / "mp"
+    assert main(["quantize", "deit_tiny", "--random-init", "--calib", str(images), "--calib-size", "2", "--eval",
+                 str(images), "--w-bits", "6", "--a-bits", "6", "--workers", "0", "--quiet", "--mixed",
+                 "--budget-w", "7", "--budget-a", "7", "--w-candidates", "6,8", "--a-candidates", "6,8",
+                 "--mp-search", "knapsack", "--no-uniform-fallback", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["mixed"]["search"] == "knapsack" and report["avg_w_bits"] <= 7 and report["avg_a_bits"] <= 7.05
+    assert {row["w_bits"] for row in report["mixed"]["layers"] if row["w_bits"]} == {6, 8}
+
+
 def test_cost_command_json_and_errors(tmp_path, capsys):
     out = tmp_path / "cost.json"
     assert main(["cost", "efficientvit_b0", "--random-init", "--out", str(out)]) == 0

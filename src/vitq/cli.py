@@ -18,10 +18,10 @@ from .artifact import ArtifactError, is_artifact, load_artifact, save_artifact, 
 from .data import DataError, calibration_subset, load_tensors, make_dataset, make_loader, read_list
 from .evaluate import evaluate, evaluate_many
 from .quant.config import ConfigError, QuantConfig
-from .methods.greedy_mp import Budget, greedy_mp, plot_bits
+from .methods.greedy_mp import SEARCHES, Budget, greedy_mp, plot_bits
 from .hardware import HardwareError, estimate, extract_workloads, int8_baseline, load_hardware
 from .methods.m2q import m2q, plot_m2q
-from .methods.optm import PTF_OBJECTIVES
+from .methods.optm import GRIDS, PTF_OBJECTIVES
 from .methods.mptq import MethodOptions, run_pipeline
 from .quant.engine import tensor_table
 from .report import build_report, format_table, summary_line
@@ -172,6 +172,8 @@ def _cmd_quantize(args) -> int:
                           "--opt-m or --method mptq, and without --no-opt-m-ptf")
     if args.sq_b_gelu and args.sq_b_unnormed:
         raise ConfigError("give only one of --sq-b-gelu and --sq-b-unnormed (both transform fc2's input)")
+    if args.mp_search != "greedy" and args.method == "m2q":
+        raise ConfigError(f"--mp-search {args.mp_search} is for Greedy MP's average-bit/size budgets, not --method m2q")
     cost_budget = [(k, v) for k, v in (("edp", args.budget_edp), ("energy", args.budget_energy),
                                        ("latency", args.budget_latency)) if v is not None]
     if len(cost_budget) > 1:
@@ -185,6 +187,9 @@ def _cmd_quantize(args) -> int:
     if args.mixed or (args.method == "mptq" and any(
             v is not None for v in (args.budget_w, args.budget_a, args.budget_mb, args.budget_gbops))):
         budget = Budget(args.budget_w, args.budget_a, args.budget_mb, args.budget_gbops)
+    if args.mp_search != "greedy" and budget is None:
+        raise ConfigError(f"--mp-search {args.mp_search} searches a mixed-precision assignment: give a budget "
+                          "(--budget-w/--budget-a/--budget-mb) with --mixed or --method mptq")
     print(f"methods: sq_b={options.sq_b} opt_m={options.opt_m} gptq={options.gptq} "
           f"recon={options.recon_applies(config)} mixed={budget is not None}",
           flush=True)
@@ -209,9 +214,10 @@ def _cmd_quantize(args) -> int:
         qmodel, search = greedy_mp(loaded.model, calib_images, config, options, budget,
                                    _bits_list(args.w_candidates or "4,5,6,8"), _bits_list(args.a_candidates or "4,5,6,8"),
                                    n_probe=args.probe_images, remeasure_every=args.remeasure_every,
-                                   lower_per_step=args.lower_per_step, uniform_fallback=not args.no_uniform_fallback)
+                                   lower_per_step=args.lower_per_step, uniform_fallback=not args.no_uniform_fallback,
+                                   search=args.mp_search)
         config = search.config
-        extra["mixed"] = {"budget": vars(budget), "search_s": search.search_s, "steps": search.steps,
+        extra["mixed"] = {"budget": vars(budget), "search": args.mp_search, "search_s": search.search_s, "steps": search.steps,
                           "probes": search.probes, "kl_calib": search.kl_final,
                           "uniform_fallback": search.uniform_fallback, "layers": search.layers}
         if search.gptq is not None:
@@ -377,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opt-m", action="store_true", help="two-region quantizer search for post-GELU/softmax")
     p.add_argument("--m-max", type=int, default=None,
                    help="largest OPT-m ratio exponent (default: max(4, bits-1) per tensor)")
-    p.add_argument("--opt-m-grid", choices=["standard", "wide"], default="standard",
+    p.add_argument("--opt-m-grid", choices=sorted(GRIDS), default="standard",
                    help="OPT-m's two-region candidates: standard (coarse step 0.4-1.0 of min-max, 3 boundaries) "
                         "or wide (0.2-1.0, 4 boundaries, about 1.7x the search time); docs/methods.md")
     p.add_argument("--opt-m-ptf", action=argparse.BooleanOptionalAction, default=None,
@@ -421,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-gbops", type=float, help="target GBOPs per image (MACs x W bits x A bits)")
     p.add_argument("--probe-images", type=int, default=8, help="calibration images used to measure sensitivities")
     p.add_argument("--lower-per-step", type=int, default=4, help="items Greedy MP lowers before each re-run")
+    p.add_argument("--mp-search", choices=list(SEARCHES), default="greedy",
+                   help="how the mixed-precision assignment is searched: the paper's greedy loop, or a knapsack on "
+                        "each tensor's measured loss around the uniform width that fits (docs/methods.md)")
     p.add_argument("--budget-edp", type=float, help="m2q: at most this fraction of the INT8 baseline's EDP")
     p.add_argument("--budget-energy", type=float, help="m2q: at most this fraction of the INT8 baseline's energy")
     p.add_argument("--budget-latency", type=float, help="m2q: at most this fraction of the INT8 baseline's latency")

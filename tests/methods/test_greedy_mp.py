@@ -123,3 +123,54 @@ def test_uniform_fallback_is_never_worse_on_the_probe_kl():
         kl = kl_from_reference(model(x[:8]), q_on(x[:8])).mean().item()
     assert abs(kl - on.kl_final) < 1e-5
 
+
+
+@pytest.mark.parametrize("budget", [Budget(5.0, 5.0), Budget(4.5, 6.0), Budget(size_mb=0.05)])
+def test_knapsack_search_meets_the_budget_and_is_deterministic(budget):
+    from vitq.evaluate import kl_from_reference
+
+    model, x, q, res = _search(budget, search="knapsack", uniform_fallback=False)
+    st = model_stats(q)
+    if budget.w_bits is not None:
+        assert st["avg_w_bits"] <= budget.w_bits + 1e-9 and _searched_avg_a(q) <= budget.a_bits + 1e-9
+    else:
+        assert st["size_bytes"] <= 0.05e6
+        assert {r["a_bits"] for r in res.layers if r["a_bits"]} == {8}  # no A budget: A stays at the top
+    assert res.steps == 1 and res.history[0]["search"] == "knapsack"
+    with torch.inference_mode():  # the reported KL is the returned model's
+        kl = kl_from_reference(model(x[:8]), q(x[:8])).mean().item()
+    assert abs(kl - res.kl_final) < 1e-5
+    again = _search(budget, search="knapsack", uniform_fallback=False)[3]
+    assert again.layers == res.layers and again.kl_final == res.kl_final
+
+
+def test_knapsack_search_starts_at_the_uniform_width_that_fits():
+    # Budget 5.5: the start is uniform 5 (the widest candidate within it); what the knapsack moves is listed
+    # in the history, and everything else stays at 5.
+    _, _, _, res = _search(Budget(5.5, 5.5), search="knapsack", uniform_fallback=False)
+    h = res.history[0]
+    assert h["avg_w"] <= 5.5 + 1e-9 and h["avg_a"] <= 5.5 + 1e-9 and h["kl_start"] > 0
+    moved = {tuple(m.split(":")[:2]): int(m.split(":")[2]) for m in h["items"]}
+    assert moved and all(b != 5 for b in moved.values())
+    for r in res.layers:
+        for kind, key in (("W", "w_bits"), ("A", "a_bits")):
+            if r[key] is not None:
+                assert r[key] == moved.get((kind, r["layer"]), 5)
+
+
+def test_knapsack_search_rejects_what_it_cannot_do():
+    with pytest.raises(ConfigError, match="average-bit and size budgets only"):
+        _search(Budget(gbops=1.0), search="knapsack")
+    with pytest.raises(ConfigError, match="unknown mixed-precision search"):
+        _search(Budget(5.0, 5.0), search="annealing")
+    with pytest.raises(ConfigError, match="unreachable"):
+        _search(Budget(3.0, None), search="knapsack")
+
+
+@pytest.mark.parametrize("search", ["greedy", "knapsack"])
+def test_searched_assignment_goes_through_reconstruction(search):
+    # Regression: without the uniform fallback (which re-sets every item), weights cached during the
+    # inference-mode probes reached reconstruction's autograd and raised.
+    opts = MethodOptions(opt_m=True, gptq=True, recon=True, recon_iters=2)
+    _, _, q, res = _search(Budget(5.0, 5.0), opts, search=search, uniform_fallback=False)
+    assert res.uniform_fallback is None and res.recon is not None

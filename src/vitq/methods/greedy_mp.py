@@ -33,8 +33,14 @@ from ..quant.engine import all_quantizers, compute_layers, model_stats, weight_l
 from ..quant.layers import QuantMatMul
 from .gptq import apply_gptq
 from .recon import apply_block_recon
+from .mp_knapsack import solve as solve_knapsack
 from .mptq import MethodOptions, run_pipeline
 from .sqb import apply_sqb
+
+# How the assignment is searched (docs/methods.md "Greedy MP"). "greedy": the paper's loop, lowering from
+# the highest candidate. "knapsack": vitq's addition, every item's loss measured at each candidate around
+# the uniform width that fits the budget, then a multiple-choice knapsack on those losses.
+SEARCHES = ("greedy", "knapsack")
 
 _BUFFERS = ("scale", "zero_point", "range_min", "range_max", "region_m", "boundary")
 
@@ -154,7 +160,7 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
               bank_config: Callable[[int], QuantConfig] | None = None,
               cost: Callable[[dict[str, dict[str, int]]], float] | None = None,
               snapshots: tuple[float, ...] = (), best_effort: bool = False,
-              uniform_fallback: bool = True) -> tuple[nn.Module, GreedyResult]:
+              uniform_fallback: bool = True, search: str = "greedy") -> tuple[nn.Module, GreedyResult]:
     """Search per-layer W/A bit-widths under ``budget``; returns the mixed model and the search result.
 
     Args:
@@ -180,6 +186,11 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
         uniform_fallback: after the greedy loop, also score every single candidate width (all W and A
             items at ``b``) that meets the budget on the same probe KL, and return it when it is lower.
             ``GreedyResult.uniform_fallback`` then holds ``b`` (else None).
+        search: one of :data:`SEARCHES`. ``"knapsack"`` starts every item at the widest candidate that fits
+            its kind's budget, measures the probe-KL change of each item moved alone to each other
+            candidate, and solves a multiple-choice knapsack per kind on those changes
+            (:func:`vitq.methods.mp_knapsack.solve`); average-bit and size budgets only. ``lower_per_step``,
+            ``remeasure_every``, ``cost`` and ``snapshots`` are greedy-only.
 
     Raises:
         ConfigError: bad candidates or an unreachable budget.
@@ -191,6 +202,11 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
             raise ConfigError(f"candidate bit-width {b} out of range 2..8")
     if n_probe < 1 or lower_per_step < 1:
         raise ConfigError(f"n_probe ({n_probe}) and lower_per_step ({lower_per_step}) must be at least 1")
+    if search not in SEARCHES:
+        raise ConfigError(f"unknown mixed-precision search {search!r}; choose one of {list(SEARCHES)}")
+    if search == "knapsack" and (budget.gbops is not None or budget.cost is not None or cost is not None):
+        raise ConfigError("the knapsack search takes average-bit and size budgets only "
+                          "(--budget-w, --budget-a, --budget-mb), not --budget-gbops or a cost budget")
     float_model = copy.deepcopy(fp_model)
     if options.sq_b:  # once, at the base bits: every bank shares the same smoothed float model
         apply_sqb(float_model, calib, QuantConfig(w_bits=base.w_bits, a_bits=base.a_bits), progress=progress,
@@ -324,53 +340,57 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
         item.sens = prober.kl(item.block) - current
         set_level(item, level)
 
-    for item in tqdm(items, desc="sensitivity", disable=not progress, leave=False):
-        measure(item)
     result = GreedyResult(config=base)
-    now = current_cost()  # the cost of the current assignment, recomputed only when it changes
+    if search == "knapsack":
+        current = _knapsack_search(model, items, set_level, prober, budget, w_total, a_total, size_const_bits,
+                                   best_effort, result, progress)
+    else:
+        for item in tqdm(items, desc="sensitivity", disable=not progress, leave=False):
+            measure(item)
+        now = current_cost()  # the cost of the current assignment, recomputed only when it changes
 
-    def snapshot() -> None:
-        for c in snapshots:
-            if c not in result.snapshots and now is not None and now <= c * (1 + 1e-12):
-                result.snapshots[c] = assignment()
+        def snapshot() -> None:
+            for c in snapshots:
+                if c not in result.snapshots and now is not None and now <= c * (1 + 1e-12):
+                    result.snapshots[c] = assignment()
 
-    snapshot()
-    bar = tqdm(desc="greedy MP", disable=not progress, leave=False)
-    while need("W", now) or need("A", now):
-        # Lower up to ``lower_per_step`` items (each one step, cheapest first, only while the budget
-        # still needs it), then run the model once and re-measure only the items that moved.
-        lowered: list[_Item] = []
-        for _ in range(lower_per_step):
-            needs = {k: need(k, now) for k in ("W", "A")}
-            scored = []
-            for idx, i in enumerate(items):
-                if i.can_lower() and needs[i.kind] and i not in lowered:
-                    s = saved(i, now)
-                    if s > 0:
-                        scored.append((max(i.sens, 1e-12) / s, idx))
-            if not scored:
-                break
-            best = items[min(scored)[1]]
-            set_level(best, best.level - 1)
-            lowered.append(best)
-            now = current_cost()
-            snapshot()
-        if not lowered:
-            if best_effort:
-                break
-            raise ConfigError(f"budget {budget} is unreachable with candidates W{w_c} A{a_c}")
-        prober.refresh(min(i.block for i in lowered))
-        current = prober.kl()
-        result.steps += 1
-        result.history.append({"step": result.steps, "items": [f"{i.kind}:{i.layer}:{i.bits}" for i in lowered],
-                               "kl": current, "avg_w": avg_w(), "avg_a": avg_a()})
-        for i in lowered:
-            measure(i)
-        if remeasure_every and result.steps % remeasure_every == 0:
-            for i in items:
+        snapshot()
+        bar = tqdm(desc="greedy MP", disable=not progress, leave=False)
+        while need("W", now) or need("A", now):
+            # Lower up to ``lower_per_step`` items (each one step, cheapest first, only while the budget
+            # still needs it), then run the model once and re-measure only the items that moved.
+            lowered: list[_Item] = []
+            for _ in range(lower_per_step):
+                needs = {k: need(k, now) for k in ("W", "A")}
+                scored = []
+                for idx, i in enumerate(items):
+                    if i.can_lower() and needs[i.kind] and i not in lowered:
+                        s = saved(i, now)
+                        if s > 0:
+                            scored.append((max(i.sens, 1e-12) / s, idx))
+                if not scored:
+                    break
+                best = items[min(scored)[1]]
+                set_level(best, best.level - 1)
+                lowered.append(best)
+                now = current_cost()
+                snapshot()
+            if not lowered:
+                if best_effort:
+                    break
+                raise ConfigError(f"budget {budget} is unreachable with candidates W{w_c} A{a_c}")
+            prober.refresh(min(i.block for i in lowered))
+            current = prober.kl()
+            result.steps += 1
+            result.history.append({"step": result.steps, "items": [f"{i.kind}:{i.layer}:{i.bits}" for i in lowered],
+                                   "kl": current, "avg_w": avg_w(), "avg_a": avg_a()})
+            for i in lowered:
                 measure(i)
-        bar.update(1)
-    bar.close()
+            if remeasure_every and result.steps % remeasure_every == 0:
+                for i in items:
+                    measure(i)
+            bar.update(1)
+        bar.close()
 
     result.kl_greedy = current
     if uniform_fallback:
@@ -403,6 +423,10 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
     result.layers = [{"layer": row, "w_bits": w_bits.get(row), "a_bits": a_bits.get(row)} for row in layers]
     result.probes = prober.count
     result.kl_final = current
+    for m in weight_layers(model):
+        # Probing ran in inference mode, so cached quantized weights are inference tensors, which autograd
+        # (block reconstruction below, or a user's fine-tuning) cannot save; drop them.
+        m.refresh()
     if options.gptq:
         result.gptq = apply_gptq(model, calib, max_bits=options.gptq_max_bits, progress=progress).to_dict()
     if options.recon_applies(base):
@@ -410,6 +434,73 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
                                          **options.recon_kwargs()).to_dict()
     result.search_s = time.perf_counter() - t0
     return model, result
+
+
+def _knapsack_search(model: nn.Module, items: list[_Item], set_level, prober: _Prober, budget: Budget,
+                     w_total: int, a_total: int, size_const_bits: float, best_effort: bool, result: GreedyResult,
+                     progress: bool) -> float:
+    """``search="knapsack"``: set every item's level by a multiple-choice knapsack; returns the probe KL.
+
+    Each kind with a budget starts at the widest candidate that fits it (uniformly), because the losses
+    of single moves add up best near where the search ends, unlike the greedy loop's one-step sensitivities
+    measured around 8 bits. A kind without a budget stays at its highest candidate, as in the greedy loop.
+    """
+    caps: dict[str, float | None] = {"W": None, "A": None}
+    if budget.w_bits is not None:
+        caps["W"] = budget.w_bits * w_total
+    if budget.size_mb is not None:
+        size_cap = budget.size_mb * 8e6 - size_const_bits
+        caps["W"] = size_cap if caps["W"] is None else min(caps["W"], size_cap)
+    if budget.a_bits is not None:
+        caps["A"] = budget.a_bits * a_total
+    start: dict[int, int] = {}
+    for i in items:
+        total = w_total if i.kind == "W" else a_total
+        cap = caps[i.kind]
+        fits = [j for j, b in enumerate(i.choices) if cap is None or b * total <= cap * (1 + 1e-12)]
+        start[id(i)] = (max(fits) if fits else 0) if cap is not None else len(i.choices) - 1
+        set_level(i, start[id(i)])
+    prober.refresh()
+    base_kl = prober.kl()
+    loss: dict[int, list[float]] = {}
+    chosen = [i for i in items if caps[i.kind] is not None]
+    for i in tqdm(chosen, desc="knapsack losses", disable=not progress, leave=False):
+        row = []
+        for j in range(len(i.choices)):
+            if j == start[id(i)]:
+                row.append(0.0)
+                continue
+            set_level(i, j)
+            row.append(prober.kl(i.block) - base_kl)
+        set_level(i, start[id(i)])
+        loss[id(i)] = row
+    moved, predicted = [], base_kl
+    for kind in ("W", "A"):
+        group = [i for i in chosen if i.kind == kind]
+        if not group:
+            continue
+        levels = solve_knapsack([loss[id(i)] for i in group], [[i.size * b for b in i.choices] for i in group],
+                                caps[kind])
+        if levels is None:
+            if not best_effort:
+                raise ConfigError(f"budget {budget} is unreachable with candidates "
+                                  f"{kind}{tuple(sorted({b for i in group for b in i.choices}))}")
+            levels = [0] * len(group)  # the cheapest state reachable
+        predicted += sum(loss[id(i)][j] for i, j in zip(group, levels))
+        for i, j in zip(group, levels):
+            if j != i.level:
+                set_level(i, j)
+                moved.append(i)
+    prober.refresh()
+    current = prober.kl()
+    w_sum = sum(i.size * i.bits for i in items if i.kind == "W")
+    a_sum = sum(i.size * i.bits for i in items if i.kind == "A")
+    result.steps = 1
+    # kl_predicted: what the additive model expected (start + the chosen items' single-move losses)
+    result.history.append({"step": 1, "search": "knapsack", "kl_start": base_kl, "kl_predicted": predicted,
+                           "items": [f"{i.kind}:{i.layer}:{i.bits}" for i in moved], "kl": current,
+                           "avg_w": w_sum / max(1, w_total), "avg_a": a_sum / max(1, a_total)})
+    return current
 
 
 def _after_blocks(model: nn.Module, qs, trunk) -> bool:
