@@ -69,7 +69,7 @@ def main() -> int:
     ap.add_argument("--variants", nargs="+", default=DEFAULT)
     ap.add_argument("--limit", type=int)
     ap.add_argument("--probe-images", type=int, default=8, help="Greedy MP: calibration images for sensitivities")
-    ap.add_argument("--mp-search", choices=list(SEARCHES), default="greedy",
+    ap.add_argument("--mp-search", choices=list(SEARCHES), default="knapsack",
                     help="Greedy MP's search (vitq quantize --mp-search)")
     ap.add_argument("--no-uniform-fallback", action="store_true",
                     help="Greedy MP keeps its searched assignment (vitq quantize --no-uniform-fallback)")
@@ -138,7 +138,7 @@ def main() -> int:
                 label = (f"Greedy MP {b:g}-bit (SQ-b, OPT-m{', GPTQ on <= 5-bit layers' if v['gptq'] else ''}"
                          f"{', recon' if opts.recon_applies(cfg) else ''}, "
                          f"{args.probe_images} probe images"
-                         f"{', knapsack search' if args.mp_search == 'knapsack' else ''}"
+                         f", {args.mp_search} search"
                          f"{', no uniform fallback' if args.no_uniform_fallback else ''})")
                 if found.history and "kl_predicted" in found.history[0]:
                     label += (f", probe KL: sum of isolated losses {found.history[0]['kl_predicted']:.4f}, "

@@ -105,6 +105,7 @@ def test_mixed_precision_search_then_config_reuse_gives_same_bits_and_result(tmp
     report = json.loads((out / "report.json").read_text())
     # the A budget leaves out the 8-bit image input (2 % of DeiT-Tiny's activation values); the report counts it
     assert report["avg_w_bits"] <= 7 and report["avg_a_bits"] <= 7.05 and report["mixed"]["search_s"] > 0
+    assert report["mixed"]["search"] == "knapsack"  # the default for bit budgets since rule R11
     assert (out / "bits.png").read_bytes()[:4] == b"\x89PNG" and (out / "mixed_config.json").is_file()
     again = tmp_path / "again"
     assert main(["quantize", *common, "--config", str(out / "mixed_config.json"), "--out", str(again)]) == 0
@@ -136,6 +137,15 @@ def test_knapsack_search_from_the_cli_meets_the_budget(tmp_path, images, capsys)
     report = json.loads((out / "report.json").read_text())
     assert report["mixed"]["search"] == "knapsack" and report["avg_w_bits"] <= 7 and report["avg_a_bits"] <= 7.05
     assert {row["w_bits"] for row in report["mixed"]["layers"] if row["w_bits"]} == {6, 8}
+
+
+def test_bops_budget_defaults_to_the_greedy_search(tmp_path, images, capsys):
+    out = tmp_path / "mp"
+    assert main(["quantize", "deit_tiny", "--random-init", "--calib", str(images), "--calib-size", "2", "--eval",
+                 str(images), "--limit", "2", "--w-bits", "6", "--a-bits", "6", "--workers", "0", "--quiet",
+                 "--mixed", "--budget-gbops", "1e6", "--w-candidates", "6,8", "--a-candidates", "6,8",
+                 "--out", str(out)]) == 0
+    assert json.loads((out / "report.json").read_text())["mixed"]["search"] == "greedy"
 
 
 def test_cost_command_json_and_errors(tmp_path, capsys):

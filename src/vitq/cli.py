@@ -172,7 +172,7 @@ def _cmd_quantize(args) -> int:
                           "--opt-m or --method mptq, and without --no-opt-m-ptf")
     if args.sq_b_gelu and args.sq_b_unnormed:
         raise ConfigError("give only one of --sq-b-gelu and --sq-b-unnormed (both transform fc2's input)")
-    if args.mp_search != "greedy" and args.method == "m2q":
+    if args.mp_search is not None and args.method == "m2q":
         raise ConfigError(f"--mp-search {args.mp_search} is for Greedy MP's average-bit/size budgets, not --method m2q")
     cost_budget = [(k, v) for k, v in (("edp", args.budget_edp), ("energy", args.budget_energy),
                                        ("latency", args.budget_latency)) if v is not None]
@@ -187,9 +187,13 @@ def _cmd_quantize(args) -> int:
     if args.mixed or (args.method == "mptq" and any(
             v is not None for v in (args.budget_w, args.budget_a, args.budget_mb, args.budget_gbops))):
         budget = Budget(args.budget_w, args.budget_a, args.budget_mb, args.budget_gbops)
-    if args.mp_search != "greedy" and budget is None:
+    if args.mp_search is not None and budget is None:
         raise ConfigError(f"--mp-search {args.mp_search} searches a mixed-precision assignment: give a budget "
                           "(--budget-w/--budget-a/--budget-mb) with --mixed or --method mptq")
+    if args.mp_search is None:
+        # Rule R11 (docs/methods.md) made the knapsack the default; it handles average-bit and size budgets
+        # only, so a BOPs budget keeps the paper's greedy loop.
+        args.mp_search = "greedy" if args.budget_gbops is not None else "knapsack"
     print(f"methods: sq_b={options.sq_b} opt_m={options.opt_m} gptq={options.gptq} "
           f"recon={options.recon_applies(config)} mixed={budget is not None}",
           flush=True)
@@ -225,8 +229,8 @@ def _cmd_quantize(args) -> int:
         if search.recon is not None:
             extra["recon"] = search.recon
         if search.uniform_fallback is not None:
-            print(f"Greedy MP: uniform {search.uniform_fallback}-bit has a lower calibration KL than the greedy "
-                  f"assignment and meets the budget; using it (--no-uniform-fallback to keep the greedy one)",
+            print(f"Greedy MP: uniform {search.uniform_fallback}-bit has a lower calibration KL than the {args.mp_search} "
+                  f"assignment and meets the budget; using it (--no-uniform-fallback to keep the searched one)",
                   flush=True)
     else:
         res = run_pipeline(loaded.model, calib_images, config, options, progress=True)
@@ -256,7 +260,7 @@ def _cmd_quantize(args) -> int:
             plot_m2q(extra["m2q"]["layers"], folder / "m2q.png", f"{entry.short}: M2Q")
         if budget is not None:
             config.save(folder / "mixed_config.json")
-            plot_bits(extra["mixed"]["layers"], folder / "bits.png", f"{entry.short}: Greedy MP {vars(budget)}")
+            plot_bits(extra["mixed"]["layers"], folder / "bits.png", f"{entry.short}: Greedy MP ({args.mp_search} search) {vars(budget)}")
         save_artifact(qmodel, folder, {"model": entry.timm_name, "checkpoint": loaded.checkpoint,
                                        "random_init": loaded.random_init})
         (folder / "report.json").write_text(json.dumps(report, indent=2))
@@ -427,9 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-gbops", type=float, help="target GBOPs per image (MACs x W bits x A bits)")
     p.add_argument("--probe-images", type=int, default=8, help="calibration images used to measure sensitivities")
     p.add_argument("--lower-per-step", type=int, default=4, help="items Greedy MP lowers before each re-run")
-    p.add_argument("--mp-search", choices=list(SEARCHES), default="greedy",
-                   help="how the mixed-precision assignment is searched: the paper's greedy loop, or a knapsack on "
-                        "each tensor's measured loss around the uniform width that fits (docs/methods.md)")
+    p.add_argument("--mp-search", choices=list(SEARCHES),
+                   help="how the mixed-precision assignment is searched: a knapsack on each tensor's measured loss "
+                        "alone (default for bit and MB budgets) or the paper's greedy loop (default for "
+                        "--budget-gbops); docs/methods.md")
     p.add_argument("--budget-edp", type=float, help="m2q: at most this fraction of the INT8 baseline's EDP")
     p.add_argument("--budget-energy", type=float, help="m2q: at most this fraction of the INT8 baseline's energy")
     p.add_argument("--budget-latency", type=float, help="m2q: at most this fraction of the INT8 baseline's latency")
