@@ -137,6 +137,9 @@ def test_knapsack_search_from_the_cli_meets_the_budget(tmp_path, images, capsys)
     report = json.loads((out / "report.json").read_text())
     assert report["mixed"]["search"] == "knapsack" and report["avg_w_bits"] <= 7 and report["avg_a_bits"] <= 7.05
     assert {row["w_bits"] for row in report["mixed"]["layers"] if row["w_bits"]} == {6, 8}
+    csv_rows = (out / "sensitivity.csv").read_text().splitlines()
+    assert csv_rows[0] == "layer,kind,elements,kl_w6,kl_w8" and len(csv_rows) == 1 + len(report["mixed"]["sensitivity"])
+    assert "most sensitive (probe KL alone at the lowest candidate)" in capsys.readouterr().out
 
 
 def test_bops_budget_defaults_to_the_greedy_search(tmp_path, images, capsys):

@@ -24,7 +24,7 @@ from .methods.m2q import m2q, plot_m2q
 from .methods.optm import GRIDS, PTF_OBJECTIVES
 from .methods.mptq import MethodOptions, run_pipeline
 from .quant.engine import tensor_table
-from .report import build_report, format_table, summary_line
+from .report import build_report, format_table, sensitivity_csv, summary_line
 from .zoo import ZOO, ZooError, load_model
 
 USER_ERRORS = (ZooError, DataError, ConfigError, ArtifactError, HardwareError, FileNotFoundError, ValueError)
@@ -224,6 +224,12 @@ def _cmd_quantize(args) -> int:
         extra["mixed"] = {"budget": vars(budget), "search": args.mp_search, "search_s": search.search_s, "steps": search.steps,
                           "probes": search.probes, "kl_calib": search.kl_final,
                           "uniform_fallback": search.uniform_fallback, "layers": search.layers}
+        if search.sensitivity:
+            extra["mixed"]["sensitivity"] = search.sensitivity
+            top = sorted(search.sensitivity, key=lambda r: -r["kl"][min(r["kl"], key=int)])[:5]
+            print("most sensitive (probe KL alone at the lowest candidate): "
+                  + ", ".join(f"{r['kind']}:{r['layer']} {r['kl'][min(r['kl'], key=int)]:.4f}" for r in top),
+                  flush=True)
         if search.gptq is not None:
             extra["gptq"] = search.gptq
         if search.recon is not None:
@@ -261,6 +267,8 @@ def _cmd_quantize(args) -> int:
         if budget is not None:
             config.save(folder / "mixed_config.json")
             plot_bits(extra["mixed"]["layers"], folder / "bits.png", f"{entry.short}: Greedy MP ({args.mp_search} search) {vars(budget)}")
+            if "sensitivity" in extra["mixed"]:
+                (folder / "sensitivity.csv").write_text(sensitivity_csv(extra["mixed"]["sensitivity"]))
         save_artifact(qmodel, folder, {"model": entry.timm_name, "checkpoint": loaded.checkpoint,
                                        "random_init": loaded.random_init})
         (folder / "report.json").write_text(json.dumps(report, indent=2))

@@ -59,3 +59,22 @@ def summary_line(report: dict) -> str:
     parts.append(f"avg_w_bits={report['avg_w_bits']:.2f} avg_a_bits={report['avg_a_bits']:.2f} "
                  f"size={report['size_bytes'] / 1e6:.2f}MB bops={report['bops'] / 1e9:.1f}G")
     return " ".join(parts)
+
+
+def sensitivity_csv(rows: list[dict]) -> str:
+    """A CSV of per-tensor sensitivities, most sensitive first (at each row's lowest width).
+
+    Args:
+        rows: ``{"layer", "kind", "elements", "kl": {bits: KL}}`` per tensor, as in
+            ``GreedyResult.sensitivity``.
+
+    Returns:
+        The text: one column per width found in any row (``kl_w4`` ...), empty where a row lacks it.
+    """
+    widths = sorted({int(b) for r in rows for b in r["kl"]})
+    lines = [",".join(["layer", "kind", "elements", *(f"kl_w{b}" for b in widths)])]
+    order = sorted(rows, key=lambda r: -r["kl"][min(r["kl"], key=int)])
+    for r in order:
+        cells = [f"{r['kl'][str(b)]:.6g}" if str(b) in r["kl"] else "" for b in widths]
+        lines.append(",".join([r["layer"], r["kind"], str(r["elements"]), *cells]))
+    return "\n".join(lines) + "\n"

@@ -152,6 +152,13 @@ def test_knapsack_search_measures_each_tensor_alone_and_restores_the_model():
     h = res.history[0]
     assert h["avg_w"] <= 5.5 + 1e-9 and h["avg_a"] <= 5.5 + 1e-9
     assert h["kl_predicted"] > 0 and res.kl_final > 0
+    # the sensitivity report: one row per searched tensor, a loss per candidate, summing to the prediction
+    assert {(r["kind"], r["layer"]) for r in res.sensitivity} == (
+        {("W", r["layer"]) for r in res.layers if r["w_bits"]} | {("A", r["layer"]) for r in res.layers if r["a_bits"]})
+    assert all(set(r["kl"]) == {"4", "5", "6", "8"} for r in res.sensitivity)
+    bits = {("W", r["layer"]): r["w_bits"] for r in res.layers} | {("A", r["layer"]): r["a_bits"] for r in res.layers}
+    chosen = sum(r["kl"][str(bits[(r["kind"], r["layer"])])] for r in res.sensitivity)
+    assert chosen == pytest.approx(h["kl_predicted"], rel=1e-9, abs=1e-12)
     # only one assignment fits a 4-bit budget: the knapsack must find it
     _, _, _, four = _search(Budget(4.0, 4.0), search="knapsack", uniform_fallback=False)
     assert {r["w_bits"] for r in four.layers if r["w_bits"]} == {4}

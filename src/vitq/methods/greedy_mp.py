@@ -38,8 +38,8 @@ from .mptq import MethodOptions, run_pipeline
 from .sqb import apply_sqb
 
 # How the assignment is searched (docs/methods.md "Greedy MP"). "greedy": the paper's loop, lowering from
-# the highest candidate. "knapsack": vitq's addition, every item's loss measured at each candidate around
-# the uniform width that fits the budget, then a multiple-choice knapsack on those losses.
+# the highest candidate. "knapsack": vitq's addition, every item's loss measured at each candidate with only
+# that item quantized (everything else in float), then a multiple-choice knapsack on those losses.
 SEARCHES = ("greedy", "knapsack")
 
 _BUFFERS = ("scale", "zero_point", "range_min", "range_max", "region_m", "boundary")
@@ -79,6 +79,9 @@ class GreedyResult:
     kl_greedy: float = 0.0  # probe KL of the greedy assignment (equals kl_final unless the fallback won)
     gptq: dict | None = None  # GPTQ on the final assignment (options.gptq); kl_final is measured before it
     recon: dict | None = None  # block reconstruction on the final assignment, after GPTQ (options.recon)
+    # search="knapsack": each searched tensor's isolated loss, {"layer", "kind", "elements", "kl": {bits: KL}},
+    # the probe KL with only that tensor quantized at those bits: a per-layer sensitivity report
+    sensitivity: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -477,6 +480,8 @@ def _knapsack_search(model: nn.Module, items: list[_Item], set_level, prober: _P
             for q in i.quantizers:
                 q.mode = "off"
             loss[id(i)] = row
+            result.sensitivity.append({"layer": i.layer, "kind": i.kind, "elements": i.size,
+                                       "kl": {str(b): v for b, v in zip(i.choices, row)}})
     finally:
         for q in quantizers:
             q.mode = modes[id(q)]

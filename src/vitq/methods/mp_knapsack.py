@@ -2,7 +2,7 @@
 
 Each item (a layer's weights, or its activations) takes one of a few levels (bit-widths); level ``l`` of
 item ``i`` costs ``cost[i][l]`` (bits x elements) and adds ``loss[i][l]`` to the objective (the probe KL
-increase measured with that item alone moved from a common starting width). Under the additive model the
+increase measured with only that item quantized, at that width). Under the additive model the
 best assignment within a total cost is a multiple-choice knapsack. :func:`solve` uses its Lagrangian
 relaxation (each item independently minimises ``loss + lam * cost``; ``lam`` is bisected to the smallest
 value that meets the budget), then spends what budget is left on the best remaining single-item changes.

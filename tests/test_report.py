@@ -1,0 +1,13 @@
+import csv
+import io
+
+from vitq.report import sensitivity_csv
+
+
+def test_sensitivity_csv_sorts_by_the_lowest_width_and_leaves_missing_widths_empty():
+    rows = [{"layer": "blocks.0.attn.qkv", "kind": "W", "elements": 10, "kl": {"4": 0.01, "8": 0.001}},
+            {"layer": "blocks.0.mlp.fc2", "kind": "A", "elements": 20, "kl": {"3": 0.5, "4": 0.2, "8": 0.0}}]
+    table = list(csv.reader(io.StringIO(sensitivity_csv(rows))))
+    assert table[0] == ["layer", "kind", "elements", "kl_w3", "kl_w4", "kl_w8"]
+    assert table[1] == ["blocks.0.mlp.fc2", "A", "20", "0.5", "0.2", "0"]  # 0.5 at its lowest width ranks first
+    assert table[2] == ["blocks.0.attn.qkv", "W", "10", "", "0.01", "0.001"]
