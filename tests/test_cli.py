@@ -142,6 +142,18 @@ def test_knapsack_search_from_the_cli_meets_the_budget(tmp_path, images, capsys)
     assert "most sensitive (probe KL alone at the lowest candidate)" in capsys.readouterr().out
 
 
+def test_bit_budget_sets_the_base_widths_so_reconstruction_runs(tmp_path, images, capsys):
+    # Regression: without --w-bits/--a-bits the base widths stayed 8, so a 5-bit search skipped reconstruction
+    out = tmp_path / "mp"
+    assert main(["quantize", "deit_tiny", "--random-init", "--calib", str(images), "--calib-size", "2", "--eval",
+                 str(images), "--limit", "2", "--workers", "0", "--quiet", "--mixed", "--recon", "--recon-iters", "1",
+                 "--budget-w", "5", "--budget-a", "5", "--w-candidates", "4,6", "--a-candidates", "4,6",
+                 "--out", str(out)]) == 0
+    assert "base widths from the budget: W5A5" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["recon"]["settings"]["iters"] == 1 and report["recon"]["stages"] and report["avg_w_bits"] <= 5
+
+
 def test_bops_budget_defaults_to_the_greedy_search(tmp_path, images, capsys):
     out = tmp_path / "mp"
     assert main(["quantize", "deit_tiny", "--random-init", "--calib", str(images), "--calib-size", "2", "--eval",

@@ -6,6 +6,7 @@ and a non-zero exit; results are written under temporary names and renamed when 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -190,6 +191,16 @@ def _cmd_quantize(args) -> int:
     if args.mp_search is not None and budget is None:
         raise ConfigError(f"--mp-search {args.mp_search} searches a mixed-precision assignment: give a budget "
                           "(--budget-w/--budget-a/--budget-mb) with --mixed or --method mptq")
+    if budget is not None and not args.config:
+        # The base widths are where SQ-b searches alpha and OPT-m/GPTQ/reconstruction decide what applies
+        # (reconstruction runs only when they are <= --recon-max-bits): unless given, take them from the bit
+        # budget, as benchmarks/mptq_ablation.py does; left at 8, a 5-bit search would skip reconstruction.
+        base = {k: max(2, min(8, round(v))) for k, v, given in (("w_bits", budget.w_bits, args.w_bits),
+                                                                ("a_bits", budget.a_bits, args.a_bits))
+                if v is not None and given is None}
+        if base:
+            config = dataclasses.replace(config, **base)
+            print(f"base widths from the budget: W{config.w_bits}A{config.a_bits}", flush=True)
     if args.mp_search is None:
         # Rule R11 (docs/methods.md) made the knapsack the default; it handles average-bit and size budgets
         # only, so a BOPs budget keeps the paper's greedy loop.
