@@ -142,6 +142,7 @@ def main() -> int:
                          f"{', no uniform fallback' if args.no_uniform_fallback else ''})")
                 if found.history and "kl_predicted" in found.history[0]:
                     label += (f", probe KL: sum of isolated losses {found.history[0]['kl_predicted']:.4f}, "
+                              f"superposed logit errors {found.history[0]['kl_superposed']:.4f}, "
                               f"found {found.kl_greedy:.4f}")
                 if found.uniform_fallback is not None:  # say so: the row is then a uniform model
                     label += (f", uniform {found.uniform_fallback}-bit won (probe KL {found.kl_final:.4f} "

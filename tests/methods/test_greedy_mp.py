@@ -165,6 +165,19 @@ def test_knapsack_search_measures_each_tensor_alone_and_restores_the_model():
     assert {r["a_bits"] for r in four.layers if r["a_bits"]} == {4}
 
 
+def test_superposed_search_meets_the_budget_and_keeps_the_refinement_only_when_it_helps():
+    budget = Budget(5.0, 5.0)
+    _, _, q, res = _search(budget, search="superposed", uniform_fallback=False)
+    st = model_stats(q)
+    assert st["avg_w_bits"] <= budget.w_bits + 1e-9 and _searched_avg_a(q) <= budget.a_bits + 1e-9
+    h = res.history[0]
+    assert h["search"] == "superposed" and h["kl_superposed_refined"] <= h["kl_superposed"] + 1e-9
+    assert res.kl_final == min(h["kl_knapsack"], h["kl_refined"])
+    knap = _search(budget, search="knapsack", uniform_fallback=False)[3]
+    assert knap.kl_final == h["kl_knapsack"]  # the same start: the knapsack's own assignment
+    assert _search(budget, search="superposed", uniform_fallback=False)[3].layers == res.layers
+
+
 def test_knapsack_search_rejects_what_it_cannot_do():
     with pytest.raises(ConfigError, match="average-bit and size budgets only"):
         _search(Budget(gbops=1.0), search="knapsack")

@@ -34,13 +34,16 @@ from ..quant.layers import QuantMatMul
 from .gptq import apply_gptq
 from .recon import apply_block_recon
 from .mp_knapsack import solve as solve_knapsack
+from .mp_superpose import refine as refine_superposed
 from .mptq import MethodOptions, run_pipeline
 from .sqb import apply_sqb
 
 # How the assignment is searched (docs/methods.md "Greedy MP"). "greedy": the paper's loop, lowering from
 # the highest candidate. "knapsack": vitq's addition, every item's loss measured at each candidate with only
 # that item quantized (everything else in float), then a multiple-choice knapsack on those losses.
-SEARCHES = ("greedy", "knapsack")
+# "superposed": the knapsack's assignment refined by a local search on the sum of the items' logit errors
+# (methods/mp_superpose.py), which keeps the cross terms the summed losses drop.
+SEARCHES = ("greedy", "knapsack", "superposed")
 
 _BUFFERS = ("scale", "zero_point", "range_min", "range_max", "region_m", "boundary")
 
@@ -154,6 +157,7 @@ class _Prober:
             for k in range(start, len(blocks)):
                 x = blocks[k](x)
             out = head(x)
+        self.out = out  # the logits of the last probe (the knapsack superposes their errors)
         return kl_from_reference(self.ref, out).mean().item()
 
 
@@ -189,11 +193,12 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
         uniform_fallback: after the greedy loop, also score every single candidate width (all W and A
             items at ``b``) that meets the budget on the same probe KL, and return it when it is lower.
             ``GreedyResult.uniform_fallback`` then holds ``b`` (else None).
-        search: one of :data:`SEARCHES`. ``"knapsack"`` starts every item at the widest candidate that fits
-            its kind's budget, measures the probe-KL change of each item moved alone to each other
-            candidate, and solves a multiple-choice knapsack per kind on those changes
-            (:func:`vitq.methods.mp_knapsack.solve`); average-bit and size budgets only. ``lower_per_step``,
-            ``remeasure_every``, ``cost`` and ``snapshots`` are greedy-only.
+        search: one of :data:`SEARCHES`. ``"knapsack"`` measures each item's probe KL with only that item
+            quantized, at each candidate, and solves a multiple-choice knapsack per kind on those losses
+            (:func:`vitq.methods.mp_knapsack.solve`). ``"superposed"`` then refines that assignment on the
+            superposed logit errors (:func:`vitq.methods.mp_superpose.refine`) and keeps the refined one
+            when its true probe KL is lower. Both take average-bit and size budgets only.
+            ``lower_per_step``, ``remeasure_every``, ``cost`` and ``snapshots`` are greedy-only.
 
     Raises:
         ConfigError: bad candidates or an unreachable budget.
@@ -207,8 +212,8 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
         raise ConfigError(f"n_probe ({n_probe}) and lower_per_step ({lower_per_step}) must be at least 1")
     if search not in SEARCHES:
         raise ConfigError(f"unknown mixed-precision search {search!r}; choose one of {list(SEARCHES)}")
-    if search == "knapsack" and (budget.gbops is not None or budget.cost is not None or cost is not None):
-        raise ConfigError("the knapsack search takes average-bit and size budgets only "
+    if search != "greedy" and (budget.gbops is not None or budget.cost is not None or cost is not None):
+        raise ConfigError(f"the {search} search takes average-bit and size budgets only "
                           "(--budget-w, --budget-a, --budget-mb), not --budget-gbops or a cost budget")
     float_model = copy.deepcopy(fp_model)
     if options.sq_b:  # once, at the base bits: every bank shares the same smoothed float model
@@ -344,9 +349,9 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
         set_level(item, level)
 
     result = GreedyResult(config=base)
-    if search == "knapsack":
+    if search != "greedy":
         current = _knapsack_search(model, items, set_level, prober, budget, w_total, a_total, size_const_bits,
-                                   best_effort, result, progress)
+                                   best_effort, result, progress, refine=search == "superposed")
     else:
         for item in tqdm(items, desc="sensitivity", disable=not progress, leave=False):
             measure(item)
@@ -441,7 +446,7 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
 
 def _knapsack_search(model: nn.Module, items: list[_Item], set_level, prober: _Prober, budget: Budget,
                      w_total: int, a_total: int, size_const_bits: float, best_effort: bool, result: GreedyResult,
-                     progress: bool) -> float:
+                     progress: bool, refine: bool = False) -> float:
     """``search="knapsack"``: set every item's level by a multiple-choice knapsack; returns the probe KL.
 
     An item's loss at a width is the probe KL of the model with *only that item* quantized, at that width,
@@ -460,32 +465,36 @@ def _knapsack_search(model: nn.Module, items: list[_Item], set_level, prober: _P
     if budget.a_bits is not None:
         caps["A"] = budget.a_bits * a_total
     chosen = [i for i in items if caps[i.kind] is not None]
+    initial = {id(i): i.level for i in items}
     quantizers = all_quantizers(model)
     modes = {id(q): q.mode for q in quantizers}
     loss: dict[int, list[float]] = {}
+    logit_drift: dict[int, list[torch.Tensor]] = {}  # per item and level: its logits minus the float logits
     try:
         for q in quantizers:
             q.mode = "off"
         prober.refresh()  # float block inputs: each probe then runs from the item's block only
         base_kl = prober.kl()  # about 0 (SQ-b's folding is exact in float up to rounding)
+        base_out = prober.out
         for i in tqdm(chosen, desc="knapsack losses", disable=not progress, leave=False):
             level = i.level
             for q in i.quantizers:
                 q.mode = modes[id(q)]
-            row = []
+            row, drift = [], []
             for j in range(len(i.choices)):
                 set_level(i, j)
                 row.append(prober.kl(i.block) - base_kl)
+                drift.append(prober.out - base_out)
             set_level(i, level)
             for q in i.quantizers:
                 q.mode = "off"
-            loss[id(i)] = row
+            loss[id(i)], logit_drift[id(i)] = row, drift
             result.sensitivity.append({"layer": i.layer, "kind": i.kind, "elements": i.size,
                                        "kl": {str(b): v for b, v in zip(i.choices, row)}})
     finally:
         for q in quantizers:
             q.mode = modes[id(q)]
-    predicted, moved = 0.0, []
+    predicted = 0.0
     for kind in ("W", "A"):
         group = [i for i in chosen if i.kind == kind]
         if not group:
@@ -501,17 +510,45 @@ def _knapsack_search(model: nn.Module, items: list[_Item], set_level, prober: _P
         for i, j in zip(group, levels):
             if j != i.level:
                 set_level(i, j)
-                moved.append(i)
+    # Diagnostic: the KL of the float logits plus every chosen item's isolated logit error. It keeps the
+    # cross terms between the items' errors (the summed isolated KLs drop them) but not their nonlinear
+    # interaction through the network, so comparing both with the true KL says which one is missing.
+    superposed = base_out + sum(logit_drift[id(i)][i.level] for i in chosen) if chosen else base_out
+    kl_superposed = kl_from_reference(prober.ref, superposed).mean().item()
     prober.refresh()
     current = prober.kl()
+    entry = {"step": 1, "search": "superposed" if refine else "knapsack", "kl_predicted": predicted,
+             "kl_superposed": kl_superposed}
+    if refine and chosen:
+        start = [i.level for i in chosen]
+        group = [0 if i.kind == "W" else 1 for i in chosen]
+        cost = [[i.size * b for b in i.choices] for i in chosen]
+        spent = [sum(c[j] for c, j, g in zip(cost, start, group) if g == k) for k in (0, 1)]
+        # a kind without a cap has no items here; best_effort may have left a kind above its cap
+        cap = [max(spent[k], caps[kind] if caps[kind] is not None else 0.0) for k, kind in enumerate("WA")]
+        levels, kl_refined = refine_superposed(prober.ref, base_out, [logit_drift[id(i)] for i in chosen], cost,
+                                               group, cap, start)
+        for i, j in zip(chosen, levels):
+            set_level(i, j)
+        prober.refresh()
+        refined = prober.kl()
+        entry.update({"kl_knapsack": current, "kl_superposed_refined": kl_refined, "kl_refined": refined,
+                      "refined_items": sum(a != b for a, b in zip(start, levels))})
+        # keep the refinement only when the model itself agrees: the superposition is a model of the KL
+        if refined < current:
+            current = refined
+        else:
+            for i, j in zip(chosen, start):
+                set_level(i, j)
+            prober.refresh()
     w_sum = sum(i.size * i.bits for i in items if i.kind == "W")
     a_sum = sum(i.size * i.bits for i in items if i.kind == "A")
     result.steps = 1
     # kl_predicted: the sum of the chosen items' isolated losses (the additive model's estimate of kl for
     # the searched tensors; tensors outside the search add to the true kl)
-    result.history.append({"step": 1, "search": "knapsack", "kl_predicted": predicted,
-                           "items": [f"{i.kind}:{i.layer}:{i.bits}" for i in moved], "kl": current,
-                           "avg_w": w_sum / max(1, w_total), "avg_a": a_sum / max(1, a_total)})
+    entry.update({"items": [f"{i.kind}:{i.layer}:{i.bits}" for i in items if i.level != initial[id(i)]],
+                  "kl": current, "avg_w": w_sum / max(1, w_total), "avg_a": a_sum / max(1, a_total)})
+    result.history.append(entry)
     return current
 
 
