@@ -68,7 +68,9 @@ def main() -> int:
     ap.add_argument("--models", nargs="+", default=["deit_tiny", "vit_tiny"])
     ap.add_argument("--variants", nargs="+", default=DEFAULT)
     ap.add_argument("--limit", type=int)
-    ap.add_argument("--probe-images", type=int, default=8, help="Greedy MP: calibration images for sensitivities")
+    ap.add_argument("--probe-images", type=int,
+                    help="Greedy MP: calibration images for sensitivities (default as vitq quantize: 16 for the "
+                         "knapsack and superposed searches, 8 for greedy)")
     ap.add_argument("--mp-search", choices=list(SEARCHES), default="knapsack",
                     help="Greedy MP's search (vitq quantize --mp-search)")
     ap.add_argument("--no-uniform-fallback", action="store_true",
@@ -95,6 +97,8 @@ def main() -> int:
                     help="what the PTF search minimizes (vitq quantize --opt-m-ptf-objective)")
     ap.add_argument("--out")
     args = ap.parse_args()
+    if args.probe_images is None:  # rule R13 (docs/methods.md)
+        args.probe_images = 8 if args.mp_search == "greedy" else 16
     assets = Path(args.assets)
 
     def with_recon(opts: MethodOptions) -> MethodOptions:

@@ -17,6 +17,13 @@ def images(tmp_path):
     return tmp_path / "img"
 
 
+@pytest.fixture
+def images12(tmp_path):
+    """Twelve images: enough to tell a 16-image probe default from an 8-image one."""
+    write_images(tmp_path / "img12", SYN * 2, size=64)
+    return tmp_path / "img12"
+
+
 def test_models_lists_zoo(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
@@ -96,8 +103,9 @@ def test_config_pattern_error_names_pattern(tmp_path, images, capsys):
     assert not (tmp_path / "q").exists()
 
 
-def test_mixed_precision_search_then_config_reuse_gives_same_bits_and_result(tmp_path, images, capsys):
-    common = ["deit_tiny", "--random-init", "--calib", str(images), "--calib-size", "2", "--eval", str(images),
+def test_mixed_precision_search_then_config_reuse_gives_same_bits_and_result(tmp_path, images12, capsys):
+    images = images12
+    common = ["deit_tiny", "--random-init", "--calib", str(images), "--calib-size", "10", "--eval", str(images), "--limit", "4",
               "--w-bits", "6", "--a-bits", "6", "--workers", "0", "--quiet"]
     out = tmp_path / "mp"
     assert main(["quantize", *common, "--mixed", "--budget-w", "7", "--budget-a", "7",
@@ -106,6 +114,7 @@ def test_mixed_precision_search_then_config_reuse_gives_same_bits_and_result(tmp
     # the A budget leaves out the 8-bit image input (2 % of DeiT-Tiny's activation values); the report counts it
     assert report["avg_w_bits"] <= 7 and report["avg_a_bits"] <= 7.05 and report["mixed"]["search_s"] > 0
     assert report["mixed"]["search"] == "knapsack"  # the default for bit budgets since rule R11
+    assert report["mixed"]["probe_images"] == 10  # default 16 (rule R13), at most the calibration images
     assert (out / "bits.png").read_bytes()[:4] == b"\x89PNG" and (out / "mixed_config.json").is_file()
     again = tmp_path / "again"
     assert main(["quantize", *common, "--config", str(out / "mixed_config.json"), "--out", str(again)]) == 0
@@ -154,13 +163,15 @@ def test_bit_budget_sets_the_base_widths_so_reconstruction_runs(tmp_path, images
     assert report["recon"]["settings"]["iters"] == 1 and report["recon"]["stages"] and report["avg_w_bits"] <= 5
 
 
-def test_bops_budget_defaults_to_the_greedy_search(tmp_path, images, capsys):
+def test_bops_budget_defaults_to_the_greedy_search(tmp_path, images12, capsys):
+    images = images12
     out = tmp_path / "mp"
-    assert main(["quantize", "deit_tiny", "--random-init", "--calib", str(images), "--calib-size", "2", "--eval",
+    assert main(["quantize", "deit_tiny", "--random-init", "--calib", str(images), "--calib-size", "10", "--eval",
                  str(images), "--limit", "2", "--w-bits", "6", "--a-bits", "6", "--workers", "0", "--quiet",
                  "--mixed", "--budget-gbops", "1e6", "--w-candidates", "6,8", "--a-candidates", "6,8",
                  "--out", str(out)]) == 0
-    assert json.loads((out / "report.json").read_text())["mixed"]["search"] == "greedy"
+    mixed = json.loads((out / "report.json").read_text())["mixed"]
+    assert mixed["search"] == "greedy" and mixed["probe_images"] == 8  # the greedy loop keeps 8 probe images
 
 
 def test_cost_command_json_and_errors(tmp_path, capsys):

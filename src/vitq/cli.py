@@ -205,6 +205,9 @@ def _cmd_quantize(args) -> int:
         # Rule R11 (docs/methods.md) made the knapsack the default; it handles average-bit and size budgets
         # only, so a BOPs budget keeps the paper's greedy loop.
         args.mp_search = "greedy" if args.budget_gbops is not None else "knapsack"
+    if args.probe_images is None:
+        # Rule R13: the knapsack's isolated losses on 16 images; the greedy loop (and M2Q) keep 8 for speed
+        args.probe_images = 16 if budget is not None and args.mp_search != "greedy" else 8
     print(f"methods: sq_b={options.sq_b} opt_m={options.opt_m} gptq={options.gptq} "
           f"recon={options.recon_applies(config)} mixed={budget is not None}",
           flush=True)
@@ -232,7 +235,8 @@ def _cmd_quantize(args) -> int:
                                    lower_per_step=args.lower_per_step, uniform_fallback=not args.no_uniform_fallback,
                                    search=args.mp_search)
         config = search.config
-        extra["mixed"] = {"budget": vars(budget), "search": args.mp_search, "search_s": search.search_s, "steps": search.steps,
+        extra["mixed"] = {"budget": vars(budget), "search": args.mp_search,
+                          "probe_images": min(args.probe_images, len(calib_images)), "search_s": search.search_s, "steps": search.steps,
                           "probes": search.probes, "kl_calib": search.kl_final,
                           "uniform_fallback": search.uniform_fallback, "layers": search.layers}
         if search.sensitivity:
@@ -448,12 +452,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-a", type=float, help="target average activation bits")
     p.add_argument("--budget-mb", type=float, help="target model size in MB")
     p.add_argument("--budget-gbops", type=float, help="target GBOPs per image (MACs x W bits x A bits)")
-    p.add_argument("--probe-images", type=int, default=8, help="calibration images used to measure sensitivities")
+    p.add_argument("--probe-images", type=int,
+                   help="calibration images used to measure sensitivities (default 16 for the knapsack and "
+                        "superposed searches, 8 for the greedy loop and m2q)")
     p.add_argument("--lower-per-step", type=int, default=4, help="items Greedy MP lowers before each re-run")
     p.add_argument("--mp-search", choices=list(SEARCHES),
                    help="how the mixed-precision assignment is searched: a knapsack on each tensor's measured loss "
-                        "alone (default for bit and MB budgets) or the paper's greedy loop (default for "
-                        "--budget-gbops); docs/methods.md")
+                        "alone (default for bit and MB budgets), the paper's greedy loop (default for "
+                        "--budget-gbops), or the knapsack refined on superposed logit errors; docs/methods.md")
     p.add_argument("--budget-edp", type=float, help="m2q: at most this fraction of the INT8 baseline's EDP")
     p.add_argument("--budget-energy", type=float, help="m2q: at most this fraction of the INT8 baseline's energy")
     p.add_argument("--budget-latency", type=float, help="m2q: at most this fraction of the INT8 baseline's latency")
