@@ -151,7 +151,10 @@ def main() -> int:
                     h = found.history[0]
                     if "kl_refined" in h:  # --mp-search superposed: whether the refinement was kept
                         label += (f" (knapsack {h['kl_knapsack']:.4f}, refined {h['kl_refined']:.4f} with "
-                                  f"{h['refined_items']} items changed: {'kept' if h['kl'] < h['kl_knapsack'] else 'not kept'})")
+                                  f"{h['refined_items']} items changed"
+                                  + (f", held-out calibration KL {h['kl_holdout_knapsack']:.4f} -> "
+                                     f"{h['kl_holdout_refined']:.4f}" if "kl_holdout_refined" in h else "")
+                                  + f": {'kept' if h['kl'] < h['kl_knapsack'] else 'not kept'})")
                 if found.uniform_fallback is not None:  # say so: the row is then a uniform model
                     label += (f", uniform {found.uniform_fallback}-bit won (probe KL {found.kl_final:.4f} "
                               f"vs {args.mp_search} {found.kl_greedy:.4f})")

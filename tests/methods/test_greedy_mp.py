@@ -178,6 +178,21 @@ def test_superposed_search_meets_the_budget_and_keeps_the_refinement_only_when_i
     assert _search(budget, search="superposed", uniform_fallback=False)[3].layers == res.layers
 
 
+def test_superposed_search_checks_the_refinement_on_the_calibration_images_the_probes_leave_out():
+    model, size = tiny_model("deit")
+    x = tiny_images(size, n=8)
+    q, res = greedy_mp(model, x, QuantConfig(w_bits=4, a_bits=4), MethodOptions(), Budget(5.0, 5.0), n_probe=4,
+                       progress=False, search="superposed", uniform_fallback=False)
+    h = res.history[0]
+    kept = h["kl_refined"] < h["kl_knapsack"] and h["kl_holdout_refined"] < h["kl_holdout_knapsack"]
+    assert res.kl_final == (h["kl_refined"] if kept else h["kl_knapsack"])
+    from vitq.evaluate import kl_from_reference
+
+    with torch.inference_mode():  # the held-out KL is the returned model's on images 4..7
+        held = kl_from_reference(model(x[4:]), q(x[4:])).mean().item()
+    assert held == pytest.approx(h["kl_holdout_refined"] if kept else h["kl_holdout_knapsack"], abs=1e-6)
+
+
 def test_knapsack_search_rejects_what_it_cannot_do():
     with pytest.raises(ConfigError, match="average-bit and size budgets only"):
         _search(Budget(gbops=1.0), search="knapsack")

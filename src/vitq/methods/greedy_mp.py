@@ -350,8 +350,13 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
 
     result = GreedyResult(config=base)
     if search != "greedy":
+        holdout = None
+        if search == "superposed" and len(calib) > n_probe:
+            # the calibration images the probes do not use: the refinement must also help on these
+            with torch.inference_mode():
+                holdout = _Prober(model, calib[n_probe:], fp_model(calib[n_probe:]))
         current = _knapsack_search(model, items, set_level, prober, budget, w_total, a_total, size_const_bits,
-                                   best_effort, result, progress, refine=search == "superposed")
+                                   best_effort, result, progress, refine=search == "superposed", holdout=holdout)
     else:
         for item in tqdm(items, desc="sensitivity", disable=not progress, leave=False):
             measure(item)
@@ -446,7 +451,7 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
 
 def _knapsack_search(model: nn.Module, items: list[_Item], set_level, prober: _Prober, budget: Budget,
                      w_total: int, a_total: int, size_const_bits: float, best_effort: bool, result: GreedyResult,
-                     progress: bool, refine: bool = False) -> float:
+                     progress: bool, refine: bool = False, holdout: _Prober | None = None) -> float:
     """``search="knapsack"``: set every item's level by a multiple-choice knapsack; returns the probe KL.
 
     An item's loss at a width is the probe KL of the model with *only that item* quantized, at that width,
@@ -521,6 +526,7 @@ def _knapsack_search(model: nn.Module, items: list[_Item], set_level, prober: _P
              "kl_superposed": kl_superposed}
     if refine and chosen:
         start = [i.level for i in chosen]
+        kl_holdout = holdout.kl() if holdout is not None else None  # the knapsack's assignment
         group = [0 if i.kind == "W" else 1 for i in chosen]
         cost = [[i.size * b for b in i.choices] for i in chosen]
         spent = [sum(c[j] for c, j, g in zip(cost, start, group) if g == k) for k in (0, 1)]
@@ -534,8 +540,14 @@ def _knapsack_search(model: nn.Module, items: list[_Item], set_level, prober: _P
         refined = prober.kl()
         entry.update({"kl_knapsack": current, "kl_superposed_refined": kl_refined, "kl_refined": refined,
                       "refined_items": sum(a != b for a, b in zip(start, levels))})
-        # keep the refinement only when the model itself agrees: the superposition is a model of the KL
-        if refined < current:
+        # Keep the refinement only when the model itself agrees (the superposition is a model of the KL),
+        # and, when calibration images are left over, on those too: a search over the probe images' logits
+        # can fit those images (rule R12's DeiT-Tiny 6-bit cell).
+        better_holdout = True
+        if holdout is not None:
+            entry["kl_holdout_knapsack"], entry["kl_holdout_refined"] = kl_holdout, holdout.kl()
+            better_holdout = entry["kl_holdout_refined"] < kl_holdout
+        if refined < current and better_holdout:
             current = refined
         else:
             for i, j in zip(chosen, start):
