@@ -22,7 +22,7 @@ import torch
 from vitq.data import make_dataset, make_loader
 from vitq.evaluate import evaluate_many
 from vitq.io import atomic_write_json
-from vitq.methods.greedy_mp import SEARCHES, Budget, greedy_mp
+from vitq.methods.greedy_mp import SEARCHES, Budget, default_probe_images, greedy_mp
 from vitq.methods.mptq import MethodOptions, run_pipeline
 from vitq.methods.optm import GRIDS, PTF_OBJECTIVES
 from vitq.quant import QuantConfig, model_stats
@@ -97,8 +97,8 @@ def main() -> int:
                     help="what the PTF search minimizes (vitq quantize --opt-m-ptf-objective)")
     ap.add_argument("--out")
     args = ap.parse_args()
-    if args.probe_images is None:  # rule R13 (docs/methods.md)
-        args.probe_images = 8 if args.mp_search == "greedy" else 16
+    if args.probe_images is None:
+        args.probe_images = default_probe_images(args.mp_search)
     assets = Path(args.assets)
 
     def with_recon(opts: MethodOptions) -> MethodOptions:
@@ -144,11 +144,10 @@ def main() -> int:
                          f"{args.probe_images} probe images"
                          f", {args.mp_search} search"
                          f"{', no uniform fallback' if args.no_uniform_fallback else ''})")
-                if found.history and "kl_predicted" in found.history[0]:
-                    label += (f", probe KL: sum of isolated losses {found.history[0]['kl_predicted']:.4f}, "
-                              f"superposed logit errors {found.history[0]['kl_superposed']:.4f}, "
-                              f"found {found.kl_greedy:.4f}")
-                    h = found.history[0]
+                h = found.history[0] if found.history else {}
+                if "kl_predicted" in h:  # knapsack and superposed searches
+                    label += (f", probe KL: sum of isolated losses {h['kl_predicted']:.4f}, "
+                              f"superposed logit errors {h['kl_superposed']:.4f}, found {found.kl_greedy:.4f}")
                     if "kl_refined" in h:  # --mp-search superposed: whether the refinement was kept
                         label += (f" (knapsack {h['kl_knapsack']:.4f}, refined {h['kl_refined']:.4f} with "
                                   f"{h['refined_items']} items changed"

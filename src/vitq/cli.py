@@ -19,13 +19,13 @@ from .artifact import ArtifactError, is_artifact, load_artifact, save_artifact, 
 from .data import DataError, calibration_subset, load_tensors, make_dataset, make_loader, read_list
 from .evaluate import evaluate, evaluate_many
 from .quant.config import ConfigError, QuantConfig
-from .methods.greedy_mp import SEARCHES, Budget, greedy_mp, plot_bits
+from .methods.greedy_mp import SEARCHES, Budget, default_probe_images, greedy_mp, plot_bits
 from .hardware import HardwareError, estimate, extract_workloads, int8_baseline, load_hardware
 from .methods.m2q import m2q, plot_m2q
 from .methods.optm import GRIDS, PTF_OBJECTIVES
 from .methods.mptq import MethodOptions, run_pipeline
 from .quant.engine import tensor_table
-from .report import build_report, format_table, sensitivity_csv, summary_line
+from .report import build_report, by_sensitivity, format_table, sensitivity_csv, summary_line
 from .zoo import ZOO, ZooError, load_model
 
 USER_ERRORS = (ZooError, DataError, ConfigError, ArtifactError, HardwareError, FileNotFoundError, ValueError)
@@ -206,8 +206,8 @@ def _cmd_quantize(args) -> int:
         # only, so a BOPs budget keeps the paper's greedy loop.
         args.mp_search = "greedy" if args.budget_gbops is not None else "knapsack"
     if args.probe_images is None:
-        # Rule R13: the knapsack's isolated losses on 16 images; the greedy loop (and M2Q) keep 8 for speed
-        args.probe_images = 16 if budget is not None and args.mp_search != "greedy" else 8
+        # M2Q runs the greedy loop
+        args.probe_images = default_probe_images(args.mp_search if budget is not None else "greedy")
     print(f"methods: sq_b={options.sq_b} opt_m={options.opt_m} gptq={options.gptq} "
           f"recon={options.recon_applies(config)} mixed={budget is not None}",
           flush=True)
@@ -241,7 +241,7 @@ def _cmd_quantize(args) -> int:
                           "uniform_fallback": search.uniform_fallback, "layers": search.layers}
         if search.sensitivity:
             extra["mixed"]["sensitivity"] = search.sensitivity
-            top = sorted(search.sensitivity, key=lambda r: -r["kl"][min(r["kl"], key=int)])[:5]
+            top = by_sensitivity(search.sensitivity)[:5]
             print("most sensitive (probe KL alone at the lowest candidate): "
                   + ", ".join(f"{r['kind']}:{r['layer']} {r['kl'][min(r['kl'], key=int)]:.4f}" for r in top),
                   flush=True)

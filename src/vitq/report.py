@@ -61,6 +61,12 @@ def summary_line(report: dict) -> str:
     return " ".join(parts)
 
 
+def by_sensitivity(rows: list[dict]) -> list[dict]:
+    """Per-tensor sensitivity rows (``GreedyResult.sensitivity``), most sensitive first: by the KL at each
+    row's lowest width."""
+    return sorted(rows, key=lambda r: -r["kl"][min(r["kl"], key=int)])
+
+
 def sensitivity_csv(rows: list[dict]) -> str:
     """A CSV of per-tensor sensitivities, most sensitive first (at each row's lowest width).
 
@@ -73,8 +79,7 @@ def sensitivity_csv(rows: list[dict]) -> str:
     """
     widths = sorted({int(b) for r in rows for b in r["kl"]})
     lines = [",".join(["layer", "kind", "elements", *(f"kl_w{b}" for b in widths)])]
-    order = sorted(rows, key=lambda r: -r["kl"][min(r["kl"], key=int)])
-    for r in order:
+    for r in by_sensitivity(rows):
         cells = [f"{r['kl'][str(b)]:.6g}" if str(b) in r["kl"] else "" for b in widths]
         lines.append(",".join([r["layer"], r["kind"], str(r["elements"]), *cells]))
     return "\n".join(lines) + "\n"

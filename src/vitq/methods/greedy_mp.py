@@ -45,6 +45,12 @@ from .sqb import apply_sqb
 # (methods/mp_superpose.py), which keeps the cross terms the summed losses drop.
 SEARCHES = ("greedy", "knapsack", "superposed")
 
+
+def default_probe_images(search: str) -> int:
+    """Probe images a search measures on unless told: 16 for the knapsack's one pass of isolated losses
+    (rule R13, docs/methods.md), 8 for the greedy loop, whose cost grows with every re-run."""
+    return 8 if search == "greedy" else 16
+
 _BUFFERS = ("scale", "zero_point", "range_min", "range_max", "region_m", "boundary")
 
 
@@ -82,7 +88,7 @@ class GreedyResult:
     kl_greedy: float = 0.0  # probe KL of the greedy assignment (equals kl_final unless the fallback won)
     gptq: dict | None = None  # GPTQ on the final assignment (options.gptq); kl_final is measured before it
     recon: dict | None = None  # block reconstruction on the final assignment, after GPTQ (options.recon)
-    # search="knapsack": each searched tensor's isolated loss, {"layer", "kind", "elements", "kl": {bits: KL}},
+    # search="knapsack"/"superposed": each searched tensor's isolated loss, {"layer", "kind", "elements", "kl": {bits: KL}},
     # the probe KL with only that tensor quantized at those bits: a per-layer sensitivity report
     sensitivity: list[dict] = field(default_factory=list)
 
@@ -454,6 +460,9 @@ def _knapsack_search(model: nn.Module, items: list[_Item], set_level, prober: _P
                      progress: bool, refine: bool = False, holdout: _Prober | None = None) -> float:
     """``search="knapsack"``: set every item's level by a multiple-choice knapsack; returns the probe KL.
 
+    With ``refine`` (``search="superposed"``) the knapsack's levels are then refined on the superposed logit
+    errors and kept only if the true probe KL, and the KL on ``holdout`` when given, are lower.
+
     An item's loss at a width is the probe KL of the model with *only that item* quantized, at that width,
     and every other tensor in float. Errors of different tensors are then roughly independent, and for
     small errors KL is about half the expected squared logit error, so these losses add up; losses
@@ -522,6 +531,8 @@ def _knapsack_search(model: nn.Module, items: list[_Item], set_level, prober: _P
     kl_superposed = kl_from_reference(prober.ref, superposed).mean().item()
     prober.refresh()
     current = prober.kl()
+    # kl_predicted: the sum of the chosen items' isolated losses (the additive model's estimate of kl for
+    # the searched tensors; tensors outside the search add to the true kl)
     entry = {"step": 1, "search": "superposed" if refine else "knapsack", "kl_predicted": predicted,
              "kl_superposed": kl_superposed}
     if refine and chosen:
@@ -556,8 +567,6 @@ def _knapsack_search(model: nn.Module, items: list[_Item], set_level, prober: _P
     w_sum = sum(i.size * i.bits for i in items if i.kind == "W")
     a_sum = sum(i.size * i.bits for i in items if i.kind == "A")
     result.steps = 1
-    # kl_predicted: the sum of the chosen items' isolated losses (the additive model's estimate of kl for
-    # the searched tensors; tensors outside the search add to the true kl)
     entry.update({"items": [f"{i.kind}:{i.layer}:{i.bits}" for i in items if i.level != initial[id(i)]],
                   "kl": current, "avg_w": w_sum / max(1, w_total), "avg_a": a_sum / max(1, a_total)})
     result.history.append(entry)
