@@ -87,6 +87,8 @@ def main() -> int:
                     help="block reconstruction also fits the mirrored calibration images")
     ap.add_argument("--recon-float-lr", type=float, default=MethodOptions.recon_float_lr,
                     help="block reconstruction also learns biases and LayerNorm affines at this rate (0 = off)")
+    ap.add_argument("--recon-e2e-iters", type=int, default=MethodOptions.recon_e2e_iters,
+                    help="end-to-end steps on the logits' KL after the blocks (vitq quantize --recon-e2e-iters)")
     ap.add_argument("--seed", type=int, default=0,
                     help="QuantConfig seed: observers' sampling and reconstruction's batch order (not the images)")
     ap.add_argument("--opt-m-grid", choices=sorted(GRIDS), default=MethodOptions.optm_grid,
@@ -105,6 +107,7 @@ def main() -> int:
         return replace(opts, recon_iters=args.recon_iters, recon_drop=args.recon_drop,
                        recon_max_bits=args.recon_max_bits, recon_ptf=not args.no_recon_ptf,
                        recon_flip=args.recon_flip, recon_float_lr=args.recon_float_lr, optm_grid=args.opt_m_grid,
+                       recon_e2e_iters=args.recon_e2e_iters,
                        optm_ptf=args.opt_m_ptf, optm_ptf_objective=args.opt_m_ptf_objective)
 
     images = assets / "imagenet-sample"
@@ -165,6 +168,8 @@ def main() -> int:
                 label += ", --no-opt-m-ptf" if not args.opt_m_ptf else ", --opt-m-ptf"
             if args.opt_m_ptf_objective != MethodOptions.optm_ptf_objective:
                 label += f", PTF objective {args.opt_m_ptf_objective}"
+            if args.recon_e2e_iters != MethodOptions.recon_e2e_iters:
+                label += f", end-to-end {args.recon_e2e_iters} steps"
             key = f"{v['protocol']} {label}"
             built[key] = q
             meta[key] = dict(protocol=v["protocol"], variant=label, time_s=time.perf_counter() - t0)

@@ -143,7 +143,8 @@ def _cmd_quantize(args) -> int:
                             recon=(args.recon or args.method == "mptq") and not args.no_recon,
                             recon_iters=args.recon_iters, recon_drop=args.recon_drop,
                             recon_max_bits=args.recon_max_bits, recon_ptf=not args.no_recon_ptf,
-                            recon_flip=args.recon_flip, recon_float_lr=args.recon_float_lr)
+                            recon_flip=args.recon_flip, recon_float_lr=args.recon_float_lr,
+                            recon_e2e_iters=args.recon_e2e_iters)
     if args.recon and args.no_recon:
         raise ConfigError("give only one of --recon and --no-recon")
     if args.recon_iters < 1:
@@ -152,6 +153,8 @@ def _cmd_quantize(args) -> int:
         raise ConfigError(f"--recon-drop is a probability in [0, 1), got {args.recon_drop}")
     if not (math.isfinite(args.recon_float_lr) and args.recon_float_lr >= 0.0):
         raise ConfigError(f"--recon-float-lr must be a finite learning rate >= 0 (0 = off), got {args.recon_float_lr}")
+    if args.recon_e2e_iters < 0:
+        raise ConfigError(f"--recon-e2e-iters must be >= 0 (0 = off), got {args.recon_e2e_iters}")
     if not 2 <= args.recon_max_bits <= 8:
         raise ConfigError(f"--recon-max-bits must be from 2 to 8, got {args.recon_max_bits}")
     if not 2 <= args.gptq_max_bits <= 8:
@@ -447,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recon-float-lr", type=float, default=MethodOptions.recon_float_lr,
                    help="reconstruction also learns the biases and LayerNorm affines at this Adam rate "
                         f"(0 = off; default {MethodOptions.recon_float_lr})")
+    p.add_argument("--recon-e2e-iters", type=int, default=MethodOptions.recon_e2e_iters,
+                   help="after the blocks, Adam steps that tune every step size at once on the logits' KL "
+                        f"from FP (0 = off; default {MethodOptions.recon_e2e_iters})")
     p.add_argument("--mixed", action="store_true", help="Greedy MP mixed precision (needs a budget)")
     p.add_argument("--budget-w", type=float, help="target average weight bits")
     p.add_argument("--budget-a", type=float, help="target average activation bits")

@@ -49,6 +49,9 @@ class MethodOptions:
     recon_ptf: bool = True  # also learn the PTF grids' step multipliers (full protocol's residual stream)
     recon_flip: bool = False  # also fit the mirrored calibration images
     recon_float_lr: float = 0.0  # > 0: also learn the stage's biases and LayerNorm affines at this rate
+    # > 0: after the blocks, this many Adam steps on the whole model's logit KL from FP (recon.py); decided
+    # by rule R15 on held-out calibration folds, written before its run (docs/methods.md).
+    recon_e2e_iters: int = 0
 
     def recon_applies(self, config: QuantConfig) -> bool:
         return self.recon and config.a_bits <= self.recon_max_bits
@@ -56,7 +59,7 @@ class MethodOptions:
     def recon_kwargs(self) -> dict:
         """The :func:`apply_block_recon` settings these options choose (one place for every caller)."""
         return {"iters": self.recon_iters, "drop_prob": self.recon_drop, "ptf_scales": self.recon_ptf,
-                "flip": self.recon_flip, "float_lr": self.recon_float_lr}
+                "flip": self.recon_flip, "float_lr": self.recon_float_lr, "e2e_iters": self.recon_e2e_iters}
 
 
 @dataclass

@@ -68,7 +68,7 @@ def apply_block_recon(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor
                       batch: int = 8, lr: float = 4e-3, weight_scales: bool = True,
                       min_rows_per_channel: float = 4.0, drop_prob: float = 0.0, seed: int = 0,
                       ptf_scales: bool = True, flip: bool = False, float_lr: float = 0.0,
-                      progress: bool = True) -> ReconResult:
+                      e2e_iters: int = 0, progress: bool = True) -> ReconResult:
     """Tune step sizes block by block so each quantized block reproduces the float block (in place).
 
     Args:
@@ -92,6 +92,10 @@ def apply_block_recon(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor
         float_lr: when > 0, also learn float parameters with this Adam learning rate (cosine-decayed):
             the biases of the layers that learn weight scales and the affine parameters of every
             LayerNorm the stage calls. 0 (default) learns quantization steps only.
+        e2e_iters: when > 0, after the last stage, this many Adam steps on the whole model at once, on
+            the KL divergence of its logits from the float model's (the metric vitq reports), learning the
+            same step sizes and weight scales as the stages (not ``float_lr``'s parameters). It reports
+            as a stage named ``end-to-end`` whose loss is that KL. 0 (default) skips it.
 
     Returns:
         Per stage, the number of learned scalars and :func:`stage_loss` before and after.
@@ -102,10 +106,12 @@ def apply_block_recon(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor
         raise ValueError(f"float_lr must be a finite learning rate >= 0 (0 = off), got {float_lr}")
     if iters < 1 or batch < 1:
         raise ValueError(f"iters and batch must be at least 1, got iters={iters}, batch={batch}")
+    if e2e_iters < 0:
+        raise ValueError(f"e2e_iters must be >= 0 (0 = no end-to-end stage), got {e2e_iters}")
     t0 = time.perf_counter()
     result = ReconResult(settings={"iters": iters, "batch": batch, "lr": lr, "weight_scales": weight_scales,
                                    "drop_prob": drop_prob, "seed": seed, "ptf_scales": ptf_scales, "flip": flip,
-                                   "float_lr": float_lr})
+                                   "float_lr": float_lr, "e2e_iters": e2e_iters})
     adapter = adapter_for(model)
     trunk_q, trunk_f = adapter.trunk(model), adapter_for(fp_model).trunk(fp_model)
     if trunk_q is None or trunk_f is None:
@@ -143,14 +149,8 @@ def apply_block_recon(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor
             # the stage's quantizers are the ones its forward pass called (no name matching)
             used = [q for q, c in zip(quantizers, calls) if q.calls > c]
             act = [q for q in used if q.scale_learnable and (ptf_scales or q.spec.granularity != "ptf")]
-            used_ids = {id(q) for q in used}
-            # A layer that sees few rows per output channel (the classifier: one token per image) would fit
-            # its per-class scales to the calibration images, so it keeps its weight scales.
-            eligible = [m for m in layers_all if id(m.in_quant) in used_ids
-                        and rows.get(id(m), 0) >= min_rows_per_channel * m.weight[0].numel()]
+            eligible = _eligible_layers(layers_all, rows, {id(q) for q in used}, min_rows_per_channel)
             layers = eligible if weight_scales else []
-            params = [q.begin_scale_learning() for q in act]
-            params += [p for m in layers if (p := m.begin_weight_scale_learning()) is not None]
             # Float parameters (optional): the same layers' biases (the classifier's 1000 biases would fit
             # the calibration images like its scales) and the affine parameters of the LayerNorms the stage
             # ran, which scale and shift the inputs of the layers after them per channel.
@@ -158,39 +158,91 @@ def apply_block_recon(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor
             if float_lr > 0:
                 floats = [m.bias for m in eligible if m.bias is not None]
                 floats += [t for m in norms_all if id(m) in rows for t in (m.weight, m.bias) if t is not None]
-                for t in floats:
-                    t.requires_grad_(True)
-            acts = [q for q in used if not q.is_weight]
-            for q in acts:
-                q.drop_prob, q.drop_generator = drop_prob, gen
-            try:
-                groups = [{"params": params, "lr": lr}] if params else []
-                if floats:
-                    groups.append({"params": floats, "lr": float_lr})
-                if groups:
-                    _train(fq, xq, target, groups, iters, batch, gen)
-            finally:
-                for t in floats:
-                    t.requires_grad_(False)
-                for q in acts:
-                    q.drop_prob, q.drop_generator = 0.0, None
-                for q in act:
-                    q.end_scale_learning()
-                for m in layers:
-                    m.end_weight_scale_learning()
+            learned = _tune(fq, xq, target, act, layers, floats, [q for q in used if not q.is_weight],
+                            stage_loss, iters, batch, lr, float_lr, drop_prob, gen)
             with torch.no_grad():
                 out = _batched(fq, xq)
             after = stage_loss(out, target).item()
-            learned = sum(p.numel() for p in params) + sum(t.numel() for t in floats)
             result.stages.append(ReconStage(name, learned, before, after))
             xq, xf = out, target
             bar.update(1)
+        if e2e_iters > 0:
+            result.stages.append(_end_to_end(model, fp_model, calib, quantizers, layers_all,
+                                             min_rows_per_channel if weight_scales else None, ptf_scales,
+                                             e2e_iters, batch, lr, drop_prob, gen))
     finally:
         for p, r in requires.items():
             p.requires_grad_(r)
         bar.close()
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _eligible_layers(layers_all: list[nn.Module], rows: dict[int, int], used_ids: set[int],
+                     min_rows_per_channel: float) -> list[nn.Module]:
+    # A layer that sees few rows per output channel (the classifier: one token per image) would fit its
+    # per-class scales to the calibration images, so it keeps its weight scales.
+    return [m for m in layers_all if id(m.in_quant) in used_ids
+            and rows.get(id(m), 0) >= min_rows_per_channel * m.weight[0].numel()]
+
+
+def _tune(fn, x: torch.Tensor, target: torch.Tensor, act: list, layers: list[nn.Module], floats: list,
+          acts_dropped: list, loss_fn, iters: int, batch: int, lr: float, float_lr: float, drop_prob: float,
+          gen: torch.Generator) -> int:
+    """Learn ``act``'s step sizes, ``layers``' weight scales and ``floats`` so ``fn(x)`` approaches
+    ``target`` under ``loss_fn``; every quantizer is back in its frozen state afterwards. Returns the
+    number of learned scalars."""
+    params = [q.begin_scale_learning() for q in act]
+    params += [p for m in layers if (p := m.begin_weight_scale_learning()) is not None]
+    for t in floats:
+        t.requires_grad_(True)
+    for q in acts_dropped:
+        q.drop_prob, q.drop_generator = drop_prob, gen
+    try:
+        groups = [{"params": params, "lr": lr}] if params else []
+        if floats:
+            groups.append({"params": floats, "lr": float_lr})
+        if groups:
+            _train(fn, x, target, groups, iters, batch, gen, loss_fn)
+    finally:
+        for t in floats:
+            t.requires_grad_(False)
+        for q in acts_dropped:
+            q.drop_prob, q.drop_generator = 0.0, None
+        for q in act:
+            q.end_scale_learning()
+        for m in layers:
+            m.end_weight_scale_learning()
+    return sum(p.numel() for p in params) + sum(t.numel() for t in floats)
+
+
+def _end_to_end(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor, quantizers: list,
+                layers_all: list[nn.Module], min_rows_per_channel: float | None, ptf_scales: bool, iters: int,
+                batch: int, lr: float, drop_prob: float, gen: torch.Generator) -> ReconStage:
+    """The optional last stage: every step size (and weight scale) at once, on the logits' KL from FP."""
+    rows: dict[int, int] = {}
+    hooks = [m.register_forward_hook(_count_rows(rows)) for m in layers_all]
+    with torch.no_grad():
+        target = _batched(fp_model, calib)
+        calls = [q.calls for q in quantizers]
+        before = logits_kl(_batched(model, calib), target).item()
+    for h in hooks:
+        h.remove()
+    used = [q for q, c in zip(quantizers, calls) if q.calls > c]
+    act = [q for q in used if q.scale_learnable and (ptf_scales or q.spec.granularity != "ptf")]
+    layers = [] if min_rows_per_channel is None else _eligible_layers(
+        layers_all, rows, {id(q) for q in used}, min_rows_per_channel)
+    learned = _tune(model, calib, target, act, layers, [], [q for q in used if not q.is_weight], logits_kl,
+                    iters, batch, lr, 0.0, drop_prob, gen)
+    with torch.no_grad():
+        after = logits_kl(_batched(model, calib), target).item()
+    return ReconStage("end-to-end", learned, before, after)
+
+
+def logits_kl(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over images of KL(softmax(target) || softmax(out)): the end-to-end stage's loss, the same KL
+    from FP that vitq.evaluate reports."""
+    return F.kl_div(F.log_softmax(out, -1), F.log_softmax(target, -1), log_target=True, reduction="batchmean")
 
 
 def stage_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -217,7 +269,7 @@ def _count_rows(rows: dict[int, int]):
 
 
 def _train(fn, x: torch.Tensor, target: torch.Tensor, groups: list[dict], iters: int, batch: int,
-           gen: torch.Generator) -> None:
+           gen: torch.Generator, loss_fn=None) -> None:
     """Adam on parameter groups (``{"params": [...], "lr": base}``), each cosine-decayed from its base."""
     opt = torch.optim.Adam(groups)
     base = [g["lr"] for g in opt.param_groups]
@@ -231,7 +283,7 @@ def _train(fn, x: torch.Tensor, target: torch.Tensor, groups: list[dict], iters:
         pos += batch
         # the input must carry a gradient flag so every quantizer in the stage takes its differentiable path
         xb = x[idx].clone().requires_grad_(True)
-        loss = stage_loss(fn(xb), target[idx])
+        loss = (loss_fn or stage_loss)(fn(xb), target[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for g, lr in zip(opt.param_groups, base):
