@@ -255,6 +255,8 @@ def test_recon_runs_at_low_bits_is_reported_and_reloads(tmp_path, images, capsys
     assert "--recon-drop" in capsys.readouterr().err
     assert main([*common, "--recon", "--recon-float-lr", "-1", "--out", str(tmp_path / "z")]) == 2
     assert "--recon-float-lr" in capsys.readouterr().err
+    assert main([*common, "--recon", "--recon-e2e-iters", "-1", "--out", str(tmp_path / "z")]) == 2
+    assert "--recon-e2e-iters" in capsys.readouterr().err
     assert main([*common, "--sq-b-gelu", "--out", str(tmp_path / "z")]) == 2
     assert "--sq-b-gelu" in capsys.readouterr().err
     assert main([*common, "--sq-b", "--sq-b-gelu", "--sq-b-unnormed", "--out", str(tmp_path / "z")]) == 2

@@ -173,7 +173,7 @@ def test_recon_learns_the_ptf_base_scale_and_keeps_power_of_two_ratios():
 
 
 @pytest.mark.parametrize("bad", [dict(drop_prob=1.0), dict(drop_prob=-0.1), dict(iters=0), dict(batch=0),
-                                 dict(float_lr=-1e-3), dict(float_lr=float("nan"))])
+                                 dict(float_lr=-1e-3), dict(float_lr=float("nan")), dict(e2e_iters=-1)])
 def test_recon_rejects_bad_settings_by_name(bad):
     model, size = tiny_model("deit")
     x = tiny_images(size, n=4)
@@ -247,6 +247,31 @@ def test_recon_learns_biases_and_norms_only_when_asked_and_never_the_classifiers
         assert torch.equal(a(x), b(x))
     assert _kl(a, x, ref) < _kl(base, x, ref)
     assert [p.requires_grad for p in a.parameters()] == [p.requires_grad for p in base.parameters()]
+
+
+def test_end_to_end_stage_lowers_the_logit_kl_it_reports_and_is_deterministic():
+    model, x, ref, base = _tiny_w4_opt_m(16)
+    blocks, a, b = copy.deepcopy(base), copy.deepcopy(base), copy.deepcopy(base)
+    plain = apply_block_recon(blocks, model, x, iters=10, progress=False)
+    res = apply_block_recon(a, model, x, iters=10, e2e_iters=20, progress=False)
+    apply_block_recon(b, model, x, iters=10, e2e_iters=20, progress=False)
+    assert plain.stages[-1].name == "head" and "end-to-end" not in [s.name for s in plain.stages]
+    e2e = res.stages[-1]
+    assert e2e.name == "end-to-end" and res.settings["e2e_iters"] == 20 and e2e.params > 0
+    # the stage's "before" is the block stages' result, and its losses are the KL vitq reports
+    assert e2e.loss_before == pytest.approx(_kl(blocks, x, ref), rel=1e-4)
+    assert e2e.loss_after == pytest.approx(_kl(a, x, ref), rel=1e-4)
+    assert e2e.loss_after < e2e.loss_before
+    with torch.inference_mode():
+        assert torch.equal(a(x), b(x))
+    assert torch.equal(a.head.w_quant.scale, base.head.w_quant.scale)  # the classifier keeps its scales
+    moved = [m for m, m0 in zip(weight_layers(a), weight_layers(blocks))
+             if not torch.equal(m.w_quant.scale, m0.w_quant.scale)]
+    assert moved  # the end-to-end stage moved weight scales after the blocks had set them
+    for m in moved:  # a learned weight scale rewrites the weight on its new grid (same integers)
+        w = m.weight.detach()
+        assert torch.allclose(m.w_quant.fake_quant(w), w, atol=1e-5), m.layer_name
+    assert all(p.requires_grad for p in a.parameters())
 
 
 def test_pipeline_seed_reaches_reconstruction():
