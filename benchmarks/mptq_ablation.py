@@ -73,6 +73,8 @@ def main() -> int:
                          "knapsack and superposed searches, 8 for greedy)")
     ap.add_argument("--mp-search", choices=list(SEARCHES), default="knapsack",
                     help="Greedy MP's search (vitq quantize --mp-search)")
+    ap.add_argument("--mp-gptq-losses", action="store_true",
+                    help="knapsack W losses with GPTQ's weights (vitq quantize --mp-gptq-losses)")
     ap.add_argument("--no-uniform-fallback", action="store_true",
                     help="Greedy MP keeps its searched assignment (vitq quantize --no-uniform-fallback)")
     ap.add_argument("--recon-iters", type=int, default=MethodOptions.recon_iters,
@@ -138,7 +140,8 @@ def main() -> int:
                 try:
                     q, found = greedy_mp(loaded.model, calib, cfg, opts, Budget(b, b), n_probe=args.probe_images,
                                          progress=False, search=args.mp_search,
-                                         uniform_fallback=not args.no_uniform_fallback)
+                                         uniform_fallback=not args.no_uniform_fallback,
+                                         gptq_losses=args.mp_gptq_losses)
                 except ConfigError as exc:  # report and go on: the other variants are still worth measuring
                     print(f"skipped {short} {spec}: {exc}", file=sys.stderr, flush=True)
                     continue
@@ -146,6 +149,7 @@ def main() -> int:
                          f"{', recon' if opts.recon_applies(cfg) else ''}, "
                          f"{args.probe_images} probe images"
                          f", {args.mp_search} search"
+                         f"{', GPTQ-aware W losses' if args.mp_gptq_losses else ''}"
                          f"{', no uniform fallback' if args.no_uniform_fallback else ''})")
                 h = found.history[0] if found.history else {}
                 if "kl_predicted" in h:  # knapsack and superposed searches

@@ -236,9 +236,9 @@ def _cmd_quantize(args) -> int:
                                    _bits_list(args.w_candidates or "4,5,6,8"), _bits_list(args.a_candidates or "4,5,6,8"),
                                    n_probe=args.probe_images, remeasure_every=args.remeasure_every,
                                    lower_per_step=args.lower_per_step, uniform_fallback=not args.no_uniform_fallback,
-                                   search=args.mp_search)
+                                   search=args.mp_search, gptq_losses=args.mp_gptq_losses)
         config = search.config
-        extra["mixed"] = {"budget": vars(budget), "search": args.mp_search,
+        extra["mixed"] = {"budget": vars(budget), "search": args.mp_search, "gptq_losses": args.mp_gptq_losses,
                           "probe_images": min(args.probe_images, len(calib_images)), "search_s": search.search_s, "steps": search.steps,
                           "probes": search.probes, "kl_calib": search.kl_final,
                           "uniform_fallback": search.uniform_fallback, "layers": search.layers}
@@ -473,6 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--w-candidates", help="candidate weight bits (default 4,5,6,8; m2q 4,8)")
     p.add_argument("--a-candidates", help="candidate activation bits (default 4,5,6,8; m2q 8)")
     p.add_argument("--remeasure-every", type=int, default=0, help="re-measure all sensitivities every k steps")
+    p.add_argument("--mp-gptq-losses", action="store_true",
+                   help="knapsack/superposed search with GPTQ: measure each weight's loss at <= --gptq-max-bits "
+                        "with the weights GPTQ would give it, not round-to-nearest (docs/methods.md, rule R16)")
     p.add_argument("--no-uniform-fallback", action="store_true",
                    help="return the greedy assignment even when a uniform width meeting the budget scores better")
     p.add_argument("--out", required=True, help="output folder: report.json, model.safetensors, config.json")

@@ -209,3 +209,32 @@ def test_searched_assignment_goes_through_reconstruction(search):
     opts = MethodOptions(opt_m=True, gptq=True, recon=True, recon_iters=2)
     _, _, q, res = _search(Budget(5.0, 5.0), opts, search=search, uniform_fallback=False)
     assert res.uniform_fallback is None and res.recon is not None
+
+
+def test_gptq_aware_knapsack_losses_change_only_the_gptq_widths_and_restore_the_weights():
+    opts = MethodOptions(gptq=True, gptq_max_bits=5)
+    budget = Budget(5.0, 5.0)
+    _, _, _, rtn = _search(budget, opts, search="knapsack", uniform_fallback=False)
+    _, _, q, res = _search(budget, opts, search="knapsack", uniform_fallback=False, gptq_losses=True)
+    st = model_stats(q)
+    assert st["avg_w_bits"] <= budget.w_bits + 1e-9 and _searched_avg_a(q) <= budget.a_bits + 1e-9
+    before = {(r["kind"], r["layer"]): r["kl"] for r in rtn.sensitivity}
+    after = {(r["kind"], r["layer"]): r["kl"] for r in res.sensitivity}
+    assert before.keys() == after.keys()
+    changed = set()
+    for key, row in after.items():
+        # widths above GPTQ's, and every activation (probed after the W items' GPTQ weights were swapped
+        # in and out), measure exactly what round-to-nearest measured: the float weights came back
+        assert row["6"] == before[key]["6"] and row["8"] == before[key]["8"], key
+        if key[0] == "A":
+            assert row == before[key], key
+        elif row["4"] != before[key]["4"]:
+            changed.add(key[1])
+    assert "blocks.0.attn.qkv" in changed  # enough rows per input: re-rounded
+    assert "head" not in changed  # one token per image: GPTQ skips it, so does its loss
+    assert sum(after[("W", n)]["4"] for n in changed) < sum(before[("W", n)]["4"] for n in changed)
+    assert _search(budget, opts, search="knapsack", uniform_fallback=False, gptq_losses=True)[3].layers == res.layers
+    with pytest.raises(ConfigError, match="GPTQ-aware"):
+        _search(budget, opts, search="greedy", gptq_losses=True)
+    with pytest.raises(ConfigError, match="GPTQ-aware"):
+        _search(budget, MethodOptions(), search="knapsack", gptq_losses=True)

@@ -293,3 +293,44 @@ def apply_gptq(model: nn.Module, calib: torch.Tensor, n_images: int = 32, damp: 
     result.skipped += missed  # layers the forward pass never reached (unused heads)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+@torch.no_grad()
+def input_hessians(model: nn.Module, calib: torch.Tensor, layers: list[nn.Module],
+                   fit_bias_ids: set[int]) -> dict[int, tuple[torch.Tensor, int]]:
+    """``(X^T X, rows of X)`` of each layer's input on ``calib``, in one pass of the model as it is (with its
+    quantizers off, the float inputs), with the all-ones bias column appended to ``X`` for the layers in
+    ``fit_bias_ids``; keyed by ``id(layer)``."""
+    hess: dict[int, tuple[torch.Tensor, int]] = {}
+
+    def hook(mod, args, out):
+        rows = _as_rows(mod, args[0].detach()).double()
+        if id(mod) in fit_bias_ids:
+            rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], 1)
+        h, n = hess.get(id(mod), (0.0, 0))
+        hess[id(mod)] = (h + rows.T @ rows, n + rows.shape[0])
+
+    handles = [m.register_forward_hook(hook) for m in layers]
+    try:
+        for b in calib.split(8):
+            model(b)
+    finally:
+        for hd_ in handles:
+            hd_.remove()
+    return hess
+
+
+@torch.no_grad()
+def gptq_rounded(m: nn.Module, h: torch.Tensor, fit_bias: bool, damp: float = 0.01,
+                 act_order: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What :func:`apply_gptq` would write into one layer for Hessian ``h`` (augmented by the bias column
+    when ``fit_bias``), without writing it: ``(weight, fitted bias or None)``. The weight quantizer's
+    clip range is re-chosen on ``h`` (:func:`hessian_clip`) and left set, as apply_gptq leaves it."""
+    w = m.weight.detach().reshape(m.weight.shape[0], -1).double()
+    m.w_quant.set_range(*hessian_clip(w, h[: w.shape[1], : w.shape[1]], m.w_quant))
+    if fit_bias:
+        bias = m.bias.detach().double() if m.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
+        w = torch.cat([w, bias[:, None]], 1)
+    qw = gptq_quantize(w, h, m.w_quant.fake_quant, damp=damp, act_order=act_order, keep_last=fit_bias)
+    weight = qw[:, : m.weight[0].numel()].reshape(m.weight.shape).to(m.weight.dtype)
+    return weight, (qw[:, -1].to(m.weight.dtype) if fit_bias else None)

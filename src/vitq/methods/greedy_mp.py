@@ -31,7 +31,7 @@ from ..evaluate import kl_from_reference
 from ..quant.config import ConfigError, LayerRule, QuantConfig
 from ..quant.engine import all_quantizers, compute_layers, model_stats, weight_layers
 from ..quant.layers import QuantMatMul
-from .gptq import apply_gptq
+from .gptq import _supported as gptq_supported, apply_gptq, gptq_rounded, input_hessians
 from .recon import apply_block_recon
 from .mp_knapsack import solve as solve_knapsack
 from .mp_superpose import refine as refine_superposed
@@ -123,6 +123,58 @@ def _apply(q, state: dict) -> None:
         setattr(q, k, state[k].clone())
 
 
+class _GPTQLosses:
+    """The knapsack's isolated W losses with the weights GPTQ would give, not round-to-nearest.
+
+    The final model gets GPTQ on its <= ``max_bits`` layers (``MethodOptions.gptq``), which makes narrow
+    weights much cheaper than round-to-nearest suggests (DeiT-Tiny W4A8: drop 4.75 -> 1.96, docs/results.md).
+    In an isolated probe every other tensor is float, so the layer's GPTQ Hessian is that of its float
+    inputs, taken once on the calibration images; each (layer, width) is then rounded as apply_gptq would
+    (same clip search, same bias fitting on LayerNorm-fed Linears, same rows-per-input floor) for the
+    probe, and the float weight is put back after it.
+    """
+
+    def __init__(self, model: nn.Module, calib: torch.Tensor, max_bits: int, min_rows_per_input: float = 4.0):
+        self.model, self.calib, self.max_bits, self.min_rows = model, calib, max_bits, min_rows_per_input
+        self.owner = {id(m.w_quant): m for m in weight_layers(model)}
+        self.fit_bias = {id(lin) for _, lin in adapter_for(model).norm_linear_pairs(model)}
+        self.hess: dict | None = None
+
+    def capture(self) -> None:
+        """Take the Hessians; call with every quantizer off (float inputs)."""
+        with torch.inference_mode():
+            self.hess = input_hessians(self.model, self.calib, list(self.owner.values()), self.fit_bias)
+
+    def layer(self, item: _Item) -> nn.Module | None:
+        """The layer to re-round for ``item`` at its current width, or None (round-to-nearest stays)."""
+        if item.kind != "W" or item.bits > self.max_bits:
+            return None
+        m = self.owner[id(item.quantizers[0])]
+        if not gptq_supported(m, self.max_bits) or id(m) not in self.hess:
+            return None
+        h, n = self.hess[id(m)]
+        return m if n >= self.min_rows * m.weight[0].numel() else None  # the classifier keeps RTN
+
+    @torch.no_grad()
+    def probe(self, m: nn.Module, measure: Callable[[], float]) -> float:
+        """``measure()`` with ``m``'s weight (and fitted bias) rounded by GPTQ; restores them after."""
+        fit = id(m) in self.fit_bias and m.bias is not None
+        weight, bias = m.weight.detach().clone(), (m.bias.detach().clone() if m.bias is not None else None)
+        qw, qb = gptq_rounded(m, self.hess[id(m)][0] if fit else self.hess[id(m)][0][: weight[0].numel(),
+                                                                                   : weight[0].numel()], fit)
+        try:
+            m.weight.copy_(qw)
+            if qb is not None:
+                m.bias.copy_(qb)
+            m.refresh()
+            return measure()
+        finally:
+            m.weight.copy_(weight)
+            if bias is not None:
+                m.bias.copy_(bias)
+            m.refresh()
+
+
 class _Prober:
     """Runs the model on the probe images, re-running only what a change can affect."""
 
@@ -173,7 +225,8 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
               bank_config: Callable[[int], QuantConfig] | None = None,
               cost: Callable[[dict[str, dict[str, int]]], float] | None = None,
               snapshots: tuple[float, ...] = (), best_effort: bool = False,
-              uniform_fallback: bool = True, search: str = "greedy") -> tuple[nn.Module, GreedyResult]:
+              uniform_fallback: bool = True, search: str = "greedy",
+              gptq_losses: bool = False) -> tuple[nn.Module, GreedyResult]:
     """Search per-layer W/A bit-widths under ``budget``; returns the mixed model and the search result.
 
     Args:
@@ -204,6 +257,9 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
             (:func:`vitq.methods.mp_knapsack.solve`). ``"superposed"`` then refines that assignment on the
             superposed logit errors (:func:`vitq.methods.mp_superpose.refine`) and keeps the refined one
             when its true probe KL is lower. Both take average-bit and size budgets only.
+        gptq_losses: (knapsack and superposed, with ``options.gptq``) measure a W item's loss at a GPTQ
+            width with the weights GPTQ would give it on float inputs, not round-to-nearest; rule R16,
+            docs/methods.md.
             ``lower_per_step``, ``remeasure_every``, ``cost`` and ``snapshots`` are greedy-only.
 
     Raises:
@@ -218,6 +274,9 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
         raise ConfigError(f"n_probe ({n_probe}) and lower_per_step ({lower_per_step}) must be at least 1")
     if search not in SEARCHES:
         raise ConfigError(f"unknown mixed-precision search {search!r}; choose one of {list(SEARCHES)}")
+    if gptq_losses and (search == "greedy" or not options.gptq):
+        raise ConfigError("GPTQ-aware losses (--mp-gptq-losses) need the knapsack or superposed search and GPTQ "
+                          f"(--gptq or --method mptq); got search {search!r}, gptq {options.gptq}")
     if search != "greedy" and (budget.gbops is not None or budget.cost is not None or cost is not None):
         raise ConfigError(f"the {search} search takes average-bit and size budgets only "
                           "(--budget-w, --budget-a, --budget-mb), not --budget-gbops or a cost budget")
@@ -362,7 +421,9 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
             with torch.inference_mode():
                 holdout = _Prober(model, calib[n_probe:], fp_model(calib[n_probe:]))
         current = _knapsack_search(model, items, set_level, prober, budget, w_total, a_total, size_const_bits,
-                                   best_effort, result, progress, refine=search == "superposed", holdout=holdout)
+                                   best_effort, result, progress, refine=search == "superposed", holdout=holdout,
+                                   gptq_losses=_GPTQLosses(model, calib, options.gptq_max_bits)
+                                   if gptq_losses and options.gptq else None)
     else:
         for item in tqdm(items, desc="sensitivity", disable=not progress, leave=False):
             measure(item)
@@ -457,7 +518,8 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
 
 def _knapsack_search(model: nn.Module, items: list[_Item], set_level, prober: _Prober, budget: Budget,
                      w_total: int, a_total: int, size_const_bits: float, best_effort: bool, result: GreedyResult,
-                     progress: bool, refine: bool = False, holdout: _Prober | None = None) -> float:
+                     progress: bool, refine: bool = False, holdout: _Prober | None = None,
+                     gptq_losses: _GPTQLosses | None = None) -> float:
     """``search="knapsack"``: set every item's level by a multiple-choice knapsack; returns the probe KL.
 
     With ``refine`` (``search="superposed"``) the knapsack's levels are then refined on the superposed logit
@@ -468,7 +530,8 @@ def _knapsack_search(model: nn.Module, items: list[_Item], set_level, prober: _P
     small errors KL is about half the expected squared logit error, so these losses add up; losses
     measured around a quantized operating point do not (each one includes the cross term with the error
     already there: session 13 measured a predicted KL of -2.98 for an assignment whose true KL was 0.22).
-    A kind without a budget stays at its highest candidate, as in the greedy loop.
+    A kind without a budget stays at its highest candidate, as in the greedy loop. With ``gptq_losses``
+    a W item at a GPTQ width is probed with the weights GPTQ would give it (:class:`_GPTQLosses`).
     """
     caps: dict[str, float | None] = {"W": None, "A": None}
     if budget.w_bits is not None:
@@ -488,6 +551,8 @@ def _knapsack_search(model: nn.Module, items: list[_Item], set_level, prober: _P
         for q in quantizers:
             q.mode = "off"
         prober.refresh()  # float block inputs: each probe then runs from the item's block only
+        if gptq_losses is not None:
+            gptq_losses.capture()
         base_kl = prober.kl()  # about 0 (SQ-b's folding is exact in float up to rounding)
         base_out = prober.out
         for i in tqdm(chosen, desc="knapsack losses", disable=not progress, leave=False):
@@ -497,7 +562,11 @@ def _knapsack_search(model: nn.Module, items: list[_Item], set_level, prober: _P
             row, drift = [], []
             for j in range(len(i.choices)):
                 set_level(i, j)
-                row.append(prober.kl(i.block) - base_kl)
+                layer = gptq_losses.layer(i) if gptq_losses is not None else None
+                if layer is None:
+                    row.append(prober.kl(i.block) - base_kl)
+                else:
+                    row.append(gptq_losses.probe(layer, lambda: prober.kl(i.block)) - base_kl)
                 drift.append(prober.out - base_out)
             set_level(i, level)
             for q in i.quantizers:
