@@ -99,6 +99,8 @@ def main() -> int:
                     help="OPT-m also searches the PTF steps (vitq quantize --opt-m-ptf / --no-opt-m-ptf)")
     ap.add_argument("--opt-m-ptf-objective", choices=list(PTF_OBJECTIVES), default=MethodOptions.optm_ptf_objective,
                     help="what the PTF search minimizes (vitq quantize --opt-m-ptf-objective)")
+    ap.add_argument("--attn-smooth", action=argparse.BooleanOptionalAction, default=MethodOptions.attn_smooth,
+                    help="attention smoothing in the variants that run SQ-b (vitq quantize --attn-smooth)")
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.probe_images is None:
@@ -110,7 +112,8 @@ def main() -> int:
                        recon_max_bits=args.recon_max_bits, recon_ptf=not args.no_recon_ptf,
                        recon_flip=args.recon_flip, recon_float_lr=args.recon_float_lr, optm_grid=args.opt_m_grid,
                        recon_e2e_iters=args.recon_e2e_iters,
-                       optm_ptf=args.opt_m_ptf, optm_ptf_objective=args.opt_m_ptf_objective)
+                       optm_ptf=args.opt_m_ptf, optm_ptf_objective=args.opt_m_ptf_objective,
+                       attn_smooth=args.attn_smooth and opts.sq_b)
 
     images = assets / "imagenet-sample"
     rows = []

@@ -138,6 +138,7 @@ def _cmd_quantize(args) -> int:
                             m_max=args.m_max, optm_grid=args.opt_m_grid, optm_ptf=args.opt_m_ptf is not False,
                             optm_ptf_objective=args.opt_m_ptf_objective or MethodOptions.optm_ptf_objective,
                             sq_b_unnormed=args.sq_b_unnormed, sq_b_gelu=args.sq_b_gelu,
+                            attn_smooth=args.attn_smooth,
                             gptq=(args.gptq or args.method == "mptq") and not args.no_gptq,
                             gptq_max_bits=args.gptq_max_bits,
                             recon=(args.recon or args.method == "mptq") and not args.no_recon,
@@ -161,8 +162,8 @@ def _cmd_quantize(args) -> int:
         raise ConfigError(f"--gptq-max-bits must be from 2 to 8, got {args.gptq_max_bits}")
     if args.gptq and args.no_gptq:
         raise ConfigError("give only one of --gptq and --no-gptq")
-    if args.method == "m2q" and (args.gptq or args.sq_b or args.opt_m or args.recon):
-        raise ConfigError("--method m2q does not take --gptq, --sq-b, --opt-m or --recon")
+    if args.method == "m2q" and (args.gptq or args.sq_b or args.opt_m or args.recon or args.attn_smooth):
+        raise ConfigError("--method m2q does not take --gptq, --sq-b, --opt-m, --recon or --attn-smooth")
     if args.sq_b_unnormed and not options.sq_b:
         raise ConfigError("--sq-b-unnormed extends SQ-b: give it with --sq-b or --method mptq")
     if args.sq_b_gelu and not options.sq_b:
@@ -259,8 +260,8 @@ def _cmd_quantize(args) -> int:
     else:
         res = run_pipeline(loaded.model, calib_images, config, options, progress=True)
         qmodel = res.model
-        extra.update({k: v for k, v in (("sqb", res.sqb), ("optm", res.optm), ("gptq", res.gptq),
-                                                        ("recon", res.recon)) if v is not None})
+        extra.update({k: v for k, v in (("sqb", res.sqb), ("attn_smooth", res.attn_smooth), ("optm", res.optm),
+                                        ("gptq", res.gptq), ("recon", res.recon)) if v is not None})
         extra["method_timing"] = res.timing
     qmodel.vitq_calib_images = len(calib_images)
     calibrate_s = time.perf_counter() - t0
@@ -410,6 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sq-b-gelu", action="store_true",
                    help="SQ-b's scale-only form on fc2's post-GELU input, alpha scored with OPT-m's two-region "
                         "grid (costs a per-channel multiply at inference)")
+    p.add_argument("--attn-smooth", action="store_true",
+                   help="float-exact smoothing of q/k and v/proj inside attention, folded into qkv and proj "
+                        "(vitq's addition, docs/methods.md)")
     p.add_argument("--opt-m", action="store_true", help="two-region quantizer search for post-GELU/softmax")
     p.add_argument("--m-max", type=int, default=None,
                    help="largest OPT-m ratio exponent (default: max(4, bits-1) per tensor)")

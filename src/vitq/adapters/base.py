@@ -74,6 +74,13 @@ class Adapter:
         """Linears whose input is a GELU output (MLP fc2): SQ-b's optional scale-only form (``--sq-b-gelu``)."""
         return []
 
+    def qkv_attentions(self, model: nn.Module) -> list[nn.Module]:
+        """Self-attention modules with a fused ``qkv`` Linear (output laid out as [3, heads, head_dim]),
+        ``num_heads``, and a ``proj`` Linear fed by the heads' concatenated outputs, with nothing between
+        ``qkv`` and the q/k matmul or between the attention output and ``proj`` that a per-channel factor
+        would not pass through (attention smoothing, ``methods/attn_smooth.py``)."""
+        return []
+
 
 def morph(module: nn.Module, cls: type) -> nn.Module:
     """Give ``module`` a subclass of its class that overrides ``forward`` (parameters and names kept)."""

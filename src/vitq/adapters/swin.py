@@ -94,6 +94,11 @@ class SwinAdapter(Adapter):
     def post_gelu_linears(self, model: nn.Module) -> list[nn.Linear]:
         return [b.mlp.fc2 for b in model.modules() if isinstance(b, SwinTransformerBlock)]
 
+    def qkv_attentions(self, model: nn.Module) -> list[nn.Module]:
+        # WindowAttention: qkv laid out [3, heads, head_dim]; the relative position bias and the shift mask
+        # are added to the logits, which leaves a per-row constant (what the q/k shift adds) harmless
+        return [b.attn for b in model.modules() if isinstance(b, SwinTransformerBlock)]
+
     def attach_matmuls(self, model: nn.Module, names: dict[nn.Module, str]) -> None:
         for m in list(model.modules()):
             if type(m) is WindowAttention:

@@ -94,6 +94,12 @@ class ViTAdapter(Adapter):
     def post_gelu_linears(self, model: nn.Module) -> list[nn.Linear]:
         return [b.mlp.fc2 for b in model.modules() if isinstance(b, Block)]
 
+    def qkv_attentions(self, model: nn.Module) -> list[nn.Module]:
+        # timm's optional q/k norms, output norm and gate sit where the folded factors would have to pass
+        return [b.attn for b in model.modules() if isinstance(b, Block) and isinstance(b.attn, Attention)
+                and all(isinstance(getattr(b.attn, n, None), (nn.Identity, type(None)))
+                        for n in ("q_norm", "k_norm", "norm")) and getattr(b.attn, "gate", None) is None]
+
     def attach_matmuls(self, model: nn.Module, names: dict[nn.Module, str]) -> None:
         for m in list(model.modules()):
             if type(m) is Attention:

@@ -31,6 +31,7 @@ from ..evaluate import kl_from_reference
 from ..quant.config import ConfigError, LayerRule, QuantConfig
 from ..quant.engine import all_quantizers, compute_layers, model_stats, weight_layers
 from ..quant.layers import QuantMatMul
+from .attn_smooth import apply_attn_smooth
 from .gptq import _supported as gptq_supported, apply_gptq, gptq_rounded, input_hessians
 from .recon import apply_block_recon
 from .mp_knapsack import solve as solve_knapsack
@@ -284,6 +285,8 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
     if options.sq_b:  # once, at the base bits: every bank shares the same smoothed float model
         apply_sqb(float_model, calib, QuantConfig(w_bits=base.w_bits, a_bits=base.a_bits), progress=progress,
                   unnormed=options.sq_b_unnormed, post_gelu=options.sq_b_gelu)
+    if options.attn_smooth:  # likewise once, at the base bits
+        apply_attn_smooth(float_model, calib, QuantConfig(w_bits=base.w_bits, a_bits=base.a_bits), progress=progress)
     # GPTQ runs once on the final assignment (below), not per bank: its weights depend on the upstream
     # layers' widths, and a bank must not.
     stage = MethodOptions(sq_b=False, opt_m=options.opt_m, m_max=options.m_max, optm_grid=options.optm_grid,

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..quant.config import QuantConfig
 from ..quant.engine import calibrate, prepare
+from .attn_smooth import apply_attn_smooth
 from .gptq import apply_gptq
 from .optm import apply_optm
 from .recon import apply_block_recon
@@ -34,6 +35,9 @@ class MethodOptions:
     optm_ptf_objective: str = "normalized"
     sq_b_unnormed: bool = False  # SQ-b also on proj/fc2, as an explicit per-channel operation
     sq_b_gelu: bool = False  # SQ-b's scale-only form on fc2's post-GELU input (explicit per-channel scale)
+    # vitq's addition: float-exact smoothing of q/k and v/proj inside attention, folded into qkv and proj
+    # (methods/attn_smooth.py); decided by rule R18 on held-out calibration folds (docs/methods.md)
+    attn_smooth: bool = False
     gptq: bool = False  # GPTQ weight rounding after calibration (vitq's addition, not in the paper)
     gptq_max_bits: int = 5  # layers with wider weights keep round-to-nearest (docs/methods.md)
     recon: bool = False  # block reconstruction of step sizes after GPTQ (vitq's addition)
@@ -70,11 +74,12 @@ class PipelineResult:
     optm: list | None = None
     gptq: dict | None = None
     recon: dict | None = None
+    attn_smooth: list | None = None
 
 
 def run_pipeline(fp_model: nn.Module, calib: torch.Tensor, config: QuantConfig, options: MethodOptions,
                  progress: bool = False) -> PipelineResult:
-    """SQ-b (on a copy of the float model), prepare + calibrate, then OPT-m, then GPTQ, then block
+    """SQ-b and attention smoothing (on a copy of the float model), prepare + calibrate, then OPT-m, then GPTQ, then block
     reconstruction (only at ``options.recon_max_bits`` activation bits or fewer).
 
     SQ-b searches alpha at the config's *default* bit-widths (``config.w_bits``/``a_bits``), not the
@@ -89,6 +94,12 @@ def run_pipeline(fp_model: nn.Module, calib: torch.Tensor, config: QuantConfig, 
         sqb = apply_sqb(model, calib, uniform, progress=progress, unnormed=options.sq_b_unnormed,
                          post_gelu=options.sq_b_gelu).to_dict()
         timing["sqb_s"] = time.perf_counter() - t
+    attn = None
+    if options.attn_smooth:
+        t = time.perf_counter()
+        attn = apply_attn_smooth(model, calib, QuantConfig(w_bits=config.w_bits, a_bits=config.a_bits),
+                                 progress=progress).to_dict()
+        timing["attn_smooth_s"] = time.perf_counter() - t
     t = time.perf_counter()
     q = prepare(model, config, inplace=True)
     calibrate(q, config, calib, progress=progress)
@@ -110,4 +121,4 @@ def run_pipeline(fp_model: nn.Module, calib: torch.Tensor, config: QuantConfig, 
         recon = apply_block_recon(q, fp_model, calib, progress=progress, seed=config.seed,
                                   **options.recon_kwargs()).to_dict()
         timing["recon_s"] = time.perf_counter() - t
-    return PipelineResult(q, timing, sqb, optm, gptq, recon)
+    return PipelineResult(q, timing, sqb, optm, gptq, recon, attn)
