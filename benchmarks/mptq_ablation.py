@@ -22,7 +22,7 @@ import torch
 from vitq.data import make_dataset, make_loader
 from vitq.evaluate import evaluate_many
 from vitq.io import atomic_write_json
-from vitq.methods.greedy_mp import SEARCHES, Budget, default_probe_images, greedy_mp
+from vitq.methods.greedy_mp import SEARCHES, Budget, default_gptq_losses, default_probe_images, greedy_mp
 from vitq.methods.mptq import MethodOptions, run_pipeline
 from vitq.methods.optm import GRIDS, PTF_OBJECTIVES
 from vitq.quant import QuantConfig, model_stats
@@ -73,8 +73,8 @@ def main() -> int:
                          "knapsack and superposed searches, 8 for greedy)")
     ap.add_argument("--mp-search", choices=list(SEARCHES), default="knapsack",
                     help="Greedy MP's search (vitq quantize --mp-search)")
-    ap.add_argument("--mp-gptq-losses", action="store_true",
-                    help="knapsack W losses with GPTQ's weights (vitq quantize --mp-gptq-losses)")
+    ap.add_argument("--mp-gptq-losses", action=argparse.BooleanOptionalAction, default=None,
+                    help="knapsack W losses with GPTQ's weights (default as vitq quantize: on where it applies)")
     ap.add_argument("--no-uniform-fallback", action="store_true",
                     help="Greedy MP keeps its searched assignment (vitq quantize --no-uniform-fallback)")
     ap.add_argument("--recon-iters", type=int, default=MethodOptions.recon_iters,
@@ -140,11 +140,13 @@ def main() -> int:
                 base = max(2, min(8, round(b)))
                 cfg = QuantConfig(w_bits=base, a_bits=base, protocol=v["protocol"], observer="mse", seed=args.seed)
                 opts = with_recon(MethodOptions(sq_b=True, opt_m=True, gptq=v["gptq"], recon=v["recon"]))
+                gptq_losses = (default_gptq_losses(args.mp_search, opts) if args.mp_gptq_losses is None
+                               else args.mp_gptq_losses)
                 try:
                     q, found = greedy_mp(loaded.model, calib, cfg, opts, Budget(b, b), n_probe=args.probe_images,
                                          progress=False, search=args.mp_search,
                                          uniform_fallback=not args.no_uniform_fallback,
-                                         gptq_losses=args.mp_gptq_losses)
+                                         gptq_losses=gptq_losses)
                 except ConfigError as exc:  # report and go on: the other variants are still worth measuring
                     print(f"skipped {short} {spec}: {exc}", file=sys.stderr, flush=True)
                     continue
@@ -152,7 +154,7 @@ def main() -> int:
                          f"{', recon' if opts.recon_applies(cfg) else ''}, "
                          f"{args.probe_images} probe images"
                          f", {args.mp_search} search"
-                         f"{', GPTQ-aware W losses' if args.mp_gptq_losses else ''}"
+                         f"{', GPTQ-aware W losses' if gptq_losses else ''}"
                          f"{', no uniform fallback' if args.no_uniform_fallback else ''})")
                 h = found.history[0] if found.history else {}
                 if "kl_predicted" in h:  # knapsack and superposed searches

@@ -115,6 +115,7 @@ def test_mixed_precision_search_then_config_reuse_gives_same_bits_and_result(tmp
     assert report["avg_w_bits"] <= 7 and report["avg_a_bits"] <= 7.05 and report["mixed"]["search_s"] > 0
     assert report["mixed"]["search"] == "knapsack"  # the default for bit budgets since rule R11
     assert report["mixed"]["probe_images"] == 10  # default 16 (rule R13), at most the calibration images
+    assert report["mixed"]["gptq_losses"] is False  # no GPTQ, so no GPTQ-aware losses
     assert (out / "bits.png").read_bytes()[:4] == b"\x89PNG" and (out / "mixed_config.json").is_file()
     again = tmp_path / "again"
     assert main(["quantize", *common, "--config", str(out / "mixed_config.json"), "--out", str(again)]) == 0
@@ -163,6 +164,18 @@ def test_bit_budget_sets_the_base_widths_so_reconstruction_runs(tmp_path, images
     assert report["recon"]["settings"]["iters"] == 1 and report["recon"]["stages"] and report["avg_w_bits"] <= 5
 
 
+@pytest.mark.parametrize("flag,expected", [([], True), (["--no-mp-gptq-losses"], False)])
+def test_gptq_aware_knapsack_losses_are_the_default_with_gptq(tmp_path, images, flag, expected):
+    # rule R17 (docs/methods.md): on wherever it applies, i.e. knapsack/superposed search with GPTQ on
+    out = tmp_path / "mp"
+    assert main(["quantize", "deit_tiny", "--random-init", "--calib", str(images), "--calib-size", "2", "--eval",
+                 str(images), "--limit", "2", "--workers", "0", "--quiet", "--mixed", "--gptq",
+                 "--budget-w", "5", "--budget-a", "8", "--w-candidates", "4,6", "--a-candidates", "8",
+                 *flag, "--out", str(out)]) == 0
+    mixed = json.loads((out / "report.json").read_text())["mixed"]
+    assert mixed["search"] == "knapsack" and mixed["gptq_losses"] is expected
+
+
 def test_bops_budget_defaults_to_the_greedy_search(tmp_path, images12, capsys):
     images = images12
     out = tmp_path / "mp"
@@ -172,6 +185,7 @@ def test_bops_budget_defaults_to_the_greedy_search(tmp_path, images12, capsys):
                  "--out", str(out)]) == 0
     mixed = json.loads((out / "report.json").read_text())["mixed"]
     assert mixed["search"] == "greedy" and mixed["probe_images"] == 8  # the greedy loop keeps 8 probe images
+    assert mixed["gptq_losses"] is False  # GPTQ-aware losses are the knapsack's
 
 
 def test_cost_command_json_and_errors(tmp_path, capsys):

@@ -19,7 +19,7 @@ from .artifact import ArtifactError, is_artifact, load_artifact, save_artifact, 
 from .data import DataError, calibration_subset, load_tensors, make_dataset, make_loader, read_list
 from .evaluate import evaluate, evaluate_many
 from .quant.config import ConfigError, QuantConfig
-from .methods.greedy_mp import SEARCHES, Budget, default_probe_images, greedy_mp, plot_bits
+from .methods.greedy_mp import SEARCHES, Budget, default_gptq_losses, default_probe_images, greedy_mp, plot_bits
 from .hardware import HardwareError, estimate, extract_workloads, int8_baseline, load_hardware
 from .methods.m2q import m2q, plot_m2q
 from .methods.optm import GRIDS, PTF_OBJECTIVES
@@ -209,6 +209,8 @@ def _cmd_quantize(args) -> int:
         # Rule R11 (docs/methods.md) made the knapsack the default; it handles average-bit and size budgets
         # only, so a BOPs budget keeps the paper's greedy loop.
         args.mp_search = "greedy" if args.budget_gbops is not None else "knapsack"
+    if args.mp_gptq_losses is None:  # rule R17: on wherever it applies, unless --no-mp-gptq-losses
+        args.mp_gptq_losses = budget is not None and default_gptq_losses(args.mp_search, options)
     if args.probe_images is None:
         # M2Q runs the greedy loop
         args.probe_images = default_probe_images(args.mp_search if budget is not None else "greedy")
@@ -477,9 +479,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--w-candidates", help="candidate weight bits (default 4,5,6,8; m2q 4,8)")
     p.add_argument("--a-candidates", help="candidate activation bits (default 4,5,6,8; m2q 8)")
     p.add_argument("--remeasure-every", type=int, default=0, help="re-measure all sensitivities every k steps")
-    p.add_argument("--mp-gptq-losses", action="store_true",
+    p.add_argument("--mp-gptq-losses", action=argparse.BooleanOptionalAction, default=None,
                    help="knapsack/superposed search with GPTQ: measure each weight's loss at <= --gptq-max-bits "
-                        "with the weights GPTQ would give it, not round-to-nearest (docs/methods.md, rule R16)")
+                        "with the weights GPTQ would give it, not round-to-nearest (default: on where it applies, "
+                        "rules R16/R17 in docs/methods.md; --no-mp-gptq-losses for round-to-nearest losses)")
     p.add_argument("--no-uniform-fallback", action="store_true",
                    help="return the greedy assignment even when a uniform width meeting the budget scores better")
     p.add_argument("--out", required=True, help="output folder: report.json, model.safetensors, config.json")

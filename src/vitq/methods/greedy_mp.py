@@ -52,6 +52,13 @@ def default_probe_images(search: str) -> int:
     (rule R13, docs/methods.md), 8 for the greedy loop, whose cost grows with every re-run."""
     return 8 if search == "greedy" else 16
 
+
+def default_gptq_losses(search: str, options: MethodOptions) -> bool:
+    """Whether the CLI and the benchmarks measure GPTQ-aware W losses unless told: wherever they apply (the
+    knapsack and superposed searches, with GPTQ on), since rule R17 (docs/methods.md). The Python entry
+    ``greedy_mp(gptq_losses=False)`` keeps round-to-nearest losses as its default."""
+    return search != "greedy" and options.gptq
+
 _BUFFERS = ("scale", "zero_point", "range_min", "range_max", "region_m", "boundary")
 
 
