@@ -101,6 +101,8 @@ def main() -> int:
                     help="what the PTF search minimizes (vitq quantize --opt-m-ptf-objective)")
     ap.add_argument("--attn-smooth", action=argparse.BooleanOptionalAction, default=MethodOptions.attn_smooth,
                     help="attention smoothing in the variants that run SQ-b (vitq quantize --attn-smooth)")
+    ap.add_argument("--attn-smooth-parts", default="qk,v",
+                    help="with --attn-smooth: which transforms run, 'qk', 'v' or 'qk,v' (a diagnostic)")
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.probe_images is None:
@@ -113,7 +115,8 @@ def main() -> int:
                        recon_flip=args.recon_flip, recon_float_lr=args.recon_float_lr, optm_grid=args.opt_m_grid,
                        recon_e2e_iters=args.recon_e2e_iters,
                        optm_ptf=args.opt_m_ptf, optm_ptf_objective=args.opt_m_ptf_objective,
-                       attn_smooth=args.attn_smooth and opts.sq_b)
+                       attn_smooth=args.attn_smooth and opts.sq_b,
+                       attn_smooth_parts=tuple(args.attn_smooth_parts.split(",")))
 
     images = assets / "imagenet-sample"
     rows = []
@@ -132,7 +135,9 @@ def main() -> int:
                 cfg = QuantConfig(w_bits=v["bits"], a_bits=v["bits"], protocol=v["protocol"], observer="mse",
                                   seed=args.seed)
                 q = run_pipeline(loaded.model, calib, cfg, with_recon(METHODS[v["method"]])).model
-                label = f"W{v['bits']}A{v['bits']} {v['method']}"
+                label = f"W{v['bits']}A{v['bits']} {v['method']}" + (
+                    f", attention smoothing ({args.attn_smooth_parts})"
+                    if args.attn_smooth and METHODS[v["method"]].sq_b else "")
             else:
                 b = v["budget"]
                 # The base bits are where SQ-b searches alpha (once, for every bank): the budget's own width,

@@ -74,3 +74,20 @@ def test_proj_behind_an_explicit_sqb_operation_is_left_alone():
     assert torch.equal(model.blocks[0].attn.proj.weight, proj)
     with torch.inference_mode():
         assert (model(x) - ref).abs().max() < 1e-3 * ref.abs().max()
+
+
+def test_parts_choose_which_transform_runs():
+    model, size = tiny_model("deit")
+    model = _with_outlier_channels(model)
+    x = tiny_images(size, n=4)
+    qk_only = copy.deepcopy(model)
+    res = apply_attn_smooth(qk_only, x, QuantConfig(w_bits=4, a_bits=4), progress=False, parts=("qk",))
+    assert res.layers[0].qk_alpha is not None and all(layer.v_alpha is None for layer in res.layers)
+    assert all(torch.equal(a.attn.proj.weight, b.attn.proj.weight) for a, b in zip(qk_only.blocks, model.blocks))
+    v_only = copy.deepcopy(model)
+    res = apply_attn_smooth(v_only, x, QuantConfig(w_bits=4, a_bits=4), progress=False, parts=("v",))
+    assert res.layers[0].v_alpha is not None and all(layer.qk_alpha is None for layer in res.layers)
+    dim = model.blocks[0].attn.qkv.weight.shape[0] // 3
+    assert torch.equal(v_only.blocks[0].attn.qkv.weight[:2 * dim], model.blocks[0].attn.qkv.weight[:2 * dim])
+    with pytest.raises(ValueError, match="parts"):
+        apply_attn_smooth(copy.deepcopy(model), x, QuantConfig(), progress=False, parts=("kv",))

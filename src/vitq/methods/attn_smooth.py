@@ -151,8 +151,11 @@ def fold_v(attn: nn.Module, s: torch.Tensor) -> None:
     attn.proj.weight.mul_(s[None, :])
 
 
+PARTS = ("qk", "v")
+
+
 def apply_attn_smooth(model: nn.Module, calib: torch.Tensor, config: QuantConfig, alphas=DEFAULT_ALPHAS,
-                      max_images: int = 8, progress: bool = True) -> AttnSmoothResult:
+                      max_images: int = 8, progress: bool = True, parts=PARTS) -> AttnSmoothResult:
     """Smooth q/k and v/proj of every attention module the family adapter lists, in place, in float.
 
     Args:
@@ -163,10 +166,13 @@ def apply_attn_smooth(model: nn.Module, calib: torch.Tensor, config: QuantConfig
         alphas: the alpha grid; "unchanged" is always a candidate as well.
         max_images: images used for the statistics and the search.
         progress: show a progress bar.
+        parts: which transforms to search, a subset of ``("qk", "v")``; the others are left unchanged.
 
     Returns:
         Per module, the chosen alphas (None = unchanged) and the quantized MSEs before and after.
     """
+    if not set(parts) <= set(PARTS):
+        raise ValueError(f"attention smoothing parts must be among {PARTS}, got {tuple(parts)}")
     attns = adapter_for(model).qkv_attentions(model)
     if not attns:
         return AttnSmoothResult()
@@ -175,12 +181,13 @@ def apply_attn_smooth(model: nn.Module, calib: torch.Tensor, config: QuantConfig
     result = AttnSmoothResult()
     for a, out, x in tqdm(list(zip(attns, qkv_out, proj_in)), desc="attention smoothing", disable=not progress,
                           leave=False):
-        qk_before, qk_after, qk_alpha, tc = _search_qk(out, a.num_heads, config.a_bits, alphas)
+        qk_before, qk_after, qk_alpha, tc = _search_qk(out, a.num_heads, config.a_bits,
+                                                       alphas if "qk" in parts else ())
         if tc is not None:
             fold_qk(a, *tc)
-        if hasattr(a.proj, "sqb_shift"):
-            # --sq-b-unnormed already put an explicit (x - b) / s in front of proj; a factor folded into v
-            # would not pass through its shift
+        if hasattr(a.proj, "sqb_shift") or "v" not in parts:
+            # not asked for, or --sq-b-unnormed already put an explicit (x - b) / s in front of proj (a
+            # factor folded into v would not pass through its shift)
             v_before = v_after = float("nan")
             v_alpha = None
         else:

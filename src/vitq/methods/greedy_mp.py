@@ -293,7 +293,8 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
         apply_sqb(float_model, calib, QuantConfig(w_bits=base.w_bits, a_bits=base.a_bits), progress=progress,
                   unnormed=options.sq_b_unnormed, post_gelu=options.sq_b_gelu)
     if options.attn_smooth:  # likewise once, at the base bits
-        apply_attn_smooth(float_model, calib, QuantConfig(w_bits=base.w_bits, a_bits=base.a_bits), progress=progress)
+        apply_attn_smooth(float_model, calib, QuantConfig(w_bits=base.w_bits, a_bits=base.a_bits), progress=progress,
+                          parts=options.attn_smooth_parts)
     # GPTQ runs once on the final assignment (below), not per bank: its weights depend on the upstream
     # layers' widths, and a bank must not.
     stage = MethodOptions(sq_b=False, opt_m=options.opt_m, m_max=options.m_max, optm_grid=options.optm_grid,

@@ -38,6 +38,7 @@ class MethodOptions:
     # vitq's addition: float-exact smoothing of q/k and v/proj inside attention, folded into qkv and proj
     # (methods/attn_smooth.py); decided by rule R18 on held-out calibration folds (docs/methods.md)
     attn_smooth: bool = False
+    attn_smooth_parts: tuple = ("qk", "v")  # which of its two transforms run (a diagnostic)
     gptq: bool = False  # GPTQ weight rounding after calibration (vitq's addition, not in the paper)
     gptq_max_bits: int = 5  # layers with wider weights keep round-to-nearest (docs/methods.md)
     recon: bool = False  # block reconstruction of step sizes after GPTQ (vitq's addition)
@@ -98,7 +99,7 @@ def run_pipeline(fp_model: nn.Module, calib: torch.Tensor, config: QuantConfig, 
     if options.attn_smooth:
         t = time.perf_counter()
         attn = apply_attn_smooth(model, calib, QuantConfig(w_bits=config.w_bits, a_bits=config.a_bits),
-                                 progress=progress).to_dict()
+                                 progress=progress, parts=options.attn_smooth_parts).to_dict()
         timing["attn_smooth_s"] = time.perf_counter() - t
     t = time.perf_counter()
     q = prepare(model, config, inplace=True)
