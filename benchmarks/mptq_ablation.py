@@ -24,7 +24,7 @@ from vitq.evaluate import evaluate_many
 from vitq.io import atomic_write_json
 from vitq.methods.greedy_mp import SEARCHES, Budget, default_gptq_losses, default_probe_images, greedy_mp
 from vitq.methods.mptq import MethodOptions, run_pipeline
-from vitq.methods.optm import GRIDS, PTF_OBJECTIVES
+from vitq.methods.optm import GRIDS, NONLIN_OBJECTIVES, PTF_OBJECTIVES
 from vitq.quant import QuantConfig, model_stats
 from vitq.quant.config import ConfigError
 from vitq.zoo import load_model
@@ -99,6 +99,8 @@ def main() -> int:
                     help="OPT-m also searches the PTF steps (vitq quantize --opt-m-ptf / --no-opt-m-ptf)")
     ap.add_argument("--opt-m-ptf-objective", choices=list(PTF_OBJECTIVES), default=MethodOptions.optm_ptf_objective,
                     help="what the PTF search minimizes (vitq quantize --opt-m-ptf-objective)")
+    ap.add_argument("--opt-m-nonlin-objective", choices=list(NONLIN_OBJECTIVES), default=MethodOptions.optm_nonlin_objective,
+                    help="full protocol: how OPT-m clips GELU inputs (vitq quantize --opt-m-nonlin-objective)")
     ap.add_argument("--attn-smooth", action=argparse.BooleanOptionalAction, default=MethodOptions.attn_smooth,
                     help="attention smoothing in the variants that run SQ-b (vitq quantize --attn-smooth)")
     ap.add_argument("--attn-smooth-parts", default="qk,v",
@@ -115,6 +117,7 @@ def main() -> int:
                        recon_flip=args.recon_flip, recon_float_lr=args.recon_float_lr, optm_grid=args.opt_m_grid,
                        recon_e2e_iters=args.recon_e2e_iters,
                        optm_ptf=args.opt_m_ptf, optm_ptf_objective=args.opt_m_ptf_objective,
+                       optm_nonlin_objective=args.opt_m_nonlin_objective,
                        attn_smooth=args.attn_smooth and opts.sq_b,
                        attn_smooth_parts=tuple(args.attn_smooth_parts.split(",")))
 
@@ -182,6 +185,8 @@ def main() -> int:
                 label += ", --no-opt-m-ptf" if not args.opt_m_ptf else ", --opt-m-ptf"
             if args.opt_m_ptf_objective != MethodOptions.optm_ptf_objective:
                 label += f", PTF objective {args.opt_m_ptf_objective}"
+            if args.opt_m_nonlin_objective != MethodOptions.optm_nonlin_objective and v["protocol"] == "full":
+                label += f", GELU-input clip on {args.opt_m_nonlin_objective}"
             if args.recon_e2e_iters != MethodOptions.recon_e2e_iters:
                 label += f", end-to-end {args.recon_e2e_iters} steps"
             key = f"{v['protocol']} {label}"

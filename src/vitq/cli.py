@@ -22,7 +22,7 @@ from .quant.config import ConfigError, QuantConfig
 from .methods.greedy_mp import SEARCHES, Budget, default_gptq_losses, default_probe_images, greedy_mp, plot_bits
 from .hardware import HardwareError, estimate, extract_workloads, int8_baseline, load_hardware
 from .methods.m2q import m2q, plot_m2q
-from .methods.optm import GRIDS, PTF_OBJECTIVES
+from .methods.optm import GRIDS, NONLIN_OBJECTIVES, PTF_OBJECTIVES
 from .methods.mptq import MethodOptions, run_pipeline
 from .quant.engine import tensor_table
 from .report import build_report, by_sensitivity, format_table, sensitivity_csv, summary_line
@@ -137,6 +137,7 @@ def _cmd_quantize(args) -> int:
     options = MethodOptions(sq_b=args.sq_b or args.method == "mptq", opt_m=args.opt_m or args.method == "mptq",
                             m_max=args.m_max, optm_grid=args.opt_m_grid, optm_ptf=args.opt_m_ptf is not False,
                             optm_ptf_objective=args.opt_m_ptf_objective or MethodOptions.optm_ptf_objective,
+                            optm_nonlin_objective=args.opt_m_nonlin_objective or MethodOptions.optm_nonlin_objective,
                             sq_b_unnormed=args.sq_b_unnormed, sq_b_gelu=args.sq_b_gelu,
                             attn_smooth=args.attn_smooth,
                             gptq=(args.gptq or args.method == "mptq") and not args.no_gptq,
@@ -175,6 +176,9 @@ def _cmd_quantize(args) -> int:
     if args.opt_m_ptf_objective is not None and not (options.opt_m and options.optm_ptf):
         raise ConfigError(f"--opt-m-ptf-objective {args.opt_m_ptf_objective} sets OPT-m's PTF search: give it with "
                           "--opt-m or --method mptq, and without --no-opt-m-ptf")
+    if args.opt_m_nonlin_objective is not None and not (options.opt_m and config.protocol == "full"):
+        raise ConfigError(f"--opt-m-nonlin-objective {args.opt_m_nonlin_objective} sets how OPT-m clips the full protocol's "
+                          "GELU inputs: give it with --opt-m or --method mptq and --protocol full")
     if args.sq_b_gelu and args.sq_b_unnormed:
         raise ConfigError("give only one of --sq-b-gelu and --sq-b-unnormed (both transform fc2's input)")
     if args.mp_search is not None and args.method == "m2q":
@@ -430,6 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the PTF search minimizes: normalized (default: each token's error over the residual "
                         "stream's variance there, as the next LayerNorm sees it) or tensor (the grid's own squared "
                         "error, the default before session 12); docs/methods.md")
+    p.add_argument("--opt-m-nonlin-objective", choices=list(NONLIN_OBJECTIVES), default=None,
+                   help="full protocol: how OPT-m clips GELU inputs: tensor (default: r*[min, max] on their own error) "
+                        "or output (lower and upper end searched apart on the GELU output's error); docs/methods.md")
     p.add_argument("--gptq", action="store_true",
                    help="GPTQ weight rounding after calibration (vitq's addition to MPTQ-ViT; on with --method mptq)")
     p.add_argument("--no-gptq", action="store_true", help="--method mptq without GPTQ (the paper's methods only)")

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from vitq.methods.optm import CLIP_GRID, apply_optm, default_m_max, search_two_region, search_uniform_clip
+from vitq.methods.optm import CLIP_GRID, apply_optm, default_m_max, search_gelu_clip, search_two_region, search_uniform_clip
+from vitq.quant import quantizers as Q
 from vitq.quant import QuantConfig, quantize
 
 from conftest import tiny_images, tiny_model
@@ -200,3 +201,45 @@ def test_apply_optm_normalized_ptf_objective():
         assert torch.isfinite(q(x)).all()
     with pytest.raises(ValueError, match="PTF search objective 'own'"):
         apply_optm(q, x, progress=False, ptf_objective="own")
+
+
+def test_gelu_clip_is_never_worse_than_symmetric_and_cuts_the_flat_negative_tail():
+    torch.manual_seed(0)
+    # fc1-output-like: most values in [-4, 3], a long negative tail down to about -13 that GELU flattens
+    x = torch.cat([torch.randn(4000, 16) * 1.5 - 0.5, -4 - 9 * torch.rand(100, 16)])
+    gelu = torch.nn.functional.gelu
+    for bits in (4, 6, 8):
+        lo, hi, err, err_sym = search_gelu_clip(x, bits, gelu)
+        assert err <= err_sym
+        # the symmetric search, scored on the same objective, is the starting point
+        best_sym = float("inf")
+        for r in CLIP_GRID:
+            s, z = Q.uniform_params(x.min() * r, x.max() * r, bits, False)
+            qmin, qmax = Q.int_range(bits, False)
+            best_sym = min(best_sym, (gelu(Q.fake_quant_uniform(x, s, z, qmin, qmax)) - gelu(x)).pow(2).mean().item())
+        assert err_sym == pytest.approx(best_sym)
+    lo, hi, err, err_sym = search_gelu_clip(x, 4, gelu)
+    assert err < err_sym and -8 < lo < 0 < hi  # the tail below about -4 is clipped, not encoded
+
+
+def test_apply_optm_output_objective_clips_the_gelu_inputs_only():
+    model, size = tiny_model("vit")
+    x = tiny_images(size, n=8)
+    cfg = QuantConfig(w_bits=6, a_bits=6, protocol="full")
+    q_tensor = quantize(model, x, cfg)
+    apply_optm(q_tensor, x, progress=False)
+    q_out = quantize(model, x, cfg)
+    res = apply_optm(q_out, x, progress=False, nonlin_objective="output")
+    gelu_names = {g.in_quant.name for g in q_out.modules() if isinstance(g, torch.nn.GELU) and hasattr(g, "in_quant")}
+    clipped = {c.name for c in res.choices if c.scheme == "gelu_clip"}
+    assert gelu_names and clipped == gelu_names
+    assert all(c.error <= c.error_m0 for c in res.choices if c.scheme == "gelu_clip")
+    a = {t.name: t for t in q_tensor.modules() if hasattr(t, "spec") and hasattr(t, "role")}
+    b = {t.name: t for t in q_out.modules() if hasattr(t, "spec") and hasattr(t, "role")}
+    for name, t in a.items():  # everything else is searched exactly as before
+        if name not in gelu_names:
+            assert torch.equal(t.scale, b[name].scale), name
+    with torch.inference_mode():
+        assert torch.isfinite(q_out(x)).all()
+    with pytest.raises(ValueError, match="nonlinearity objective 'gelu'"):
+        apply_optm(q_out, x, progress=False, nonlin_objective="gelu")

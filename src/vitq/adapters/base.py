@@ -56,6 +56,15 @@ class Adapter:
         (post-GELU values dip below zero: signed fine region; post-softmax values do not)."""
         return []
 
+    def gelu_inputs(self, model: nn.Module) -> list[tuple[TensorQuantizer, nn.GELU]]:
+        """Full protocol: the quantizers of GELU inputs, each with the GELU it feeds.
+
+        OPT-m's ``nonlin_objective="output"`` clips them on the GELU *output*'s error. Every family that
+        quantizes a GELU's input does so through the module's ``in_quant`` (``quantize_inputs_of``), so
+        this default finds them by module type for ViT/DeiT, Swin and any other family.
+        """
+        return [(m.in_quant, m) for m in model.modules() if isinstance(m, nn.GELU) and hasattr(m, "in_quant")]
+
     def trunk(self, model: nn.Module):
         """``(stem, blocks, head)`` callables if the model is a plain sequence of blocks (lets searches
         re-run only the blocks after a change; block reconstruction tunes one step at a time), else None.

@@ -33,6 +33,10 @@ class MethodOptions:
     # LayerNorm sees it, to first order) since session 12, by rule R10 on held-out calibration folds,
     # written before its run (docs/methods.md, OPT-m); "tensor" is the grid's own squared error.
     optm_ptf_objective: str = "normalized"
+    # Full protocol: how OPT-m clips GELU inputs, a name in optm.NONLIN_OBJECTIVES: "tensor" (r·[min, max]
+    # on their own error) or "output" (both ends searched apart on the GELU output's error; session 16,
+    # rule R19 in docs/methods.md decides the default)
+    optm_nonlin_objective: str = "tensor"
     sq_b_unnormed: bool = False  # SQ-b also on proj/fc2, as an explicit per-channel operation
     sq_b_gelu: bool = False  # SQ-b's scale-only form on fc2's post-GELU input (explicit per-channel scale)
     # vitq's addition: float-exact smoothing of q/k and v/proj inside attention, folded into qkv and proj
@@ -108,7 +112,8 @@ def run_pipeline(fp_model: nn.Module, calib: torch.Tensor, config: QuantConfig, 
     if options.opt_m:
         t = time.perf_counter()
         optm = apply_optm(q, calib, m_max=options.m_max, progress=progress, grid=options.optm_grid,
-                          ptf=options.optm_ptf, ptf_objective=options.optm_ptf_objective).to_dict()
+                          ptf=options.optm_ptf, ptf_objective=options.optm_ptf_objective,
+                          nonlin_objective=options.optm_nonlin_objective).to_dict()
         timing["optm_s"] = time.perf_counter() - t
     gptq = None
     if options.gptq:
