@@ -287,6 +287,14 @@ def test_recon_runs_at_low_bits_is_reported_and_reloads(tmp_path, images, capsys
     assert main([*common, "--opt-m", "--no-opt-m-ptf", "--opt-m-ptf-objective", "normalized",
                  "--out", str(tmp_path / "z")]) == 2
     assert "--no-opt-m-ptf" in capsys.readouterr().err
+    # GELU inputs are quantized in the full protocol only
+    assert main([*common, "--opt-m", "--opt-m-nonlin-objective", "output", "--out", str(tmp_path / "z")]) == 2
+    assert "--opt-m-nonlin-objective output" in capsys.readouterr().err
+    assert main([*common, "--protocol", "full", "--opt-m", "--opt-m-nonlin-objective", "output",
+                 "--out", str(tmp_path / "n")]) == 0
+    report = json.loads((tmp_path / "n" / "report.json").read_text())
+    assert report["methods"]["optm_nonlin_objective"] == "output"
+    assert any(c["scheme"] == "gelu_clip" for c in report["optm"])
     assert main([*common, "--opt-m", "--opt-m-grid", "wide", "--out", str(tmp_path / "g")]) == 0
     assert json.loads((tmp_path / "g" / "report.json").read_text())["methods"]["optm_grid"] == "wide"
     assert main([*common, "--recon", "--recon-iters", "0", "--out", str(tmp_path / "w")]) == 2
