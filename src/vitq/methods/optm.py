@@ -186,6 +186,8 @@ def search_gelu_clip(x: torch.Tensor, bits: int, gelu: Callable[[torch.Tensor], 
     Returns:
         ``(lo, hi, error, error_symmetric)``: the clip, its GELU-output MSE, and the symmetric search's.
     """
+    lo, hi, best = search_uniform_clip(x, bits, gelu)  # the symmetric start, on this objective
+    symmetric = best
     ref = gelu(x)
     lo0, hi0 = x.min(), x.max()
     qmin, qmax = Q.int_range(bits, False)
@@ -194,24 +196,17 @@ def search_gelu_clip(x: torch.Tensor, bits: int, gelu: Callable[[torch.Tensor], 
         s, z = Q.uniform_params(lo, hi, bits, False)
         return (gelu(Q.fake_quant_uniform(x, s, z, qmin, qmax)) - ref).pow(2).mean().item()
 
-    r_lo = r_hi = 1.0
-    best = float("inf")
-    for r in CLIP_GRID:  # the symmetric search of search_uniform_clip, on this objective
-        e = err(lo0 * r, hi0 * r)
-        if e < best:
-            best, r_lo, r_hi = e, r, r
-    symmetric = best
     if lo0 < 0:  # a tensor without negatives has nothing to clip below
         for _ in range(rounds):
             for r in LOW_CLIP_GRID:
-                e = err(lo0 * r, hi0 * r_hi)
+                e = err(lo0 * r, hi)
                 if e < best:
-                    best, r_lo = e, r
+                    best, lo = e, (lo0 * r).item()
             for r in CLIP_GRID:
-                e = err(lo0 * r_lo, hi0 * r)
+                e = err(lo, hi0 * r)
                 if e < best:
-                    best, r_hi = e, r
-    return (lo0 * r_lo).item(), (hi0 * r_hi).item(), best, symmetric
+                    best, hi = e, (hi0 * r).item()
+    return lo, hi, best, symmetric
 
 
 def search_two_region(x: torch.Tensor, bits: int, m_max: int, signed_fine: bool, out_fn=None,
@@ -341,8 +336,9 @@ def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int | None = None, 
         raise ValueError(f"unknown PTF search objective {ptf_objective!r}; choose one of {list(PTF_OBJECTIVES)}")
     if nonlin_objective not in NONLIN_OBJECTIVES:
         raise ValueError(f"unknown OPT-m nonlinearity objective {nonlin_objective!r}; choose one of {list(NONLIN_OBJECTIVES)}")
-    targets = {id(q): signed for q, signed in adapter_for(model).two_region_targets(model)}
-    gelus = {id(q): g for q, g in adapter_for(model).gelu_inputs(model)} if nonlin_objective == "output" else {}
+    adapter = adapter_for(model)
+    targets = {id(q): signed for q, signed in adapter.two_region_targets(model)}
+    gelus = {id(q): g for q, g in adapter.gelu_inputs(model)} if nonlin_objective == "output" else {}
     row_weights: dict[int, torch.Tensor] | None = {} if ptf_objective == "normalized" else None
     found = _capture(model, calib[:n_images], max_rows, row_weights)
     result = OptMResult()
