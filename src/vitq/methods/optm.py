@@ -358,9 +358,10 @@ def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int | None = None, 
             continue  # the 8-bit image input keeps its min-max range
         if id(q) in gelus:
             g = gelus[id(q)]
-            # Every 4th of the (up to 4096) sampled rows: 1024 rows of fc1's width fit the CPU cache, which
-            # makes the ~66 candidate evaluations about 10x faster (ViT-Tiny: 0.1 s instead of 1.7 s per
-            # tensor), and Greedy MP runs this once per candidate width.
+            # At most about GELU_ROWS rows (a stride over the up to 4096 sampled ones): the search evaluates
+            # ~66 candidates and Greedy MP runs it once per candidate width. With OPT-m's 8 images ViT/DeiT
+            # give 1576 rows, which are all kept (about 0.45 s per ViT-Tiny tensor,
+            # benchmarks/gelu_input_range.py); larger token counts are strided down.
             xs = x[:: max(1, x.shape[0] // GELU_ROWS)]
             # the GELU's own function in float: its forward is wrapped to quantize its input
             lo, hi, err, err_sym = search_gelu_clip(xs, q.spec.bits, lambda v, a=g.approximate: F.gelu(v, approximate=a))

@@ -1,0 +1,73 @@
+"""Range of every GELU input (fc1 output) in float, and the time of OPT-m's GELU-input clip search on it.
+
+Why the GELU-input clip on the GELU output (``--opt-m-nonlin-objective output``, docs/methods.md, OPT-m):
+prints, per GELU on the first --images calibration images, the min, max and 0.01 % / 1 % / 99 % / 99.99 %
+quantiles and the largest channel max, then the seconds ``optm.search_gelu_clip`` takes on the rows OPT-m
+would sample (tokens of those images, at most 4096) and on the strided subset of about ``optm.GELU_ROWS``
+rows that ``apply_optm`` passes it (the same rows when there are fewer than ``2 * GELU_ROWS``).
+
+    python benchmarks/gelu_input_range.py vit_tiny
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from vitq.methods.optm import GELU_ROWS, search_gelu_clip
+from vitq.zoo import load_model
+
+from _models import load_calib32
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model")
+    ap.add_argument("--assets", default=os.environ.get("VITQ_ASSETS", "../shared/assets"))
+    ap.add_argument("--images", type=int, default=8)
+    ap.add_argument("--bits", type=int, default=6, help="width of the timed clip search")
+    args = ap.parse_args()
+    loaded = load_model(args.model)
+    x = load_calib32(Path(args.assets), loaded.entry.transform)[: args.images]
+    gelus = [(name, m) for name, m in loaded.model.named_modules() if isinstance(m, nn.GELU)]
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, name=name: inputs.__setitem__(name, a[0].detach()))
+             for name, m in gelus]
+    with torch.inference_mode():
+        loaded.model(x)
+    for h in hooks:
+        h.remove()
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.tensor([1e-4, 1e-2, 0.99, 0.9999])
+    print(f"# {loaded.entry.timm_name}: GELU inputs on {args.images} calibration images; "
+          f"search time at {args.bits} bits")
+    print("| GELU | min | q0.01% | q1% | q99% | q99.99% | max | largest channel max / median | rows sampled | "
+          "search s, sampled rows | rows searched | search s, searched rows |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, _ in gelus:
+        rows = inputs[name].reshape(-1, inputs[name].shape[-1])
+        flat = rows.flatten()
+        sample = flat[torch.randperm(flat.numel(), generator=gen)[:1_000_000]]  # quantile needs < 16M values
+        q = torch.quantile(sample, probs).tolist()
+        cmax = rows.amax(0)
+        sub = rows[torch.randperm(rows.shape[0], generator=gen)[:4096].sort().values]
+        times = []
+        searched = sub[:: max(1, sub.shape[0] // GELU_ROWS)]  # as apply_optm strides them
+        for part in (sub, searched):
+            t = time.perf_counter()
+            search_gelu_clip(part, args.bits, F.gelu)
+            times.append(time.perf_counter() - t)
+        print(f"| {name} | {rows.min():.2f} | {q[0]:.2f} | {q[1]:.2f} | {q[2]:.2f} | {q[3]:.2f} | {rows.max():.2f} | "
+              f"{cmax.max():.1f} / {cmax.median():.2f} | {sub.shape[0]} | {times[0]:.2f} | {searched.shape[0]} | "
+              f"{times[1]:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
