@@ -105,6 +105,8 @@ def main() -> int:
                     help="attention smoothing in the variants that run SQ-b (vitq quantize --attn-smooth)")
     ap.add_argument("--attn-smooth-parts", default="qk,v",
                     help="with --attn-smooth: which transforms run, 'qk', 'v' or 'qk,v' (a diagnostic)")
+    ap.add_argument("--token-shift", action="store_true",
+                    help="full-protocol variants: token shifts on the PTF grids (vitq quantize --token-shift)")
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.probe_images is None:
@@ -121,6 +123,9 @@ def main() -> int:
                        attn_smooth=args.attn_smooth and opts.sq_b,
                        attn_smooth_parts=tuple(args.attn_smooth_parts.split(",")))
 
+    def token_shift(v: dict) -> bool:
+        return args.token_shift and v["protocol"] == "full"
+
     images = assets / "imagenet-sample"
     rows = []
     print(f"# MPTQ-ViT ablation, {platform.node()} ({os.cpu_count()} cores), torch {torch.__version__}, {date.today()}")
@@ -136,7 +141,7 @@ def main() -> int:
             t0 = time.perf_counter()
             if v["kind"] == "single":
                 cfg = QuantConfig(w_bits=v["bits"], a_bits=v["bits"], protocol=v["protocol"], observer="mse",
-                                  seed=args.seed)
+                                  seed=args.seed, residual_token_shift=token_shift(v))
                 q = run_pipeline(loaded.model, calib, cfg, with_recon(METHODS[v["method"]])).model
                 label = f"W{v['bits']}A{v['bits']} {v['method']}" + (
                     f", attention smoothing ({args.attn_smooth_parts})"
@@ -146,7 +151,8 @@ def main() -> int:
                 # The base bits are where SQ-b searches alpha (once, for every bank): the budget's own width,
                 # so that the greedy rows and the uniform rows at that width share the same smoothing.
                 base = max(2, min(8, round(b)))
-                cfg = QuantConfig(w_bits=base, a_bits=base, protocol=v["protocol"], observer="mse", seed=args.seed)
+                cfg = QuantConfig(w_bits=base, a_bits=base, protocol=v["protocol"], observer="mse", seed=args.seed,
+                                  residual_token_shift=token_shift(v))
                 opts = with_recon(MethodOptions(sq_b=True, opt_m=True, gptq=v["gptq"], recon=v["recon"]))
                 gptq_losses = (default_gptq_losses(args.mp_search, opts) if args.mp_gptq_losses is None
                                else args.mp_gptq_losses)
@@ -187,6 +193,8 @@ def main() -> int:
                 label += f", PTF objective {args.opt_m_ptf_objective}"
             if args.opt_m_nonlin_objective != MethodOptions.optm_nonlin_objective and v["protocol"] == "full":
                 label += f", GELU-input clip on {args.opt_m_nonlin_objective}"
+            if token_shift(v):
+                label += ", token shifts"
             if args.recon_e2e_iters != MethodOptions.recon_e2e_iters:
                 label += f", end-to-end {args.recon_e2e_iters} steps"
             key = f"{v['protocol']} {label}"

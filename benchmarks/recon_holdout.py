@@ -12,7 +12,8 @@ on (to show over-fitting). Figures are averaged over the folds.
 A setting is ``none`` (no reconstruction) or comma-separated ``key=value`` with keys ``iters``, ``lr``,
 ``drop`` (QDrop probability), ``batch``, ``ptf`` (0/1: learn the PTF grids' step multipliers, full
 protocol), ``flip`` (0/1: also fit the mirrored images), ``float`` (learning rate of the biases and
-LayerNorm affines; 0 = not learned), ``e2e`` (end-to-end steps on the logits' KL after the blocks; 0 = none). The keys ``gelu`` (0/1: ``--sq-b-gelu``), ``mmax`` (``--m-max``), ``grid`` (``--opt-m-grid``) and ``ptfclip`` (0/1: ``--opt-m-ptf``), ``ptfobj`` (``--opt-m-ptf-objective``), ``attn`` (0/1: ``--attn-smooth``), ``nonlin`` (``--opt-m-nonlin-objective``) change the
+LayerNorm affines; 0 = not learned), ``e2e`` (end-to-end steps on the logits' KL after the blocks; 0 = none). The keys ``gelu`` (0/1: ``--sq-b-gelu``), ``mmax`` (``--m-max``), ``grid`` (``--opt-m-grid``) and ``ptfclip`` (0/1: ``--opt-m-ptf``), ``ptfobj`` (``--opt-m-ptf-objective``), ``attn`` (0/1: ``--attn-smooth``), ``nonlin`` (``--opt-m-nonlin-objective``), ``tokshift`` (0/1: ``--token-shift``,
+a QuantConfig option) change the
 pipeline before reconstruction instead; settings that share it share one pipeline run per fold. ``gelu=1`` alone means
 that pipeline without reconstruction (like ``none``).
 """
@@ -41,7 +42,16 @@ KEYS = {"iters": ("iters", int), "lr": ("lr", float), "drop": ("drop_prob", floa
 # setting key -> (MethodOptions field, type): these change the pipeline that runs before reconstruction
 PIPELINE_KEYS = {"gelu": ("sq_b_gelu", lambda v: bool(int(v))), "mmax": ("m_max", int), "grid": ("optm_grid", str),
                  "ptfclip": ("optm_ptf", lambda v: bool(int(v))), "ptfobj": ("optm_ptf_objective", str),
-                 "attn": ("attn_smooth", lambda v: bool(int(v))), "nonlin": ("optm_nonlin_objective", str)}
+                 "attn": ("attn_smooth", lambda v: bool(int(v))), "nonlin": ("optm_nonlin_objective", str),
+                 "tokshift": ("cfg:residual_token_shift", lambda v: bool(int(v)))}
+# "cfg:" marks a QuantConfig field rather than a MethodOptions one
+
+
+def pipeline_run(model, fit, cfg: QuantConfig, opts: MethodOptions, pipe: tuple):
+    """The pipeline before reconstruction with a setting's pipeline keys applied."""
+    over_cfg = {k[4:]: v for k, v in pipe if k.startswith("cfg:")}
+    over_opts = {k: v for k, v in pipe if not k.startswith("cfg:")}
+    return run_pipeline(model, fit, replace(cfg, **over_cfg), replace(opts, **over_opts)).model
 
 
 def parse_setting(text: str) -> tuple[tuple, dict | None]:
@@ -96,7 +106,7 @@ def main() -> int:
         for k, held_idx in enumerate(folds):
             fit_idx = perm[~torch.isin(perm, held_idx)]
             fit, held = calib[fit_idx], calib[held_idx]
-            bases = {pipe: run_pipeline(loaded.model, fit, cfg, replace(opts, **dict(pipe))).model
+            bases = {pipe: pipeline_run(loaded.model, fit, cfg, opts, pipe)
                      for pipe in dict.fromkeys(p for _, (p, _) in settings)}
             for text, (pipe, setting) in settings:
                 q = copy.deepcopy(bases[pipe])

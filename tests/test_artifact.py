@@ -28,6 +28,22 @@ def test_save_and_reload_are_identical(tmp_path, protocol):
     assert meta["quant_config"]["protocol"] == protocol
 
 
+def test_token_shifts_survive_save_and_reload(tmp_path):
+    model, size = tiny_model("deit")
+    x = tiny_images(size)
+    with torch.no_grad():
+        model.pos_embed[:, 1, 5] += 300.0
+    q = quantize(model, x, QuantConfig(w_bits=6, a_bits=6, protocol="full", residual_token_shift=True))
+    shifts = {k: v for k, v in q.state_dict().items() if k.endswith("token_shift")}
+    assert shifts and all(v[1] > 0 for v in shifts.values())
+    write_dir_atomically(tmp_path / "a", lambda d: save_artifact(q, d, META))
+    r, _ = load_artifact(tmp_path / "a")
+    for k, v in shifts.items():
+        assert torch.equal(r.state_dict()[k], v)
+    with torch.inference_mode():
+        assert torch.equal(q(x), r(x))
+
+
 def test_other_version_and_corruption_are_rejected(tmp_path):
     q, _ = _quantized()
     write_dir_atomically(tmp_path / "a", lambda d: save_artifact(q, d, META))

@@ -295,6 +295,11 @@ def test_recon_runs_at_low_bits_is_reported_and_reloads(tmp_path, images, capsys
     report = json.loads((tmp_path / "n" / "report.json").read_text())
     assert report["methods"]["optm_nonlin_objective"] == "output"
     assert any(c["scheme"] == "gelu_clip" for c in report["optm"])
+    # token shifts refine the full protocol's residual-stream grids
+    assert main([*common, "--token-shift", "--out", str(tmp_path / "z")]) == 2
+    assert "--token-shift" in capsys.readouterr().err
+    assert main([*common, "--protocol", "full", "--token-shift", "--out", str(tmp_path / "t")]) == 0
+    assert json.loads((tmp_path / "t" / "report.json").read_text())["config"]["residual_token_shift"] is True
     assert main([*common, "--opt-m", "--opt-m-grid", "wide", "--out", str(tmp_path / "g")]) == 0
     assert json.loads((tmp_path / "g" / "report.json").read_text())["methods"]["optm_grid"] == "wide"
     assert main([*common, "--recon", "--recon-iters", "0", "--out", str(tmp_path / "w")]) == 2

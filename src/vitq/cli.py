@@ -110,8 +110,9 @@ def _cmd_eval(args) -> int:
 def _config_from_args(args) -> QuantConfig:
     base = QuantConfig.load(args.config).to_dict() if args.config else {}
     # Command-line options given explicitly override the config file.
-    for key in ("w_bits", "a_bits", "protocol", "observer", "mse_objective", "seed", "w_granularity", "w_scheme"):
-        value = getattr(args, key)
+    for key in ("w_bits", "a_bits", "protocol", "observer", "mse_objective", "seed", "w_granularity", "w_scheme",
+                "residual_token_shift"):
+        value = getattr(args, key, None)
         if value is not None:
             base[key] = value
     return QuantConfig.from_dict(base)  # __post_init__ turns rule dicts into LayerRule
@@ -405,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mse-objective", choices=["tensor", "output"])
     p.add_argument("--w-granularity", choices=["per_tensor", "per_channel", "per_group"])
     p.add_argument("--w-scheme", choices=["uniform", "pot"])
+    p.add_argument("--token-shift", dest="residual_token_shift", action="store_const", const=True,
+                   help="full protocol: the residual stream's PTF grids also get a static power-of-two factor per "
+                        "token position (QuantConfig.residual_token_shift; off by default, docs/methods.md)")
     p.add_argument("--config", help="QuantConfig JSON (per-layer rules); explicit options override it")
     p.add_argument("--seed", type=int)
     p.add_argument("--method", choices=["mptq", "m2q"],

@@ -238,3 +238,24 @@ def test_gptq_aware_knapsack_losses_change_only_the_gptq_widths_and_restore_the_
         _search(budget, opts, search="greedy", gptq_losses=True)
     with pytest.raises(ConfigError, match="GPTQ-aware"):
         _search(budget, MethodOptions(), search="knapsack", gptq_losses=True)
+
+
+def test_banks_carry_their_token_shifts():
+    from vitq.methods.greedy_mp import _apply, _harvest
+    from vitq.quant import quantize
+
+    model, size = tiny_model("vit")
+    x = tiny_images(size, n=4)
+    with torch.no_grad():
+        model.pos_embed[:, 2, 3] += 300.0
+    shifted = quantize(model, x, QuantConfig(w_bits=6, a_bits=6, protocol="full", residual_token_shift=True))
+    plain = quantize(model, x, QuantConfig(w_bits=8, a_bits=8, protocol="full"))
+    bank = _harvest(shifted)
+    for q in all_quantizers(plain):
+        _apply(q, bank[q.name])
+    with torch.inference_mode():
+        assert torch.equal(plain(x), shifted(x))
+    back = _harvest(quantize(model, x, QuantConfig(w_bits=8, a_bits=8, protocol="full")))
+    for q in all_quantizers(plain):
+        _apply(q, back[q.name])
+    assert not any("token_shift" in q._buffers for q in all_quantizers(plain))

@@ -243,3 +243,40 @@ def test_apply_optm_output_objective_clips_the_gelu_inputs_only():
         assert torch.isfinite(q_out(x)).all()
     with pytest.raises(ValueError, match="nonlinearity objective 'gelu'"):
         apply_optm(q_out, x, progress=False, nonlin_objective="gelu")
+
+
+def test_capture_divides_token_shifted_rows_and_weighs_their_errors_back():
+    from vitq.methods.optm import _capture
+
+    model, size = tiny_model("vit")
+    x = tiny_images(size, n=2)
+    with torch.no_grad():
+        model.pos_embed[:, 2, 3] += 300.0
+    q = quantize(model, x, QuantConfig(w_bits=6, a_bits=6, protocol="full", residual_token_shift=True))
+    grid = q.blocks[0].residual1.x_quant
+    seen = {}
+    hook = grid.register_forward_hook(lambda m, a, o: seen.setdefault("x", a[0].clone()))
+    tw: dict = {}
+    try:
+        found = _capture(q, x, max_rows=10**6, token_weights=tw)  # every token: rows in order
+    finally:
+        hook.remove()
+    f = torch.exp2(grid.token_shift).reshape(1, -1, 1)
+    rows, _ = found[id(grid)]
+    assert torch.equal(rows, (seen["x"] / f).reshape(-1, seen["x"].shape[-1]))  # what the channel grid sees
+    assert torch.equal(tw[id(grid)], f.square().expand(2, -1, 1).reshape(-1))
+    assert id(q.blocks[0].attn.qkv.in_quant) not in tw  # only grids with token shifts
+
+
+def test_apply_optm_ptf_search_keeps_token_shifts():
+    model, size = tiny_model("vit")
+    x = tiny_images(size, n=4)
+    with torch.no_grad():
+        model.pos_embed[:, 2, 3] += 300.0
+    q = quantize(model, x, QuantConfig(w_bits=6, a_bits=6, protocol="full", residual_token_shift=True))
+    grid = q.blocks[0].residual1.x_quant
+    shift = grid.token_shift.clone()
+    res = apply_optm(q, x, progress=False)
+    choice = next(c for c in res.choices if c.name == grid.name)
+    assert choice.scheme == "ptf" and choice.error <= choice.error_m0
+    assert torch.equal(grid.token_shift, shift)

@@ -172,6 +172,25 @@ def test_recon_learns_the_ptf_base_scale_and_keeps_power_of_two_ratios():
     assert moved
 
 
+def test_recon_learns_ptf_steps_through_token_shifts():
+    model, size = tiny_model("vit")
+    x = tiny_images(size, n=8)
+    with torch.no_grad():
+        model.pos_embed[:, 2, 3] += 300.0
+    cfg = QuantConfig(w_bits=4, a_bits=4, protocol="full", residual_token_shift=True)
+    opts = MethodOptions(opt_m=True, optm_ptf=False)
+    base = run_pipeline(model, x, cfg, opts).model
+    a = run_pipeline(model, x, cfg, replace(opts, recon=True, recon_iters=30)).model
+    shifted = [q for q in all_quantizers(a) if "token_shift" in q._buffers]
+    assert shifted
+    for q in shifted:  # the STE path divides by the same factors as the plain one
+        t = torch.randn(3, *q.token_shift.shape, q.scale.numel())
+        assert torch.allclose(q._fake_quant_ste(t.requires_grad_()), q.fake_quant(t.detach()), atol=1e-5)
+    with torch.inference_mode():
+        target = model.forward_features(x)
+        assert stage_loss(a.forward_features(x), target) < stage_loss(base.forward_features(x), target)
+
+
 @pytest.mark.parametrize("bad", [dict(drop_prob=1.0), dict(drop_prob=-0.1), dict(iters=0), dict(batch=0),
                                  dict(float_lr=-1e-3), dict(float_lr=float("nan")), dict(e2e_iters=-1)])
 def test_recon_rejects_bad_settings_by_name(bad):

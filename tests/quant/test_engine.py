@@ -194,6 +194,36 @@ def test_full_protocol_residual_stream_uses_ptf_and_can_be_turned_off():
     assert err_ptf < err_flat / 10  # per tensor, the big channel's range swamps the others
 
 
+def test_token_shifts_give_massive_positions_their_own_factor():
+    model, size = tiny_model("vit")
+    x = tiny_images(size, n=8)
+    with torch.no_grad():
+        model.pos_embed[:, 2, 3] += 300.0  # one position with a massive channel, as ViT-Tiny's corner patches
+    plain = quantize(model, x, QuantConfig(protocol="full"))
+    shifted = quantize(model, x, QuantConfig(protocol="full", residual_token_shift=True))
+    q = shifted.blocks[0].residual1.x_quant
+    assert q.token_shift.shape == (model.pos_embed.shape[1],)
+    assert q.token_shift[2] > 0 and int((q.token_shift > 0).sum()) == 1
+    assert "token_shift" not in plain.blocks[0].residual1.x_quant._buffers
+    with torch.inference_mode():
+        stream = model._pos_embed(model.patch_embed(x))
+        others = torch.arange(stream.shape[1]) != 2
+        err_plain = (plain.blocks[0].residual1.x_quant.fake_quant(stream) - stream)[:, others].norm()
+        err_shift = (q.fake_quant(stream) - stream)[:, others].norm()
+        # the massive position itself is still represented, on its coarser grid
+        assert (q.fake_quant(stream)[:, 2, 3] - stream[:, 2, 3]).abs().max() < 300.0 / 2**q.spec.bits * 2
+    assert err_shift < err_plain / 4  # the other positions no longer share the massive position's range
+    with pytest.raises(ValueError, match="positions"):
+        q.fake_quant(stream[:, :-1])
+
+
+def test_token_shifts_need_the_full_protocol():
+    with pytest.raises(ConfigError, match="residual_token_shift"):
+        QuantConfig(residual_token_shift=True)
+    with pytest.raises(ConfigError, match="residual_token_shift"):
+        QuantConfig(protocol="full", residual_ptf=False, residual_token_shift=True)
+
+
 def test_left_in_float_switches_off_and_restores_modes_even_on_error():
     model, size = tiny_model("deit")
     x = tiny_images(size)

@@ -171,3 +171,22 @@ def test_ptf_per_channel_power_of_two_factors_cover_each_channel():
     x = torch.stack([torch.linspace(a, b, 50) for a, b in zip(lo.tolist(), hi.tolist())], dim=1)
     out = Q.fake_quant_uniform(x, scale, zp, 0, 255, axis=1)
     assert ((out - x).abs() <= scale / 2 + 1e-5).all()
+
+
+def test_token_shifts_only_for_positions_far_above_the_median():
+    lo = -torch.ones(10, 4)
+    hi = torch.ones(10, 4)
+    hi[3, 1] = 7.9  # under 8x the median position: no shift
+    hi[7, 2] = 300.0  # 300x: the smallest shift that brings it within 8x, ceil(log2(300) - 3) = 6
+    lo[9, 0] = -17.0  # a negative end counts too: ceil(log2(17) - 3) = 2
+    shift = Q.token_shift_params(lo, hi)
+    assert shift.tolist() == [0, 0, 0, 0, 0, 0, 0, 6, 0, 2]
+    assert Q.token_shift_params(lo, hi, max_shift=3)[7] == 3
+
+
+def test_token_factor_checks_positions():
+    shift = torch.tensor([0.0, 2.0, 1.0])
+    f = Q.token_factor(torch.zeros(5, 3, 8), shift)
+    assert f.shape == (3, 1) and f.flatten().tolist() == [1.0, 4.0, 2.0]
+    with pytest.raises(ValueError, match="positions"):
+        Q.token_factor(torch.zeros(5, 4, 8), shift)

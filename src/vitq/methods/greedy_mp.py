@@ -121,7 +121,8 @@ class _Item:
 
 
 def _harvest(model: nn.Module) -> dict[str, dict]:
-    return {q.name: {"spec": copy.deepcopy(q.spec), **{k: getattr(q, k).clone() for k in _BUFFERS}}
+    return {q.name: {"spec": copy.deepcopy(q.spec), **{k: getattr(q, k).clone() for k in _BUFFERS},
+                     "token_shift": q._buffers.get("token_shift")}
             for q in all_quantizers(model)}
 
 
@@ -129,6 +130,7 @@ def _apply(q, state: dict) -> None:
     q.spec = copy.deepcopy(state["spec"])
     for k in _BUFFERS:
         setattr(q, k, state[k].clone())
+    q.set_token_shift(state["token_shift"])  # a width's grid comes with that width's token shifts (or none)
 
 
 class _GPTQLosses:

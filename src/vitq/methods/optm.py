@@ -76,7 +76,8 @@ class OptMResult:
 
 
 def _capture(model: nn.Module, calib: torch.Tensor, max_rows: int,
-             row_weights: dict[int, torch.Tensor] | None = None) -> dict[int, tuple[torch.Tensor, object]]:
+             row_weights: dict[int, torch.Tensor] | None = None,
+             token_weights: dict[int, torch.Tensor] | None = None) -> dict[int, tuple[torch.Tensor, object]]:
     """Float inputs of every activation quantizer and a function giving the output it feeds.
 
     Args:
@@ -84,6 +85,9 @@ def _capture(model: nn.Module, calib: torch.Tensor, max_rows: int,
             PTF grids: ``1 / var`` of the residual stream at that token (over channels), the factor by
             which the next LayerNorm scales an error there. A LayerNorm's input grid and a residual
             addition's ``x`` grid use their own input's variance; the ``branch`` grid that of ``x + branch``.
+        token_weights: if given, filled with ``id(quantizer) -> 4^b_t per sample row`` for the grids with
+            token shifts (``QuantConfig.residual_token_shift``), whose samples are captured divided by
+            ``2^b_t`` (what the channel grid sees): an error there is ``2^b_t`` times larger in ``x``.
 
     Returns ``id(quantizer) -> (sample, output_fn or None)``.
     """
@@ -121,7 +125,10 @@ def _capture(model: nn.Module, calib: torch.Tensor, max_rows: int,
         idx = pick(x)  # drawn even when already captured, so every other sample stays as it was
         if id(mod) in found:
             return
-        found[id(mod)] = (rows(x, idx), None)
+        f = mod.token_factor(x) if mod.spec.granularity == "ptf" else None
+        found[id(mod)] = (rows(x if f is None else x / f, idx), None)
+        if f is not None and token_weights is not None:
+            token_weights[id(mod)] = rows(f.square().expand(*x.shape[:-1], 1), idx).squeeze(-1)
         if row_weights is None or getattr(mod, "ptf_axis", None) != -1:
             return
         if id(mod) in x_grids:
@@ -340,7 +347,8 @@ def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int | None = None, 
     targets = {id(q): signed for q, signed in adapter.two_region_targets(model)}
     gelus = {id(q): g for q, g in adapter.gelu_inputs(model)} if nonlin_objective == "output" else {}
     row_weights: dict[int, torch.Tensor] | None = {} if ptf_objective == "normalized" else None
-    found = _capture(model, calib[:n_images], max_rows, row_weights)
+    token_weights: dict[int, torch.Tensor] = {}
+    found = _capture(model, calib[:n_images], max_rows, row_weights, token_weights)
     result = OptMResult()
     acts = [q for q in all_quantizers(model) if not q.is_weight and id(q) in found]
     for q in tqdm(acts, desc="OPT-m", disable=not progress, leave=False):
@@ -348,6 +356,8 @@ def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int | None = None, 
         # the samples are channel-last rows, so only grids whose channels are the last axis are searched
         if ptf and q.spec.granularity == "ptf" and q.spec.scheme == "uniform" and q.ptf_axis == -1:
             weight = None if row_weights is None else row_weights[id(q)]
+            if id(q) in token_weights:  # samples divided by their token factors: weigh errors back
+                weight = token_weights[id(q)] if weight is None else weight * token_weights[id(q)]
             scale, zp, err, err0 = search_ptf(x, q.range_min, q.range_max, q.spec.bits, row_weight=weight)
             q.set_ptf(scale, zp)
             result.choices.append(OptMChoice(q.name, "ptf", 0, err0, err))

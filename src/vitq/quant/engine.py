@@ -126,6 +126,8 @@ def apply_config(model: nn.Module, config: QuantConfig) -> None:
             bits = config.first_layer_a_bits if (q.layer in first and q.role == "input") else s["a_bits"]
             gran = "ptf" if (q.ptf_axis is not None and config.residual_ptf) else "per_tensor"
             q.spec = TensorSpec(bits=bits, scheme="uniform", symmetric=False, granularity=gran)
+            q.token_shifts = config.residual_token_shift and gran == "ptf"
+            q.set_token_shift(None)
         q.mode = "off"
     for m in weight_layers(model):
         m.refresh()

@@ -41,6 +41,9 @@ class TensorQuantizer(nn.Module):
         # Channel axis of a residual-stream tensor (ViT/Swin LayerNorm inputs, residual additions): such
         # tensors get a power-of-two-factor per-channel grid in the full protocol (see ptf_params).
         self.ptf_axis: int | None = None
+        # Full protocol, QuantConfig.residual_token_shift: a PTF grid also gets a static power-of-two factor
+        # per token position (buffer ``token_shift``, registered at calibration; quantizers.token_shift_params)
+        self.token_shifts = False
         self.calls = 0  # forward calls since the last reset; tests use it to prove single quantization
         self.elements = 0  # activation values seen while observing (for the element-weighted average bits)
         # Parameters: shapes are known only after calibration (per tensor / per channel / per group).
@@ -64,8 +67,28 @@ class TensorQuantizer(nn.Module):
     def start_observing(self, method: str, seed: int) -> None:
         self.mode = "observe"
         axis = self.ptf_axis if self.spec.granularity == "ptf" else None
-        self.observer = ActivationObserver(method, seed=seed, axis=axis)
+        self.set_token_shift(None)
+        self.observer = ActivationObserver(method, seed=seed, axis=axis, per_position=self._uses_token_shifts)
         self.elements = 0
+
+    @property
+    def _uses_token_shifts(self) -> bool:
+        return self.token_shifts and self.spec.granularity == "ptf" and self.ptf_axis == -1
+
+    def set_token_shift(self, shift: torch.Tensor | None) -> None:
+        """Adopt per-position power-of-two exponents (None: remove them). A buffer only while set, so the
+        state of quantizers without token shifts (and older artifacts) is unchanged."""
+        if shift is None:
+            self._buffers.pop("token_shift", None)
+        elif "token_shift" in self._buffers:
+            self.token_shift = shift.detach().float().clone()
+        else:
+            self.register_buffer("token_shift", shift.detach().float().clone())
+
+    def token_factor(self, x: torch.Tensor) -> torch.Tensor | None:
+        """``2^token_shift`` broadcast against ``x``, or None for a grid without token shifts."""
+        shift = self._buffers.get("token_shift")
+        return None if shift is None else Q.token_factor(x, shift)
 
     def finish_observing(self, percentile: float, mse_objective: str) -> None:
         """Turn the observed statistics into parameters and switch to quantizing."""
@@ -73,6 +96,15 @@ class TensorQuantizer(nn.Module):
             raise RuntimeError(f"quantizer {self.name} saw no data during calibration")
         use_output = mse_objective == "output" and self.output_fn is not None and self.spec.scheme == "uniform"
         lo, hi = self.observer.compute_range(self._clip_quantize, percentile, self.output_fn if use_output else None)
+        if self.observer.per_position:
+            # ranges per position and channel: the positions' shifts, then each channel's range over the
+            # positions as the channel grid sees them (divided by their factors)
+            shift = Q.token_shift_params(lo, hi)
+            # no position needs a shift (DeiT-Tiny): no buffer, so the grid is exactly the plain PTF one
+            self.set_token_shift(shift if bool(shift.any()) else None)
+            f = torch.exp2(shift).unsqueeze(-1)
+            dims = tuple(range(lo.dim() - 1))
+            lo, hi = (lo / f).amin(dim=dims), (hi / f).amax(dim=dims)
         self.set_range(lo, hi)
         self.observer = None
         self.mode = "quant"
@@ -149,6 +181,9 @@ class TensorQuantizer(nn.Module):
                                            signed_fine=self.spec.symmetric)
         qmin, qmax = self._qrange()
         if self.spec.granularity == "ptf":
+            f = self.token_factor(x)
+            if f is not None:  # division and product by powers of two: exact in float
+                return Q.fake_quant_uniform(x / f, self.scale, self.zero_point, qmin, qmax, axis=self.ptf_axis) * f
             return Q.fake_quant_uniform(x, self.scale, self.zero_point, qmin, qmax, axis=self.ptf_axis)
         return Q.fake_quant_uniform(x, self.scale, self.zero_point, qmin, qmax)
 
@@ -236,8 +271,11 @@ class TensorQuantizer(nn.Module):
             out = x + (self.fake_quant(xd) - xd)
         elif self.spec.granularity == "ptf":
             qmin, qmax = self._qrange()
-            out = Q.fake_quant_uniform_ste(x, self.scale * self.log_scale.exp(), self.zero_point, qmin, qmax,
+            f = self.token_factor(x)
+            xs = x if f is None else x / f
+            out = Q.fake_quant_uniform_ste(xs, self.scale * self.log_scale.exp(), self.zero_point, qmin, qmax,
                                            axis=self.ptf_axis)
+            out = out if f is None else out * f
         else:
             scale = self.log_scale.exp()
             if self.spec.scheme == "two_region":
@@ -269,6 +307,8 @@ class TensorQuantizer(nn.Module):
         for key in ("scale", "zero_point", "range_min", "range_max"):
             if prefix + key in state_dict:
                 setattr(self, key, torch.empty_like(state_dict[prefix + key]))
+        if prefix + "token_shift" in state_dict:
+            self.set_token_shift(torch.empty_like(state_dict[prefix + "token_shift"]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

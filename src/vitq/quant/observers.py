@@ -92,13 +92,21 @@ class ActivationObserver:
         method: one of :data:`OBSERVERS`.
         max_elements: cap on the values kept for ``percentile``/``mse``.
         seed: seed of the row sampling, so calibration is reproducible.
+        axis: channel axis of a per-channel (PTF) grid; its min/max are kept per channel.
+        per_position: with ``axis=-1``, keep min/max per position and channel (token shifts).
     """
 
-    def __init__(self, method: str = "minmax", max_elements: int = 1 << 20, seed: int = 0, axis: int | None = None):
+    def __init__(self, method: str = "minmax", max_elements: int = 1 << 20, seed: int = 0, axis: int | None = None,
+                 per_position: bool = False):
         if method not in OBSERVERS:
             raise ValueError(f"unknown observer '{method}', choose from {', '.join(OBSERVERS)}")
+        if per_position and axis != -1:
+            raise ValueError("per-position ranges need channel-last tensors (axis=-1)")
         self.method = method
         self.axis = axis  # when set, min/max are kept per channel along this axis (PTF grids)
+        # when set, min/max are kept per position and channel (reduced over the batch axis only), for
+        # token shifts (quantizers.token_shift_params)
+        self.per_position = per_position
         self.max_elements = max_elements
         self.min: torch.Tensor | None = None
         self.max: torch.Tensor | None = None
@@ -108,7 +116,12 @@ class ActivationObserver:
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().float()
-        if self.axis is not None:
+        if self.per_position:
+            lo, hi = x.amin(dim=0), x.amax(dim=0)
+            if self.min is not None and lo.shape != self.min.shape:
+                raise ValueError(f"per-position ranges need one input size: saw positions x channels "
+                                 f"{tuple(self.min.shape)}, then {tuple(lo.shape)}")
+        elif self.axis is not None:
             dims = Q.reduce_dims(x, self.axis)
             lo, hi = x.amin(dim=dims), x.amax(dim=dims)
         else:

@@ -141,6 +141,45 @@ def ptf_window_params(lo: torch.Tensor, hi: torch.Tensor, scale: torch.Tensor, b
     return (qmin - torch.round(lo * shrink / scale)).clamp(qmin, qmax)
 
 
+# A token position keeps shift 0 unless its range is more than 2^TOKEN_FREE_LOG2 times the median
+# position's: ordinary spread between tokens (the class token, bright patches) stays on the channel grid,
+# and only positions with massive activations (ViT-Tiny's four corner patches, about 120x the median from
+# block 8 on) get a coarser grid of their own (docs/methods.md, "Token shifts").
+TOKEN_FREE_LOG2 = 3
+
+
+def token_shift_params(lo: torch.Tensor, hi: torch.Tensor, max_shift: int = 7,
+                       free_log2: float = TOKEN_FREE_LOG2) -> torch.Tensor:
+    """Static power-of-two factor per token position of a residual-stream grid.
+
+    Position ``t`` is quantized on the per-channel grid with every step multiplied by ``2^b_t``, i.e.
+    ``x_t / 2^b_t`` goes through the channel grid and the result is multiplied back; both are shifts in
+    integer arithmetic, and a LayerNorm is unchanged by a per-token factor. ``b_t`` is the smallest shift
+    that brings the position's largest magnitude within ``2^free_log2`` times the median position's.
+
+    Args:
+        lo, hi: ranges per position and channel, shaped ``[positions..., channels]``.
+
+    Returns:
+        ``b``, shaped ``[positions...]``, integers in ``0..max_shift`` (as floats).
+    """
+    amax = torch.maximum(lo.abs(), hi.abs()).amax(-1)
+    ref = amax.flatten().median().clamp_min(EPS)
+    return torch.ceil(torch.log2(amax.clamp_min(EPS) / ref) - free_log2).clamp(0, max_shift)
+
+
+def token_factor(x: torch.Tensor, token_shift: torch.Tensor) -> torch.Tensor:
+    """``2^token_shift`` shaped to broadcast against a channel-last ``x`` = ``[batch, positions..., channels]``.
+
+    Raises:
+        ValueError: ``x``'s positions differ from the calibrated ones (another input size).
+    """
+    if tuple(x.shape[1:-1]) != tuple(token_shift.shape):
+        raise ValueError(f"token shifts were calibrated for positions {tuple(token_shift.shape)}, got a tensor "
+                         f"of shape {tuple(x.shape)}; quantize again at this input size")
+    return torch.exp2(token_shift).unsqueeze(-1)
+
+
 # ----------------------------------------------------------------------------------------- power of two
 
 
