@@ -193,8 +193,9 @@ def main() -> int:
                 label += f", PTF objective {args.opt_m_ptf_objective}"
             if args.opt_m_nonlin_objective != MethodOptions.optm_nonlin_objective and v["protocol"] == "full":
                 label += f", GELU-input clip on {args.opt_m_nonlin_objective}"
-            if token_shift(v):
-                label += ", token shifts"
+            if token_shift(v):  # how many grids calibration shifted (0: the default's model exactly)
+                n = sum("token_shift" in m._buffers for m in q.modules())
+                label += f", token shifts ({n} grids shifted)"
             if args.recon_e2e_iters != MethodOptions.recon_e2e_iters:
                 label += f", end-to-end {args.recon_e2e_iters} steps"
             key = f"{v['protocol']} {label}"
