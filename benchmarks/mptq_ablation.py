@@ -105,8 +105,9 @@ def main() -> int:
                     help="attention smoothing in the variants that run SQ-b (vitq quantize --attn-smooth)")
     ap.add_argument("--attn-smooth-parts", default="qk,v",
                     help="with --attn-smooth: which transforms run, 'qk', 'v' or 'qk,v' (a diagnostic)")
-    ap.add_argument("--token-shift", action="store_true",
-                    help="full-protocol variants: token shifts on the PTF grids (vitq quantize --token-shift)")
+    ap.add_argument("--token-shift", action=argparse.BooleanOptionalAction, default=QuantConfig.residual_token_shift,
+                    help="full-protocol variants: token shifts on the PTF grids (vitq quantize --token-shift; on "
+                         "by default since rule R20)")
     ap.add_argument("--out")
     args = ap.parse_args()
     if args.probe_images is None:
@@ -193,9 +194,11 @@ def main() -> int:
                 label += f", PTF objective {args.opt_m_ptf_objective}"
             if args.opt_m_nonlin_objective != MethodOptions.optm_nonlin_objective and v["protocol"] == "full":
                 label += f", GELU-input clip on {args.opt_m_nonlin_objective}"
-            if token_shift(v):  # how many grids calibration shifted (0: the default's model exactly)
+            if token_shift(v):  # how many grids calibration shifted (0: the model without them exactly)
                 n = sum("token_shift" in m._buffers for m in q.modules())
                 label += f", token shifts ({n} grids shifted)"
+            elif v["protocol"] == "full":
+                label += ", --no-token-shift"
             if args.recon_e2e_iters != MethodOptions.recon_e2e_iters:
                 label += f", end-to-end {args.recon_e2e_iters} steps"
             key = f"{v['protocol']} {label}"

@@ -298,8 +298,10 @@ def test_recon_runs_at_low_bits_is_reported_and_reloads(tmp_path, images, capsys
     # token shifts refine the full protocol's residual-stream grids
     assert main([*common, "--token-shift", "--out", str(tmp_path / "z")]) == 2
     assert "--token-shift" in capsys.readouterr().err
-    assert main([*common, "--protocol", "full", "--token-shift", "--out", str(tmp_path / "t")]) == 0
-    assert json.loads((tmp_path / "t" / "report.json").read_text())["config"]["residual_token_shift"] is True
+    assert main([*common, "--no-token-shift", "--out", str(tmp_path / "z")]) == 2
+    assert "--no-token-shift" in capsys.readouterr().err
+    assert main([*common, "--protocol", "full", "--no-token-shift", "--out", str(tmp_path / "t")]) == 0
+    assert json.loads((tmp_path / "t" / "report.json").read_text())["config"]["residual_token_shift"] is False
     assert main([*common, "--opt-m", "--opt-m-grid", "wide", "--out", str(tmp_path / "g")]) == 0
     assert json.loads((tmp_path / "g" / "report.json").read_text())["methods"]["optm_grid"] == "wide"
     assert main([*common, "--recon", "--recon-iters", "0", "--out", str(tmp_path / "w")]) == 2

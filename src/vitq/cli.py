@@ -182,6 +182,9 @@ def _cmd_quantize(args) -> int:
                           "GELU inputs: give it with --opt-m or --method mptq and --protocol full")
     if args.sq_b_gelu and args.sq_b_unnormed:
         raise ConfigError("give only one of --sq-b-gelu and --sq-b-unnormed (both transform fc2's input)")
+    if args.residual_token_shift is not None and not (config.protocol == "full" and config.residual_ptf):
+        flag = "--token-shift" if args.residual_token_shift else "--no-token-shift"
+        raise ConfigError(f"{flag} sets the full protocol's residual-stream (PTF) grids: give it with --protocol full")
     if args.mp_search is not None and args.method == "m2q":
         raise ConfigError(f"--mp-search {args.mp_search} is for Greedy MP's average-bit/size budgets, not --method m2q")
     cost_budget = [(k, v) for k, v in (("edp", args.budget_edp), ("energy", args.budget_energy),
@@ -406,9 +409,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mse-objective", choices=["tensor", "output"])
     p.add_argument("--w-granularity", choices=["per_tensor", "per_channel", "per_group"])
     p.add_argument("--w-scheme", choices=["uniform", "pot"])
-    p.add_argument("--token-shift", dest="residual_token_shift", action="store_const", const=True,
+    p.add_argument("--token-shift", dest="residual_token_shift", action=argparse.BooleanOptionalAction,
                    help="full protocol: the residual stream's PTF grids also get a static power-of-two factor per "
-                        "token position (QuantConfig.residual_token_shift; off by default, docs/methods.md)")
+                        "token position (QuantConfig.residual_token_shift; on by default since rule R20, "
+                        "docs/methods.md; --no-token-shift turns it off)")
     p.add_argument("--config", help="QuantConfig JSON (per-layer rules); explicit options override it")
     p.add_argument("--seed", type=int)
     p.add_argument("--method", choices=["mptq", "m2q"],

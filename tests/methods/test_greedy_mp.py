@@ -249,13 +249,13 @@ def test_banks_carry_their_token_shifts():
     with torch.no_grad():
         model.pos_embed[:, 2, 3] += 300.0
     shifted = quantize(model, x, QuantConfig(w_bits=6, a_bits=6, protocol="full", residual_token_shift=True))
-    plain = quantize(model, x, QuantConfig(w_bits=8, a_bits=8, protocol="full"))
+    plain = quantize(model, x, QuantConfig(w_bits=8, a_bits=8, protocol="full", residual_token_shift=False))
     bank = _harvest(shifted)
     for q in all_quantizers(plain):
         _apply(q, bank[q.name])
     with torch.inference_mode():
         assert torch.equal(plain(x), shifted(x))
-    back = _harvest(quantize(model, x, QuantConfig(w_bits=8, a_bits=8, protocol="full")))
+    back = _harvest(quantize(model, x, QuantConfig(w_bits=8, a_bits=8, protocol="full", residual_token_shift=False)))
     for q in all_quantizers(plain):
         _apply(q, back[q.name])
     assert not any("token_shift" in q._buffers for q in all_quantizers(plain))

@@ -199,8 +199,8 @@ def test_token_shifts_give_massive_positions_their_own_factor():
     x = tiny_images(size, n=8)
     with torch.no_grad():
         model.pos_embed[:, 2, 3] += 300.0  # one position with a massive channel, as ViT-Tiny's corner patches
-    plain = quantize(model, x, QuantConfig(protocol="full"))
-    shifted = quantize(model, x, QuantConfig(protocol="full", residual_token_shift=True))
+    plain = quantize(model, x, QuantConfig(protocol="full", residual_token_shift=False))
+    shifted = quantize(model, x, QuantConfig(protocol="full"))  # on by default since rule R20
     q = shifted.blocks[0].residual1.x_quant
     assert q.token_shift.shape == (model.pos_embed.shape[1],)
     assert q.token_shift[2] > 0 and int((q.token_shift > 0).sum()) == 1
@@ -217,11 +217,14 @@ def test_token_shifts_give_massive_positions_their_own_factor():
         q.fake_quant(stream[:, :-1])
 
 
-def test_token_shifts_need_the_full_protocol():
-    with pytest.raises(ConfigError, match="residual_token_shift"):
-        QuantConfig(residual_token_shift=True)
-    with pytest.raises(ConfigError, match="residual_token_shift"):
-        QuantConfig(protocol="full", residual_ptf=False, residual_token_shift=True)
+@pytest.mark.parametrize("kw", [dict(protocol="standard"), dict(protocol="full", residual_ptf=False)])
+def test_token_shifts_apply_to_ptf_grids_only(kw):
+    model, size = tiny_model("vit")
+    x = tiny_images(size)
+    with torch.no_grad():
+        model.pos_embed[:, 2, 3] += 300.0
+    q = quantize(model, x, QuantConfig(residual_token_shift=True, **kw))
+    assert not any("token_shift" in t._buffers for t in all_quantizers(q))
 
 
 def test_left_in_float_switches_off_and_restores_modes_even_on_error():

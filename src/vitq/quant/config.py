@@ -63,10 +63,11 @@ class QuantConfig:
         residual_ptf: full protocol: quantize the residual stream of ViT/Swin (LayerNorm inputs and
             residual additions) per channel with power-of-two scale factors (FQ-ViT's PTF), since a few
             channels are hundreds of times larger than the rest. False: per tensor.
-        residual_token_shift: full protocol with ``residual_ptf``: each PTF grid also gets a static
-            power-of-two factor per token position, so positions that carry massive activations (ViT-Tiny's
-            corner patches) do not set the channels' ranges for every other token (docs/methods.md).
-            Needs a fixed input size (the positions are calibrated).
+        residual_token_shift: each PTF grid (full protocol with ``residual_ptf``; ignored otherwise) also
+            gets a static power-of-two factor per token position, so positions that carry massive
+            activations (ViT-Tiny's corner patches) do not set the channels' ranges for every other token.
+            On by default since session 17 (rule R20, docs/methods.md). The positions are calibrated, so
+            the model then needs the input size it was calibrated at.
         rules: per-layer overrides, applied in order (later rules win).
         seed: seed of every random choice (observer sampling; block reconstruction's batch order and QDrop).
     """
@@ -82,7 +83,7 @@ class QuantConfig:
     group_size: int = 64
     first_layer_a_bits: int = 8
     residual_ptf: bool = True
-    residual_token_shift: bool = False
+    residual_token_shift: bool = True
     rules: list[LayerRule] = field(default_factory=list)
     seed: int = 0
 
@@ -100,10 +101,6 @@ class QuantConfig:
         _bits("a_bits", self.a_bits)
         _bits("first_layer_a_bits", self.first_layer_a_bits)
         _choice("protocol", self.protocol, PROTOCOLS)
-        if self.residual_token_shift and not (self.protocol == "full" and self.residual_ptf):
-            raise ConfigError("residual_token_shift (--token-shift) needs protocol 'full' with residual_ptf (the token shifts "
-                              f"refine the residual stream's PTF grids); got protocol {self.protocol!r}, "
-                              f"residual_ptf={self.residual_ptf}")
         _choice("observer", self.observer, OBSERVERS)
         _choice("mse_objective", self.mse_objective, ("tensor", "output"))
         _choice("w_granularity", self.w_granularity, GRANULARITIES)
