@@ -205,6 +205,9 @@ def test_token_shifts_give_massive_positions_their_own_factor():
     assert q.token_shift.shape == (model.pos_embed.shape[1],)
     assert q.token_shift[2] > 0 and int((q.token_shift > 0).sum()) == 1
     assert "token_shift" not in plain.blocks[0].residual1.x_quant._buffers
+    grans = {r.name: r.granularity for r in tensor_table(shifted)}  # the report's table says which grids
+    assert grans["blocks.0.residual1.x"] == "ptf+token" and grans["blocks.0.attn.qkv.input"] == "per_tensor"
+    assert {r.granularity for r in tensor_table(plain)} & {"ptf+token"} == set()
     with torch.inference_mode():
         stream = model._pos_embed(model.patch_embed(x))
         others = torch.arange(stream.shape[1]) != 2
