@@ -89,11 +89,15 @@ def main() -> int:
     ap.add_argument("--settings", nargs="+", default=["none", "iters=50,drop=0", "iters=50,drop=0.5"])
     ap.add_argument("--folds", type=int, default=4, help="how many of the 4 folds of 8 images to run")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--methods", choices=["mptq", "none"], default="mptq",
+                    help="the pipeline before reconstruction: SQ-b, OPT-m and GPTQ (mptq), or calibration only "
+                         "(none: the engine's plain grids, e.g. to see an option without OPT-m's searches)")
     args = ap.parse_args()
     settings = [(s, parse_setting(s)) for s in args.settings]
     assets = Path(args.assets)
     cfg = QuantConfig(w_bits=args.bits, a_bits=args.bits, observer="mse", protocol=args.protocol)
-    opts = MethodOptions(sq_b=True, opt_m=True, gptq=True, recon=False)
+    opts = (MethodOptions(sq_b=True, opt_m=True, gptq=True, recon=False) if args.methods == "mptq"
+            else MethodOptions(recon=False))
     rows = []
     for name in args.models:
         torch.manual_seed(args.seed)
@@ -122,7 +126,7 @@ def main() -> int:
                     sums[text][i] += v / len(folds)
         for text, _ in settings:
             rows.append((name, text, *sums[text]))
-    print(f"\n# W{args.bits}A{args.bits} {args.protocol}, mptq pipeline, reconstruction settings; mean over "
+    print(f"\n# W{args.bits}A{args.bits} {args.protocol}, {args.methods} pipeline, reconstruction settings; mean over "
           f"{args.folds} fold(s): fitted on 24 calibration images, scored on the other 8")
     print("| model | setting | held-out KL | held-out agreement | fitted KL | fitted agreement | recon s |")
     print("|---|---|---|---|---|---|---|")
