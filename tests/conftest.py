@@ -44,6 +44,15 @@ def tiny_model(family: str, seed: int = 0):
     return model, size
 
 
+def tiny_vit_with_massive_position(n: int = 4, family: str = "vit", position: int = 2, channel: int = 3):
+    """A tiny ViT/DeiT whose residual stream has one massive value at a fixed token position (as ViT-Tiny's
+    corner patches, docs/results.md Session 17), and ``n`` images for it."""
+    model, size = tiny_model(family)
+    with torch.no_grad():
+        model.pos_embed[:, position, channel] += 300.0
+    return model, tiny_images(size, n=n)
+
+
 def tiny_images(size: int, n: int = 4, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 3, size, size, generator=g)

@@ -5,7 +5,7 @@ import torch
 
 from vitq.artifact import ArtifactError, load_artifact, save_artifact, write_dir_atomically
 from vitq.quant import LayerRule, QuantConfig, quantize
-from conftest import TINY, tiny_images, tiny_model
+from conftest import TINY, tiny_images, tiny_model, tiny_vit_with_massive_position
 
 META = {"model": "deit_tiny_patch16_224.fb_in1k", "model_kwargs": TINY["deit"][1]}
 
@@ -29,10 +29,7 @@ def test_save_and_reload_are_identical(tmp_path, protocol):
 
 
 def test_token_shifts_survive_save_and_reload(tmp_path):
-    model, size = tiny_model("deit")
-    x = tiny_images(size)
-    with torch.no_grad():
-        model.pos_embed[:, 1, 5] += 300.0
+    model, x = tiny_vit_with_massive_position(n=4, family="deit", position=1, channel=5)
     q = quantize(model, x, QuantConfig(w_bits=6, a_bits=6, protocol="full", residual_token_shift=True))
     shifts = {k: v for k, v in q.state_dict().items() if k.endswith("token_shift")}
     assert shifts and all(v[1] > 0 for v in shifts.values())

@@ -7,7 +7,7 @@ from vitq.quant import QuantConfig
 from vitq.quant.config import ConfigError
 from vitq.quant.engine import all_quantizers, model_stats, tensor_table
 
-from conftest import tiny_images, tiny_model
+from conftest import tiny_images, tiny_model, tiny_vit_with_massive_position
 
 
 def _search(budget, options=MethodOptions(), family="deit", **kw):
@@ -244,10 +244,7 @@ def test_banks_carry_their_token_shifts():
     from vitq.methods.greedy_mp import _apply, _harvest
     from vitq.quant import quantize
 
-    model, size = tiny_model("vit")
-    x = tiny_images(size, n=4)
-    with torch.no_grad():
-        model.pos_embed[:, 2, 3] += 300.0
+    model, x = tiny_vit_with_massive_position(n=4)
     shifted = quantize(model, x, QuantConfig(w_bits=6, a_bits=6, protocol="full", residual_token_shift=True))
     plain = quantize(model, x, QuantConfig(w_bits=8, a_bits=8, protocol="full", residual_token_shift=False))
     bank = _harvest(shifted)

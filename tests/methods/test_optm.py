@@ -5,7 +5,7 @@ from vitq.methods.optm import CLIP_GRID, apply_optm, default_m_max, search_gelu_
 from vitq.quant import quantizers as Q
 from vitq.quant import QuantConfig, quantize
 
-from conftest import tiny_images, tiny_model
+from conftest import tiny_images, tiny_model, tiny_vit_with_massive_position
 
 
 def test_never_worse_than_m0_and_two_region_on_softmax_like_data():
@@ -248,10 +248,7 @@ def test_apply_optm_output_objective_clips_the_gelu_inputs_only():
 def test_capture_divides_token_shifted_rows_and_weighs_their_errors_back():
     from vitq.methods.optm import _capture
 
-    model, size = tiny_model("vit")
-    x = tiny_images(size, n=2)
-    with torch.no_grad():
-        model.pos_embed[:, 2, 3] += 300.0
+    model, x = tiny_vit_with_massive_position(n=2)
     q = quantize(model, x, QuantConfig(w_bits=6, a_bits=6, protocol="full", residual_token_shift=True))
     grid = q.blocks[0].residual1.x_quant
     seen = {}
@@ -269,10 +266,7 @@ def test_capture_divides_token_shifted_rows_and_weighs_their_errors_back():
 
 
 def test_apply_optm_ptf_search_keeps_token_shifts():
-    model, size = tiny_model("vit")
-    x = tiny_images(size, n=4)
-    with torch.no_grad():
-        model.pos_embed[:, 2, 3] += 300.0
+    model, x = tiny_vit_with_massive_position(n=4)
     q = quantize(model, x, QuantConfig(w_bits=6, a_bits=6, protocol="full", residual_token_shift=True))
     grid = q.blocks[0].residual1.x_quant
     shift = grid.token_shift.clone()

@@ -13,7 +13,7 @@ from vitq.quant.config import TensorSpec
 from vitq.quant.engine import all_quantizers, weight_layers
 from vitq.quant.layers import TensorQuantizer
 
-from conftest import tiny_images, tiny_model
+from conftest import tiny_images, tiny_model, tiny_vit_with_massive_position
 
 
 def _kl(model, x, ref):
@@ -173,10 +173,7 @@ def test_recon_learns_the_ptf_base_scale_and_keeps_power_of_two_ratios():
 
 
 def test_recon_learns_ptf_steps_through_token_shifts():
-    model, size = tiny_model("vit")
-    x = tiny_images(size, n=8)
-    with torch.no_grad():
-        model.pos_embed[:, 2, 3] += 300.0
+    model, x = tiny_vit_with_massive_position(n=8)
     cfg = QuantConfig(w_bits=4, a_bits=4, protocol="full", residual_token_shift=True)
     opts = MethodOptions(opt_m=True, optm_ptf=False)
     base = run_pipeline(model, x, cfg, opts).model

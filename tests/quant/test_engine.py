@@ -11,7 +11,7 @@ from vitq.quant.config import ConfigError
 from vitq.quant.engine import all_quantizers, left_in_float, set_quant_enabled
 from vitq.quant.layers import QuantConv2d, QuantLinear, QuantMatMul
 
-from conftest import tiny_images, tiny_model
+from conftest import tiny_images, tiny_model, tiny_vit_with_massive_position
 
 FAMILIES = ["vit", "deit", "swin", "efficientvit", "cnn"]
 
@@ -195,10 +195,7 @@ def test_full_protocol_residual_stream_uses_ptf_and_can_be_turned_off():
 
 
 def test_token_shifts_give_massive_positions_their_own_factor():
-    model, size = tiny_model("vit")
-    x = tiny_images(size, n=8)
-    with torch.no_grad():
-        model.pos_embed[:, 2, 3] += 300.0  # one position with a massive channel, as ViT-Tiny's corner patches
+    model, x = tiny_vit_with_massive_position(n=8)
     plain = quantize(model, x, QuantConfig(protocol="full", residual_token_shift=False))
     shifted = quantize(model, x, QuantConfig(protocol="full"))  # on by default since rule R20
     q = shifted.blocks[0].residual1.x_quant
@@ -222,10 +219,7 @@ def test_token_shifts_give_massive_positions_their_own_factor():
 
 @pytest.mark.parametrize("kw", [dict(protocol="standard"), dict(protocol="full", residual_ptf=False)])
 def test_token_shifts_apply_to_ptf_grids_only(kw):
-    model, size = tiny_model("vit")
-    x = tiny_images(size)
-    with torch.no_grad():
-        model.pos_embed[:, 2, 3] += 300.0
+    model, x = tiny_vit_with_massive_position(n=4)
     q = quantize(model, x, QuantConfig(residual_token_shift=True, **kw))
     assert not any("token_shift" in t._buffers for t in all_quantizers(q))
 
