@@ -21,6 +21,21 @@ def load_or_random_init(name: str) -> LoadedModel:
         return load_model(name, random_init=True)
 
 
+def module_inputs(model: torch.nn.Module, modules: dict, x: torch.Tensor) -> dict:
+    """The first positional input of each of ``modules`` (``key -> module``) in one float forward pass of
+    ``x``, under the same keys; the hooks are removed even if the pass fails."""
+    inputs: dict = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, key=key: inputs.__setitem__(key, a[0].detach()))
+             for key, m in modules.items()]
+    try:
+        with torch.inference_mode():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return inputs
+
+
 def load_calib32(assets: Path, transform: EvalTransform) -> torch.Tensor:
     """The fixed calibration split (``assets/calib32.txt`` of ``assets/imagenet-sample``) as one tensor."""
     images, _ = load_tensors(make_dataset(Path(assets) / "imagenet-sample", transform, Path(assets) / "calib32.txt"))

@@ -23,7 +23,7 @@ from torch.nn import functional as F
 from vitq.methods.optm import GELU_ROWS, search_gelu_clip
 from vitq.zoo import load_model
 
-from _models import load_calib32
+from _models import load_calib32, module_inputs
 
 
 def main() -> int:
@@ -36,13 +36,7 @@ def main() -> int:
     loaded = load_model(args.model)
     x = load_calib32(Path(args.assets), loaded.entry.transform)[: args.images]
     gelus = [(name, m) for name, m in loaded.model.named_modules() if isinstance(m, nn.GELU)]
-    inputs: dict[str, torch.Tensor] = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, a, name=name: inputs.__setitem__(name, a[0].detach()))
-             for name, m in gelus]
-    with torch.inference_mode():
-        loaded.model(x)
-    for h in hooks:
-        h.remove()
+    inputs = module_inputs(loaded.model, dict(gelus), x)
     gen = torch.Generator().manual_seed(0)
     probs = torch.tensor([1e-4, 1e-2, 0.99, 0.9999])
     print(f"# {loaded.entry.timm_name}: GELU inputs on {args.images} calibration images; "

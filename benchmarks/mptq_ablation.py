@@ -25,7 +25,7 @@ from vitq.io import atomic_write_json
 from vitq.methods.greedy_mp import SEARCHES, Budget, default_gptq_losses, default_probe_images, greedy_mp
 from vitq.methods.mptq import MethodOptions, run_pipeline
 from vitq.methods.optm import GRIDS, NONLIN_OBJECTIVES, PTF_OBJECTIVES
-from vitq.quant import QuantConfig, model_stats
+from vitq.quant import QuantConfig, all_quantizers, model_stats
 from vitq.quant.config import ConfigError
 from vitq.zoo import load_model
 
@@ -195,7 +195,7 @@ def main() -> int:
             if args.opt_m_nonlin_objective != MethodOptions.optm_nonlin_objective and v["protocol"] == "full":
                 label += f", GELU-input clip on {args.opt_m_nonlin_objective}"
             if token_shift(v):  # how many grids calibration shifted (0: the model without them exactly)
-                n = sum("token_shift" in m._buffers for m in q.modules())
+                n = sum(t.token_shift_or_none is not None for t in all_quantizers(q))
                 label += f", token shifts ({n} grids shifted)"
             elif v["protocol"] == "full":
                 label += ", --no-token-shift"

@@ -122,7 +122,7 @@ class _Item:
 
 def _harvest(model: nn.Module) -> dict[str, dict]:
     return {q.name: {"spec": copy.deepcopy(q.spec), **{k: getattr(q, k).clone() for k in _BUFFERS},
-                     "token_shift": q._buffers.get("token_shift")}
+                     "token_shift": q.token_shift_or_none}
             for q in all_quantizers(model)}
 
 

@@ -125,7 +125,7 @@ def _capture(model: nn.Module, calib: torch.Tensor, max_rows: int,
         idx = pick(x)  # drawn even when already captured, so every other sample stays as it was
         if id(mod) in found:
             return
-        f = mod.token_factor(x) if mod.spec.granularity == "ptf" else None
+        f = mod.token_factor(x)  # None unless the grid has token shifts
         found[id(mod)] = (rows(x if f is None else x / f, idx), None)
         if f is not None and token_weights is not None:
             token_weights[id(mod)] = rows(f.square().expand(*x.shape[:-1], 1), idx).squeeze(-1)

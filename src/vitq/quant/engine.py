@@ -223,7 +223,7 @@ def tensor_table(model: nn.Module) -> list[QuantizedTensor]:
         else:
             elements = q.elements // n_img
             # a PTF grid with token shifts says so: its steps also depend on the token position
-            gran = "ptf+token" if "token_shift" in q._buffers else q.spec.granularity
+            gran = "ptf+token" if q.token_shift_or_none is not None else q.spec.granularity
         rows.append(QuantizedTensor(
             name=q.name, layer=q.layer, kind="weight" if q.is_weight else "activation", bits=q.spec.bits,
             scheme=q.spec.scheme, granularity=gran, range_min=float(q.range_min.min()),

@@ -85,9 +85,14 @@ class TensorQuantizer(nn.Module):
         else:
             self.register_buffer("token_shift", shift.detach().float().clone())
 
+    @property
+    def token_shift_or_none(self) -> torch.Tensor | None:
+        """The per-position exponents, or None for a grid without token shifts."""
+        return self._buffers.get("token_shift")
+
     def token_factor(self, x: torch.Tensor) -> torch.Tensor | None:
         """``2^token_shift`` broadcast against ``x``, or None for a grid without token shifts."""
-        shift = self._buffers.get("token_shift")
+        shift = self.token_shift_or_none
         return None if shift is None else Q.token_factor(x, shift)
 
     def finish_observing(self, percentile: float, mse_objective: str) -> None:
