@@ -83,6 +83,9 @@ def main() -> int:
                     help="QDrop probability during block reconstruction")
     ap.add_argument("--recon-max-bits", type=int, default=MethodOptions.recon_max_bits,
                     help="block reconstruction runs when the default activation width is at most this")
+    ap.add_argument("--gptq-max-bits", type=int, default=None,
+                    help="the widest weights GPTQ re-rounds (default: each variant's own, "
+                         f"MethodOptions' {MethodOptions.gptq_max_bits} for mptq)")
     ap.add_argument("--no-recon-ptf", action="store_true",
                     help="block reconstruction keeps the PTF grids' steps (full protocol)")
     ap.add_argument("--recon-flip", action=argparse.BooleanOptionalAction, default=MethodOptions.recon_flip,
@@ -122,7 +125,8 @@ def main() -> int:
                        optm_ptf=args.opt_m_ptf, optm_ptf_objective=args.opt_m_ptf_objective,
                        optm_nonlin_objective=args.opt_m_nonlin_objective,
                        attn_smooth=args.attn_smooth and opts.sq_b,
-                       attn_smooth_parts=tuple(args.attn_smooth_parts.split(",")))
+                       attn_smooth_parts=tuple(args.attn_smooth_parts.split(",")),
+                       gptq_max_bits=opts.gptq_max_bits if args.gptq_max_bits is None else args.gptq_max_bits)
 
     def token_shift(v: dict) -> bool:
         return args.token_shift and v["protocol"] == "full"
