@@ -161,9 +161,13 @@ def _error(out_fn, ref, xq) -> float:
     return (out_fn(xq) - ref).pow(2).mean().item() if out_fn is not None else (xq - ref).pow(2).mean().item()
 
 
-def search_uniform_clip(x: torch.Tensor, bits: int, out_fn=None) -> tuple[float, float, float]:
-    """Best asymmetric uniform clip ``r·[min, max]`` on the output objective. Returns (lo, hi, error)."""
-    ref = out_fn(x) if out_fn is not None else x
+def search_uniform_clip(x: torch.Tensor, bits: int, out_fn=None, ref: torch.Tensor | None = None
+                        ) -> tuple[float, float, float]:
+    """Best asymmetric uniform clip ``r·[min, max]`` on the output objective. Returns (lo, hi, error).
+
+    ``ref`` is ``out_fn(x)`` when the caller already has it (it is computed otherwise)."""
+    if ref is None:
+        ref = out_fn(x) if out_fn is not None else x
     lo0, hi0 = x.min(), x.max()
     qmin, qmax = Q.int_range(bits, False)
     best = (lo0.item(), hi0.item(), float("inf"))
@@ -193,9 +197,9 @@ def search_gelu_clip(x: torch.Tensor, bits: int, gelu: Callable[[torch.Tensor], 
     Returns:
         ``(lo, hi, error, error_symmetric)``: the clip, its GELU-output MSE, and the symmetric search's.
     """
-    lo, hi, best = search_uniform_clip(x, bits, gelu)  # the symmetric start, on this objective
-    symmetric = best
     ref = gelu(x)
+    lo, hi, best = search_uniform_clip(x, bits, gelu, ref=ref)  # the symmetric start, on this objective
+    symmetric = best
     lo0, hi0 = x.min(), x.max()
     qmin, qmax = Q.int_range(bits, False)
 
