@@ -12,7 +12,8 @@ on (to show over-fitting). Figures are averaged over the folds.
 A setting is ``none`` (no reconstruction) or comma-separated ``key=value`` with keys ``iters``, ``lr``,
 ``drop`` (QDrop probability), ``batch``, ``ptf`` (0/1: learn the PTF grids' step multipliers, full
 protocol), ``flip`` (0/1: also fit the mirrored images), ``float`` (learning rate of the biases and
-LayerNorm affines; 0 = not learned), ``e2e`` (end-to-end steps on the logits' KL after the blocks; 0 = none). The keys ``gelu`` (0/1: ``--sq-b-gelu``), ``mmax`` (``--m-max``), ``grid`` (``--opt-m-grid``) and ``ptfclip`` (0/1: ``--opt-m-ptf``), ``ptfobj`` (``--opt-m-ptf-objective``), ``attn`` (0/1: ``--attn-smooth``), ``nonlin`` (``--opt-m-nonlin-objective``), ``tokshift`` (0/1: ``--token-shift``,
+LayerNorm affines; 0 = not learned), ``e2e`` (end-to-end steps on the logits' KL after the blocks; 0 = none), ``wsbits`` (only layers with at most
+this many weight bits learn their weight scales). The keys ``gelu`` (0/1: ``--sq-b-gelu``), ``mmax`` (``--m-max``), ``grid`` (``--opt-m-grid``) and ``ptfclip`` (0/1: ``--opt-m-ptf``), ``ptfobj`` (``--opt-m-ptf-objective``), ``attn`` (0/1: ``--attn-smooth``), ``nonlin`` (``--opt-m-nonlin-objective``), ``tokshift`` (0/1: ``--token-shift``,
 a QuantConfig option), ``gptqmax`` (``--gptq-max-bits``: the widest weights GPTQ re-rounds), ``attnparts`` (``--attn-smooth-parts``
 with ``+`` between the parts, e.g. ``attn=1,attnparts=v``) change the
 pipeline before reconstruction instead; settings that share it share one pipeline run per fold. ``gelu=1`` alone means
@@ -39,7 +40,7 @@ from vitq.zoo import load_model
 # setting key -> (apply_block_recon argument, type); keys left out keep apply_block_recon's defaults
 KEYS = {"iters": ("iters", int), "lr": ("lr", float), "drop": ("drop_prob", float), "batch": ("batch", int),
         "ptf": ("ptf_scales", lambda v: bool(int(v))), "flip": ("flip", lambda v: bool(int(v))),
-        "float": ("float_lr", float), "e2e": ("e2e_iters", int)}
+        "float": ("float_lr", float), "e2e": ("e2e_iters", int), "wsbits": ("weight_scale_max_bits", int)}
 # setting key -> (MethodOptions field, type): these change the pipeline that runs before reconstruction
 PIPELINE_KEYS = {"gelu": ("sq_b_gelu", lambda v: bool(int(v))), "mmax": ("m_max", int), "grid": ("optm_grid", str),
                  "ptfclip": ("optm_ptf", lambda v: bool(int(v))), "ptfobj": ("optm_ptf_objective", str),

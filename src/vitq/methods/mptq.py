@@ -61,6 +61,9 @@ class MethodOptions:
     # > 0: after the blocks, this many Adam steps on the whole model's logit KL from FP (recon.py); decided
     # by rule R15 on held-out calibration folds, written before its run (docs/methods.md).
     recon_e2e_iters: int = 0
+    # Only layers with at most this many weight bits learn their weight scales in reconstruction (8 = all);
+    # rule R23 in docs/methods.md decides the default.
+    recon_wscale_max_bits: int = 8
 
     def recon_applies(self, config: QuantConfig) -> bool:
         return self.recon and config.a_bits <= self.recon_max_bits
@@ -68,7 +71,8 @@ class MethodOptions:
     def recon_kwargs(self) -> dict:
         """The :func:`apply_block_recon` settings these options choose (one place for every caller)."""
         return {"iters": self.recon_iters, "drop_prob": self.recon_drop, "ptf_scales": self.recon_ptf,
-                "flip": self.recon_flip, "float_lr": self.recon_float_lr, "e2e_iters": self.recon_e2e_iters}
+                "flip": self.recon_flip, "float_lr": self.recon_float_lr, "e2e_iters": self.recon_e2e_iters,
+                "weight_scale_max_bits": self.recon_wscale_max_bits}
 
 
 @dataclass

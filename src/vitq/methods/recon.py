@@ -68,7 +68,7 @@ def apply_block_recon(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor
                       batch: int = 8, lr: float = 4e-3, weight_scales: bool = True,
                       min_rows_per_channel: float = 4.0, drop_prob: float = 0.0, seed: int = 0,
                       ptf_scales: bool = True, flip: bool = False, float_lr: float = 0.0,
-                      e2e_iters: int = 0, progress: bool = True) -> ReconResult:
+                      e2e_iters: int = 0, weight_scale_max_bits: int = 8, progress: bool = True) -> ReconResult:
     """Tune step sizes block by block so each quantized block reproduces the float block (in place).
 
     Args:
@@ -96,6 +96,8 @@ def apply_block_recon(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor
             the KL divergence of its logits from the float model's (the metric vitq reports), learning the
             same step sizes and weight scales as the stages (not ``float_lr``'s parameters). It reports
             as a stage named ``end-to-end`` whose loss is that KL. 0 (default) skips it.
+        weight_scale_max_bits: with ``weight_scales``, only layers with at most this many weight bits learn
+            their scales (8, the default, means all); wider ones keep theirs, like GPTQ's ``max_bits``.
 
     Returns:
         Per stage, the number of learned scalars and :func:`stage_loss` before and after.
@@ -106,12 +108,15 @@ def apply_block_recon(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor
         raise ValueError(f"float_lr must be a finite learning rate >= 0 (0 = off), got {float_lr}")
     if iters < 1 or batch < 1:
         raise ValueError(f"iters and batch must be at least 1, got iters={iters}, batch={batch}")
+    if not 2 <= weight_scale_max_bits <= 8:
+        raise ValueError(f"weight_scale_max_bits must be from 2 to 8, got {weight_scale_max_bits}")
     if e2e_iters < 0:
         raise ValueError(f"e2e_iters must be >= 0 (0 = no end-to-end stage), got {e2e_iters}")
     t0 = time.perf_counter()
     result = ReconResult(settings={"iters": iters, "batch": batch, "lr": lr, "weight_scales": weight_scales,
                                    "drop_prob": drop_prob, "seed": seed, "ptf_scales": ptf_scales, "flip": flip,
-                                   "float_lr": float_lr, "e2e_iters": e2e_iters})
+                                   "float_lr": float_lr, "e2e_iters": e2e_iters,
+                                   "weight_scale_max_bits": weight_scale_max_bits})
     adapter = adapter_for(model)
     trunk_q, trunk_f = adapter.trunk(model), adapter_for(fp_model).trunk(fp_model)
     if trunk_q is None or trunk_f is None:
@@ -150,7 +155,7 @@ def apply_block_recon(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor
             used = [q for q, c in zip(quantizers, calls) if q.calls > c]
             act = [q for q in used if q.scale_learnable and (ptf_scales or q.spec.granularity != "ptf")]
             eligible = _eligible_layers(layers_all, rows, {id(q) for q in used}, min_rows_per_channel)
-            layers = eligible if weight_scales else []
+            layers = [m for m in eligible if m.w_quant.spec.bits <= weight_scale_max_bits] if weight_scales else []
             # Float parameters (optional): the same layers' biases (the classifier's 1000 biases would fit
             # the calibration images like its scales) and the affine parameters of the LayerNorms the stage
             # ran, which scale and shift the inputs of the layers after them per channel.
@@ -169,7 +174,7 @@ def apply_block_recon(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor
         if e2e_iters > 0:
             result.stages.append(_end_to_end(model, fp_model, calib, quantizers, layers_all,
                                              min_rows_per_channel if weight_scales else None, ptf_scales,
-                                             e2e_iters, batch, lr, drop_prob, gen))
+                                             e2e_iters, batch, lr, drop_prob, gen, weight_scale_max_bits))
     finally:
         for p, r in requires.items():
             p.requires_grad_(r)
@@ -218,7 +223,8 @@ def _tune(fn, x: torch.Tensor, target: torch.Tensor, act: list, layers: list[nn.
 
 def _end_to_end(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor, quantizers: list,
                 layers_all: list[nn.Module], min_rows_per_channel: float | None, ptf_scales: bool, iters: int,
-                batch: int, lr: float, drop_prob: float, gen: torch.Generator) -> ReconStage:
+                batch: int, lr: float, drop_prob: float, gen: torch.Generator,
+                weight_scale_max_bits: int = 8) -> ReconStage:
     """The optional last stage: every step size (and weight scale) at once, on the logits' KL from FP."""
     rows: dict[int, int] = {}
     hooks = [m.register_forward_hook(_count_rows(rows)) for m in layers_all]
@@ -230,8 +236,9 @@ def _end_to_end(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor, quan
         h.remove()
     used = [q for q, c in zip(quantizers, calls) if q.calls > c]
     act = [q for q in used if q.scale_learnable and (ptf_scales or q.spec.granularity != "ptf")]
-    layers = [] if min_rows_per_channel is None else _eligible_layers(
-        layers_all, rows, {id(q) for q in used}, min_rows_per_channel)
+    layers = [] if min_rows_per_channel is None else [
+        m for m in _eligible_layers(layers_all, rows, {id(q) for q in used}, min_rows_per_channel)
+        if m.w_quant.spec.bits <= weight_scale_max_bits]
     learned = _tune(model, calib, target, act, layers, [], [q for q in used if not q.is_weight], logits_kl,
                     iters, batch, lr, 0.0, drop_prob, gen)
     with torch.no_grad():
