@@ -86,6 +86,8 @@ def main() -> int:
     ap.add_argument("--gptq-max-bits", type=int, default=None,
                     help="the widest weights GPTQ re-rounds (default: each variant's own, "
                          f"MethodOptions' {MethodOptions.gptq_max_bits} for mptq)")
+    ap.add_argument("--recon-wscale-max-bits", type=int, default=MethodOptions.recon_wscale_max_bits,
+                    help="reconstruction learns weight scales only on layers with at most this many weight bits")
     ap.add_argument("--no-recon-ptf", action="store_true",
                     help="block reconstruction keeps the PTF grids' steps (full protocol)")
     ap.add_argument("--recon-flip", action=argparse.BooleanOptionalAction, default=MethodOptions.recon_flip,
@@ -121,7 +123,7 @@ def main() -> int:
         return replace(opts, recon_iters=args.recon_iters, recon_drop=args.recon_drop,
                        recon_max_bits=args.recon_max_bits, recon_ptf=not args.no_recon_ptf,
                        recon_flip=args.recon_flip, recon_float_lr=args.recon_float_lr, optm_grid=args.opt_m_grid,
-                       recon_e2e_iters=args.recon_e2e_iters,
+                       recon_e2e_iters=args.recon_e2e_iters, recon_wscale_max_bits=args.recon_wscale_max_bits,
                        optm_ptf=args.opt_m_ptf, optm_ptf_objective=args.opt_m_ptf_objective,
                        optm_nonlin_objective=args.opt_m_nonlin_objective,
                        attn_smooth=args.attn_smooth and opts.sq_b,
