@@ -155,7 +155,7 @@ def apply_block_recon(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor
             used = [q for q, c in zip(quantizers, calls) if q.calls > c]
             act = [q for q in used if q.scale_learnable and (ptf_scales or q.spec.granularity != "ptf")]
             eligible = _eligible_layers(layers_all, rows, {id(q) for q in used}, min_rows_per_channel)
-            layers = [m for m in eligible if m.w_quant.spec.bits <= weight_scale_max_bits] if weight_scales else []
+            layers = _up_to_bits(eligible, weight_scale_max_bits) if weight_scales else []
             # Float parameters (optional): the same layers' biases (the classifier's 1000 biases would fit
             # the calibration images like its scales) and the affine parameters of the LayerNorms the stage
             # ran, which scale and shift the inputs of the layers after them per channel.
@@ -191,6 +191,11 @@ def _eligible_layers(layers_all: list[nn.Module], rows: dict[int, int], used_ids
             and rows.get(id(m), 0) >= min_rows_per_channel * m.weight[0].numel()]
 
 
+def _up_to_bits(layers: list[nn.Module], max_bits: int) -> list[nn.Module]:
+    """The layers whose weights have at most ``max_bits`` bits (the ones that learn weight scales)."""
+    return [m for m in layers if m.w_quant.spec.bits <= max_bits]
+
+
 def _tune(fn, x: torch.Tensor, target: torch.Tensor, act: list, layers: list[nn.Module], floats: list,
           acts_dropped: list, loss_fn, iters: int, batch: int, lr: float, float_lr: float, drop_prob: float,
           gen: torch.Generator) -> int:
@@ -224,7 +229,7 @@ def _tune(fn, x: torch.Tensor, target: torch.Tensor, act: list, layers: list[nn.
 def _end_to_end(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor, quantizers: list,
                 layers_all: list[nn.Module], min_rows_per_channel: float | None, ptf_scales: bool, iters: int,
                 batch: int, lr: float, drop_prob: float, gen: torch.Generator,
-                weight_scale_max_bits: int = 8) -> ReconStage:
+                weight_scale_max_bits: int) -> ReconStage:
     """The optional last stage: every step size (and weight scale) at once, on the logits' KL from FP."""
     rows: dict[int, int] = {}
     hooks = [m.register_forward_hook(_count_rows(rows)) for m in layers_all]
@@ -236,9 +241,8 @@ def _end_to_end(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor, quan
         h.remove()
     used = [q for q, c in zip(quantizers, calls) if q.calls > c]
     act = [q for q in used if q.scale_learnable and (ptf_scales or q.spec.granularity != "ptf")]
-    layers = [] if min_rows_per_channel is None else [
-        m for m in _eligible_layers(layers_all, rows, {id(q) for q in used}, min_rows_per_channel)
-        if m.w_quant.spec.bits <= weight_scale_max_bits]
+    layers = [] if min_rows_per_channel is None else _up_to_bits(
+        _eligible_layers(layers_all, rows, {id(q) for q in used}, min_rows_per_channel), weight_scale_max_bits)
     learned = _tune(model, calib, target, act, layers, [], [q for q in used if not q.is_weight], logits_kl,
                     iters, batch, lr, 0.0, drop_prob, gen)
     with torch.no_grad():
