@@ -110,6 +110,9 @@ def main() -> int:
                     help="attention smoothing in the variants that run SQ-b (vitq quantize --attn-smooth)")
     ap.add_argument("--attn-smooth-parts", default="qk,v",
                     help="with --attn-smooth: which transforms run, 'qk', 'v' or 'qk,v' (a diagnostic)")
+    ap.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=MethodOptions.rotate,
+                    help="Hadamard rotations of fc2's input and v/proj in the variants that run SQ-b (vitq quantize "
+                         "--rotate)")
     ap.add_argument("--token-shift", action=argparse.BooleanOptionalAction, default=QuantConfig.residual_token_shift,
                     help="full-protocol variants: token shifts on the PTF grids (vitq quantize --token-shift; on "
                          "by default since rule R20)")
@@ -128,6 +131,7 @@ def main() -> int:
                        optm_nonlin_objective=args.opt_m_nonlin_objective,
                        attn_smooth=args.attn_smooth and opts.sq_b,
                        attn_smooth_parts=tuple(args.attn_smooth_parts.split(",")),
+                       rotate=args.rotate and opts.sq_b,
                        gptq_max_bits=opts.gptq_max_bits if args.gptq_max_bits is None else args.gptq_max_bits)
 
     def token_shift(v: dict) -> bool:
@@ -190,6 +194,8 @@ def main() -> int:
                 if found.uniform_fallback is not None:  # say so: the row is then a uniform model
                     label += (f", uniform {found.uniform_fallback}-bit won (probe KL {found.kl_final:.4f} "
                               f"vs {args.mp_search} {found.kl_greedy:.4f})")
+            if args.rotate and (v["kind"] != "single" or METHODS[v["method"]].sq_b):
+                label += ", Hadamard rotations"
             if args.seed:
                 label += f", seed {args.seed}"
             if args.opt_m_grid != MethodOptions.optm_grid:

@@ -129,6 +129,9 @@ def rebuild(meta: dict, state: dict[str, torch.Tensor], cfg_path, st_path) -> tu
     from .methods.sqb import restore_channel_affines
 
     restore_channel_affines(model, state)  # SQ-b's explicit per-channel operations (--sq-b-unnormed)
+    from .methods.rotation import restore_rotations
+
+    restore_rotations(model, state)  # online Hadamard rotations of fc2's input (--rotate)
     modules = dict(model.named_modules())
     for key in state:  # SQ-b and GPTQ give bias-free Linears (Swin's patch merging) a bias
         owner = modules.get(key.rsplit(".", 1)[0]) if key.endswith(".bias") else None

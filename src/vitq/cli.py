@@ -140,7 +140,7 @@ def _cmd_quantize(args) -> int:
                             optm_ptf_objective=args.opt_m_ptf_objective or MethodOptions.optm_ptf_objective,
                             optm_nonlin_objective=args.opt_m_nonlin_objective or MethodOptions.optm_nonlin_objective,
                             sq_b_unnormed=args.sq_b_unnormed, sq_b_gelu=args.sq_b_gelu,
-                            attn_smooth=args.attn_smooth,
+                            attn_smooth=args.attn_smooth, rotate=args.rotate,
                             gptq=(args.gptq or args.method == "mptq") and not args.no_gptq,
                             gptq_max_bits=args.gptq_max_bits,
                             recon=(args.recon or args.method == "mptq") and not args.no_recon,
@@ -164,8 +164,9 @@ def _cmd_quantize(args) -> int:
         raise ConfigError(f"--gptq-max-bits must be from 2 to 8, got {args.gptq_max_bits}")
     if args.gptq and args.no_gptq:
         raise ConfigError("give only one of --gptq and --no-gptq")
-    if args.method == "m2q" and (args.gptq or args.sq_b or args.opt_m or args.recon or args.attn_smooth):
-        raise ConfigError("--method m2q does not take --gptq, --sq-b, --opt-m, --recon or --attn-smooth")
+    if args.method == "m2q" and (args.gptq or args.sq_b or args.opt_m or args.recon or args.attn_smooth
+                                 or args.rotate):
+        raise ConfigError("--method m2q does not take --gptq, --sq-b, --opt-m, --recon, --attn-smooth or --rotate")
     if args.sq_b_unnormed and not options.sq_b:
         raise ConfigError("--sq-b-unnormed extends SQ-b: give it with --sq-b or --method mptq")
     if args.sq_b_gelu and not options.sq_b:
@@ -270,7 +271,8 @@ def _cmd_quantize(args) -> int:
     else:
         res = run_pipeline(loaded.model, calib_images, config, options, progress=True)
         qmodel = res.model
-        extra.update({k: v for k, v in (("sqb", res.sqb), ("attn_smooth", res.attn_smooth), ("optm", res.optm),
+        extra.update({k: v for k, v in (("sqb", res.sqb), ("attn_smooth", res.attn_smooth),
+                                        ("rotation", res.rotation), ("optm", res.optm),
                                         ("gptq", res.gptq), ("recon", res.recon)) if v is not None})
         extra["method_timing"] = res.timing
     qmodel.vitq_calib_images = len(calib_images)
@@ -427,6 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "grid (costs a per-channel multiply at inference)")
     p.add_argument("--attn-smooth", action="store_true",
                    help="float-exact smoothing of q/k and v/proj inside attention, folded into qkv and proj "
+                        "(vitq's addition, docs/methods.md)")
+    p.add_argument("--rotate", action="store_true",
+                   help="Hadamard rotations of fc2's input (online, n log n adds per token) and of v/proj (folded "
+                        "into qkv and proj), kept per layer where they lower its quantized output error "
                         "(vitq's addition, docs/methods.md)")
     p.add_argument("--opt-m", action="store_true", help="two-region quantizer search for post-GELU/softmax")
     p.add_argument("--m-max", type=int, default=None,

@@ -34,6 +34,7 @@ from ..quant.layers import QuantMatMul
 from .attn_smooth import apply_attn_smooth
 from .gptq import _supported as gptq_supported, apply_gptq, gptq_rounded, input_hessians
 from .recon import apply_block_recon
+from .rotation import apply_rotation
 from .mp_knapsack import solve as solve_knapsack
 from .mp_superpose import refine as refine_superposed
 from .mptq import MethodOptions, run_pipeline
@@ -297,6 +298,9 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
     if options.attn_smooth:  # likewise once, at the base bits
         apply_attn_smooth(float_model, calib, QuantConfig(w_bits=base.w_bits, a_bits=base.a_bits), progress=progress,
                           parts=options.attn_smooth_parts)
+    if options.rotate:  # likewise once, at the base bits
+        apply_rotation(float_model, calib, QuantConfig(w_bits=base.w_bits, a_bits=base.a_bits), seed=base.seed,
+                       progress=progress)
     # GPTQ runs once on the final assignment (below), not per bank: its weights depend on the upstream
     # layers' widths, and a bank must not.
     stage = MethodOptions(sq_b=False, opt_m=options.opt_m, m_max=options.m_max, optm_grid=options.optm_grid,

@@ -15,6 +15,7 @@ from .attn_smooth import apply_attn_smooth
 from .gptq import apply_gptq
 from .optm import apply_optm
 from .recon import apply_block_recon
+from .rotation import apply_rotation
 from .sqb import apply_sqb
 
 
@@ -43,6 +44,10 @@ class MethodOptions:
     # (methods/attn_smooth.py); decided by rule R18 on held-out calibration folds (docs/methods.md)
     attn_smooth: bool = False
     attn_smooth_parts: tuple = ("qk", "v")  # which of its two transforms run (a diagnostic)
+    # vitq's addition: Hadamard rotations of fc2's input (online) and of v/proj (folded), kept per layer
+    # where they lower its quantized output error (methods/rotation.py); rule R24 in docs/methods.md
+    # decides the default
+    rotate: bool = False
     gptq: bool = False  # GPTQ weight rounding after calibration (vitq's addition, not in the paper)
     gptq_max_bits: int = 5  # layers with wider weights keep round-to-nearest (docs/methods.md)
     recon: bool = False  # block reconstruction of step sizes after GPTQ (vitq's addition)
@@ -84,11 +89,12 @@ class PipelineResult:
     gptq: dict | None = None
     recon: dict | None = None
     attn_smooth: list | None = None
+    rotation: list | None = None
 
 
 def run_pipeline(fp_model: nn.Module, calib: torch.Tensor, config: QuantConfig, options: MethodOptions,
                  progress: bool = False) -> PipelineResult:
-    """SQ-b and attention smoothing (on a copy of the float model), prepare + calibrate, then OPT-m, then GPTQ, then block
+    """SQ-b, attention smoothing and rotations (on a copy of the float model), prepare + calibrate, then OPT-m, then GPTQ, then block
     reconstruction (only at ``options.recon_max_bits`` activation bits or fewer).
 
     SQ-b searches alpha at the config's *default* bit-widths (``config.w_bits``/``a_bits``), not the
@@ -109,6 +115,12 @@ def run_pipeline(fp_model: nn.Module, calib: torch.Tensor, config: QuantConfig, 
         attn = apply_attn_smooth(model, calib, QuantConfig(w_bits=config.w_bits, a_bits=config.a_bits),
                                  progress=progress, parts=options.attn_smooth_parts).to_dict()
         timing["attn_smooth_s"] = time.perf_counter() - t
+    rotation = None
+    if options.rotate:
+        t = time.perf_counter()
+        rotation = apply_rotation(model, calib, QuantConfig(w_bits=config.w_bits, a_bits=config.a_bits),
+                                  seed=config.seed, progress=progress).to_dict()
+        timing["rotation_s"] = time.perf_counter() - t
     t = time.perf_counter()
     q = prepare(model, config, inplace=True)
     calibrate(q, config, calib, progress=progress)
@@ -131,4 +143,4 @@ def run_pipeline(fp_model: nn.Module, calib: torch.Tensor, config: QuantConfig, 
         recon = apply_block_recon(q, fp_model, calib, progress=progress, seed=config.seed,
                                   **options.recon_kwargs()).to_dict()
         timing["recon_s"] = time.perf_counter() - t
-    return PipelineResult(q, timing, sqb, optm, gptq, recon, attn)
+    return PipelineResult(q, timing, sqb, optm, gptq, recon, attn, rotation)

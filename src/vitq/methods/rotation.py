@@ -1,0 +1,230 @@
+"""Hadamard rotations of the fc2 and proj inputs (vitq's addition, not in MPTQ-ViT).
+
+An orthogonal ``R`` leaves a Linear unchanged in float, ``x W^T = (x R)(W R)^T``, while it spreads a few
+large channels of ``x`` (and of ``W``'s columns) over many, so a per-tensor activation grid and a
+per-output-channel weight grid both lose less (the incoherence argument of QuIP / QuaRot). ``R`` here is
+a block-diagonal Hadamard matrix with random signs, ``R = diag(s) blockdiag(H_b, ..., H_b) / sqrt(b)``
+(``b`` the largest power of two dividing the width), applied in ``O(n log b)`` additions per token.
+
+* **fc2** (the post-GELU input, the costliest tensor at W4A4 in docs/results.md session 9): GELU is not
+  linear, so ``R`` cannot be folded into fc1; it runs online, as a forward pre-hook on fc2 in front of
+  its input quantizer (``x -> x R``), and ``W_fc2`` becomes ``W_fc2 R``. In integer hardware this is a
+  butterfly of additions and subtractions on GELU's output before it is requantized to fc2's width:
+  ``n log2 b`` adds per token (768 x 8 for DeiT/ViT-Tiny, about 4 % of fc2's 147k MACs per token); the
+  accelerator cost model (``hardware/``) does not count it.
+* **v / proj** (the attention output): per head, ``R_h`` acts on the head dimension. ``softmax(.) V``
+  is linear in ``V``, so ``V R_h`` gives an attention output ``O_h R_h``, and proj takes ``W_proj R``:
+  folded into the v rows of ``qkv`` (``W_v <- R^T W_v``, ``b_v <- b_v R``) and into proj's columns,
+  nothing runs at inference. Both v (the ``matmul_av`` operand) and proj's input are rotated.
+
+Chosen per layer: a rotation is kept only where it lowers that layer's quantized output error on the
+calibration images, ``||Q(x R) Q(W R)^T - x W^T||^2`` against ``||Q(x) Q(W)^T - x W^T||^2`` (per-channel
+min-max weights at the config's ``w_bits``; activations at ``a_bits`` with the best clip of OPT-m's grid,
+and for fc2 also OPT-m's two-region grid, as OPT-m will choose later). Layers with an explicit SQ-b
+operation in front (``--sq-b-unnormed`` / ``--sq-b-gelu``) are left alone: the rotation would have to pass
+through it. Needs widths with a power-of-two factor of at least :data:`MIN_BLOCK`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..adapters import adapter_for
+from ..quant import quantizers as Q
+from ..quant.config import QuantConfig
+from .optm import default_m_max, search_two_region, search_uniform_clip
+from .sqb import _quant_weight
+
+MIN_BLOCK = 16  # a Hadamard block narrower than this spreads too little to be worth a transform
+
+
+def block_size(n: int) -> int:
+    """The largest power of two that divides ``n`` (the Hadamard block of an ``n``-wide tensor)."""
+    return n & -n
+
+
+def random_signs(n: int, seed: int) -> torch.Tensor:
+    """``n`` signs +-1 from a seeded generator (the same seed gives the same rotation)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+
+
+def hadamard_transform(x: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
+    """``x R`` along the last dimension, ``R = diag(signs) blockdiag(H_block) / sqrt(block)``.
+
+    ``H_block`` is Sylvester's Hadamard matrix (symmetric, entries +-1); the transform is the fast
+    Walsh-Hadamard butterfly, ``log2(block)`` stages of additions and subtractions.
+    """
+    n = x.shape[-1]
+    if n % block or block & (block - 1):
+        raise ValueError(f"Hadamard block {block} must be a power of two dividing the width {n}")
+    shape = x.shape
+    y = (x * signs).reshape(-1, n // block, block)
+    h = 1
+    while h < block:
+        y = y.reshape(y.shape[0], n // block, block // (2 * h), 2, h)
+        a, b = y[..., 0, :], y[..., 1, :]
+        y = torch.stack((a + b, a - b), dim=-2)
+        h *= 2
+    return y.reshape(shape) / math.sqrt(block)
+
+
+def rotation_matrix(signs: torch.Tensor, block: int) -> torch.Tensor:
+    """The orthogonal matrix ``R`` of :func:`hadamard_transform` (``x R`` for row vectors ``x``)."""
+    return hadamard_transform(torch.eye(len(signs), dtype=signs.dtype), signs, block)
+
+
+def _rotate_input(module: nn.Module, args):
+    # runs before forward, so before QuantLinear's input quantizer: the quantizer sees x R
+    return (hadamard_transform(args[0], module.hadamard_signs, int(module.hadamard_block)),) + tuple(args[1:])
+
+
+def restore_input_rotation(linear: nn.Module, signs: torch.Tensor, block: torch.Tensor | int) -> None:
+    """(Re)attach the online rotation with saved buffers (artifact loading); the weight is already ``W R``."""
+    linear.register_buffer("hadamard_signs", signs.clone())
+    linear.register_buffer("hadamard_block", torch.as_tensor(block, dtype=torch.int64).reshape(1).clone())
+    linear.register_forward_pre_hook(_rotate_input)
+
+
+@torch.no_grad()
+def attach_input_rotation(linear: nn.Linear, signs: torch.Tensor, block: int) -> None:
+    """Rotate ``linear``'s input online and its weight columns by the same ``R`` (exact in real arithmetic)."""
+    linear.weight.copy_(hadamard_transform(linear.weight, signs, block))  # rows of W times R: W R
+    restore_input_rotation(linear, signs, block)
+
+
+def restore_rotations(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Re-create the online rotations that a saved state dict holds buffers for."""
+    modules = dict(model.named_modules())
+    for key in state:
+        if key.endswith(".hadamard_signs"):
+            name = key[: -len(".hadamard_signs")]
+            restore_input_rotation(modules[name], state[key], state[name + ".hadamard_block"])
+
+
+@torch.no_grad()
+def fold_v_rotation(attn: nn.Module, signs: torch.Tensor, block: int) -> None:
+    """Rotate v per head inside ``qkv`` (``W_v <- R^T W_v``, ``b_v <- b_v R``) and proj's columns (``W R``).
+
+    ``block`` divides the head dimension, so ``R`` is block-diagonal within heads and ``softmax(.) (V R)``
+    equals ``(softmax(.) V) R`` head by head.
+    """
+    qkv, proj = attn.qkv, attn.proj
+    dim = qkv.weight.shape[0] // 3
+    w_v = qkv.weight[2 * dim:]
+    # R^T W_v = (W_v^T R)^T: rotate the columns of W_v^T
+    qkv.weight[2 * dim:] = hadamard_transform(w_v.T.contiguous(), signs, block).T
+    if qkv.bias is not None:
+        qkv.bias[2 * dim:] = hadamard_transform(qkv.bias[2 * dim:], signs, block)
+    proj.weight.copy_(hadamard_transform(proj.weight, signs, block))
+
+
+@dataclass
+class RotationLayer:
+    """One layer's choice: rotated or not, and the quantized output MSE of both."""
+
+    name: str
+    kind: str  # "fc2" (online) or "v/proj" (folded)
+    rotated: bool
+    mse_before: float
+    mse_rotated: float
+
+
+@dataclass
+class RotationResult:
+    layers: list[RotationLayer] = field(default_factory=list)
+
+    def to_dict(self) -> list[dict]:
+        return [vars(layer) for layer in self.layers]
+
+
+def _output_mse(x: torch.Tensor, w: torch.Tensor, ref: torch.Tensor, a_bits: int, w_bits: int,
+                two_region: bool) -> float:
+    """Least ``||Q(x) Q(w)^T - ref||^2`` over OPT-m's uniform clips (and its two-region grids)."""
+    wq = _quant_weight(w, w_bits)
+
+    def out(v: torch.Tensor) -> torch.Tensor:
+        return v @ wq.T
+
+    best = search_uniform_clip(x, a_bits, out, ref=ref)[2]  # each clip scored against the float output
+    if two_region:
+        delta, m, boundary, _ = search_two_region(x, a_bits, default_m_max(a_bits), True, out)
+        xq = Q.fake_quant_two_region(x, torch.tensor(delta), m, torch.tensor(boundary), a_bits, True)
+        best = min(best, (out(xq) - ref).pow(2).mean().item())
+    return best
+
+
+def _capture_inputs(model: nn.Module, layers: list[nn.Module], calib: torch.Tensor, max_rows: int):
+    """Each layer's float input rows [rows, features] on ``calib`` (evenly strided down to ``max_rows``)."""
+    got: list[list[torch.Tensor]] = [[] for _ in layers]
+    hooks = [m.register_forward_pre_hook(lambda mod, args, i=i: got[i].append(
+        args[0].detach().reshape(-1, args[0].shape[-1]))) for i, m in enumerate(layers)]
+    try:
+        with torch.inference_mode():
+            for b in calib.split(8):
+                model(b)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = []
+    for rows in got:
+        x = torch.cat(rows)
+        out.append(x[:: max(1, -(-len(x) // max_rows))].clone())
+    return out
+
+
+def apply_rotation(model: nn.Module, calib: torch.Tensor, config: QuantConfig, max_images: int = 8,
+                   max_rows: int = 2048, seed: int = 0, progress: bool = True) -> RotationResult:
+    """Rotate fc2's input (online) and v/proj (folded) wherever that lowers the layer's quantized error.
+
+    Args:
+        model: float model (modified in place; its outputs stay equal up to rounding).
+        calib: calibration images; the first ``max_images`` are used.
+        config: the default widths at which both choices are scored (``a_bits`` for the inputs,
+            ``w_bits`` for the weights).
+        max_images: images used for the search.
+        max_rows: token rows per layer used for the search (an even stride over the images' tokens).
+        seed: seeds the random signs (one draw per layer, so the same seed gives the same model).
+        progress: show a progress bar.
+
+    Returns:
+        Per layer, whether it was rotated and the quantized output MSE with and without the rotation.
+    """
+    adapter = adapter_for(model)
+    names = {m: n for n, m in model.named_modules()}
+    fc2s = [m for m in adapter.post_gelu_linears(model) if not hasattr(m, "sqb_shift")
+            and not hasattr(m, "hadamard_signs") and block_size(m.in_features) >= MIN_BLOCK]
+    attns = [a for a in adapter.qkv_attentions(model) if not hasattr(a.proj, "sqb_shift")
+             and block_size(a.qkv.weight.shape[0] // 3 // a.num_heads)
+             >= MIN_BLOCK]
+    result = RotationResult()
+    if not fc2s and not attns:
+        return result
+    inputs = _capture_inputs(model, fc2s + [a.proj for a in attns], calib[:max_images], max_rows)
+    todo = [("fc2", m, m) for m in fc2s] + [("v/proj", a, a.proj) for a in attns]
+    for k, ((kind, owner, lin), x) in enumerate(tqdm(list(zip(todo, inputs)), desc="rotation search",
+                                                       disable=not progress, leave=False)):
+        w = lin.weight.detach().float()
+        n = x.shape[-1]
+        if kind == "fc2":
+            block = block_size(n)
+        else:
+            block = block_size(n // owner.num_heads)
+        signs = random_signs(n, seed * 100003 + k)
+        ref = x @ w.T
+        before = _output_mse(x, w, ref, config.a_bits, config.w_bits, kind == "fc2")
+        after = _output_mse(hadamard_transform(x, signs, block), hadamard_transform(w, signs, block), ref,
+                            config.a_bits, config.w_bits, kind == "fc2")
+        rotated = after < before
+        if rotated:
+            if kind == "fc2":
+                attach_input_rotation(lin, signs, block)
+            else:
+                fold_v_rotation(owner, signs, block)
+        result.layers.append(RotationLayer(names[owner] if kind == "v/proj" else names[lin], kind, rotated,
+                                           before, after))
+    return result

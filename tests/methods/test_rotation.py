@@ -1,0 +1,101 @@
+import copy
+
+import pytest
+import torch
+
+from vitq.adapters import adapter_for
+from vitq.artifact import load_artifact, save_artifact, write_dir_atomically
+from vitq.methods.mptq import MethodOptions, run_pipeline
+from vitq.methods.rotation import (apply_rotation, attach_input_rotation, block_size, fold_v_rotation,
+                                   hadamard_transform, random_signs, rotation_matrix)
+from vitq.quant import QuantConfig
+
+from conftest import TINY, tiny_images, tiny_model
+
+
+def test_transform_is_the_signed_block_hadamard_matrix():
+    h2 = torch.tensor([[1.0, 1.0], [1.0, -1.0]])
+    h4 = torch.kron(h2, h2) / 2  # Sylvester's H_4, normalized
+    signs = torch.tensor([1.0, -1.0, -1.0, 1.0, 1.0, 1.0, -1.0, 1.0])
+    expected = torch.diag(signs) @ torch.block_diag(h4, h4)
+    assert torch.allclose(rotation_matrix(signs, 4), expected, atol=1e-6)
+    r = rotation_matrix(random_signs(96, 3), block_size(96))
+    assert block_size(96) == 32 and block_size(768) == 256
+    assert torch.allclose(r @ r.T, torch.eye(96), atol=1e-5)  # orthogonal
+    x = torch.randn(2, 5, 96)
+    assert torch.allclose(hadamard_transform(x, random_signs(96, 3), 32), x @ r, atol=1e-5)
+    with pytest.raises(ValueError, match="block 24"):
+        hadamard_transform(x, random_signs(96, 3), 24)
+
+
+def test_folds_are_exact_in_float():
+    model, size = tiny_model("deit")
+    x = tiny_images(size, n=4)
+    rotated = copy.deepcopy(model)
+    for k, blk in enumerate(rotated.blocks):
+        fc2 = blk.mlp.fc2
+        attach_input_rotation(fc2, random_signs(fc2.in_features, k), block_size(fc2.in_features))
+        dim = blk.attn.qkv.weight.shape[0] // 3
+        fold_v_rotation(blk.attn, random_signs(dim, 10 + k), block_size(dim // blk.attn.num_heads))
+    with torch.inference_mode():
+        assert (rotated(x) - model(x)).abs().max() < 1e-4
+    assert not torch.equal(rotated.blocks[0].mlp.fc2.weight, model.blocks[0].mlp.fc2.weight)
+    assert not torch.equal(rotated.blocks[0].attn.proj.weight, model.blocks[0].attn.proj.weight)
+
+
+def _with_outlier_channel(model):
+    """Give block 0's fc1 one large output channel, so fc2's post-GELU input has an outlier channel."""
+    with torch.no_grad():
+        model.blocks[0].mlp.fc1.weight[3] *= 40
+        model.blocks[0].mlp.fc1.bias[3] += 20
+    return model
+
+
+def test_search_keeps_a_rotation_only_where_it_lowers_the_error():
+    model, size = tiny_model("deit")
+    model = _with_outlier_channel(model)
+    x = tiny_images(size, n=4)
+    rotated = copy.deepcopy(model)
+    res = apply_rotation(rotated, x, QuantConfig(w_bits=4, a_bits=4), progress=False)
+    assert len(res.layers) == 2 * len(model.blocks)  # each block's fc2 and v/proj
+    for layer in res.layers:
+        assert layer.rotated == (layer.mse_rotated < layer.mse_before)
+    assert any(la.rotated for la in res.layers) and any(la.rotated and la.kind == "fc2" for la in res.layers)
+    for layer in res.layers:  # a kept fc2 rotation runs online
+        if layer.rotated and layer.kind == "fc2":
+            assert hasattr(dict(rotated.named_modules())[layer.name], "hadamard_signs")
+    for layer in res.layers:  # layers the search left alone keep their weights
+        if not layer.rotated and layer.kind == "fc2":
+            assert not hasattr(dict(rotated.named_modules())[layer.name], "hadamard_signs")
+    with torch.inference_mode():
+        assert (rotated(x) - model(x)).abs().max() < 1e-3 * model(x).abs().max()
+    again = copy.deepcopy(model)
+    apply_rotation(again, x, QuantConfig(w_bits=4, a_bits=4), progress=False)
+    assert all(torch.equal(p, q) for p, q in zip(again.parameters(), rotated.parameters()))  # deterministic
+
+
+@pytest.mark.parametrize("protocol", ["standard", "full"])
+def test_rotated_pipeline_survives_save_and_reload(tmp_path, protocol):
+    model, size = tiny_model("deit")
+    model = _with_outlier_channel(model)
+    x = tiny_images(size, n=4)
+    cfg = QuantConfig(w_bits=4, a_bits=4, protocol=protocol, observer="mse")
+    res = run_pipeline(model, x, cfg, MethodOptions(sq_b=True, opt_m=True, gptq=True, rotate=True))
+    assert res.rotation and any(layer["rotated"] for layer in res.rotation)
+    assert "rotation_s" in res.timing
+    q = res.model
+    meta = {"model": "deit_tiny_patch16_224.fb_in1k", "model_kwargs": TINY["deit"][1]}
+    write_dir_atomically(tmp_path / "a", lambda d: save_artifact(q, d, meta))
+    r, _ = load_artifact(tmp_path / "a")
+    with torch.inference_mode():
+        assert torch.equal(q(x), r(x))
+
+
+def test_swin_fc2_rotations_are_exact():
+    model, size = tiny_model("swin")
+    x = tiny_images(size, n=2)
+    rotated = copy.deepcopy(model)
+    res = apply_rotation(rotated, x, QuantConfig(w_bits=4, a_bits=4), progress=False)
+    assert len([la for la in res.layers if la.kind == "fc2"]) == len(adapter_for(model).post_gelu_linears(model))
+    with torch.inference_mode():
+        assert (rotated(x) - model(x)).abs().max() < 1e-3 * model(x).abs().max()
