@@ -5,10 +5,12 @@ import torch
 
 from vitq.adapters import adapter_for
 from vitq.artifact import load_artifact, save_artifact, write_dir_atomically
+from vitq.export.onnx import export_onnx
+from vitq.export.packed import export_packed, load_packed
 from vitq.methods.mptq import MethodOptions, run_pipeline
 from vitq.methods.rotation import (apply_rotation, attach_input_rotation, block_size, fold_v_rotation,
                                    hadamard_transform, random_signs, rotation_matrix)
-from vitq.quant import QuantConfig
+from vitq.quant import QuantConfig, quantize
 
 from conftest import TINY, tiny_images, tiny_model
 
@@ -99,3 +101,34 @@ def test_swin_fc2_rotations_are_exact():
     assert len([la for la in res.layers if la.kind == "fc2"]) == len(adapter_for(model).post_gelu_linears(model))
     with torch.inference_mode():
         assert (rotated(x) - model(x)).abs().max() < 1e-3 * model(x).abs().max()
+
+
+def _rotated_w8a8():
+    model, size = tiny_model("deit")
+    x = tiny_images(size, n=4)
+    for k, blk in enumerate(model.blocks):  # every fc2 rotated online, every v/proj folded
+        fc2 = blk.mlp.fc2
+        attach_input_rotation(fc2, random_signs(fc2.in_features, k), block_size(fc2.in_features))
+        dim = blk.attn.qkv.weight.shape[0] // 3
+        fold_v_rotation(blk.attn, random_signs(dim, 10 + k), block_size(dim // blk.attn.num_heads))
+    return quantize(model, x, QuantConfig(w_bits=8, a_bits=8)), x, size
+
+
+def test_rotated_model_exports_to_onnx_and_packed(tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    q, x, size = _rotated_w8a8()
+    rep = export_onnx(q, (3, size, size), tmp_path / "m.onnx")
+    rows = {r["layer"]: r for r in rep.layers}
+    assert rows["blocks.0.mlp.fc2"]["integer"]  # the rotation runs in float before fc2's QDQ pair
+    out = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"images": x.numpy()})[0]
+    with torch.inference_mode():
+        ref = q(x).numpy()
+    assert np.corrcoef(out.ravel(), ref.ravel())[0, 1] > 0.99
+    meta = {"model": "deit_tiny_patch16_224.fb_in1k", "model_kwargs": TINY["deit"][1]}
+    export_packed(q, meta, tmp_path / "m.safetensors")
+    r, _ = load_packed(tmp_path / "m.safetensors")
+    with torch.inference_mode():
+        assert torch.equal(q(x), r(x))

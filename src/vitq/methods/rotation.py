@@ -59,9 +59,10 @@ def hadamard_transform(x: torch.Tensor, signs: torch.Tensor, block: int) -> torc
     ``H_block`` is Sylvester's Hadamard matrix (symmetric, entries +-1); the transform is the fast
     Walsh-Hadamard butterfly, ``log2(block)`` stages of additions and subtractions.
     """
-    n = x.shape[-1]
-    if n % block or block & (block - 1):
-        raise ValueError(f"Hadamard block {block} must be a power of two dividing the width {n}")
+    n = len(signs)  # a buffer's size: a plain int even while ONNX export traces the model
+    if n != x.shape[-1] or n % block or block & (block - 1):
+        raise ValueError(f"Hadamard block {block} must be a power of two dividing the width {n} "
+                         f"(input width {x.shape[-1]})")
     shape = x.shape
     y = (x * signs).reshape(-1, n // block, block)
     h = 1
@@ -80,13 +81,14 @@ def rotation_matrix(signs: torch.Tensor, block: int) -> torch.Tensor:
 
 def _rotate_input(module: nn.Module, args):
     # runs before forward, so before QuantLinear's input quantizer: the quantizer sees x R
-    return (hadamard_transform(args[0], module.hadamard_signs, int(module.hadamard_block)),) + tuple(args[1:])
+    return (hadamard_transform(args[0], module.hadamard_signs, module.hadamard_block_size),) + tuple(args[1:])
 
 
 def restore_input_rotation(linear: nn.Module, signs: torch.Tensor, block: torch.Tensor | int) -> None:
     """(Re)attach the online rotation with saved buffers (artifact loading); the weight is already ``W R``."""
     linear.register_buffer("hadamard_signs", signs.clone())
     linear.register_buffer("hadamard_block", torch.as_tensor(block, dtype=torch.int64).reshape(1).clone())
+    linear.hadamard_block_size = int(block)  # the hook's copy, so that tracing sees a constant
     linear.register_forward_pre_hook(_rotate_input)
 
 
