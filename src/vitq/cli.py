@@ -260,6 +260,8 @@ def _cmd_quantize(args) -> int:
             print("most sensitive (probe KL alone at the lowest candidate): "
                   + ", ".join(f"{r['kind']}:{r['layer']} {r['kl'][min(r['kl'], key=int)]:.4f}" for r in top),
                   flush=True)
+        if search.rotation is not None:
+            extra["rotation"] = search.rotation
         if search.gptq is not None:
             extra["gptq"] = search.gptq
         if search.recon is not None:

@@ -97,6 +97,7 @@ class GreedyResult:
     kl_greedy: float = 0.0  # probe KL of the greedy assignment (equals kl_final unless the fallback won)
     gptq: dict | None = None  # GPTQ on the final assignment (options.gptq); kl_final is measured before it
     recon: dict | None = None  # block reconstruction on the final assignment, after GPTQ (options.recon)
+    rotation: list | None = None  # options.rotate: each layer's choice, made once on the float model
     # search="knapsack"/"superposed": each searched tensor's isolated loss, {"layer", "kind", "elements", "kl": {bits: KL}},
     # the probe KL with only that tensor quantized at those bits: a per-layer sensitivity report
     sensitivity: list[dict] = field(default_factory=list)
@@ -298,9 +299,10 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
     if options.attn_smooth:  # likewise once, at the base bits
         apply_attn_smooth(float_model, calib, QuantConfig(w_bits=base.w_bits, a_bits=base.a_bits), progress=progress,
                           parts=options.attn_smooth_parts)
+    rotation = None
     if options.rotate:  # likewise once, at the base bits
-        apply_rotation(float_model, calib, QuantConfig(w_bits=base.w_bits, a_bits=base.a_bits), seed=base.seed,
-                       progress=progress)
+        rotation = apply_rotation(float_model, calib, QuantConfig(w_bits=base.w_bits, a_bits=base.a_bits),
+                                  seed=base.seed, progress=progress).to_dict()
     # GPTQ runs once on the final assignment (below), not per bank: its weights depend on the upstream
     # layers' widths, and a bank must not.
     stage = MethodOptions(sq_b=False, opt_m=options.opt_m, m_max=options.m_max, optm_grid=options.optm_grid,
@@ -431,7 +433,7 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
         item.sens = prober.kl(item.block) - current
         set_level(item, level)
 
-    result = GreedyResult(config=base)
+    result = GreedyResult(config=base, rotation=rotation)
     if search != "greedy":
         holdout = None
         if search == "superposed" and len(calib) > n_probe:

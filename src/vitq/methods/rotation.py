@@ -4,7 +4,7 @@ An orthogonal ``R`` leaves a Linear unchanged in float, ``x W^T = (x R)(W R)^T``
 large channels of ``x`` (and of ``W``'s columns) over many, so a per-tensor activation grid and a
 per-output-channel weight grid both lose less (the incoherence argument of QuIP / QuaRot). ``R`` here is
 a block-diagonal Hadamard matrix with random signs, ``R = diag(s) blockdiag(H_b, ..., H_b) / sqrt(b)``
-(``b`` the largest power of two dividing the width), applied in ``O(n log b)`` additions per token.
+(``b`` the largest power of two dividing the width): ``O(n log b)`` additions per token in hardware.
 
 * **fc2** (the post-GELU input, the costliest tensor at W4A4 in docs/results.md session 9): GELU is not
   linear, so ``R`` cannot be folded into fc1; it runs online, as a forward pre-hook on fc2 in front of
@@ -26,6 +26,7 @@ through it. Needs widths with a power-of-two factor of at least :data:`MIN_BLOCK
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -53,25 +54,36 @@ def random_signs(n: int, seed: int) -> torch.Tensor:
     return torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
 
 
+@functools.lru_cache(maxsize=None)
+def _sylvester(n: int) -> torch.Tensor:
+    """Sylvester's Hadamard matrix of order ``n`` (a power of two), entries +-1, symmetric."""
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
 def hadamard_transform(x: torch.Tensor, signs: torch.Tensor, block: int) -> torch.Tensor:
     """``x R`` along the last dimension, ``R = diag(signs) blockdiag(H_block) / sqrt(block)``.
 
-    ``H_block`` is Sylvester's Hadamard matrix (symmetric, entries +-1); the transform is the fast
-    Walsh-Hadamard butterfly, ``log2(block)`` stages of additions and subtractions.
+    ``H_block`` is Sylvester's Hadamard matrix (symmetric, entries +-1). Since ``H_(2^k) = H_(2^a) kron
+    H_(2^b)`` (``a + b = k``), each block of ``x`` is reshaped to a ``2^a x 2^b`` matrix ``X`` and mapped to
+    ``H_(2^a) X H_(2^b)``: two matrix products, about three times faster on a CPU than the
+    ``log2(block)``-stage butterfly of additions that hardware would run (the same values up to float
+    rounding; 15 against 44 ms for 16 images' fc2 inputs on the 2-core VM).
     """
     n = len(signs)  # a buffer's size: a plain int even while ONNX export traces the model
     if n != x.shape[-1] or n % block or block & (block - 1):
         raise ValueError(f"Hadamard block {block} must be a power of two dividing the width {n} "
                          f"(input width {x.shape[-1]})")
-    shape = x.shape
-    y = (x * signs).reshape(-1, n // block, block)
-    h = 1
-    while h < block:
-        y = y.reshape(y.shape[0], n // block, block // (2 * h), 2, h)
-        a, b = y[..., 0, :], y[..., 1, :]
-        y = torch.stack((a + b, a - b), dim=-2)
-        h *= 2
-    return y.reshape(shape) / math.sqrt(block)
+    k = block.bit_length() - 1
+    rows, cols = 1 << (k // 2), 1 << (k - k // 2)
+    h_rows, h_cols = _sylvester(rows).to(x.dtype), _sylvester(cols).to(x.dtype)
+    # X H_cols as one tall matrix product, then H_rows X = (X^T H_rows)^T the same way (H is symmetric):
+    # two large GEMMs run faster on a CPU than a batch of small ones
+    y = (x * signs).reshape(-1, cols) @ h_cols
+    y = y.reshape(-1, rows, cols).transpose(1, 2).reshape(-1, rows) @ h_rows
+    return y.reshape(-1, cols, rows).transpose(1, 2).reshape(x.shape) / math.sqrt(block)
 
 
 def rotation_matrix(signs: torch.Tensor, block: int) -> torch.Tensor:
