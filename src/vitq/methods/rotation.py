@@ -213,8 +213,7 @@ def apply_rotation(model: nn.Module, calib: torch.Tensor, config: QuantConfig, m
     fc2s = [m for m in adapter.post_gelu_linears(model) if not hasattr(m, "sqb_shift")
             and not hasattr(m, "hadamard_signs") and block_size(m.in_features) >= MIN_BLOCK]
     attns = [a for a in adapter.qkv_attentions(model) if not hasattr(a.proj, "sqb_shift")
-             and block_size(a.qkv.weight.shape[0] // 3 // a.num_heads)
-             >= MIN_BLOCK]
+             and block_size(a.qkv.weight.shape[0] // 3 // a.num_heads) >= MIN_BLOCK]
     result = RotationResult()
     if not fc2s and not attns:
         return result
