@@ -35,10 +35,9 @@ from torch import nn
 from tqdm import tqdm
 
 from ..adapters import adapter_for
-from ..quant import quantizers as Q
 from ..quant.config import QuantConfig
-from .optm import default_m_max, search_two_region, search_uniform_clip
-from .sqb import _quant_weight
+from .optm import search_uniform_clip
+from .sqb import _collect_inputs, _quant_weight, _two_region_output_mse
 
 MIN_BLOCK = 16  # a Hadamard block narrower than this spreads too little to be worth a transform
 
@@ -162,35 +161,11 @@ def _output_mse(x: torch.Tensor, w: torch.Tensor, ref: torch.Tensor, a_bits: int
                 two_region: bool) -> float:
     """Least ``||Q(x) Q(w)^T - ref||^2`` over OPT-m's uniform clips (and its two-region grids)."""
     wq = _quant_weight(w, w_bits)
-
-    def out(v: torch.Tensor) -> torch.Tensor:
-        return v @ wq.T
-
-    best = search_uniform_clip(x, a_bits, out, ref=ref)[2]  # each clip scored against the float output
+    # each clip scored against the float output
+    best = search_uniform_clip(x, a_bits, lambda v: v @ wq.T, ref=ref)[2]
     if two_region:
-        delta, m, boundary, _ = search_two_region(x, a_bits, default_m_max(a_bits), True, out)
-        xq = Q.fake_quant_two_region(x, torch.tensor(delta), m, torch.tensor(boundary), a_bits, True)
-        best = min(best, (out(xq) - ref).pow(2).mean().item())
+        best = min(best, _two_region_output_mse(x, w, ref, a_bits, w_bits))
     return best
-
-
-def _capture_inputs(model: nn.Module, layers: list[nn.Module], calib: torch.Tensor, max_rows: int):
-    """Each layer's float input rows [rows, features] on ``calib`` (evenly strided down to ``max_rows``)."""
-    got: list[list[torch.Tensor]] = [[] for _ in layers]
-    hooks = [m.register_forward_pre_hook(lambda mod, args, i=i: got[i].append(
-        args[0].detach().reshape(-1, args[0].shape[-1]))) for i, m in enumerate(layers)]
-    try:
-        with torch.inference_mode():
-            for b in calib.split(8):
-                model(b)
-    finally:
-        for h in hooks:
-            h.remove()
-    out = []
-    for rows in got:
-        x = torch.cat(rows)
-        out.append(x[:: max(1, -(-len(x) // max_rows))].clone())
-    return out
 
 
 def apply_rotation(model: nn.Module, calib: torch.Tensor, config: QuantConfig, max_images: int = 8,
@@ -203,7 +178,7 @@ def apply_rotation(model: nn.Module, calib: torch.Tensor, config: QuantConfig, m
         config: the default widths at which both choices are scored (``a_bits`` for the inputs,
             ``w_bits`` for the weights).
         max_images: images used for the search.
-        max_rows: token rows per layer used for the search (an even stride over the images' tokens).
+        max_rows: token rows per layer used for the search (a seeded subset when the images have more).
         seed: seeds the random signs (one draw per layer, so the same seed gives the same model).
         progress: show a progress bar.
 
@@ -212,24 +187,20 @@ def apply_rotation(model: nn.Module, calib: torch.Tensor, config: QuantConfig, m
     """
     adapter = adapter_for(model)
     names = {m: n for n, m in model.named_modules()}
-    fc2s = [m for m in adapter.post_gelu_linears(model) if not hasattr(m, "sqb_shift")
-            and not hasattr(m, "hadamard_signs") and block_size(m.in_features) >= MIN_BLOCK]
-    attns = [a for a in adapter.qkv_attentions(model) if not hasattr(a.proj, "sqb_shift")
-             and block_size(a.qkv.weight.shape[0] // 3 // a.num_heads) >= MIN_BLOCK]
+    # (kind, module named in the report, Linear whose input is rotated, Hadamard block)
+    todo = [("fc2", m, m, block_size(m.in_features)) for m in adapter.post_gelu_linears(model)
+            if not hasattr(m, "sqb_shift") and not hasattr(m, "hadamard_signs")]
+    todo += [("v/proj", a, a.proj, block_size(a.qkv.weight.shape[0] // 3 // a.num_heads))
+             for a in adapter.qkv_attentions(model) if not hasattr(a.proj, "sqb_shift")]
+    todo = [t for t in todo if t[3] >= MIN_BLOCK]
     result = RotationResult()
-    if not fc2s and not attns:
+    if not todo:
         return result
-    inputs = _capture_inputs(model, fc2s + [a.proj for a in attns], calib[:max_images], max_rows)
-    todo = [("fc2", m, m) for m in fc2s] + [("v/proj", a, a.proj) for a in attns]
-    for k, ((kind, owner, lin), x) in enumerate(tqdm(list(zip(todo, inputs)), desc="rotation search",
-                                                       disable=not progress, leave=False)):
+    inputs = _collect_inputs(model, [lin for _, _, lin, _ in todo], calib[:max_images], max_rows)
+    for k, ((kind, owner, lin, block), x) in enumerate(tqdm(list(zip(todo, inputs)), desc="rotation search",
+                                                              disable=not progress, leave=False)):
         w = lin.weight.detach().float()
-        n = x.shape[-1]
-        if kind == "fc2":
-            block = block_size(n)
-        else:
-            block = block_size(n // owner.num_heads)
-        signs = random_signs(n, seed * 100003 + k)
+        signs = random_signs(x.shape[-1], seed * 100003 + k)
         ref = x @ w.T
         before = _output_mse(x, w, ref, config.a_bits, config.w_bits, kind == "fc2")
         after = _output_mse(hadamard_transform(x, signs, block), hadamard_transform(w, signs, block), ref,
@@ -240,6 +211,5 @@ def apply_rotation(model: nn.Module, calib: torch.Tensor, config: QuantConfig, m
                 attach_input_rotation(lin, signs, block)
             else:
                 fold_v_rotation(owner, signs, block)
-        result.layers.append(RotationLayer(names[owner] if kind == "v/proj" else names[lin], kind, rotated,
-                                           before, after))
+        result.layers.append(RotationLayer(names[owner], kind, rotated, before, after))
     return result
