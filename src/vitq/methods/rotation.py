@@ -67,9 +67,9 @@ def hadamard_transform(x: torch.Tensor, signs: torch.Tensor, block: int) -> torc
 
     ``H_block`` is Sylvester's Hadamard matrix (symmetric, entries +-1). Since ``H_(2^k) = H_(2^a) kron
     H_(2^b)`` (``a + b = k``), each block of ``x`` is reshaped to a ``2^a x 2^b`` matrix ``X`` and mapped to
-    ``H_(2^a) X H_(2^b)``: two matrix products, about three times faster on a CPU than the
-    ``log2(block)``-stage butterfly of additions that hardware would run (the same values up to float
-    rounding; 15 against 44 ms for 16 images' fc2 inputs on the 2-core VM).
+    ``H_(2^a) X H_(2^b)``: two matrix products, which a CPU runs faster than the ``log2(block)``-stage
+    butterfly of additions that hardware would run (the same values up to float rounding; the W4A4 builds
+    of docs/results.md session 19 took 166-168 s with this form, 180-187 s with the butterfly).
     """
     # Shapes are traced values while ONNX export traces the model (which ran untraced before), so the check
     # runs outside tracing only.
