@@ -77,6 +77,8 @@ def main() -> int:
                     help="knapsack W losses with GPTQ's weights (default as vitq quantize: on where it applies)")
     ap.add_argument("--no-uniform-fallback", action="store_true",
                     help="Greedy MP keeps its searched assignment (vitq quantize --no-uniform-fallback)")
+    ap.add_argument("--fallback-gptq", action="store_true",
+                    help="the uniform fallback scores candidates after GPTQ (vitq quantize --fallback-gptq)")
     ap.add_argument("--recon-iters", type=int, default=MethodOptions.recon_iters,
                     help="block-reconstruction steps per stage in the variants that run it")
     ap.add_argument("--recon-drop", type=float, default=MethodOptions.recon_drop,
@@ -171,7 +173,7 @@ def main() -> int:
                     q, found = greedy_mp(loaded.model, calib, cfg, opts, Budget(b, b), n_probe=args.probe_images,
                                          progress=False, search=args.mp_search,
                                          uniform_fallback=not args.no_uniform_fallback,
-                                         gptq_losses=gptq_losses)
+                                         gptq_losses=gptq_losses, fallback_gptq=args.fallback_gptq)
                 except ConfigError as exc:  # report and go on: the other variants are still worth measuring
                     print(f"skipped {short} {spec}: {exc}", file=sys.stderr, flush=True)
                     continue
@@ -191,9 +193,13 @@ def main() -> int:
                                   + (f", held-out calibration KL {h['kl_holdout_knapsack']:.4f} -> "
                                      f"{h['kl_holdout_refined']:.4f}" if "kl_holdout_refined" in h else "")
                                   + f": {'kept' if h['kl'] < h['kl_knapsack'] else 'not kept'})")
+                fs = found.fallback_scores
+                if fs and fs["after_gptq"]:  # every candidate scored after GPTQ (rule R25)
+                    label += (f", fallback after GPTQ: {args.mp_search} {fs['searched']:.4f}, "
+                              + ", ".join(f"uniform {b}-bit {kl:.4f}" for b, kl in fs["uniform"].items()))
                 if found.uniform_fallback is not None:  # say so: the row is then a uniform model
                     label += (f", uniform {found.uniform_fallback}-bit won (probe KL {found.kl_final:.4f} "
-                              f"vs {args.mp_search} {found.kl_greedy:.4f})")
+                              f"vs {args.mp_search} {fs['searched']:.4f})")
             if args.rotate and (v["kind"] != "single" or METHODS[v["method"]].sq_b):
                 label += ", Hadamard rotations"
             if args.seed:

@@ -248,12 +248,14 @@ def _cmd_quantize(args) -> int:
                                    _bits_list(args.w_candidates or "4,5,6,8"), _bits_list(args.a_candidates or "4,5,6,8"),
                                    n_probe=args.probe_images, remeasure_every=args.remeasure_every,
                                    lower_per_step=args.lower_per_step, uniform_fallback=not args.no_uniform_fallback,
-                                   search=args.mp_search, gptq_losses=args.mp_gptq_losses)
+                                   search=args.mp_search, gptq_losses=args.mp_gptq_losses,
+                                   fallback_gptq=args.fallback_gptq)
         config = search.config
         extra["mixed"] = {"budget": vars(budget), "search": args.mp_search, "gptq_losses": args.mp_gptq_losses,
                           "probe_images": min(args.probe_images, len(calib_images)), "search_s": search.search_s, "steps": search.steps,
                           "probes": search.probes, "kl_calib": search.kl_final,
-                          "uniform_fallback": search.uniform_fallback, "layers": search.layers}
+                          "uniform_fallback": search.uniform_fallback, "fallback_scores": search.fallback_scores,
+                          "layers": search.layers}
         if search.sensitivity:
             extra["mixed"]["sensitivity"] = search.sensitivity
             top = by_sensitivity(search.sensitivity)[:5]
@@ -508,6 +510,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "rules R16/R17 in docs/methods.md; --no-mp-gptq-losses for round-to-nearest losses)")
     p.add_argument("--no-uniform-fallback", action="store_true",
                    help="return the greedy assignment even when a uniform width meeting the budget scores better")
+    p.add_argument("--fallback-gptq", action="store_true",
+                   help="the uniform fallback scores each candidate after GPTQ, as it will be returned, not with "
+                        "round-to-nearest weights (needs GPTQ; rule R25 in docs/methods.md)")
     p.add_argument("--out", required=True, help="output folder: report.json, model.safetensors, config.json")
     p.add_argument("--quiet", action="store_true", help="do not print the per-tensor table")
     _add_data_opts(p)

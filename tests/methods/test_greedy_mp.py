@@ -242,6 +242,41 @@ def test_gptq_aware_knapsack_losses_change_only_the_gptq_widths_and_restore_the_
         _search(budget, MethodOptions(), search="knapsack", gptq_losses=True)
 
 
+def _probe_kl(q, x):
+    from vitq.evaluate import kl_from_reference
+    model, _ = tiny_model("deit")
+    with torch.inference_mode():
+        return kl_from_reference(model(x[:8]), q(x[:8])).mean().item()
+
+
+def test_fallback_after_gptq_scores_the_models_gptq_returns():
+    # Rule R25: each candidate of the uniform fallback is scored as GPTQ will return it, and the winner
+    # is returned already GPTQ'd; the searched assignment's score is the model returned without fallback.
+    opts = MethodOptions(gptq=True, gptq_max_bits=5)
+    kw = dict(search="knapsack", gptq_losses=True)
+    _, x, q_off, off = _search(Budget(5.0, 5.0), opts, uniform_fallback=False, **kw)
+    _, _, q, res = _search(Budget(5.0, 5.0), opts, fallback_gptq=True, **kw)
+    fs = res.fallback_scores
+    assert fs["after_gptq"] and set(fs["uniform"]) == {5}  # the widest single width meeting the budget
+    assert abs(fs["searched"] - _probe_kl(q_off, x)) < 1e-6
+    assert res.kl_final == min(fs["searched"], *fs["uniform"].values())
+    assert abs(_probe_kl(q, x) - res.kl_final) < 1e-5  # the returned model is the scored one
+    assert res.gptq is not None and res.gptq["layers"]
+    if res.uniform_fallback is None:
+        assert res.layers == off.layers
+        with torch.inference_mode():
+            assert torch.equal(q(x[:4]), q_off(x[:4]))  # the searched model, GPTQ'd once, as before
+    else:
+        assert fs["uniform"][res.uniform_fallback] < fs["searched"]
+    # without it, the scores are the round-to-nearest probe KLs, and GPTQ runs on the winner afterwards
+    _, _, _, rtn = _search(Budget(5.0, 5.0), opts, **kw)
+    assert not rtn.fallback_scores["after_gptq"] and rtn.fallback_scores["searched"] == rtn.kl_greedy
+    with pytest.raises(ConfigError, match="--fallback-gptq"):
+        _search(Budget(5.0, 5.0), MethodOptions(), search="knapsack", fallback_gptq=True)
+    with pytest.raises(ConfigError, match="--fallback-gptq"):
+        _search(Budget(5.0, 5.0), opts, uniform_fallback=False, fallback_gptq=True, **kw)
+
+
 def test_banks_carry_their_token_shifts():
     from vitq.methods.greedy_mp import _apply, _harvest
     from vitq.quant import quantize

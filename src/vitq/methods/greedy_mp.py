@@ -94,8 +94,13 @@ class GreedyResult:
     # cost value -> the assignment {layer: {"W": bits, "A": bits}} when the cost first fell to it or below
     snapshots: dict[float, dict] = field(default_factory=dict)
     uniform_fallback: int | None = None  # the single width returned instead of the greedy result
-    kl_greedy: float = 0.0  # probe KL of the greedy assignment (equals kl_final unless the fallback won)
-    gptq: dict | None = None  # GPTQ on the final assignment (options.gptq); kl_final is measured before it
+    kl_greedy: float = 0.0  # probe KL of the greedy assignment, round-to-nearest weights
+    # uniform_fallback: the probe KLs it compared, {"after_gptq": bool, "searched": kl, "uniform": {bits: kl}};
+    # after_gptq (rule R25) scores each candidate after GPTQ, else on round-to-nearest weights
+    fallback_scores: dict | None = None
+    # GPTQ on the final assignment (options.gptq); kl_final is measured before it, unless the fallback
+    # scored after GPTQ (fallback_scores["after_gptq"]), where kl_final is the winner's score
+    gptq: dict | None = None
     recon: dict | None = None  # block reconstruction on the final assignment, after GPTQ (options.recon)
     rotation: list | None = None  # options.rotate: each layer's choice, made once on the float model
     # search="knapsack"/"superposed": each searched tensor's isolated loss, {"layer", "kind", "elements", "kl": {bits: KL}},
@@ -238,7 +243,7 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
               cost: Callable[[dict[str, dict[str, int]]], float] | None = None,
               snapshots: tuple[float, ...] = (), best_effort: bool = False,
               uniform_fallback: bool = True, search: str = "greedy",
-              gptq_losses: bool = False) -> tuple[nn.Module, GreedyResult]:
+              gptq_losses: bool = False, fallback_gptq: bool = False) -> tuple[nn.Module, GreedyResult]:
     """Search per-layer W/A bit-widths under ``budget``; returns the mixed model and the search result.
 
     Args:
@@ -272,6 +277,9 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
         gptq_losses: (knapsack and superposed, with ``options.gptq``) measure a W item's loss at a GPTQ
             width with the weights GPTQ would give it on float inputs, not round-to-nearest; rule R16,
             docs/methods.md.
+        fallback_gptq: (with ``uniform_fallback`` and ``options.gptq``) score the searched assignment and
+            the widest uniform width meeting the budget on the model GPTQ makes of each (on a copy), not on
+            round-to-nearest weights, and return the winner already GPTQ'd; rule R25, docs/methods.md.
             ``lower_per_step``, ``remeasure_every``, ``cost`` and ``snapshots`` are greedy-only.
 
     Raises:
@@ -289,6 +297,9 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
     if gptq_losses and (search == "greedy" or not options.gptq):
         raise ConfigError("GPTQ-aware losses (--mp-gptq-losses) need the knapsack or superposed search and GPTQ "
                           f"(--gptq or --method mptq); got search {search!r}, gptq {options.gptq}")
+    if fallback_gptq and not (uniform_fallback and options.gptq):
+        raise ConfigError("the GPTQ-scored uniform fallback (--fallback-gptq) needs the uniform fallback and GPTQ "
+                          f"(--gptq or --method mptq); got uniform_fallback {uniform_fallback}, gptq {options.gptq}")
     if search != "greedy" and (budget.gbops is not None or budget.cost is not None or cost is not None):
         raise ConfigError(f"the {search} search takes average-bit and size budgets only "
                           "(--budget-w, --budget-a, --budget-mb), not --budget-gbops or a cost budget")
@@ -499,20 +510,39 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
         # up poorly when many tensors move (docs/methods.md); so compare the result with those uniform
         # assignments on the same probe KL and keep the best. The greedy result wins ties.
         greedy_levels = [i.level for i in items]
-        chosen = (current, greedy_levels, None)
-        for b in sorted(set(w_c) & set(a_c)):
+        if fallback_gptq:
+            # Score the models GPTQ will make of them (rule R25): the searched assignment's narrow weights
+            # were chosen on GPTQ'd losses, so round-to-nearest scoring would penalise them.
+            gptqd = _after_gptq(model, calib, options, prober, progress)
+            chosen = (gptqd[0], greedy_levels, None, gptqd)
+        else:
+            chosen = (current, greedy_levels, None, None)
+        scores = result.fallback_scores = {"after_gptq": fallback_gptq, "searched": chosen[0], "uniform": {}}
+        for b in sorted(set(w_c) & set(a_c), reverse=True):
+            if fallback_gptq and scores["uniform"]:
+                # after GPTQ, only the widest uniform width that meets the budget: a narrower one rounds
+                # every tensor more coarsely, and each candidate costs a GPTQ pass
+                break
             for i in items:
                 set_level(i, i.choices.index(b))
             now = current_cost()
             if need("W", now) or need("A", now):
                 continue
-            prober.refresh()  # runs the blocks once and caches their output ...
-            kl_b = prober.kl(n_blocks)  # ... so only the head runs again here
+            if fallback_gptq:
+                cand = _after_gptq(model, calib, options, prober, progress)
+                kl_b = cand[0]
+            else:
+                cand = None
+                prober.refresh()  # runs the blocks once and caches their output ...
+                kl_b = prober.kl(n_blocks)  # ... so only the head runs again here
+            scores["uniform"][b] = kl_b
             if kl_b < chosen[0]:
-                chosen = (kl_b, [i.level for i in items], b)
+                chosen = (kl_b, [i.level for i in items], b, cand)
         for i, level in zip(items, chosen[1]):
             set_level(i, level)
         current, result.uniform_fallback = chosen[0], chosen[2]
+        if chosen[3] is not None:  # the winner, already GPTQ'd: it replaces the model (same levels)
+            _, model, result.gptq = chosen[3]
 
     w_bits = {i.layer: i.bits for i in items if i.kind == "W"}
     a_bits = {i.layer: i.bits for i in items if i.kind == "A"}
@@ -527,13 +557,29 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
         # Probing ran in inference mode, so cached quantized weights are inference tensors, which autograd
         # (block reconstruction below, or a user's fine-tuning) cannot save; drop them.
         m.refresh()
-    if options.gptq:
+    if options.gptq and result.gptq is None:
         result.gptq = apply_gptq(model, calib, max_bits=options.gptq_max_bits, progress=progress).to_dict()
     if options.recon_applies(base):
         result.recon = apply_block_recon(model, fp_model, calib, progress=progress, seed=base.seed,
                                          **options.recon_kwargs()).to_dict()
     result.search_s = time.perf_counter() - t0
     return model, result
+
+
+def _after_gptq(model: nn.Module, calib: torch.Tensor, options: MethodOptions, prober: _Prober,
+                progress: bool) -> tuple[float, nn.Module, dict]:
+    """GPTQ on a copy of ``model`` at its current widths, as the returned model would get it.
+
+    Returns:
+        The copy's probe KL (the prober's images and reference), the copy, and its GPTQ result.
+    """
+    for m in weight_layers(model):
+        m.refresh()  # drop the inference-mode weight caches before copying (see the end of greedy_mp)
+    trial = copy.deepcopy(model)
+    res = apply_gptq(trial, calib, max_bits=options.gptq_max_bits, progress=progress).to_dict()
+    kl = _Prober(trial, prober.images, prober.ref).kl()
+    prober.count += 1
+    return kl, trial, res
 
 
 def _knapsack_search(model: nn.Module, items: list[_Item], set_level, prober: _Prober, budget: Budget,
