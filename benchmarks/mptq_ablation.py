@@ -115,6 +115,8 @@ def main() -> int:
     ap.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=MethodOptions.rotate,
                     help="Hadamard rotations of fc2's input and v/proj in the variants that run SQ-b (vitq quantize "
                          "--rotate)")
+    ap.add_argument("--rotate-parts", default=",".join(MethodOptions.rotate_parts),
+                    help="with --rotate: which rotations are searched (vitq quantize --rotate-parts)")
     ap.add_argument("--token-shift", action=argparse.BooleanOptionalAction, default=QuantConfig.residual_token_shift,
                     help="full-protocol variants: token shifts on the PTF grids (vitq quantize --token-shift; on "
                          "by default since rule R20)")
@@ -133,7 +135,7 @@ def main() -> int:
                        optm_nonlin_objective=args.opt_m_nonlin_objective,
                        attn_smooth=args.attn_smooth and opts.sq_b,
                        attn_smooth_parts=tuple(args.attn_smooth_parts.split(",")),
-                       rotate=args.rotate and opts.sq_b,
+                       rotate=args.rotate and opts.sq_b, rotate_parts=tuple(args.rotate_parts.split(",")),
                        gptq_max_bits=opts.gptq_max_bits if args.gptq_max_bits is None else args.gptq_max_bits)
 
     def token_shift(v: dict) -> bool:
@@ -201,7 +203,7 @@ def main() -> int:
                     label += (f", uniform {found.uniform_fallback}-bit won (probe KL {found.kl_final:.4f} "
                               f"vs {args.mp_search} {fs['searched']:.4f})")
             if args.rotate and (v["kind"] != "single" or METHODS[v["method"]].sq_b):
-                label += ", Hadamard rotations"
+                label += ", Hadamard rotations" + ("" if args.rotate_parts == "fc2,v" else f" ({args.rotate_parts})")
             if args.seed:
                 label += f", seed {args.seed}"
             if args.opt_m_grid != MethodOptions.optm_grid:

@@ -129,6 +129,8 @@ def test_mixed_precision_search_then_config_reuse_gives_same_bits_and_result(tmp
     (["--mp-search", "knapsack"], "--mp-search knapsack searches a mixed-precision assignment: give a budget"),
     (["--method", "m2q", "--mp-search", "knapsack"], "--mp-search knapsack is for Greedy MP"),
     (["--mixed", "--budget-gbops", "1", "--mp-search", "knapsack"], "average-bit and size budgets only"),
+    (["--mixed", "--budget-w", "5", "--fallback-gptq"], "(--fallback-gptq) needs the uniform fallback and GPTQ"),
+    (["--method", "mptq", "--rotate-parts", "fc2,kq"], "--rotate-parts takes a comma-separated list"),
 ])
 def test_mp_search_errors(tmp_path, images, extra, needle, capsys):
     argv = ["quantize", "deit_tiny", "--random-init", "--calib", str(images), "--calib-size", "2", "--eval",
@@ -164,7 +166,7 @@ def test_bit_budget_sets_the_base_widths_so_reconstruction_runs(tmp_path, images
     assert report["recon"]["settings"]["iters"] == 1 and report["recon"]["stages"] and report["avg_w_bits"] <= 5
 
 
-@pytest.mark.parametrize("flag,expected", [([], True), (["--no-mp-gptq-losses"], False)])
+@pytest.mark.parametrize("flag,expected", [([], True), (["--no-mp-gptq-losses"], False), (["--fallback-gptq"], True)])
 def test_gptq_aware_knapsack_losses_are_the_default_with_gptq(tmp_path, images, flag, expected):
     # rule R17 (docs/methods.md): on wherever it applies, i.e. knapsack/superposed search with GPTQ on
     out = tmp_path / "mp"
@@ -174,6 +176,8 @@ def test_gptq_aware_knapsack_losses_are_the_default_with_gptq(tmp_path, images, 
                  *flag, "--out", str(out)]) == 0
     mixed = json.loads((out / "report.json").read_text())["mixed"]
     assert mixed["search"] == "knapsack" and mixed["gptq_losses"] is expected
+    # the uniform fallback's scores, after GPTQ only when asked (rule R25)
+    assert mixed["fallback_scores"]["after_gptq"] is ("--fallback-gptq" in flag)
 
 
 def test_bops_budget_defaults_to_the_greedy_search(tmp_path, images12, capsys):

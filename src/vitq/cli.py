@@ -24,6 +24,7 @@ from .hardware import HardwareError, estimate, extract_workloads, int8_baseline,
 from .methods.m2q import m2q, plot_m2q
 from .methods.optm import GRIDS, NONLIN_OBJECTIVES, PTF_OBJECTIVES
 from .methods.mptq import MethodOptions, run_pipeline
+from .methods.rotation import PARTS as ROTATION_PARTS
 from .quant.engine import tensor_table
 from .report import build_report, by_sensitivity, format_table, sensitivity_csv, summary_line
 from .zoo import ZOO, ZooError, load_model
@@ -140,7 +141,8 @@ def _cmd_quantize(args) -> int:
                             optm_ptf_objective=args.opt_m_ptf_objective or MethodOptions.optm_ptf_objective,
                             optm_nonlin_objective=args.opt_m_nonlin_objective or MethodOptions.optm_nonlin_objective,
                             sq_b_unnormed=args.sq_b_unnormed, sq_b_gelu=args.sq_b_gelu,
-                            attn_smooth=args.attn_smooth, rotate=args.rotate,
+                            attn_smooth=args.attn_smooth, rotate=args.rotate or args.rotate_parts is not None,
+                            rotate_parts=_rotate_parts(args.rotate_parts),
                             gptq=(args.gptq or args.method == "mptq") and not args.no_gptq,
                             gptq_max_bits=args.gptq_max_bits,
                             recon=(args.recon or args.method == "mptq") and not args.no_recon,
@@ -165,8 +167,9 @@ def _cmd_quantize(args) -> int:
     if args.gptq and args.no_gptq:
         raise ConfigError("give only one of --gptq and --no-gptq")
     if args.method == "m2q" and (args.gptq or args.sq_b or args.opt_m or args.recon or args.attn_smooth
-                                 or args.rotate):
-        raise ConfigError("--method m2q does not take --gptq, --sq-b, --opt-m, --recon, --attn-smooth or --rotate")
+                                 or options.rotate):
+        raise ConfigError("--method m2q does not take --gptq, --sq-b, --opt-m, --recon, --attn-smooth, --rotate "
+                          "or --rotate-parts")
     if args.sq_b_unnormed and not options.sq_b:
         raise ConfigError("--sq-b-unnormed extends SQ-b: give it with --sq-b or --method mptq")
     if args.sq_b_gelu and not options.sq_b:
@@ -363,6 +366,16 @@ def _bits_list(text: str) -> tuple[int, ...]:
         raise ConfigError(f"candidate bits must be a comma-separated list of integers, got '{text}'") from None
 
 
+def _rotate_parts(text: str | None) -> tuple[str, ...]:
+    if text is None:
+        return MethodOptions.rotate_parts
+    parts = tuple(p.strip() for p in text.split(",") if p.strip())
+    bad = [p for p in parts if p not in ROTATION_PARTS]
+    if bad or not parts:
+        raise ConfigError(f"--rotate-parts takes a comma-separated list of {', '.join(ROTATION_PARTS)}; got '{text}'")
+    return parts
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitq", description="Post-training quantization of vision transformers")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -438,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Hadamard rotations of fc2's input (online, n log n adds per token) and of v/proj (folded "
                         "into qkv and proj), kept per layer where they lower its quantized output error "
                         "(vitq's addition, docs/methods.md)")
+    p.add_argument("--rotate-parts", default=None,
+                   help="with --rotate (implied): which rotations are searched, comma-separated of fc2, v (v/proj) "
+                        "and qk (q and k per head, folded into qkv); default fc2,v")
     p.add_argument("--opt-m", action="store_true", help="two-region quantizer search for post-GELU/softmax")
     p.add_argument("--m-max", type=int, default=None,
                    help="largest OPT-m ratio exponent (default: max(4, bits-1) per tensor)")

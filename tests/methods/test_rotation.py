@@ -8,8 +8,8 @@ from vitq.artifact import load_artifact, save_artifact, write_dir_atomically
 from vitq.export.onnx import export_onnx
 from vitq.export.packed import export_packed, load_packed
 from vitq.methods.mptq import MethodOptions, run_pipeline
-from vitq.methods.rotation import (apply_rotation, attach_input_rotation, block_size, fold_v_rotation,
-                                   hadamard_transform, random_signs, rotation_matrix)
+from vitq.methods.rotation import (apply_rotation, attach_input_rotation, block_size, fold_qk_rotation,
+                                   fold_v_rotation, hadamard_transform, random_signs, rotation_matrix)
 from vitq.quant import QuantConfig, quantize
 
 from conftest import TINY, tiny_images, tiny_model
@@ -39,9 +39,13 @@ def test_folds_are_exact_in_float():
         attach_input_rotation(fc2, random_signs(fc2.in_features, k), block_size(fc2.in_features))
         dim = blk.attn.qkv.weight.shape[0] // 3
         fold_v_rotation(blk.attn, random_signs(dim, 10 + k), block_size(dim // blk.attn.num_heads))
+        fold_qk_rotation(blk.attn, random_signs(dim, 20 + k), block_size(dim // blk.attn.num_heads))
     with torch.inference_mode():
         assert (rotated(x) - model(x)).abs().max() < 1e-4
     assert not torch.equal(rotated.blocks[0].mlp.fc2.weight, model.blocks[0].mlp.fc2.weight)
+    dim = model.blocks[0].attn.qkv.weight.shape[0] // 3
+    for part in (slice(0, dim), slice(dim, 2 * dim)):  # q and k rows rotated, not only v's
+        assert not torch.equal(rotated.blocks[0].attn.qkv.weight[part], model.blocks[0].attn.qkv.weight[part])
     assert not torch.equal(rotated.blocks[0].attn.proj.weight, model.blocks[0].attn.proj.weight)
 
 
@@ -51,6 +55,35 @@ def _with_outlier_channel(model):
         model.blocks[0].mlp.fc1.weight[3] *= 40
         model.blocks[0].mlp.fc1.bias[3] += 20
     return model
+
+
+def test_qk_rotation_is_searched_only_when_asked_and_only_where_it_lowers_the_logit_error():
+    model, size = tiny_model("deit")
+    with torch.no_grad():  # one large q channel and one large k channel in block 0 (per-tensor grids suffer)
+        dim = model.blocks[0].attn.qkv.weight.shape[0] // 3
+        model.blocks[0].attn.qkv.weight[2] *= 30
+        model.blocks[0].attn.qkv.weight[dim + 2] *= 30
+    x = tiny_images(size, n=4)
+    default = apply_rotation(copy.deepcopy(model), x, QuantConfig(w_bits=4, a_bits=4), progress=False)
+    assert {la.kind for la in default.layers} == {"fc2", "v/proj"}
+    rotated = copy.deepcopy(model)
+    res = apply_rotation(rotated, x, QuantConfig(w_bits=4, a_bits=4), progress=False, parts=("qk",))
+    assert [la.kind for la in res.layers] == ["q/k"] * len(model.blocks)
+    for layer in res.layers:
+        assert layer.rotated == (layer.mse_rotated < layer.mse_before)
+    assert res.layers[0].rotated and res.layers[0].mse_rotated < 0.5 * res.layers[0].mse_before
+    for blk, ref, layer in zip(rotated.blocks, model.blocks, res.layers):
+        assert torch.equal(blk.attn.qkv.weight[2 * dim:], ref.attn.qkv.weight[2 * dim:])  # v untouched
+        assert torch.equal(blk.attn.qkv.weight, ref.attn.qkv.weight) != layer.rotated
+        assert torch.equal(blk.attn.proj.weight, ref.attn.proj.weight)
+    with torch.inference_mode():
+        assert (rotated(x) - model(x)).abs().max() < 1e-3 * model(x).abs().max()
+    # adding q/k leaves the fc2 and v/proj choices (and their signs) as they were
+    both = apply_rotation(copy.deepcopy(model), x, QuantConfig(w_bits=4, a_bits=4), progress=False,
+                          parts=("fc2", "v", "qk"))
+    assert [vars(la) for la in both.layers[: len(default.layers)]] == [vars(la) for la in default.layers]
+    with pytest.raises(ValueError, match="unknown rotation part"):
+        apply_rotation(copy.deepcopy(model), x, QuantConfig(), parts=("kq",))
 
 
 def test_search_keeps_a_rotation_only_where_it_lowers_the_error():

@@ -313,7 +313,7 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
     rotation = None
     if options.rotate:  # likewise once, at the base bits
         rotation = apply_rotation(float_model, calib, QuantConfig(w_bits=base.w_bits, a_bits=base.a_bits),
-                                  seed=base.seed, progress=progress).to_dict()
+                                  seed=base.seed, progress=progress, parts=options.rotate_parts).to_dict()
     # GPTQ runs once on the final assignment (below), not per bank: its weights depend on the upstream
     # layers' widths, and a bank must not.
     stage = MethodOptions(sq_b=False, opt_m=options.opt_m, m_max=options.m_max, optm_grid=options.optm_grid,

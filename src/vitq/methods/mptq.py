@@ -48,6 +48,7 @@ class MethodOptions:
     # where they lower its quantized output error (methods/rotation.py); rule R24 in docs/methods.md
     # decides the default
     rotate: bool = False
+    rotate_parts: tuple = ("fc2", "v")  # which rotations are searched (rotation.PARTS; "qk" since session 20)
     gptq: bool = False  # GPTQ weight rounding after calibration (vitq's addition, not in the paper)
     gptq_max_bits: int = 5  # layers with wider weights keep round-to-nearest (docs/methods.md)
     recon: bool = False  # block reconstruction of step sizes after GPTQ (vitq's addition)
@@ -119,7 +120,7 @@ def run_pipeline(fp_model: nn.Module, calib: torch.Tensor, config: QuantConfig, 
     if options.rotate:
         t = time.perf_counter()
         rotation = apply_rotation(model, calib, QuantConfig(w_bits=config.w_bits, a_bits=config.a_bits),
-                                  seed=config.seed, progress=progress).to_dict()
+                                  seed=config.seed, progress=progress, parts=options.rotate_parts).to_dict()
         timing["rotation_s"] = time.perf_counter() - t
     t = time.perf_counter()
     q = prepare(model, config, inplace=True)

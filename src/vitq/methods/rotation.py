@@ -16,11 +16,16 @@ a block-diagonal Hadamard matrix with random signs, ``R = diag(s) blockdiag(H_b,
   is linear in ``V``, so ``V R_h`` gives an attention output ``O_h R_h``, and proj takes ``W_proj R``:
   folded into the v rows of ``qkv`` (``W_v <- R^T W_v``, ``b_v <- b_v R``) and into proj's columns,
   nothing runs at inference. Both v (the ``matmul_av`` operand) and proj's input are rotated.
+* **q / k** (the ``matmul_qk`` operands; part ``qk``, session 20, not in the default parts): per head, the
+  same ``R_h`` on q and k leaves ``q k^T`` unchanged (``R_h R_h^T = I``), folded into the q and k rows of
+  ``qkv`` as for v; nothing runs at inference.
 
 Chosen per layer: a rotation is kept only where it lowers that layer's quantized output error on the
 calibration images, ``||Q(x R) Q(W R)^T - x W^T||^2`` against ``||Q(x) Q(W)^T - x W^T||^2`` (per-channel
 min-max weights at the config's ``w_bits``; activations at ``a_bits`` with the best clip of OPT-m's grid,
-and for fc2 also OPT-m's two-region grid, as OPT-m will choose later). Layers with an explicit SQ-b
+and for fc2 also OPT-m's two-region grid, as OPT-m will choose later). For q/k the error is that of the
+attention logits of every pair of sampled tokens, head by head, ``||Q(q R) Q(k R)^T - q k^T||^2``, each
+operand per tensor at ``a_bits`` with its best clip of OPT-m's grid on its own error. Layers with an explicit SQ-b
 operation in front (``--sq-b-unnormed`` / ``--sq-b-gelu``) are left alone: the rotation would have to pass
 through it. Needs widths with a power-of-two factor of at least :data:`MIN_BLOCK`.
 """
@@ -35,6 +40,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..adapters import adapter_for
+from ..quant import quantizers as Q
 from ..quant.config import QuantConfig
 from .optm import search_uniform_clip
 from .sqb import _collect_inputs, _quant_weight, _two_region_output_mse
@@ -138,12 +144,26 @@ def fold_v_rotation(attn: nn.Module, signs: torch.Tensor, block: int) -> None:
     proj.weight.copy_(hadamard_transform(proj.weight, signs, block))
 
 
+@torch.no_grad()
+def fold_qk_rotation(attn: nn.Module, signs: torch.Tensor, block: int) -> None:
+    """Rotate q and k per head by the same ``R`` inside ``qkv`` (``W <- R^T W``, ``b <- b R`` on both).
+
+    ``block`` divides the head dimension, so ``(q R)(k R)^T = q k^T`` head by head.
+    """
+    qkv = attn.qkv
+    dim = qkv.weight.shape[0] // 3
+    for part in (slice(0, dim), slice(dim, 2 * dim)):
+        qkv.weight[part] = hadamard_transform(qkv.weight[part].T.contiguous(), signs, block).T
+        if qkv.bias is not None:
+            qkv.bias[part] = hadamard_transform(qkv.bias[part], signs, block)
+
+
 @dataclass
 class RotationLayer:
     """One layer's choice: rotated or not, and the quantized output MSE of both."""
 
     name: str
-    kind: str  # "fc2" (online) or "v/proj" (folded)
+    kind: str  # "fc2" (online), "v/proj" or "q/k" (folded)
     rotated: bool
     mse_before: float
     mse_rotated: float
@@ -168,9 +188,34 @@ def _output_mse(x: torch.Tensor, w: torch.Tensor, ref: torch.Tensor, a_bits: int
     return best
 
 
+def _logit_mse(x: torch.Tensor, w_qk: torch.Tensor, b_qk: torch.Tensor | None, heads: int, a_bits: int,
+               signs: torch.Tensor | None, block: int) -> float:
+    """Quantized attention-logit MSE over all pairs of the sampled tokens, per head, q and k rotated
+    by ``R`` when ``signs`` is given (each operand per tensor at ``a_bits``, best clip on its own error)."""
+    qk = x @ w_qk.T + (b_qk if b_qk is not None else 0)
+    dim = qk.shape[1] // 2
+    q, k = qk[:, :dim], qk[:, dim:]
+    if signs is not None:
+        q, k = hadamard_transform(q, signs, block), hadamard_transform(k, signs, block)
+    quant = []
+    for t in (q, k):
+        lo, hi, _ = search_uniform_clip(t, a_bits)
+        s, z = Q.uniform_params(torch.tensor(lo), torch.tensor(hi), a_bits, False)
+        quant.append(Q.fake_quant_uniform(t, s, z, *Q.int_range(a_bits, False)))
+    err = 0.0
+    for h in range(heads):
+        cols = slice(h * dim // heads, (h + 1) * dim // heads)
+        err += (quant[0][:, cols] @ quant[1][:, cols].T - q[:, cols] @ k[:, cols].T).pow(2).mean().item()
+    return err / heads
+
+
+PARTS = ("fc2", "v", "qk")
+
+
 def apply_rotation(model: nn.Module, calib: torch.Tensor, config: QuantConfig, max_images: int = 8,
-                   max_rows: int = 2048, seed: int = 0, progress: bool = True) -> RotationResult:
-    """Rotate fc2's input (online) and v/proj (folded) wherever that lowers the layer's quantized error.
+                   max_rows: int = 2048, seed: int = 0, progress: bool = True,
+                   parts: tuple[str, ...] = ("fc2", "v")) -> RotationResult:
+    """Rotate fc2's input (online), v/proj and q/k (folded) wherever that lowers the quantized error.
 
     Args:
         model: float model (modified in place; its outputs stay equal up to rounding).
@@ -181,17 +226,27 @@ def apply_rotation(model: nn.Module, calib: torch.Tensor, config: QuantConfig, m
         max_rows: token rows per layer used for the search (a seeded subset when the images have more).
         seed: seeds the random signs (one draw per layer, so the same seed gives the same model).
         progress: show a progress bar.
+        parts: which rotations are searched, of :data:`PARTS` (``fc2``, ``v`` for v/proj, ``qk``).
 
     Returns:
         Per layer, whether it was rotated and the quantized output MSE with and without the rotation.
+
+    Raises:
+        ValueError: an unknown part.
     """
+    bad = [p for p in parts if p not in PARTS]
+    if bad:
+        raise ValueError(f"unknown rotation part(s) {bad}; choose from {list(PARTS)}")
     adapter = adapter_for(model)
     names = {m: n for n, m in model.named_modules()}
-    # (kind, module named in the report, Linear whose input is rotated, Hadamard block)
+    # (kind, module named in the report, Linear whose input is collected, Hadamard block)
     todo = [("fc2", m, m, block_size(m.in_features)) for m in adapter.post_gelu_linears(model)
-            if not hasattr(m, "sqb_shift") and not hasattr(m, "hadamard_signs")]
-    todo += [("v/proj", a, a.proj, block_size(a.qkv.weight.shape[0] // 3 // a.num_heads))
-             for a in adapter.qkv_attentions(model) if not hasattr(a.proj, "sqb_shift")]
+            if "fc2" in parts and not hasattr(m, "sqb_shift") and not hasattr(m, "hadamard_signs")]
+    head_block = {a: block_size(a.qkv.weight.shape[0] // 3 // a.num_heads) for a in adapter.qkv_attentions(model)}
+    todo += [("v/proj", a, a.proj, b) for a, b in head_block.items()
+             if "v" in parts and not hasattr(a.proj, "sqb_shift")]
+    # q/k: the qkv input gives q and k (an explicit SQ-b operation on qkv would sit in front: skipped)
+    todo += [("q/k", a, a.qkv, b) for a, b in head_block.items() if "qk" in parts and not hasattr(a.qkv, "sqb_shift")]
     todo = [t for t in todo if t[3] >= MIN_BLOCK]
     result = RotationResult()
     if not todo:
@@ -200,16 +255,26 @@ def apply_rotation(model: nn.Module, calib: torch.Tensor, config: QuantConfig, m
     for k, ((kind, owner, lin, block), x) in enumerate(tqdm(list(zip(todo, inputs)), desc="rotation search",
                                                               disable=not progress, leave=False)):
         w = lin.weight.detach().float()
-        signs = random_signs(x.shape[-1], seed * 100003 + k)
-        ref = x @ w.T
-        before = _output_mse(x, w, ref, config.a_bits, config.w_bits, kind == "fc2")
-        after = _output_mse(hadamard_transform(x, signs, block), hadamard_transform(w, signs, block), ref,
-                            config.a_bits, config.w_bits, kind == "fc2")
+        if kind == "q/k":
+            dim = w.shape[0] // 3
+            w_qk = w[: 2 * dim]
+            b_qk = lin.bias.detach().float()[: 2 * dim] if lin.bias is not None else None
+            signs = random_signs(dim, seed * 100003 + k)
+            before = _logit_mse(x, w_qk, b_qk, owner.num_heads, config.a_bits, None, block)
+            after = _logit_mse(x, w_qk, b_qk, owner.num_heads, config.a_bits, signs, block)
+        else:
+            signs = random_signs(x.shape[-1], seed * 100003 + k)
+            ref = x @ w.T
+            before = _output_mse(x, w, ref, config.a_bits, config.w_bits, kind == "fc2")
+            after = _output_mse(hadamard_transform(x, signs, block), hadamard_transform(w, signs, block), ref,
+                                config.a_bits, config.w_bits, kind == "fc2")
         rotated = after < before
         if rotated:
             if kind == "fc2":
                 attach_input_rotation(lin, signs, block)
-            else:
+            elif kind == "v/proj":
                 fold_v_rotation(owner, signs, block)
+            else:
+                fold_qk_rotation(owner, signs, block)
         result.layers.append(RotationLayer(names[owner], kind, rotated, before, after))
     return result
