@@ -19,12 +19,25 @@ with ``+`` between the parts, e.g. ``attn=1,attnparts=v``), ``rot`` (0/1: ``--ro
 ``rot=1,rotparts=fc2+v+qk``) change the
 pipeline before reconstruction instead; settings that share it share one pipeline run per fold. ``gelu=1`` alone means
 that pipeline without reconstruction (like ``none``).
+
+Paired per-image comparison (session 20): a fold's mean over 8 images can be decided by one image (docs/results.md,
+R26). ``--per-image FILE`` saves every held-out image's KL per setting (JSON, keyed by the image's index in
+calib32); with two or more settings, or with ``--paired-with FILE`` (a file saved by an earlier run with the same
+``--bits``, ``--protocol``, ``--methods``, ``--seed`` and folds), every setting is also compared image by image
+with a reference setting (the run's first, or the file's ``--paired-reference``): on how many held-out images
+its KL is lower, and the median of the per-image KL ratios.
+
+    python benchmarks/recon_holdout.py --models deit_tiny --bits 6 --settings iters=50 --per-image runs/base6.json
+    python benchmarks/recon_holdout.py --models deit_tiny --bits 6 --settings iters=50,rot=1 \
+        --paired-with runs/base6.json --paired-reference iters=50
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
+import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -32,7 +45,8 @@ from pathlib import Path
 import torch
 
 from vitq.data import load_tensors, make_dataset
-from vitq.evaluate import evaluate
+from vitq.evaluate import evaluate, kl_from_reference
+from vitq.io import atomic_write_json
 from vitq.methods.mptq import MethodOptions, run_pipeline
 from vitq.methods.recon import apply_block_recon
 from vitq.quant import QuantConfig
@@ -86,6 +100,20 @@ def _scores(model, fp_model, images: torch.Tensor, labels: torch.Tensor) -> tupl
     return r.kl, r.agreement
 
 
+@torch.inference_mode()
+def _image_kls(model, fp_model, images: torch.Tensor) -> list[float]:
+    """Each image's KL from FP (the per-image terms of the mean that ``_scores`` reports)."""
+    return kl_from_reference(fp_model(images), model(images)).tolist()
+
+
+def _paired(kls: dict[int, float], ref: dict[int, float]) -> tuple[int, int, float]:
+    """(images compared, images with a lower KL than the reference, median per-image KL ratio)."""
+    common = sorted(set(kls) & set(ref))
+    lower = sum(kls[i] < ref[i] for i in common)
+    ratio = statistics.median(kls[i] / max(ref[i], 1e-12) for i in common) if common else float("nan")
+    return len(common), lower, ratio
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["deit_tiny", "vit_tiny"])
@@ -98,8 +126,24 @@ def main() -> int:
     ap.add_argument("--methods", choices=["mptq", "none"], default="mptq",
                     help="the pipeline before reconstruction: SQ-b, OPT-m and GPTQ (mptq), or calibration only "
                          "(none: the engine's plain grids, e.g. to see an option without OPT-m's searches)")
+    ap.add_argument("--per-image", help="save each held-out image's KL per setting to this JSON file")
+    ap.add_argument("--paired-with", help="a --per-image file of an earlier run to compare with image by image")
+    ap.add_argument("--paired-reference", help="the setting of --paired-with to compare with (default: its first)")
     args = ap.parse_args()
     settings = [(s, parse_setting(s)) for s in args.settings]
+    run_key = {"bits": args.bits, "protocol": args.protocol, "methods": args.methods, "seed": args.seed,
+               "folds": args.folds}
+    earlier = None
+    if args.paired_with:
+        try:
+            earlier = json.loads(Path(args.paired_with).read_text())
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"--paired-with {args.paired_with}: cannot read a --per-image file ({exc})") from None
+        if earlier.get("run") != run_key:
+            raise SystemExit(f"--paired-with {args.paired_with}: its run {earlier.get('run')} differs from this one "
+                             f"{run_key}; per-image KLs are comparable only for the same bits, protocol, methods, "
+                             "seed and folds")
+    per_image: dict[str, dict[str, dict[int, float]]] = {}
     assets = Path(args.assets)
     cfg = QuantConfig(w_bits=args.bits, a_bits=args.bits, observer="mse", protocol=args.protocol)
     opts = (MethodOptions(sq_b=True, opt_m=True, gptq=True, recon=False) if args.methods == "mptq"
@@ -125,6 +169,8 @@ def main() -> int:
                     apply_block_recon(q, loaded.model, fit, seed=args.seed, progress=False, **setting)
                 secs = time.perf_counter() - t
                 hk, ha = _scores(q, loaded.model, held, labels[held_idx])
+                per_image.setdefault(name, {}).setdefault(text, {}).update(
+                    zip(held_idx.tolist(), _image_kls(q, loaded.model, held)))
                 fk, fa = _scores(q, loaded.model, fit, labels[fit_idx])
                 print(f"{name} fold {k} {text}: held KL {hk:.4f} agr {ha:.1f} | fit KL {fk:.4f} agr {fa:.1f} "
                       f"| {secs:.0f} s", flush=True)
@@ -138,6 +184,27 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|")
     for name, text, hk, ha, fk, fa, secs in rows:
         print(f"| {name} | {text} | {hk:.4f} | {ha:.1f} % | {fk:.4f} | {fa:.1f} % | {secs:.0f} |")
+    pairs = []  # (model, setting, reference label, reference per-image KLs)
+    for name, by_setting in per_image.items():
+        for text, kls in by_setting.items():
+            if earlier is not None:
+                theirs = earlier["models"].get(name, {})
+                ref_name = args.paired_reference or next(iter(theirs), None)
+                if ref_name in theirs:
+                    pairs.append((name, text, f"{ref_name} ({args.paired_with})", kls,
+                                  {int(i): v for i, v in theirs[ref_name].items()}))
+            first = next(iter(by_setting))
+            if text != first:
+                pairs.append((name, text, first, kls, by_setting[first]))
+    if pairs:
+        print("\n# paired, image by image, on the held-out images")
+        print("| model | setting | reference | images | lower KL than the reference | median KL ratio |")
+        print("|---|---|---|---|---|---|")
+        for name, text, ref_label, kls, ref in pairs:
+            n, lower, ratio = _paired(kls, ref)
+            print(f"| {name} | {text} | {ref_label} | {n} | {lower} | {ratio:.3f} |")
+    if args.per_image:
+        atomic_write_json(args.per_image, {"run": run_key, "models": per_image})
     return 0
 
 
