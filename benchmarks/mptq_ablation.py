@@ -203,7 +203,8 @@ def main() -> int:
                     label += (f", uniform {found.uniform_fallback}-bit won (probe KL {found.kl_final:.4f} "
                               f"vs {args.mp_search} {fs['searched']:.4f})")
             if args.rotate and (v["kind"] != "single" or METHODS[v["method"]].sq_b):
-                label += ", Hadamard rotations" + ("" if args.rotate_parts == "fc2,v" else f" ({args.rotate_parts})")
+                label += ", Hadamard rotations" + ("" if args.rotate_parts == ",".join(MethodOptions.rotate_parts)
+                                                   else f" ({args.rotate_parts})")
             if args.seed:
                 label += f", seed {args.seed}"
             if args.opt_m_grid != MethodOptions.optm_grid:

@@ -184,8 +184,9 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|")
     for name, text, hk, ha, fk, fa, secs in rows:
         print(f"| {name} | {text} | {hk:.4f} | {ha:.1f} % | {fk:.4f} | {fa:.1f} % | {secs:.0f} |")
-    pairs = []  # (model, setting, reference label, reference per-image KLs)
+    pairs = []  # (model, setting, reference label, its per-image KLs, the reference's per-image KLs)
     for name, by_setting in per_image.items():
+        first = next(iter(by_setting))  # this run's reference: its first setting
         for text, kls in by_setting.items():
             if earlier is not None:
                 theirs = earlier["models"].get(name, {})
@@ -193,7 +194,6 @@ def main() -> int:
                 if ref_name in theirs:
                     pairs.append((name, text, f"{ref_name} ({args.paired_with})", kls,
                                   {int(i): v for i, v in theirs[ref_name].items()}))
-            first = next(iter(by_setting))
             if text != first:
                 pairs.append((name, text, first, kls, by_setting[first]))
     if pairs:
