@@ -108,6 +108,8 @@ def main() -> int:
                     help="what the PTF search minimizes (vitq quantize --opt-m-ptf-objective)")
     ap.add_argument("--opt-m-nonlin-objective", choices=list(NONLIN_OBJECTIVES), default=MethodOptions.optm_nonlin_objective,
                     help="full protocol: how OPT-m clips GELU inputs (vitq quantize --opt-m-nonlin-objective)")
+    ap.add_argument("--opt-m-log2", action=argparse.BooleanOptionalAction, default=MethodOptions.optm_log2,
+                    help="OPT-m also tries the log2 grid on post-softmax values (vitq quantize --opt-m-log2)")
     ap.add_argument("--attn-smooth", action=argparse.BooleanOptionalAction, default=MethodOptions.attn_smooth,
                     help="attention smoothing in the variants that run SQ-b (vitq quantize --attn-smooth)")
     ap.add_argument("--attn-smooth-parts", default="qk,v",
@@ -132,7 +134,7 @@ def main() -> int:
                        recon_flip=args.recon_flip, recon_float_lr=args.recon_float_lr, optm_grid=args.opt_m_grid,
                        recon_e2e_iters=args.recon_e2e_iters, recon_wscale_max_bits=args.recon_wscale_max_bits,
                        optm_ptf=args.opt_m_ptf, optm_ptf_objective=args.opt_m_ptf_objective,
-                       optm_nonlin_objective=args.opt_m_nonlin_objective,
+                       optm_nonlin_objective=args.opt_m_nonlin_objective, optm_log2=args.opt_m_log2,
                        attn_smooth=args.attn_smooth and opts.sq_b,
                        attn_smooth_parts=tuple(args.attn_smooth_parts.split(",")),
                        rotate=args.rotate and opts.sq_b, rotate_parts=tuple(args.rotate_parts.split(",")),
@@ -211,6 +213,9 @@ def main() -> int:
                 label += f", OPT-m grid {args.opt_m_grid}"
             if args.opt_m_ptf != MethodOptions.optm_ptf:
                 label += ", --no-opt-m-ptf" if not args.opt_m_ptf else ", --opt-m-ptf"
+            if args.opt_m_log2 != MethodOptions.optm_log2 and (v["kind"] != "single" or METHODS[v["method"]].opt_m):
+                n = sum(t.spec.scheme == "log2" for t in all_quantizers(q))
+                label += f", OPT-m log2 ({n} tensors)" if args.opt_m_log2 else ", --no-opt-m-log2"
             if args.opt_m_ptf_objective != MethodOptions.optm_ptf_objective:
                 label += f", PTF objective {args.opt_m_ptf_objective}"
             if args.opt_m_nonlin_objective != MethodOptions.optm_nonlin_objective and v["protocol"] == "full":

@@ -16,7 +16,7 @@ LayerNorm affines; 0 = not learned), ``e2e`` (end-to-end steps on the logits' KL
 this many weight bits learn their weight scales). The keys ``gelu`` (0/1: ``--sq-b-gelu``), ``mmax`` (``--m-max``), ``grid`` (``--opt-m-grid``) and ``ptfclip`` (0/1: ``--opt-m-ptf``), ``ptfobj`` (``--opt-m-ptf-objective``), ``attn`` (0/1: ``--attn-smooth``), ``nonlin`` (``--opt-m-nonlin-objective``), ``tokshift`` (0/1: ``--token-shift``,
 a QuantConfig option), ``gptqmax`` (``--gptq-max-bits``: the widest weights GPTQ re-rounds), ``attnparts`` (``--attn-smooth-parts``
 with ``+`` between the parts, e.g. ``attn=1,attnparts=v``), ``rot`` (0/1: ``--rotate``), ``rotparts`` (``--rotate-parts``, ``+`` between the parts, e.g.
-``rot=1,rotparts=fc2+v+qk``) change the
+``rot=1,rotparts=fc2+v+qk``), ``log2`` (0/1: ``--opt-m-log2``) change the
 pipeline before reconstruction instead; settings that share it share one pipeline run per fold. ``gelu=1`` alone means
 that pipeline without reconstruction (like ``none``).
 
@@ -63,7 +63,8 @@ PIPELINE_KEYS = {"gelu": ("sq_b_gelu", lambda v: bool(int(v))), "mmax": ("m_max"
                  "tokshift": ("cfg:residual_token_shift", lambda v: bool(int(v))),
                  "gptqmax": ("gptq_max_bits", int), "attnparts": ("attn_smooth_parts", lambda v: tuple(v.split("+"))),
                  "rot": ("rotate", lambda v: bool(int(v))),
-                 "rotparts": ("rotate_parts", lambda v: tuple(v.split("+")))}
+                 "rotparts": ("rotate_parts", lambda v: tuple(v.split("+"))),
+                 "log2": ("optm_log2", lambda v: bool(int(v)))}
 # "cfg:" marks a QuantConfig field rather than a MethodOptions one
 
 

@@ -68,3 +68,15 @@ def test_interrupted_write_keeps_previous_folder(tmp_path):
         write_dir_atomically(tmp_path / "out", failing)
     assert (tmp_path / "out" / "keep.txt").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_log2_grids_survive_save_and_reload(tmp_path):
+    q, x = _quantized()
+    attn = [t for t in q.modules() if getattr(t, "role", None) == "attn"]
+    for t in attn:
+        t.set_log2(0.7)
+    write_dir_atomically(tmp_path / "a", lambda d: save_artifact(q, d, META))
+    r, _ = load_artifact(tmp_path / "a")
+    assert all(t.spec.scheme == "log2" for t in r.modules() if getattr(t, "role", None) == "attn")
+    with torch.inference_mode():
+        assert torch.equal(q(x), r(x))

@@ -308,6 +308,10 @@ def test_recon_runs_at_low_bits_is_reported_and_reloads(tmp_path, images, capsys
     assert json.loads((tmp_path / "t" / "report.json").read_text())["config"]["residual_token_shift"] is False
     assert main([*common, "--opt-m", "--opt-m-grid", "wide", "--out", str(tmp_path / "g")]) == 0
     assert json.loads((tmp_path / "g" / "report.json").read_text())["methods"]["optm_grid"] == "wide"
+    assert main([*common, "--opt-m-log2", "--out", str(tmp_path / "z")]) == 2
+    assert "--opt-m-log2" in capsys.readouterr().err
+    assert main([*common, "--opt-m", "--opt-m-log2", "--out", str(tmp_path / "l")]) == 0
+    assert json.loads((tmp_path / "l" / "report.json").read_text())["methods"]["optm_log2"] is True
     assert main([*common, "--recon", "--recon-iters", "0", "--out", str(tmp_path / "w")]) == 2
     assert "--recon-iters" in capsys.readouterr().err
     assert main([*common, "--recon", "--recon-max-bits", "9", "--out", str(tmp_path / "v")]) == 2

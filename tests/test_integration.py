@@ -144,3 +144,19 @@ def test_token_shifts_find_vit_tinys_corner_positions(assets, monkeypatch):
         # folds of 24 calibration images plain W6A6 token shifts lowered the KL in every fold
         # (docs/results.md, Session 17)
         assert kl(q) < 0.9 * kl(off)
+
+
+def test_optm_log2_grid_wins_on_some_real_deit_tiny_softmax(assets, monkeypatch):
+    from vitq.methods.optm import apply_optm
+
+    monkeypatch.setenv("VITQ_ASSETS", str(assets))
+    loaded = load_model("deit_tiny")
+    calib, _ = load_tensors(make_dataset(assets / "imagenet-sample", loaded.entry.transform, assets / "calib32.txt"),
+                            workers=0)
+    cfg = QuantConfig(w_bits=4, a_bits=4)
+    plain, q = quantize(loaded.model, calib[:8], cfg), quantize(loaded.model, calib[:8], cfg)
+    res0 = {c.name: c for c in apply_optm(plain, calib[:8], progress=False).choices}
+    res = apply_optm(q, calib[:8], progress=False, log2=True).choices
+    won = [c for c in res if c.scheme == "log2"]
+    # benchmarks/softmax_grid_error.py: the log2 grid has the lower attn*v error in most DeiT-Tiny blocks
+    assert len(won) >= 3 and all(c.error < res0[c.name].error for c in won)

@@ -140,6 +140,7 @@ def _cmd_quantize(args) -> int:
                             m_max=args.m_max, optm_grid=args.opt_m_grid, optm_ptf=args.opt_m_ptf is not False,
                             optm_ptf_objective=args.opt_m_ptf_objective or MethodOptions.optm_ptf_objective,
                             optm_nonlin_objective=args.opt_m_nonlin_objective or MethodOptions.optm_nonlin_objective,
+                            optm_log2=MethodOptions.optm_log2 if args.opt_m_log2 is None else args.opt_m_log2,
                             sq_b_unnormed=args.sq_b_unnormed, sq_b_gelu=args.sq_b_gelu,
                             attn_smooth=args.attn_smooth, rotate=args.rotate or args.rotate_parts is not None,
                             rotate_parts=_rotate_parts(args.rotate_parts),
@@ -184,6 +185,8 @@ def _cmd_quantize(args) -> int:
     if args.opt_m_nonlin_objective is not None and not (options.opt_m and config.protocol == "full"):
         raise ConfigError(f"--opt-m-nonlin-objective {args.opt_m_nonlin_objective} sets how OPT-m clips the full protocol's "
                           "GELU inputs: give it with --opt-m or --method mptq and --protocol full")
+    if args.opt_m_log2 is not None and not options.opt_m:
+        raise ConfigError("--opt-m-log2 is part of OPT-m's search: give it with --opt-m or --method mptq")
     if args.sq_b_gelu and args.sq_b_unnormed:
         raise ConfigError("give only one of --sq-b-gelu and --sq-b-unnormed (both transform fc2's input)")
     if args.residual_token_shift is not None and not (config.protocol == "full" and config.residual_ptf):
@@ -471,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opt-m-nonlin-objective", choices=list(NONLIN_OBJECTIVES), default=None,
                    help="full protocol: how OPT-m clips GELU inputs: tensor (default: r*[min, max] on their own error) "
                         "or output (lower and upper end searched apart on the GELU output's error); docs/methods.md")
+    p.add_argument("--opt-m-log2", action=argparse.BooleanOptionalAction, default=None,
+                   help="OPT-m also tries a log2 grid (levels s*2^-k) on post-softmax values and keeps it where "
+                        "the attn*v output error is lower than the two-region grid's (default: off); docs/methods.md")
     p.add_argument("--gptq", action="store_true",
                    help="GPTQ weight rounding after calibration (vitq's addition to MPTQ-ViT; on with --method mptq)")
     p.add_argument("--no-gptq", action="store_true", help="--method mptq without GPTQ (the paper's methods only)")

@@ -274,3 +274,59 @@ def test_apply_optm_ptf_search_keeps_token_shifts():
     choice = next(c for c in res.choices if c.name == grid.name)
     assert choice.scheme == "ptf" and choice.error <= choice.error_m0
     assert torch.equal(grid.token_shift, shift)
+
+
+def test_log2_search_never_worse_than_the_top_level():
+    from vitq.methods.optm import search_log2
+
+    torch.manual_seed(0)
+    attn = (torch.randn(64, 50) * 6).softmax(-1)  # peaked: most rows have one large value
+    v = torch.randn(50, 8)
+    out_fn = lambda a: a @ v  # noqa: E731
+    ref = out_fn(attn)
+    scale, err = search_log2(attn, 4, out_fn)
+    top = attn.max()
+    assert err <= (out_fn(Q.fake_quant_log2(attn, top, 4)) - ref).pow(2).mean().item()
+    assert 0.25 * top.item() < scale <= top.item() + 1e-7
+    with pytest.raises(ValueError, match="negative"):
+        search_log2(torch.randn(10, 5), 4)
+
+
+def test_apply_optm_log2_only_where_it_lowers_the_error_and_only_on_softmax():
+    model, size = tiny_model("deit")
+    x = tiny_images(size, n=8)
+    cfg = QuantConfig(w_bits=4, a_bits=4)
+    plain, q = quantize(model, x, cfg), quantize(model, x, cfg)
+    res0 = apply_optm(plain, x, progress=False)
+    res = apply_optm(q, x, progress=False, log2=True)
+    by_name = {t.name: t for t in q.modules() if hasattr(t, "spec") and hasattr(t, "role")}
+    for c0, c in zip(res0.choices, res.choices):
+        assert c.name == c0.name and c.error <= c0.error  # the log2 grid only replaces a worse one
+        assert by_name[c.name].spec.scheme == c.scheme
+        if c.scheme == "log2":
+            assert by_name[c.name].role == "attn" and c.error < c0.error
+        else:
+            assert c.error == c0.error
+    assert all(c.scheme != "log2" for c in res.choices if by_name[c.name].role != "attn")
+    with torch.inference_mode():
+        assert torch.isfinite(q(x)).all()
+
+
+def test_apply_optm_adopts_a_winning_log2_grid(monkeypatch):
+    """The tiny random models' attention never favours the log2 grid (real DeiT-Tiny's does: the integration
+    test), so here the search is made to win, to check what apply_optm does with a win."""
+    import vitq.methods.optm as optm
+
+    model, size = tiny_model("deit")
+    x = tiny_images(size, n=8)
+    q = quantize(model, x, QuantConfig(w_bits=4, a_bits=4))
+    monkeypatch.setattr(optm, "search_log2", lambda v, bits, out_fn=None: (0.25, -1.0))
+    res = apply_optm(q, x, progress=False, log2=True)
+    by_name = {t.name: t for t in q.modules() if hasattr(t, "spec") and hasattr(t, "role")}
+    won = [c for c in res.choices if c.scheme == "log2"]
+    assert won and all(by_name[c.name].role == "attn" for c in won)  # never post-GELU (signed) tensors
+    for c in won:
+        t = by_name[c.name]
+        assert t.spec.scheme == "log2" and float(t.scale) == 0.25 and c.error == -1.0
+        probe = torch.tensor([0.3, 0.2, 0.1, 0.0])
+        assert torch.allclose(t.fake_quant(probe), torch.tensor([0.25, 0.25, 0.125, 0.0]))

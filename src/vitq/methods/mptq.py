@@ -38,6 +38,9 @@ class MethodOptions:
     # on their own error) or "output" (both ends searched apart on the GELU output's error; session 16,
     # rule R19 in docs/methods.md decides the default)
     optm_nonlin_objective: str = "tensor"
+    # OPT-m also tries the log2 grid on post-softmax values (optm.search_log2) and keeps it where its output
+    # error is lower (vitq's addition, session 21); rule R28 in docs/methods.md decides the default
+    optm_log2: bool = False
     sq_b_unnormed: bool = False  # SQ-b also on proj/fc2, as an explicit per-channel operation
     sq_b_gelu: bool = False  # SQ-b's scale-only form on fc2's post-GELU input (explicit per-channel scale)
     # vitq's addition: float-exact smoothing of q/k and v/proj inside attention, folded into qkv and proj
@@ -130,7 +133,7 @@ def run_pipeline(fp_model: nn.Module, calib: torch.Tensor, config: QuantConfig, 
         t = time.perf_counter()
         optm = apply_optm(q, calib, m_max=options.m_max, progress=progress, grid=options.optm_grid,
                           ptf=options.optm_ptf, ptf_objective=options.optm_ptf_objective,
-                          nonlin_objective=options.optm_nonlin_objective).to_dict()
+                          nonlin_objective=options.optm_nonlin_objective, log2=options.optm_log2).to_dict()
         timing["optm_s"] = time.perf_counter() - t
     gptq = None
     if options.gptq:

@@ -59,7 +59,7 @@ GRIDS = {"standard": STANDARD_GRID, "wide": WIDE_GRID}
 @dataclass
 class OptMChoice:
     name: str
-    scheme: str  # uniform (m = 0), two_region, ptf (a searched PTF grid; m unused) or gelu_clip
+    scheme: str  # uniform (m = 0), two_region, log2 (m unused), ptf (a searched PTF grid; m unused) or gelu_clip
     m: int
     # best output error with m = 0 (uniform); for ptf: the min-max PTF grid's error; for gelu_clip: the
     # symmetric r·[min, max] clip's GELU-output error
@@ -241,6 +241,26 @@ def search_two_region(x: torch.Tensor, bits: int, m_max: int, signed_fine: bool,
     return best
 
 
+# Top levels of the log2 search, as fractions of the tensor's maximum: eighths of an octave over two
+# octaves (below 0.5 the largest values are clipped by more than a level; post-softmax maxima are rare).
+LOG2_SCALE_GRID = tuple(2 ** (-j / 8) for j in range(16))
+
+
+def search_log2(x: torch.Tensor, bits: int, out_fn=None, ref: torch.Tensor | None = None) -> tuple[float, float]:
+    """Best top level ``s`` of the log2 grid (:func:`~vitq.quant.quantizers.fake_quant_log2`) for
+    non-negative ``x``, over ``max(x)·``:data:`LOG2_SCALE_GRID`, on the output objective (``out_fn`` as in
+    :func:`search_uniform_clip`). Returns ``(scale, error)``."""
+    if ref is None:
+        ref = out_fn(x) if out_fn is not None else x
+    top = x.max().clamp_min(1e-8)
+    best = (top.item(), float("inf"))
+    for r in LOG2_SCALE_GRID:
+        err = _error(out_fn, ref, Q.fake_quant_log2(x, top * r, bits))
+        if err < best[1]:
+            best = ((top * r).item(), err)
+    return best
+
+
 # Base-step multipliers of the PTF search: eighths of an octave over two octaves. Within one octave they
 # move where each channel's power-of-two steps fall; below 0.5 they trade the widest channel's clip (its
 # shift is capped) for finer steps in the narrow channels (whose shift cannot go below 0).
@@ -320,7 +340,7 @@ def default_m_max(bits: int) -> int:
 
 def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int | None = None, max_rows: int = 4096,
                n_images: int = 8, progress: bool = True, grid: str = "standard", ptf: bool = True,
-               ptf_objective: str = "normalized", nonlin_objective: str = "tensor") -> OptMResult:
+               ptf_objective: str = "normalized", nonlin_objective: str = "tensor", log2: bool = False) -> OptMResult:
     """Run OPT-m on a calibrated model (in place).
 
     Args:
@@ -336,6 +356,9 @@ def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int | None = None, 
         nonlin_objective: full protocol, GELU inputs: ``"tensor"`` clips them like every other tensor
             that feeds no Linear or matmul (``r·[min, max]`` on their own error); ``"output"`` searches
             the two ends separately on the GELU output's error (:func:`search_gelu_clip`).
+        log2: also try the log2 grid (:func:`search_log2`) on the non-negative two-region tensors (the
+            post-softmax operand of attn·v; ``signed_fine`` False) and keep it where its output error is
+            lower than the best uniform or two-region grid's (vitq's addition, docs/methods.md).
 
     Returns:
         Per two-region tensor, the chosen ``m`` and the errors with ``m = 0`` and overall; per searched PTF
@@ -387,10 +410,15 @@ def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int | None = None, 
         top_m = default_m_max(q.spec.bits) if m_max is None else m_max
         if id(q) in targets and top_m > 0:
             delta, m, boundary, err = search_two_region(x, q.spec.bits, top_m, targets[id(q)], out_fn, GRIDS[grid])
+            choice = OptMChoice(q.name, "two_region", m, err0, err) if err < err0 else OptMChoice(
+                q.name, "uniform", 0, err0, err0)
             if err < err0:
                 q.set_two_region(delta, m, boundary, targets[id(q)])
-                result.choices.append(OptMChoice(q.name, "two_region", m, err0, err))
-            else:
-                result.choices.append(OptMChoice(q.name, "uniform", 0, err0, err0))
+            if log2 and not targets[id(q)] and bool((x >= 0).all()):
+                scale, err_log2 = search_log2(x, q.spec.bits, out_fn)
+                if err_log2 < choice.error:
+                    q.set_log2(scale)
+                    choice = OptMChoice(q.name, "log2", 0, err0, err_log2)
+            result.choices.append(choice)
     return result
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from .observers import OBSERVERS
 
 PROTOCOLS = ("standard", "full")
-SCHEMES = ("uniform", "pot")  # weight schemes; activations are uniform or (after OPT-m) two_region
+SCHEMES = ("uniform", "pot")  # weight schemes; activations are uniform or (after OPT-m) two_region or log2
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")  # weights; residual-stream activations may be "ptf"
 
 

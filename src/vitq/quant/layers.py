@@ -184,6 +184,8 @@ class TensorQuantizer(nn.Module):
         if self.spec.scheme == "two_region":
             return Q.fake_quant_two_region(x, self.scale, int(self.region_m), self.boundary, self.spec.bits,
                                            signed_fine=self.spec.symmetric)
+        if self.spec.scheme == "log2":
+            return Q.fake_quant_log2(x, self.scale, self.spec.bits)
         qmin, qmax = self._qrange()
         if self.spec.granularity == "ptf":
             f = self.token_factor(x)
@@ -203,18 +205,29 @@ class TensorQuantizer(nn.Module):
         self.boundary = torch.tensor(float(boundary))
         self.mode = "quant"
 
+    def set_log2(self, scale: float) -> None:
+        """Switch a non-negative activation to the log2 scheme with top level ``scale`` (OPT-m's choice for
+        post-softmax values where it beats the two-region grid, ``apply_optm(log2=True)``)."""
+        from dataclasses import replace
+
+        self.spec = replace(self.spec, scheme="log2", symmetric=False)
+        self.scale = torch.tensor(float(scale))
+        self.zero_point = torch.zeros(())
+        self.range_min, self.range_max = torch.zeros(()), torch.tensor(float(scale))
+        self.mode = "quant"
+
     # ---- step-size learning (block reconstruction)
     @property
     def scale_learnable(self) -> bool:
-        """Per-tensor uniform and two-region activation grids can learn their step size, and PTF grids
-        their shared base scale (the per-channel power-of-two shifts stay); PoT grids keep their
-        power-of-two scale, and weights are handled by their layer."""
+        """Per-tensor uniform, two-region and log2 activation grids can learn their step size (log2: its
+        top level), and PTF grids their shared base scale (the per-channel power-of-two shifts stay); PoT
+        grids keep their power-of-two scale, and weights are handled by their layer."""
         s = self.spec
         if self.is_weight or self.mode != "quant":
             return False
         if s.granularity == "ptf":
             return s.scheme == "uniform"
-        return self.scale.numel() == 1 and s.scheme in ("uniform", "two_region")
+        return self.scale.numel() == 1 and s.scheme in ("uniform", "two_region", "log2")
 
     def begin_scale_learning(self) -> torch.Tensor:
         """Make the step size a learnable log-scale (returned, for the optimizer).
@@ -246,6 +259,8 @@ class TensorQuantizer(nn.Module):
             # the boundary was chosen relative to the fine region's reach, which scales with the step
             self.boundary = self.boundary * (new / self.scale)
             self.scale = new
+        elif self.spec.scheme == "log2":
+            self.set_log2(float(new))
         else:
             self.set_uniform_scale(new)
         self.log_scale = None
@@ -287,6 +302,8 @@ class TensorQuantizer(nn.Module):
                 boundary = self.boundary * (scale.detach() / self.scale)
                 out = Q.fake_quant_two_region_ste(x, scale, int(self.region_m), boundary, self.spec.bits,
                                                   signed_fine=self.spec.symmetric)
+            elif self.spec.scheme == "log2":
+                out = Q.fake_quant_log2_ste(x, scale, self.spec.bits)
             else:
                 qmin, qmax = self._qrange()
                 out = Q.fake_quant_uniform_ste(x, scale, self.zero_point, qmin, qmax)
