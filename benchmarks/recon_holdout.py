@@ -144,6 +144,15 @@ def main() -> int:
             raise SystemExit(f"--paired-with {args.paired_with}: its run {earlier.get('run')} differs from this one "
                              f"{run_key}; per-image KLs are comparable only for the same bits, protocol, methods, "
                              "seed and folds")
+        # checked before the run, so a wrong file or reference fails now, not silently after an hour
+        for name in args.models:
+            theirs = earlier.get("models", {}).get(name, {})
+            ref_name = args.paired_reference or next(iter(theirs), None)
+            if ref_name not in theirs:
+                raise SystemExit(f"--paired-with {args.paired_with}: no per-image KLs of setting {ref_name!r} for "
+                                 f"model {name} (it has {sorted(theirs)})")
+    elif args.paired_reference:
+        raise SystemExit("--paired-reference names a setting of --paired-with: give both")
     per_image: dict[str, dict[str, dict[int, float]]] = {}
     assets = Path(args.assets)
     cfg = QuantConfig(w_bits=args.bits, a_bits=args.bits, observer="mse", protocol=args.protocol)
@@ -191,10 +200,9 @@ def main() -> int:
         for text, kls in by_setting.items():
             if earlier is not None:
                 theirs = earlier["models"].get(name, {})
-                ref_name = args.paired_reference or next(iter(theirs), None)
-                if ref_name in theirs:
-                    pairs.append((name, text, f"{ref_name} ({args.paired_with})", kls,
-                                  {int(i): v for i, v in theirs[ref_name].items()}))
+                ref_name = args.paired_reference or next(iter(theirs))  # present: checked before the run
+                pairs.append((name, text, f"{ref_name} ({args.paired_with})", kls,
+                              {int(i): v for i, v in theirs[ref_name].items()}))
             if text != first:
                 pairs.append((name, text, first, kls, by_setting[first]))
     if pairs:
