@@ -123,6 +123,9 @@ def main() -> int:
                     help="full-protocol variants: token shifts on the PTF grids (vitq quantize --token-shift; on "
                          "by default since rule R20)")
     ap.add_argument("--out")
+    ap.add_argument("--per-image", metavar="FILE",
+                    help="also write each row's per-image top-1, agreement and KL (with the image names) to FILE, "
+                         "for benchmarks/paired_compare.py")
     args = ap.parse_args()
     if args.probe_images is None:
         args.probe_images = default_probe_images(args.mp_search)
@@ -145,9 +148,10 @@ def main() -> int:
 
     images = assets / "imagenet-sample"
     rows = []
+    per_image: dict = {"images": {}, "rows": []}
     print(f"# MPTQ-ViT ablation, {platform.node()} ({os.cpu_count()} cores), torch {torch.__version__}, {date.today()}")
-    print("| model | protocol | variant | top-1 | FP top-1 | drop | agreement % | KL | avg W | avg A | size MB | GBOPs | calib+search s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | protocol | variant | top-1 | FP top-1 | drop | agreement % | KL | avg W | avg A | size MB | GBOPs | calib+search s | SE drop / agreement / KL |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for short in args.models:
         loaded = load_model(short)
         t = loaded.entry.transform
@@ -232,17 +236,26 @@ def main() -> int:
             meta[key] = dict(protocol=v["protocol"], variant=label, time_s=time.perf_counter() - t0)
             print(f"built {short} {key} in {meta[key]['time_s']:.0f}s", file=sys.stderr, flush=True)
         ds = make_dataset(images, t, assets / "eval968.txt", args.limit)
-        res = evaluate_many({"fp": loaded.model, **built}, make_loader(ds), reference="fp")
+        res = evaluate_many({"fp": loaded.model, **built}, make_loader(ds), reference="fp",
+                            per_image=bool(args.per_image))
         fp = res["fp"]
+        per_image["images"][loaded.entry.timm_name] = [str(f) for f in ds.files]
         for key, q in built.items():
             r, m, st = res[key], meta[key], model_stats(q)
             rows.append(dict(model=loaded.entry.timm_name, **m, top1=r.top1, fp_top1=fp.top1, agreement=r.agreement,
-                             kl=r.kl, n_images=r.n_images, **st))
+                             kl=r.kl, n_images=r.n_images, top1_delta_se=r.top1_delta_se,
+                             agreement_se=r.agreement_se, kl_se=r.kl_se, **st))
+            if args.per_image:
+                per_image["rows"].append(dict(model=loaded.entry.timm_name, protocol=m["protocol"],
+                                              variant=m["variant"], **r.per_image))
+            se = "" if r.top1_delta_se is None else f"{r.top1_delta_se:.2f} / {r.agreement_se:.1f} / {r.kl_se:.4f}"
             print(f"| {short} | {m['protocol']} | {m['variant']} | {r.top1:.2f} | {fp.top1:.2f} | {r.top1 - fp.top1:+.2f} | "
                   f"{r.agreement:.1f} | {r.kl:.4f} | {st['avg_w_bits']:.2f} | {st['avg_a_bits']:.2f} | "
-                  f"{st['size_bytes'] / 1e6:.2f} | {st['bops'] / 1e9:.1f} | {m['time_s']:.0f} |", flush=True)
+                  f"{st['size_bytes'] / 1e6:.2f} | {st['bops'] / 1e9:.1f} | {m['time_s']:.0f} | {se} |", flush=True)
     if args.out:
         atomic_write_json(args.out, rows)
+    if args.per_image:
+        atomic_write_json(args.per_image, per_image)
     return 0
 
 

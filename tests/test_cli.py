@@ -70,8 +70,9 @@ def test_quantize_then_eval_artifact_gives_identical_result(tmp_path, images, ca
     report = json.loads((out / "report.json").read_text())
     for key in ("model", "protocol", "avg_w_bits", "avg_a_bits", "size_bytes", "bops", "layers", "timing"):
         assert key in report
-    for key in ("top1", "top5", "agreement", "kl"):
+    for key in ("top1", "top5", "agreement", "kl", "top1_delta_se", "agreement_se", "kl_se"):
         assert key in report["quantized"]
+    assert report["quantized"]["kl_se"] > 0 and "se(drop/agreement/kl)=" in printed
     assert "top1" in report["fp"] and "calibrate_s" in report["timing"] and "eval_s" in report["timing"]
     assert report["random_init"] and report["avg_w_bits"] == 4.0 and report["protocol"] == "full"
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()

@@ -1,9 +1,10 @@
 """Classification evaluation: top-1/top-5, throughput, and agreement / KL against a reference model."""
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import asdict, dataclass
-from typing import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,15 @@ class EvalResult:
     reference model), so it compares models fairly; ``wall_s`` is the whole loop.
     ``agreement`` (% of images where top-1 equals the reference's top-1) and ``kl`` (mean
     KL(reference || model) of the softmax outputs, in nats) are None without a reference.
+
+    Standard errors over images (None without a reference, or with fewer than 2 images), so that a
+    difference can be read against the noise of the image sample (docs/methods.md "Uncertainty"):
+    ``top1_delta_se`` is the *paired* standard error of ``top1 - reference top1`` in points (both are
+    measured on the same images, so only the images where exactly one of the two is right count),
+    ``agreement_se`` that of ``agreement`` in points, ``kl_se`` that of ``kl``. 1.96 SE is a 95 % interval.
+    ``ref_top1`` is the reference's top-1 on the same images.
+    ``per_image`` (only when asked for): lists over the images in evaluation order, ``"correct"`` (0/1,
+    top-1), ``"ref_correct"``, ``"agree"`` (0/1) and ``"kl"``, for paired comparisons between models.
     """
 
     model: str = ""
@@ -34,14 +44,25 @@ class EvalResult:
     agreement: float | None = None
     kl: float | None = None
     random_init: bool = False
+    ref_top1: float | None = None
+    top1_delta_se: float | None = None
+    agreement_se: float | None = None
+    kl_se: float | None = None
+    per_image: dict | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["per_image"] is None:
+            d.pop("per_image")
+        return d
 
     def summary(self) -> str:
         s = f"top1={self.top1:.2f} top5={self.top5:.2f} n={self.n_images} images/s={self.images_per_s:.1f}"
         if self.agreement is not None:
             s += f" agreement={self.agreement:.2f} kl={self.kl:.4f}"
+            if self.top1_delta_se is not None:
+                s += (f" (SE: top1-ref {self.top1_delta_se:.2f}, agreement {self.agreement_se:.2f},"
+                      f" kl {self.kl_se:.4f})")
         if self.n_bad_images:
             s += f" skipped_bad_images={self.n_bad_images}"
         if self.random_init:
@@ -68,37 +89,98 @@ def _batches(data) -> Iterable[Batch]:
             yield Batch(b[0], b[1])
 
 
+def mean_se(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and standard error of the mean (sample standard deviation / sqrt(n)).
+
+    Args:
+        values: one number per image; for a paired difference, the per-image differences.
+
+    Returns:
+        ``(mean, se)``; ``se`` is None for fewer than 2 values.
+
+    Raises:
+        ValueError: on an empty sequence.
+    """
+    n = len(values)
+    if n == 0:
+        raise ValueError("mean_se needs at least one value")
+    mean = math.fsum(values) / n
+    if n < 2:
+        return mean, None
+    var = math.fsum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and standard error of ``b - a`` over paired per-image values (the same images, same order).
+
+    Pairing removes the variation both models share (an image hard for one is usually hard for the
+    other), so the error of a difference is usually far below either model's own error.
+
+    Args:
+        a, b: one value per image each (e.g. 0/1 top-1 correctness, or KL), equally long.
+
+    Returns:
+        ``(mean, se)`` as :func:`mean_se` of the per-image differences.
+
+    Raises:
+        ValueError: when the two sequences differ in length.
+    """
+    if len(a) != len(b):
+        raise ValueError(f"paired values need equal lengths, got {len(a)} and {len(b)}")
+    return mean_se([y - x for x, y in zip(a, b)])
+
+
 class _Tally:
-    """Running top-1/top-5 counts, agreement and KL for one model."""
+    """Running top-1/top-5 counts, agreement and KL for one model, and the per-image values behind them."""
 
     def __init__(self):
         self.n = self.c1 = self.c5 = self.agree = 0
         self.kl_sum = 0.0
         self.model_s = 0.0
+        self.correct: list[int] = []
+        self.agree_i: list[int] = []
+        self.kl_i: list[float] = []
 
     def add(self, logits: torch.Tensor, labels: torch.Tensor, ref: torch.Tensor | None) -> None:
         top5 = logits.topk(5, dim=1).indices
-        self.c1 += (top5[:, 0] == labels).sum().item()
+        right = top5[:, 0] == labels
+        self.c1 += right.sum().item()
+        self.correct += right.int().tolist()
         self.c5 += (top5 == labels[:, None]).any(dim=1).sum().item()
         if ref is not None:
-            self.agree += (ref.argmax(1) == top5[:, 0]).sum().item()
-            self.kl_sum += kl_from_reference(ref, logits).sum().item()
+            agree = ref.argmax(1) == top5[:, 0]
+            kl = kl_from_reference(ref, logits)
+            self.agree += agree.sum().item()
+            self.kl_sum += kl.sum().item()
+            self.agree_i += agree.int().tolist()
+            self.kl_i += kl.tolist()
         self.n += len(labels)
 
-    def result(self, name: str, n_bad: int, wall_s: float, has_ref: bool) -> EvalResult:
+    def result(self, name: str, n_bad: int, wall_s: float, ref: _Tally | None, per_image: bool) -> EvalResult:
         if self.n == 0:
             raise ValueError("evaluation saw no images (empty dataset, or every image was unreadable)")
-        return EvalResult(
+        r = EvalResult(
             model=name, n_images=self.n, n_bad_images=n_bad, top1=100.0 * self.c1 / self.n,
             top5=100.0 * self.c5 / self.n, images_per_s=self.n / self.model_s if self.model_s > 0 else 0.0,
-            wall_s=wall_s, agreement=100.0 * self.agree / self.n if has_ref else None,
-            kl=self.kl_sum / self.n if has_ref else None,
+            wall_s=wall_s, agreement=100.0 * self.agree / self.n if ref else None,
+            kl=self.kl_sum / self.n if ref else None,
         )
+        if ref is not None:
+            r.ref_top1 = 100.0 * ref.c1 / ref.n
+            r.top1_delta_se = paired_difference([100.0 * c for c in ref.correct],
+                                                [100.0 * c for c in self.correct])[1]
+            r.agreement_se = mean_se([100.0 * a for a in self.agree_i])[1]
+            r.kl_se = mean_se(self.kl_i)[1]
+        if per_image:
+            r.per_image = {"correct": self.correct, "agree": self.agree_i if ref else None,
+                           "kl": self.kl_i if ref else None, "ref_correct": ref.correct if ref else None}
+        return r
 
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, data, reference: nn.Module | None = None, name: str = "",
-             progress: bool = True) -> EvalResult:
+             progress: bool = True, per_image: bool = False) -> EvalResult:
     """Evaluate ``model`` on labelled images.
 
     Args:
@@ -108,20 +190,21 @@ def evaluate(model: nn.Module, data, reference: nn.Module | None = None, name: s
         reference: optional model (usually the FP original) for agreement and KL.
         name: model name written into the result.
         progress: show a tqdm bar.
+        per_image: keep the per-image values in ``EvalResult.per_image``.
 
     Returns:
         An :class:`EvalResult`.
     """
     if reference is None:
-        return evaluate_many({name: model}, data, progress=progress)[name]
+        return evaluate_many({name: model}, data, progress=progress, per_image=per_image)[name]
     results = evaluate_many({"__reference__": reference, name: model}, data, reference="__reference__",
-                            progress=progress)
+                            progress=progress, per_image=per_image)
     return results[name]
 
 
 @torch.inference_mode()
 def evaluate_many(models: dict[str, nn.Module], data, reference: str | None = None,
-                  progress: bool = True) -> dict[str, EvalResult]:
+                  progress: bool = True, per_image: bool = False) -> dict[str, EvalResult]:
     """Evaluate several models in one pass over ``data`` (each image is decoded once).
 
     Args:
@@ -129,9 +212,10 @@ def evaluate_many(models: dict[str, nn.Module], data, reference: str | None = No
         data: as for :func:`evaluate`.
         reference: the name (a key of ``models``) of the model the others are compared with.
         progress: show a tqdm bar.
+        per_image: keep the per-image values in each ``EvalResult.per_image``.
 
     Returns:
-        name -> :class:`EvalResult`; the reference's own agreement/KL are None.
+        name -> :class:`EvalResult`; the reference's own agreement/KL (and their errors) are None.
     """
     if reference is not None and reference not in models:
         raise ValueError(f"reference '{reference}' is not one of the evaluated models")
@@ -157,7 +241,8 @@ def evaluate_many(models: dict[str, nn.Module], data, reference: str | None = No
         bar.update(len(b.labels))
     bar.close()
     wall = time.perf_counter() - t0
-    return {k: tallies[k].result(k, n_bad, wall, reference is not None and k != reference) for k in models}
+    ref = tallies[reference] if reference is not None else None
+    return {k: tallies[k].result(k, n_bad, wall, ref if k != reference else None, per_image) for k in models}
 
 
 def kl_from_reference(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,8 @@ def build_report(model: nn.Module, *, model_name: str, checkpoint: str | None, r
 def _acc(r: EvalResult | None) -> dict | None:
     if r is None:
         return None
-    keys = ("n_images", "top1", "top5", "agreement", "kl", "images_per_s", "n_bad_images")
+    keys = ("n_images", "top1", "top5", "agreement", "kl", "images_per_s", "n_bad_images", "top1_delta_se",
+            "agreement_se", "kl_se")
     return {k: getattr(r, k) for k in keys}
 
 
@@ -56,6 +57,8 @@ def summary_line(report: dict) -> str:
     if fp and q:
         parts.append(f"fp.top1={fp['top1']:.2f} q.top1={q['top1']:.2f} (drop {fp['top1'] - q['top1']:+.2f}) "
                      f"agreement={q['agreement']:.2f} kl={q['kl']:.4f}")
+        if q.get("top1_delta_se") is not None:  # absent in reports written before the standard errors
+            parts.append(f"se(drop/agreement/kl)={q['top1_delta_se']:.2f}/{q['agreement_se']:.2f}/{q['kl_se']:.4f}")
     parts.append(f"avg_w_bits={report['avg_w_bits']:.2f} avg_a_bits={report['avg_a_bits']:.2f} "
                  f"size={report['size_bytes'] / 1e6:.2f}MB bops={report['bops'] / 1e9:.1f}G")
     return " ".join(parts)

@@ -1,0 +1,103 @@
+"""Compare two quantized models image by image on the same evaluation images, with standard errors.
+
+Reads two per-image files written by ``benchmarks/mptq_ablation.py --per-image FILE`` and, for every model
+in both, pairs their rows in order (the i-th row of that model in A with the i-th in B; both must have the
+same protocol and the same image list). For each pair it prints B minus A: top-1, agreement with FP and
+KL from FP, each with the paired standard error over images (docs/methods.md "Uncertainty"), and on how
+many images B's KL is lower than A's. 1.96 SE is a 95 % interval; a difference inside about 2 SE is not
+distinguishable from the choice of images.
+
+    python benchmarks/mptq_ablation.py --models deit_tiny --variants single:standard:6:mptq --per-image runs/a.json
+    python benchmarks/mptq_ablation.py --models deit_tiny --variants single:standard:6:mptq --rotate \\
+        --per-image runs/b.json
+    python benchmarks/paired_compare.py runs/a.json runs/b.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from vitq.evaluate import paired_difference
+
+
+def load(path: str) -> dict:
+    """Read a per-image file; exits with a message naming the file when it is not one."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"{path}: cannot read a per-image file ({e})")
+    if not isinstance(data, dict) or "rows" not in data or "images" not in data:
+        raise SystemExit(f"{path}: not a per-image file of mptq_ablation.py --per-image (no 'rows'/'images')")
+    for r in data["rows"]:
+        if r.get("kl") is None or r.get("agree") is None:
+            raise SystemExit(f"{path}: row {r.get('variant')!r} has no agreement/KL (evaluated without FP reference)")
+    return data
+
+
+def compare(a: dict, b: dict) -> list[dict]:
+    """Paired differences (B - A) for every model in both files.
+
+    Args:
+        a, b: per-image files as written by ``mptq_ablation.py --per-image``.
+
+    Returns:
+        One dict per paired row: ``model``, the two variants, ``top1_a/b``, ``kl_a/b``, the differences
+        ``d_top1``, ``d_agreement`` (points), ``d_kl`` with their standard errors (``*_se``), and
+        ``kl_lower`` (images where B's KL is lower) out of ``n``.
+
+    Raises:
+        SystemExit: when a model's image lists, row counts or protocols differ between the files.
+    """
+    out = []
+    for model in [m for m in a["images"] if m in b["images"]]:
+        if a["images"][model] != b["images"][model]:
+            raise SystemExit(f"{model}: the two files were evaluated on different images; nothing to pair")
+        ra = [r for r in a["rows"] if r["model"] == model]
+        rb = [r for r in b["rows"] if r["model"] == model]
+        if len(ra) != len(rb):
+            raise SystemExit(f"{model}: {len(ra)} rows in A but {len(rb)} in B; pair files with the same variants")
+        for x, y in zip(ra, rb):
+            if x["protocol"] != y["protocol"]:
+                raise SystemExit(f"{model}: row {x['variant']!r} ({x['protocol']}) is paired with "
+                                 f"{y['variant']!r} ({y['protocol']}); the protocols differ")
+            n = len(x["kl"])
+            d_top1, se_top1 = paired_difference([100.0 * v for v in x["correct"]], [100.0 * v for v in y["correct"]])
+            d_agr, se_agr = paired_difference([100.0 * v for v in x["agree"]], [100.0 * v for v in y["agree"]])
+            d_kl, se_kl = paired_difference(x["kl"], y["kl"])
+            out.append(dict(model=model, protocol=x["protocol"], variant_a=x["variant"], variant_b=y["variant"], n=n,
+                            top1_a=100.0 * sum(x["correct"]) / n, top1_b=100.0 * sum(y["correct"]) / n,
+                            kl_a=sum(x["kl"]) / n, kl_b=sum(y["kl"]) / n, d_top1=d_top1, d_top1_se=se_top1,
+                            d_agreement=d_agr, d_agreement_se=se_agr, d_kl=d_kl, d_kl_se=se_kl,
+                            kl_lower=sum(q < p for p, q in zip(x["kl"], y["kl"]))))
+    return out
+
+
+def _se(v) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("a", help="per-image file of the first run (A)")
+    ap.add_argument("b", help="per-image file of the second run (B); differences are B - A")
+    args = ap.parse_args()
+    rows = compare(load(args.a), load(args.b))
+    if not rows:
+        raise SystemExit("the two files share no model")
+    print(f"# B - A, paired over the same images; A = {args.a}, B = {args.b}")
+    print("| model | protocol | A | B | top-1 A -> B | d top-1 (SE) | d agreement (SE) | KL A -> B | d KL (SE) | "
+          "images with lower KL in B |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        kl_se = "n/a" if r["d_kl_se"] is None else f"{r['d_kl_se']:.4f}"
+        print(f"| {r['model']} | {r['protocol']} | {r['variant_a']} | {r['variant_b']} | {r['top1_a']:.2f} -> "
+              f"{r['top1_b']:.2f} | {r['d_top1']:+.2f} ({_se(r['d_top1_se'])}) | {r['d_agreement']:+.2f} "
+              f"({_se(r['d_agreement_se'])}) | {r['kl_a']:.4f} -> {r['kl_b']:.4f} | {r['d_kl']:+.4f} ({kl_se}) | "
+              f"{r['kl_lower']} of {r['n']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
