@@ -3,7 +3,7 @@
 Reads two per-image files written by ``benchmarks/mptq_ablation.py --per-image FILE`` and, for every model
 in both, pairs their rows in order (the i-th row of that model in A with the i-th in B; both must have the
 same protocol and the same image list). For each pair it prints B minus A: top-1, agreement with FP and
-KL from FP, each with the paired standard error over images (docs/methods.md "Uncertainty"), and on how
+KL from FP, each with the paired standard error over images (docs/design.md "Uncertainty"), and on how
 many images B's KL is lower than A's. 1.96 SE is a 95 % interval; a difference inside about 2 SE is not
 distinguishable from the choice of images.
 

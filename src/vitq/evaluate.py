@@ -24,7 +24,7 @@ class EvalResult:
     KL(reference || model) of the softmax outputs, in nats) are None without a reference.
 
     Standard errors over images (None without a reference, or with fewer than 2 images), so that a
-    difference can be read against the noise of the image sample (docs/methods.md "Uncertainty"):
+    difference can be read against the noise of the image sample (docs/design.md "Uncertainty"):
     ``top1_delta_se`` is the *paired* standard error of ``top1 - reference top1`` in points (both are
     measured on the same images, so only the images where exactly one of the two is right count),
     ``agreement_se`` that of ``agreement`` in points, ``kl_se`` that of ``kl``. 1.96 SE is a 95 % interval.
