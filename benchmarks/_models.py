@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from vitq.data import load_tensors, make_dataset
+from vitq.data import load_tensors, make_dataset, read_list
 from vitq.zoo import EvalTransform, LoadedModel, ZooError, load_model
 
 
@@ -39,4 +39,23 @@ def module_inputs(model: torch.nn.Module, modules: dict, x: torch.Tensor) -> dic
 def load_calib32(assets: Path, transform: EvalTransform) -> torch.Tensor:
     """The fixed calibration split (``assets/calib32.txt`` of ``assets/imagenet-sample``) as one tensor."""
     images, _ = load_tensors(make_dataset(Path(assets) / "imagenet-sample", transform, Path(assets) / "calib32.txt"))
+    return images
+
+
+def alt_split(assets: Path, seed: int, n_calib: int = 32) -> tuple[list[str], list[str]]:
+    """A second calibration/evaluation split drawn from eval968 (never calib32): the first ``n_calib`` images of
+    a permutation seeded ``seed`` calibrate, the other images (in eval968's order) evaluate.
+
+    Used to test an option on calibration data no earlier run saw (docs/methods.md, rule R30).
+    """
+    root = Path(assets) / "imagenet-sample"
+    files = read_list(Path(assets) / "eval968.txt", root)
+    perm = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed)).tolist()
+    chosen = set(perm[:n_calib])
+    return [files[i] for i in sorted(chosen)], [f for i, f in enumerate(files) if i not in chosen]
+
+
+def load_calib_files(assets: Path, transform: EvalTransform, files: list[str]) -> torch.Tensor:
+    """The given calibration images (paths relative to ``assets/imagenet-sample``) as one tensor."""
+    images, _ = load_tensors(make_dataset(Path(assets) / "imagenet-sample", transform, files=files))
     return images

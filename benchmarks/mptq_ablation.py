@@ -29,7 +29,7 @@ from vitq.quant import QuantConfig, all_quantizers, model_stats
 from vitq.quant.config import ConfigError
 from vitq.zoo import load_model
 
-from _models import load_calib32
+from _models import alt_split, load_calib32, load_calib_files
 
 METHODS = {"baseline": MethodOptions(), "+SQ-b": MethodOptions(sq_b=True), "+OPT-m": MethodOptions(opt_m=True),
            "+SQ-b +OPT-m": MethodOptions(sq_b=True, opt_m=True),
@@ -123,6 +123,9 @@ def main() -> int:
                     help="full-protocol variants: token shifts on the PTF grids (vitq quantize --token-shift; on "
                          "by default since rule R20)")
     ap.add_argument("--out")
+    ap.add_argument("--alt-split", type=int, metavar="SEED",
+                    help="calibrate on 32 images drawn from eval968 by a permutation seeded SEED and evaluate on the "
+                         "other 936 (a second split for rule R30, docs/methods.md) instead of calib32 -> eval968")
     ap.add_argument("--per-image", metavar="FILE",
                     help="also write each row's per-image top-1, agreement and KL (with the image names) to FILE, "
                          "for benchmarks/paired_compare.py")
@@ -147,15 +150,18 @@ def main() -> int:
         return args.token_shift and v["protocol"] == "full"
 
     images = assets / "imagenet-sample"
+    split = None if args.alt_split is None else alt_split(assets, args.alt_split)
     rows = []
     per_image: dict = {"images": {}, "rows": []}
-    print(f"# MPTQ-ViT ablation, {platform.node()} ({os.cpu_count()} cores), torch {torch.__version__}, {date.today()}")
+    print(f"# MPTQ-ViT ablation, {platform.node()} ({os.cpu_count()} cores), torch {torch.__version__}, {date.today()}"
+          + ("" if split is None else f"; second split (seed {args.alt_split}): {len(split[0])} calibration images "
+             f"drawn from eval968, evaluation on the other {len(split[1])}"))
     print("| model | protocol | variant | top-1 | FP top-1 | drop | agreement % | KL | avg W | avg A | size MB | GBOPs | calib+search s | SE drop / agreement / KL |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for short in args.models:
         loaded = load_model(short)
         t = loaded.entry.transform
-        calib = load_calib32(assets, t)
+        calib = load_calib32(assets, t) if split is None else load_calib_files(assets, t, split[0])
         built, meta = {}, {}
         for spec in args.variants:
             v = variants(spec)
@@ -213,6 +219,8 @@ def main() -> int:
                                                    else f" ({args.rotate_parts})")
             if args.seed:
                 label += f", seed {args.seed}"
+            if split is not None:
+                label += f", split {args.alt_split}"
             if args.opt_m_grid != MethodOptions.optm_grid:
                 label += f", OPT-m grid {args.opt_m_grid}"
             if args.opt_m_ptf != MethodOptions.optm_ptf:
@@ -235,7 +243,8 @@ def main() -> int:
             built[key] = q
             meta[key] = dict(protocol=v["protocol"], variant=label, time_s=time.perf_counter() - t0)
             print(f"built {short} {key} in {meta[key]['time_s']:.0f}s", file=sys.stderr, flush=True)
-        ds = make_dataset(images, t, assets / "eval968.txt", args.limit)
+        ds = (make_dataset(images, t, assets / "eval968.txt", args.limit) if split is None
+              else make_dataset(images, t, limit=args.limit, files=split[1]))
         res = evaluate_many({"fp": loaded.model, **built}, make_loader(ds), reference="fp",
                             per_image=bool(args.per_image))
         fp = res["fp"]
