@@ -23,7 +23,7 @@ from vitq.data import make_dataset, make_loader
 from vitq.evaluate import evaluate_many
 from vitq.io import atomic_write_json
 from vitq.methods.greedy_mp import SEARCHES, Budget, default_gptq_losses, default_probe_images, greedy_mp
-from vitq.methods.mptq import MethodOptions, run_pipeline
+from vitq.methods.mptq import MethodOptions, mptq_rotates, run_pipeline
 from vitq.methods.optm import GRIDS, NONLIN_OBJECTIVES, PTF_OBJECTIVES
 from vitq.quant import QuantConfig, all_quantizers, model_stats
 from vitq.quant.config import ConfigError
@@ -114,9 +114,10 @@ def main() -> int:
                     help="attention smoothing in the variants that run SQ-b (vitq quantize --attn-smooth)")
     ap.add_argument("--attn-smooth-parts", default="qk,v",
                     help="with --attn-smooth: which transforms run, 'qk', 'v' or 'qk,v' (a diagnostic)")
-    ap.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=MethodOptions.rotate,
-                    help="Hadamard rotations of fc2's input and v/proj in the variants that run SQ-b (vitq quantize "
-                         "--rotate)")
+    ap.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
+                    help="Hadamard rotations in the variants that run SQ-b (vitq quantize --rotate). Default: as vitq "
+                         "quantize, on in the single 'mptq' rows of the standard protocol at <= 6 bits (rule R30), off "
+                         "elsewhere; --no-rotate turns it off everywhere")
     ap.add_argument("--rotate-parts", default=",".join(MethodOptions.rotate_parts),
                     help="with --rotate: which rotations are searched (vitq quantize --rotate-parts)")
     ap.add_argument("--token-shift", action=argparse.BooleanOptionalAction, default=QuantConfig.residual_token_shift,
@@ -134,7 +135,14 @@ def main() -> int:
         args.probe_images = default_probe_images(args.mp_search)
     assets = Path(args.assets)
 
-    def with_recon(opts: MethodOptions) -> MethodOptions:
+    def rotates(v: dict, cfg: QuantConfig) -> bool:
+        """Whether a row rotates: --rotate/--no-rotate when given, else vitq quantize's default (rule R30)."""
+        opts = METHODS[v["method"]] if v["kind"] == "single" else None
+        if args.rotate is not None:
+            return args.rotate and (opts is None or opts.sq_b)
+        return v["kind"] == "single" and v["method"] == "mptq" and mptq_rotates(cfg)
+
+    def with_recon(opts: MethodOptions, rotate: bool = False) -> MethodOptions:
         return replace(opts, recon_iters=args.recon_iters, recon_drop=args.recon_drop,
                        recon_max_bits=args.recon_max_bits, recon_ptf=not args.no_recon_ptf,
                        recon_flip=args.recon_flip, recon_float_lr=args.recon_float_lr, optm_grid=args.opt_m_grid,
@@ -143,7 +151,7 @@ def main() -> int:
                        optm_nonlin_objective=args.opt_m_nonlin_objective, optm_log2=args.opt_m_log2,
                        attn_smooth=args.attn_smooth and opts.sq_b,
                        attn_smooth_parts=tuple(args.attn_smooth_parts.split(",")),
-                       rotate=args.rotate and opts.sq_b, rotate_parts=tuple(args.rotate_parts.split(",")),
+                       rotate=rotate, rotate_parts=tuple(args.rotate_parts.split(",")),
                        gptq_max_bits=opts.gptq_max_bits if args.gptq_max_bits is None else args.gptq_max_bits)
 
     def token_shift(v: dict) -> bool:
@@ -169,7 +177,8 @@ def main() -> int:
             if v["kind"] == "single":
                 cfg = QuantConfig(w_bits=v["bits"], a_bits=v["bits"], protocol=v["protocol"], observer="mse",
                                   seed=args.seed, residual_token_shift=token_shift(v))
-                q = run_pipeline(loaded.model, calib, cfg, with_recon(METHODS[v["method"]])).model
+                rotated = rotates(v, cfg)
+                q = run_pipeline(loaded.model, calib, cfg, with_recon(METHODS[v["method"]], rotated)).model
                 label = f"W{v['bits']}A{v['bits']} {v['method']}" + (
                     f", attention smoothing ({args.attn_smooth_parts})"
                     if args.attn_smooth and METHODS[v["method"]].sq_b else "")
@@ -180,7 +189,8 @@ def main() -> int:
                 base = max(2, min(8, round(b)))
                 cfg = QuantConfig(w_bits=base, a_bits=base, protocol=v["protocol"], observer="mse", seed=args.seed,
                                   residual_token_shift=token_shift(v))
-                opts = with_recon(MethodOptions(sq_b=True, opt_m=True, gptq=v["gptq"], recon=v["recon"]))
+                rotated = rotates(v, cfg)
+                opts = with_recon(MethodOptions(sq_b=True, opt_m=True, gptq=v["gptq"], recon=v["recon"]), rotated)
                 gptq_losses = (default_gptq_losses(args.mp_search, opts) if args.mp_gptq_losses is None
                                else args.mp_gptq_losses)
                 try:
@@ -214,7 +224,7 @@ def main() -> int:
                 if found.uniform_fallback is not None:  # say so: the row is then a uniform model
                     label += (f", uniform {found.uniform_fallback}-bit won (probe KL {found.kl_final:.4f} "
                               f"vs {args.mp_search} {fs['searched']:.4f})")
-            if args.rotate and (v["kind"] != "single" or METHODS[v["method"]].sq_b):
+            if rotated:
                 label += ", Hadamard rotations" + ("" if args.rotate_parts == ",".join(MethodOptions.rotate_parts)
                                                    else f" ({args.rotate_parts})")
             if args.seed:

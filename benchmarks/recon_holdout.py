@@ -47,7 +47,7 @@ import torch
 from vitq.data import load_tensors, make_dataset
 from vitq.evaluate import evaluate, kl_from_reference
 from vitq.io import atomic_write_json
-from vitq.methods.mptq import MethodOptions, run_pipeline
+from vitq.methods.mptq import MethodOptions, mptq_rotates, run_pipeline
 from vitq.methods.recon import apply_block_recon
 from vitq.quant import QuantConfig
 from vitq.zoo import load_model
@@ -156,8 +156,10 @@ def main() -> int:
     per_image: dict[str, dict[str, dict[int, float]]] = {}
     assets = Path(args.assets)
     cfg = QuantConfig(w_bits=args.bits, a_bits=args.bits, observer="mse", protocol=args.protocol)
-    opts = (MethodOptions(sq_b=True, opt_m=True, gptq=True, recon=False) if args.methods == "mptq"
-            else MethodOptions(recon=False))
+    # --method mptq's pipeline, including its default rotation (rule R30: standard protocol, <= 6 bits);
+    # the setting key rot=0 gives the pipeline as it was before R30
+    opts = (MethodOptions(sq_b=True, opt_m=True, gptq=True, recon=False, rotate=mptq_rotates(cfg))
+            if args.methods == "mptq" else MethodOptions(recon=False))
     rows = []
     for name in args.models:
         torch.manual_seed(args.seed)

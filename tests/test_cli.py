@@ -338,3 +338,39 @@ def load_model_fp():
     from vitq.zoo import load_model
 
     return load_model("deit_tiny", random_init=True).model
+
+
+class _Stop(Exception):
+    """Raised by a stand-in pipeline once the CLI has resolved its options."""
+
+
+@pytest.mark.parametrize("extra, expect", [
+    (["--w-bits", "4", "--a-bits", "4"], True),  # rule R30: standard protocol, <= 6 activation bits
+    (["--w-bits", "6", "--a-bits", "6"], True),
+    (["--w-bits", "8", "--a-bits", "8"], False),
+    (["--w-bits", "4", "--a-bits", "4", "--protocol", "full"], False),  # never decided in the full protocol
+    (["--w-bits", "4", "--a-bits", "4", "--no-rotate"], False),
+    (["--budget-w", "5", "--budget-a", "5"], False),  # Greedy MP keeps it off
+    (["--w-bits", "8", "--a-bits", "8", "--rotate"], True),  # asked for
+])
+def test_method_mptq_rotates_by_default_only_where_rule_r30_adopted_it(images, monkeypatch, tmp_path, extra, expect):
+    import vitq.cli as cli
+
+    seen = {}
+
+    def stand_in(model, calib, config, options, *args, **kwargs):
+        seen.update(rotate=options.rotate, parts=options.rotate_parts)
+        raise _Stop
+
+    monkeypatch.setattr(cli, "run_pipeline", stand_in)
+    monkeypatch.setattr(cli, "greedy_mp", stand_in)
+    with pytest.raises(_Stop):
+        main([*_quantize_args(images, 2), "--method", "mptq", *extra, "--out", str(tmp_path / "q")])
+    assert seen["rotate"] == expect
+    assert seen["parts"] == ("fc2", "v", "qk")  # the parts R30 adopted are the default parts
+
+
+def test_no_rotate_with_rotate_parts_is_refused(images, tmp_path, capsys):
+    assert main([*_quantize_args(images, 2), "--method", "mptq", "--no-rotate", "--rotate-parts", "fc2",
+                 "--out", str(tmp_path / "q")]) == 2
+    assert "--rotate-parts" in capsys.readouterr().err

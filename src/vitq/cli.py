@@ -23,7 +23,7 @@ from .methods.greedy_mp import SEARCHES, Budget, default_gptq_losses, default_pr
 from .hardware import HardwareError, estimate, extract_workloads, int8_baseline, load_hardware
 from .methods.m2q import m2q, plot_m2q
 from .methods.optm import GRIDS, NONLIN_OBJECTIVES, PTF_OBJECTIVES
-from .methods.mptq import MethodOptions, run_pipeline
+from .methods.mptq import MethodOptions, mptq_rotates, run_pipeline
 from .methods.rotation import PARTS as ROTATION_PARTS
 from .quant.engine import tensor_table
 from .report import build_report, by_sensitivity, format_table, sensitivity_csv, summary_line
@@ -142,7 +142,7 @@ def _cmd_quantize(args) -> int:
                             optm_nonlin_objective=args.opt_m_nonlin_objective or MethodOptions.optm_nonlin_objective,
                             optm_log2=MethodOptions.optm_log2 if args.opt_m_log2 is None else args.opt_m_log2,
                             sq_b_unnormed=args.sq_b_unnormed, sq_b_gelu=args.sq_b_gelu,
-                            attn_smooth=args.attn_smooth, rotate=args.rotate or args.rotate_parts is not None,
+                            attn_smooth=args.attn_smooth, rotate=bool(args.rotate) or args.rotate_parts is not None,
                             rotate_parts=_rotate_parts(args.rotate_parts),
                             gptq=(args.gptq or args.method == "mptq") and not args.no_gptq,
                             gptq_max_bits=args.gptq_max_bits,
@@ -220,6 +220,12 @@ def _cmd_quantize(args) -> int:
         if base:
             config = dataclasses.replace(config, **base)
             print(f"base widths from the budget: W{config.w_bits}A{config.a_bits}", flush=True)
+    if args.rotate is False and args.rotate_parts is not None:
+        raise ConfigError("--rotate-parts chooses what --rotate searches: give it without --no-rotate")
+    if (args.rotate is None and args.rotate_parts is None and args.method == "mptq" and budget is None
+            and not args.config and mptq_rotates(config)):
+        # rule R30 (docs/methods.md): single-precision --method mptq rotates in the standard protocol at <= 6 bits
+        options = dataclasses.replace(options, rotate=True)
     if args.mp_search is None:
         # Rule R11 (docs/methods.md) made the knapsack the default; it handles average-bit and size budgets
         # only, so a BOPs budget keeps the paper's greedy loop.
@@ -230,7 +236,8 @@ def _cmd_quantize(args) -> int:
         # M2Q runs the greedy loop
         args.probe_images = default_probe_images(args.mp_search if budget is not None else "greedy")
     print(f"methods: sq_b={options.sq_b} opt_m={options.opt_m} gptq={options.gptq} "
-          f"recon={options.recon_applies(config)} mixed={budget is not None}",
+          f"recon={options.recon_applies(config)} mixed={budget is not None}"
+          + (f" rotate={','.join(options.rotate_parts)}" if options.rotate else ""),
           flush=True)
 
     t0 = time.perf_counter()
@@ -450,13 +457,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attn-smooth", action="store_true",
                    help="float-exact smoothing of q/k and v/proj inside attention, folded into qkv and proj "
                         "(vitq's addition, docs/methods.md)")
-    p.add_argument("--rotate", action="store_true",
-                   help="Hadamard rotations of fc2's input (online, n log n adds per token) and of v/proj (folded "
-                        "into qkv and proj), kept per layer where they lower its quantized output error "
-                        "(vitq's addition, docs/methods.md)")
+    p.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
+                   help="Hadamard rotations of fc2's input (online, n log n adds per token), of v/proj and of q/k "
+                        "(folded into qkv and proj), kept per layer where they lower its quantized output error "
+                        "(vitq's addition, docs/methods.md). Default: on with single-precision --method mptq in the "
+                        "standard protocol at <= 6 activation bits (rule R30), off otherwise; --no-rotate turns it off")
     p.add_argument("--rotate-parts", default=None,
                    help="with --rotate (implied): which rotations are searched, comma-separated of fc2, v (v/proj) "
-                        "and qk (q and k per head, folded into qkv); default fc2,v")
+                        "and qk (q and k per head, folded into qkv); default fc2,v,qk")
     p.add_argument("--opt-m", action="store_true", help="two-region quantizer search for post-GELU/softmax")
     p.add_argument("--m-max", type=int, default=None,
                    help="largest OPT-m ratio exponent (default: max(4, bits-1) per tensor)")

@@ -19,6 +19,24 @@ from .rotation import apply_rotation
 from .sqb import apply_sqb
 
 
+# Rule R30 (docs/methods.md, session 22): single-precision `--method mptq` (no budget, no saved config) rotates
+# in the standard protocol at activation widths up to this many bits. The full protocol and Greedy MP were
+# never decided on, so they keep rotation off unless asked.
+ROTATE_DEFAULT_MAX_BITS = 6
+
+
+def mptq_rotates(config: QuantConfig) -> bool:
+    """Whether single-precision ``--method mptq`` rotates by default for ``config`` (rule R30).
+
+    Args:
+        config: the quantization config (its protocol and default activation width decide).
+
+    Returns:
+        True in the standard protocol at activation widths up to :data:`ROTATE_DEFAULT_MAX_BITS`.
+    """
+    return config.protocol == "standard" and config.a_bits <= ROTATE_DEFAULT_MAX_BITS
+
+
 @dataclass
 class MethodOptions:
     """Which methods run, and OPT-m's largest ratio exponent."""
@@ -47,11 +65,11 @@ class MethodOptions:
     # (methods/attn_smooth.py); decided by rule R18 on held-out calibration folds (docs/methods.md)
     attn_smooth: bool = False
     attn_smooth_parts: tuple = ("qk", "v")  # which of its two transforms run (a diagnostic)
-    # vitq's addition: Hadamard rotations of fc2's input (online) and of v/proj (folded), kept per layer
-    # where they lower its quantized output error (methods/rotation.py); rule R24 in docs/methods.md
-    # decides the default
+    # vitq's addition: Hadamard rotations of fc2's input (online), of v/proj and of q/k (folded), kept per
+    # layer where they lower its quantized output error (methods/rotation.py). Off in a bare MethodOptions;
+    # `--method mptq` turns it on where rule R30 adopted it (mptq_rotates below, docs/methods.md).
     rotate: bool = False
-    rotate_parts: tuple = ("fc2", "v")  # which rotations are searched (rotation.PARTS; "qk" since session 20)
+    rotate_parts: tuple = ("fc2", "v", "qk")  # which rotations are searched (rotation.PARTS; "fc2", "v" until R30)
     gptq: bool = False  # GPTQ weight rounding after calibration (vitq's addition, not in the paper)
     gptq_max_bits: int = 5  # layers with wider weights keep round-to-nearest (docs/methods.md)
     recon: bool = False  # block reconstruction of step sizes after GPTQ (vitq's addition)
