@@ -38,8 +38,7 @@ def module_inputs(model: torch.nn.Module, modules: dict, x: torch.Tensor) -> dic
 
 def load_calib32(assets: Path, transform: EvalTransform) -> torch.Tensor:
     """The fixed calibration split (``assets/calib32.txt`` of ``assets/imagenet-sample``) as one tensor."""
-    images, _ = load_tensors(make_dataset(Path(assets) / "imagenet-sample", transform, Path(assets) / "calib32.txt"))
-    return images
+    return load_calib_files(assets, transform, read_list(Path(assets) / "calib32.txt", Path(assets) / "imagenet-sample"))
 
 
 def alt_split(assets: Path, seed: int, n_calib: int = 32) -> tuple[list[str], list[str]]:

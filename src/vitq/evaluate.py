@@ -135,8 +135,8 @@ class _Tally:
     """Running top-1/top-5 counts, agreement and KL for one model, and the per-image values behind them."""
 
     def __init__(self):
-        self.n = self.c1 = self.c5 = self.agree = 0
-        self.kl_sum = 0.0
+        self.n = self.c5 = 0
+        self.kl_sum = 0.0  # summed per batch as before kl_i existed, so the reported mean KL keeps its last digits
         self.model_s = 0.0
         self.correct: list[int] = []
         self.agree_i: list[int] = []
@@ -144,16 +144,12 @@ class _Tally:
 
     def add(self, logits: torch.Tensor, labels: torch.Tensor, ref: torch.Tensor | None) -> None:
         top5 = logits.topk(5, dim=1).indices
-        right = top5[:, 0] == labels
-        self.c1 += right.sum().item()
-        self.correct += right.int().tolist()
+        self.correct += (top5[:, 0] == labels).int().tolist()
         self.c5 += (top5 == labels[:, None]).any(dim=1).sum().item()
         if ref is not None:
-            agree = ref.argmax(1) == top5[:, 0]
             kl = kl_from_reference(ref, logits)
-            self.agree += agree.sum().item()
             self.kl_sum += kl.sum().item()
-            self.agree_i += agree.int().tolist()
+            self.agree_i += (ref.argmax(1) == top5[:, 0]).int().tolist()
             self.kl_i += kl.tolist()
         self.n += len(labels)
 
@@ -161,13 +157,13 @@ class _Tally:
         if self.n == 0:
             raise ValueError("evaluation saw no images (empty dataset, or every image was unreadable)")
         r = EvalResult(
-            model=name, n_images=self.n, n_bad_images=n_bad, top1=100.0 * self.c1 / self.n,
+            model=name, n_images=self.n, n_bad_images=n_bad, top1=100.0 * sum(self.correct) / self.n,
             top5=100.0 * self.c5 / self.n, images_per_s=self.n / self.model_s if self.model_s > 0 else 0.0,
-            wall_s=wall_s, agreement=100.0 * self.agree / self.n if ref else None,
+            wall_s=wall_s, agreement=100.0 * sum(self.agree_i) / self.n if ref else None,
             kl=self.kl_sum / self.n if ref else None,
         )
         if ref is not None:
-            r.ref_top1 = 100.0 * ref.c1 / ref.n
+            r.ref_top1 = 100.0 * sum(ref.correct) / ref.n
             r.top1_delta_se = paired_difference([100.0 * c for c in ref.correct],
                                                 [100.0 * c for c in self.correct])[1]
             r.agreement_se = mean_se([100.0 * a for a in self.agree_i])[1]
