@@ -74,8 +74,13 @@ def compare(a: dict, b: dict) -> list[dict]:
     return out
 
 
-def _se(v) -> str:
-    return "n/a" if v is None else f"{v:.2f}"
+def _se(v, spec: str = ".2f") -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def _ratio(d: float, se) -> str:
+    """A difference in units of its standard error (what rule R30 reads)."""
+    return "n/a" if not se else f"{d / se:+.1f}"
 
 
 def main() -> int:
@@ -88,14 +93,14 @@ def main() -> int:
         raise SystemExit("the two files share no model")
     print(f"# B - A, paired over the same images; A = {args.a}, B = {args.b}")
     print("| model | protocol | A | B | top-1 A -> B | d top-1 (SE) | d agreement (SE) | KL A -> B | d KL (SE) | "
-          "images with lower KL in B |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "d KL / SE | d agreement / SE | images with lower KL in B |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        kl_se = "n/a" if r["d_kl_se"] is None else f"{r['d_kl_se']:.4f}"
         print(f"| {r['model']} | {r['protocol']} | {r['variant_a']} | {r['variant_b']} | {r['top1_a']:.2f} -> "
               f"{r['top1_b']:.2f} | {r['d_top1']:+.2f} ({_se(r['d_top1_se'])}) | {r['d_agreement']:+.2f} "
-              f"({_se(r['d_agreement_se'])}) | {r['kl_a']:.4f} -> {r['kl_b']:.4f} | {r['d_kl']:+.4f} ({kl_se}) | "
-              f"{r['kl_lower']} of {r['n']} |")
+              f"({_se(r['d_agreement_se'])}) | {r['kl_a']:.4f} -> {r['kl_b']:.4f} | {r['d_kl']:+.4f} "
+              f"({_se(r['d_kl_se'], '.4f')}) | {_ratio(r['d_kl'], r['d_kl_se'])} | "
+              f"{_ratio(r['d_agreement'], r['d_agreement_se'])} | {r['kl_lower']} of {r['n']} |")
     return 0
 
 
