@@ -24,6 +24,7 @@ from vitq.evaluate import evaluate_many
 from vitq.io import atomic_write_json
 from vitq.methods.greedy_mp import SEARCHES, Budget, default_gptq_losses, default_probe_images, greedy_mp
 from vitq.methods.mptq import MethodOptions, mptq_rotates, run_pipeline
+from vitq.methods.token_scale import BUFFER as TOKEN_SCALE_BUFFER
 from vitq.methods.optm import GRIDS, NONLIN_OBJECTIVES, PTF_OBJECTIVES
 from vitq.quant import QuantConfig, all_quantizers, model_stats
 from vitq.quant.config import ConfigError
@@ -118,6 +119,8 @@ def main() -> int:
                     help="Hadamard rotations in the variants that run SQ-b (vitq quantize --rotate). Default: as vitq "
                          "quantize, on in the single 'mptq' rows of the standard protocol at <= 6 bits (rule R30), off "
                          "elsewhere; --no-rotate turns it off everywhere")
+    ap.add_argument("--token-scale", action="store_true",
+                    help="token scaling of fc2's input in the variants that run SQ-b (vitq quantize --token-scale)")
     ap.add_argument("--rotate-parts", default=",".join(MethodOptions.rotate_parts),
                     help="with --rotate: which rotations are searched (vitq quantize --rotate-parts)")
     ap.add_argument("--token-shift", action=argparse.BooleanOptionalAction, default=QuantConfig.residual_token_shift,
@@ -152,6 +155,7 @@ def main() -> int:
                        attn_smooth=args.attn_smooth and opts.sq_b,
                        attn_smooth_parts=tuple(args.attn_smooth_parts.split(",")),
                        rotate=rotate, rotate_parts=tuple(args.rotate_parts.split(",")),
+                       token_scale=args.token_scale and opts.sq_b,
                        gptq_max_bits=opts.gptq_max_bits if args.gptq_max_bits is None else args.gptq_max_bits)
 
     def token_shift(v: dict) -> bool:
@@ -227,6 +231,9 @@ def main() -> int:
             if rotated:
                 label += ", Hadamard rotations" + ("" if args.rotate_parts == ",".join(MethodOptions.rotate_parts)
                                                    else f" ({args.rotate_parts})")
+            if args.token_scale and (v["kind"] == "greedy" or METHODS[v["method"]].sq_b):
+                scaled = [m for m in q.modules() if getattr(m, TOKEN_SCALE_BUFFER, None) is not None]
+                label += f", token scaling ({len(scaled)} layer{'' if len(scaled) == 1 else 's'} scaled)"
             if args.seed:
                 label += f", seed {args.seed}"
             if split is not None:

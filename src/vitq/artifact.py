@@ -132,6 +132,9 @@ def rebuild(meta: dict, state: dict[str, torch.Tensor], cfg_path, st_path) -> tu
     from .methods.rotation import restore_rotations
 
     restore_rotations(model, state)  # online Hadamard rotations of fc2's input (--rotate)
+    from .methods.token_scale import restore_token_scales
+
+    restore_token_scales(model, state)  # static token-position factors on fc2's input (--token-scale)
     modules = dict(model.named_modules())
     for key in state:  # SQ-b and GPTQ give bias-free Linears (Swin's patch merging) a bias
         owner = modules.get(key.rsplit(".", 1)[0]) if key.endswith(".bias") else None

@@ -143,7 +143,7 @@ def _cmd_quantize(args) -> int:
                             optm_log2=MethodOptions.optm_log2 if args.opt_m_log2 is None else args.opt_m_log2,
                             sq_b_unnormed=args.sq_b_unnormed, sq_b_gelu=args.sq_b_gelu,
                             attn_smooth=args.attn_smooth, rotate=bool(args.rotate) or args.rotate_parts is not None,
-                            rotate_parts=_rotate_parts(args.rotate_parts),
+                            rotate_parts=_rotate_parts(args.rotate_parts), token_scale=bool(args.token_scale),
                             gptq=(args.gptq or args.method == "mptq") and not args.no_gptq,
                             gptq_max_bits=args.gptq_max_bits,
                             recon=(args.recon or args.method == "mptq") and not args.no_recon,
@@ -168,9 +168,9 @@ def _cmd_quantize(args) -> int:
     if args.gptq and args.no_gptq:
         raise ConfigError("give only one of --gptq and --no-gptq")
     if args.method == "m2q" and (args.gptq or args.sq_b or args.opt_m or args.recon or args.attn_smooth
-                                 or options.rotate):
-        raise ConfigError("--method m2q does not take --gptq, --sq-b, --opt-m, --recon, --attn-smooth, --rotate "
-                          "or --rotate-parts")
+                                 or options.rotate or options.token_scale):
+        raise ConfigError("--method m2q does not take --gptq, --sq-b, --opt-m, --recon, --attn-smooth, --rotate, "
+                          "--rotate-parts or --token-scale")
     if args.sq_b_unnormed and not options.sq_b:
         raise ConfigError("--sq-b-unnormed extends SQ-b: give it with --sq-b or --method mptq")
     if args.sq_b_gelu and not options.sq_b:
@@ -237,7 +237,8 @@ def _cmd_quantize(args) -> int:
         args.probe_images = default_probe_images(args.mp_search if budget is not None else "greedy")
     print(f"methods: sq_b={options.sq_b} opt_m={options.opt_m} gptq={options.gptq} "
           f"recon={options.recon_applies(config)} mixed={budget is not None}"
-          + (f" rotate={','.join(options.rotate_parts)}" if options.rotate else ""),
+          + (f" rotate={','.join(options.rotate_parts)}" if options.rotate else "")
+          + (" token_scale=True" if options.token_scale else ""),
           flush=True)
 
     t0 = time.perf_counter()
@@ -277,6 +278,8 @@ def _cmd_quantize(args) -> int:
                   flush=True)
         if search.rotation is not None:
             extra["rotation"] = search.rotation
+        if search.token_scale is not None:
+            extra["token_scale"] = search.token_scale
         if search.gptq is not None:
             extra["gptq"] = search.gptq
         if search.recon is not None:
@@ -289,7 +292,8 @@ def _cmd_quantize(args) -> int:
         res = run_pipeline(loaded.model, calib_images, config, options, progress=True)
         qmodel = res.model
         extra.update({k: v for k, v in (("sqb", res.sqb), ("attn_smooth", res.attn_smooth),
-                                        ("rotation", res.rotation), ("optm", res.optm),
+                                        ("rotation", res.rotation), ("token_scale", res.token_scale),
+                                        ("optm", res.optm),
                                         ("gptq", res.gptq), ("recon", res.recon)) if v is not None})
         extra["method_timing"] = res.timing
     qmodel.vitq_calib_images = len(calib_images)
@@ -465,6 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rotate-parts", default=None,
                    help="with --rotate (implied): which rotations are searched, comma-separated of fc2, v (v/proj) "
                         "and qk (q and k per head, folded into qkv); default fc2,v,qk")
+    p.add_argument("--token-scale", action=argparse.BooleanOptionalAction, default=None,
+                   help="static power-of-two factors on the token positions of fc2's input whose values are massive "
+                        "(ViT-Tiny's corner patches in block 7; one accumulator shift per such row), kept where they "
+                        "lower its quantized output error (vitq's addition, docs/methods.md); off by default")
     p.add_argument("--opt-m", action="store_true", help="two-region quantizer search for post-GELU/softmax")
     p.add_argument("--m-max", type=int, default=None,
                    help="largest OPT-m ratio exponent (default: max(4, bits-1) per tensor)")

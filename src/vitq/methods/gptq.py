@@ -27,6 +27,7 @@ from ..adapters import adapter_for
 from ..quant import quantizers as Q
 from ..quant.engine import weight_layers
 from ..quant.layers import QuantConv2d, QuantLinear
+from .token_scale import row_factor
 
 
 @dataclass
@@ -66,7 +67,8 @@ def _supported(m: nn.Module, max_bits: int) -> bool:
 def _as_rows(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The layer's (quantized) input as a matrix whose rows multiply the flattened weight."""
     if isinstance(m, QuantLinear):
-        return x.reshape(-1, x.shape[-1])
+        f = row_factor(m, x)  # token scaling: the rows at the true scale their outputs are multiplied back to
+        return x.reshape(-1, x.shape[-1]) if f is None else x.reshape(-1, x.shape[-1]) * f
     if m.same_padding:
         x = pad_same(x, m.weight.shape[-2:], m.stride, m.dilation)
         padding = 0

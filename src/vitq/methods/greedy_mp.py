@@ -35,6 +35,7 @@ from .attn_smooth import apply_attn_smooth
 from .gptq import _supported as gptq_supported, apply_gptq, gptq_rounded, input_hessians
 from .recon import apply_block_recon
 from .rotation import apply_rotation
+from .token_scale import apply_token_scale
 from .mp_knapsack import solve as solve_knapsack
 from .mp_superpose import refine as refine_superposed
 from .mptq import MethodOptions, run_pipeline
@@ -103,6 +104,7 @@ class GreedyResult:
     gptq: dict | None = None
     recon: dict | None = None  # block reconstruction on the final assignment, after GPTQ (options.recon)
     rotation: list | None = None  # options.rotate: each layer's choice, made once on the float model
+    token_scale: list | None = None  # options.token_scale: likewise
     # search="knapsack"/"superposed": each searched tensor's isolated loss, {"layer", "kind", "elements", "kl": {bits: KL}},
     # the probe KL with only that tensor quantized at those bits: a per-layer sensitivity report
     sensitivity: list[dict] = field(default_factory=list)
@@ -314,6 +316,10 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
     if options.rotate:  # likewise once, at the base bits
         rotation = apply_rotation(float_model, calib, QuantConfig(w_bits=base.w_bits, a_bits=base.a_bits),
                                   seed=base.seed, progress=progress, parts=options.rotate_parts).to_dict()
+    token_scale = None
+    if options.token_scale:  # likewise once, at the base bits
+        token_scale = apply_token_scale(float_model, calib, QuantConfig(w_bits=base.w_bits, a_bits=base.a_bits),
+                                        progress=progress).to_dict()
     # GPTQ runs once on the final assignment (below), not per bank: its weights depend on the upstream
     # layers' widths, and a bank must not.
     stage = MethodOptions(sq_b=False, opt_m=options.opt_m, m_max=options.m_max, optm_grid=options.optm_grid,
@@ -444,7 +450,7 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
         item.sens = prober.kl(item.block) - current
         set_level(item, level)
 
-    result = GreedyResult(config=base, rotation=rotation)
+    result = GreedyResult(config=base, rotation=rotation, token_scale=token_scale)
     if search != "greedy":
         holdout = None
         if search == "superposed" and len(calib) > n_probe:

@@ -17,6 +17,7 @@ from .optm import apply_optm
 from .recon import apply_block_recon
 from .rotation import apply_rotation
 from .sqb import apply_sqb
+from .token_scale import apply_token_scale
 
 
 # Rule R30 (docs/methods.md, session 22): single-precision `--method mptq` (no budget, no saved config) rotates
@@ -70,6 +71,10 @@ class MethodOptions:
     # `--method mptq` turns it on where rule R30 adopted it (mptq_rotates below, docs/methods.md).
     rotate: bool = False
     rotate_parts: tuple = ("fc2", "v", "qk")  # which rotations are searched (rotation.PARTS; "fc2", "v" until R30)
+    # vitq's addition: static power-of-two factors on the token positions of fc2's input whose values are
+    # massive (ViT-Tiny's four corner patches in block 7), kept where they lower its quantized output error
+    # (methods/token_scale.py); rule R31 in docs/methods.md decides the default
+    token_scale: bool = False
     gptq: bool = False  # GPTQ weight rounding after calibration (vitq's addition, not in the paper)
     gptq_max_bits: int = 5  # layers with wider weights keep round-to-nearest (docs/methods.md)
     recon: bool = False  # block reconstruction of step sizes after GPTQ (vitq's addition)
@@ -112,11 +117,12 @@ class PipelineResult:
     recon: dict | None = None
     attn_smooth: list | None = None
     rotation: list | None = None
+    token_scale: list | None = None
 
 
 def run_pipeline(fp_model: nn.Module, calib: torch.Tensor, config: QuantConfig, options: MethodOptions,
                  progress: bool = False) -> PipelineResult:
-    """SQ-b, attention smoothing and rotations (on a copy of the float model), prepare + calibrate, then OPT-m, then GPTQ, then block
+    """SQ-b, attention smoothing, rotations and token scaling (on a copy of the float model), prepare + calibrate, then OPT-m, then GPTQ, then block
     reconstruction (only at ``options.recon_max_bits`` activation bits or fewer).
 
     SQ-b searches alpha at the config's *default* bit-widths (``config.w_bits``/``a_bits``), not the
@@ -143,6 +149,12 @@ def run_pipeline(fp_model: nn.Module, calib: torch.Tensor, config: QuantConfig, 
         rotation = apply_rotation(model, calib, QuantConfig(w_bits=config.w_bits, a_bits=config.a_bits),
                                   seed=config.seed, progress=progress, parts=options.rotate_parts).to_dict()
         timing["rotation_s"] = time.perf_counter() - t
+    token_scale = None
+    if options.token_scale:
+        t = time.perf_counter()
+        token_scale = apply_token_scale(model, calib, QuantConfig(w_bits=config.w_bits, a_bits=config.a_bits),
+                                        progress=progress).to_dict()
+        timing["token_scale_s"] = time.perf_counter() - t
     t = time.perf_counter()
     q = prepare(model, config, inplace=True)
     calibrate(q, config, calib, progress=progress)
@@ -165,4 +177,4 @@ def run_pipeline(fp_model: nn.Module, calib: torch.Tensor, config: QuantConfig, 
         recon = apply_block_recon(q, fp_model, calib, progress=progress, seed=config.seed,
                                   **options.recon_kwargs()).to_dict()
         timing["recon_s"] = time.perf_counter() - t
-    return PipelineResult(q, timing, sqb, optm, gptq, recon, attn, rotation)
+    return PipelineResult(q, timing, sqb, optm, gptq, recon, attn, rotation, token_scale)

@@ -91,6 +91,8 @@ def _capture(model: nn.Module, calib: torch.Tensor, max_rows: int,
 
     Returns ``id(quantizer) -> (sample, output_fn or None)``.
     """
+    from .token_scale import row_factor  # here: token_scale's search imports this module
+
     saved_modes = {q: q.mode for q in all_quantizers(model)}
     for q in saved_modes:
         q.mode = "off"
@@ -113,7 +115,12 @@ def _capture(model: nn.Module, calib: torch.Tensor, max_rows: int,
 
     def lin_hook(mod, args):
         w = mod.weight.detach()
-        found[id(mod.in_quant)] = (rows(args[0], pick(args[0])), lambda v, w=w: v @ w.T)
+        idx = pick(args[0])
+        f = row_factor(mod, args[0])  # token scaling: rows divided by 2^b_t, whose output is multiplied back
+        if f is None:
+            found[id(mod.in_quant)] = (rows(args[0], idx), lambda v, w=w: v @ w.T)
+        else:
+            found[id(mod.in_quant)] = (rows(args[0], idx), lambda v, w=w, f=rows(f, idx): (v @ w.T) * f)
 
     def mm_hook(mod, args):
         a, b = args[0].detach()[:4], args[1].detach()[:4]  # a few images keep the pairing of a and b
