@@ -23,7 +23,7 @@ from vitq.data import make_dataset, make_loader
 from vitq.evaluate import evaluate_many
 from vitq.io import atomic_write_json
 from vitq.methods.greedy_mp import SEARCHES, Budget, default_gptq_losses, default_probe_images, greedy_mp
-from vitq.methods.mptq import MethodOptions, mptq_rotates, run_pipeline
+from vitq.methods.mptq import MethodOptions, mptq_rotates, mptq_token_scales, run_pipeline
 from vitq.methods.token_scale import BUFFER as TOKEN_SCALE_BUFFER
 from vitq.methods.optm import GRIDS, NONLIN_OBJECTIVES, PTF_OBJECTIVES
 from vitq.quant import QuantConfig, all_quantizers, model_stats
@@ -119,8 +119,10 @@ def main() -> int:
                     help="Hadamard rotations in the variants that run SQ-b (vitq quantize --rotate). Default: as vitq "
                          "quantize, on in the single 'mptq' rows of the standard protocol at <= 6 bits (rule R30), off "
                          "elsewhere; --no-rotate turns it off everywhere")
-    ap.add_argument("--token-scale", action="store_true",
-                    help="token scaling of fc2's input in the variants that run SQ-b (vitq quantize --token-scale)")
+    ap.add_argument("--token-scale", action=argparse.BooleanOptionalAction, default=None,
+                    help="token scaling of fc2's input in the variants that run SQ-b (vitq quantize --token-scale). "
+                         "Default: as vitq quantize (rule R31: the single mptq rows in the standard protocol at <= 6 "
+                         "bits), off elsewhere; --no-token-scale turns it off everywhere")
     ap.add_argument("--rotate-parts", default=",".join(MethodOptions.rotate_parts),
                     help="with --rotate: which rotations are searched (vitq quantize --rotate-parts)")
     ap.add_argument("--token-shift", action=argparse.BooleanOptionalAction, default=QuantConfig.residual_token_shift,
@@ -145,7 +147,15 @@ def main() -> int:
             return args.rotate and (opts is None or opts.sq_b)
         return v["kind"] == "single" and v["method"] == "mptq" and mptq_rotates(cfg)
 
-    def with_recon(opts: MethodOptions, rotate: bool = False) -> MethodOptions:
+    def token_scales(v: dict, cfg: QuantConfig) -> bool:
+        """Whether a row scales token positions: --token-scale/--no-token-scale when given, else vitq quantize's
+        default (rule R31)."""
+        opts = METHODS[v["method"]] if v["kind"] == "single" else None
+        if args.token_scale is not None:
+            return args.token_scale and (opts is None or opts.sq_b)
+        return v["kind"] == "single" and v["method"] == "mptq" and mptq_token_scales(cfg)
+
+    def with_recon(opts: MethodOptions, rotate: bool = False, token_scale: bool = False) -> MethodOptions:
         return replace(opts, recon_iters=args.recon_iters, recon_drop=args.recon_drop,
                        recon_max_bits=args.recon_max_bits, recon_ptf=not args.no_recon_ptf,
                        recon_flip=args.recon_flip, recon_float_lr=args.recon_float_lr, optm_grid=args.opt_m_grid,
@@ -155,7 +165,7 @@ def main() -> int:
                        attn_smooth=args.attn_smooth and opts.sq_b,
                        attn_smooth_parts=tuple(args.attn_smooth_parts.split(",")),
                        rotate=rotate, rotate_parts=tuple(args.rotate_parts.split(",")),
-                       token_scale=args.token_scale and opts.sq_b,
+                       token_scale=token_scale,
                        gptq_max_bits=opts.gptq_max_bits if args.gptq_max_bits is None else args.gptq_max_bits)
 
     def token_shift(v: dict) -> bool:
@@ -181,8 +191,8 @@ def main() -> int:
             if v["kind"] == "single":
                 cfg = QuantConfig(w_bits=v["bits"], a_bits=v["bits"], protocol=v["protocol"], observer="mse",
                                   seed=args.seed, residual_token_shift=token_shift(v))
-                rotated = rotates(v, cfg)
-                q = run_pipeline(loaded.model, calib, cfg, with_recon(METHODS[v["method"]], rotated)).model
+                rotated, scaled_tokens = rotates(v, cfg), token_scales(v, cfg)
+                q = run_pipeline(loaded.model, calib, cfg, with_recon(METHODS[v["method"]], rotated, scaled_tokens)).model
                 label = f"W{v['bits']}A{v['bits']} {v['method']}" + (
                     f", attention smoothing ({args.attn_smooth_parts})"
                     if args.attn_smooth and METHODS[v["method"]].sq_b else "")
@@ -193,8 +203,9 @@ def main() -> int:
                 base = max(2, min(8, round(b)))
                 cfg = QuantConfig(w_bits=base, a_bits=base, protocol=v["protocol"], observer="mse", seed=args.seed,
                                   residual_token_shift=token_shift(v))
-                rotated = rotates(v, cfg)
-                opts = with_recon(MethodOptions(sq_b=True, opt_m=True, gptq=v["gptq"], recon=v["recon"]), rotated)
+                rotated, scaled_tokens = rotates(v, cfg), token_scales(v, cfg)
+                opts = with_recon(MethodOptions(sq_b=True, opt_m=True, gptq=v["gptq"], recon=v["recon"]), rotated,
+                                  scaled_tokens)
                 gptq_losses = (default_gptq_losses(args.mp_search, opts) if args.mp_gptq_losses is None
                                else args.mp_gptq_losses)
                 try:
@@ -231,7 +242,7 @@ def main() -> int:
             if rotated:
                 label += ", Hadamard rotations" + ("" if args.rotate_parts == ",".join(MethodOptions.rotate_parts)
                                                    else f" ({args.rotate_parts})")
-            if args.token_scale and (v["kind"] == "greedy" or METHODS[v["method"]].sq_b):
+            if scaled_tokens:
                 scaled = [m for m in q.modules() if getattr(m, TOKEN_SCALE_BUFFER, None) is not None]
                 label += f", token scaling ({len(scaled)} layer{'' if len(scaled) == 1 else 's'} scaled)"
             if args.seed:

@@ -16,7 +16,7 @@ LayerNorm affines; 0 = not learned), ``e2e`` (end-to-end steps on the logits' KL
 this many weight bits learn their weight scales). The keys ``gelu`` (0/1: ``--sq-b-gelu``), ``mmax`` (``--m-max``), ``grid`` (``--opt-m-grid``) and ``ptfclip`` (0/1: ``--opt-m-ptf``), ``ptfobj`` (``--opt-m-ptf-objective``), ``attn`` (0/1: ``--attn-smooth``), ``nonlin`` (``--opt-m-nonlin-objective``), ``tokshift`` (0/1: ``--token-shift``,
 a QuantConfig option), ``gptqmax`` (``--gptq-max-bits``: the widest weights GPTQ re-rounds), ``attnparts`` (``--attn-smooth-parts``
 with ``+`` between the parts, e.g. ``attn=1,attnparts=v``), ``rot`` (0/1: ``--rotate``), ``rotparts`` (``--rotate-parts``, ``+`` between the parts, e.g.
-``rot=1,rotparts=fc2+v+qk``), ``log2`` (0/1: ``--opt-m-log2``) change the
+``rot=1,rotparts=fc2+v+qk``), ``log2`` (0/1: ``--opt-m-log2``), ``ts`` (0/1: ``--token-scale``) change the
 pipeline before reconstruction instead; settings that share it share one pipeline run per fold. ``gelu=1`` alone means
 that pipeline without reconstruction (like ``none``).
 
@@ -47,7 +47,7 @@ import torch
 from vitq.data import load_tensors, make_dataset
 from vitq.evaluate import evaluate, kl_from_reference
 from vitq.io import atomic_write_json
-from vitq.methods.mptq import MethodOptions, mptq_rotates, run_pipeline
+from vitq.methods.mptq import MethodOptions, mptq_rotates, mptq_token_scales, run_pipeline
 from vitq.methods.recon import apply_block_recon
 from vitq.quant import QuantConfig
 from vitq.zoo import load_model
@@ -64,7 +64,8 @@ PIPELINE_KEYS = {"gelu": ("sq_b_gelu", lambda v: bool(int(v))), "mmax": ("m_max"
                  "gptqmax": ("gptq_max_bits", int), "attnparts": ("attn_smooth_parts", lambda v: tuple(v.split("+"))),
                  "rot": ("rotate", lambda v: bool(int(v))),
                  "rotparts": ("rotate_parts", lambda v: tuple(v.split("+"))),
-                 "log2": ("optm_log2", lambda v: bool(int(v)))}
+                 "log2": ("optm_log2", lambda v: bool(int(v))),
+                 "ts": ("token_scale", lambda v: bool(int(v)))}
 # "cfg:" marks a QuantConfig field rather than a MethodOptions one
 
 
@@ -156,9 +157,10 @@ def main() -> int:
     per_image: dict[str, dict[str, dict[int, float]]] = {}
     assets = Path(args.assets)
     cfg = QuantConfig(w_bits=args.bits, a_bits=args.bits, observer="mse", protocol=args.protocol)
-    # --method mptq's pipeline, including its default rotation (rule R30: standard protocol, <= 6 bits);
-    # the setting key rot=0 gives the pipeline as it was before R30
-    opts = (MethodOptions(sq_b=True, opt_m=True, gptq=True, recon=False, rotate=mptq_rotates(cfg))
+    # --method mptq's pipeline, including its default rotation (rule R30: standard protocol, <= 6 bits) and token
+    # scaling (rule R31, same scope); the setting keys rot=0 and ts=0 give the pipeline as it was before them
+    opts = (MethodOptions(sq_b=True, opt_m=True, gptq=True, recon=False, rotate=mptq_rotates(cfg),
+                          token_scale=mptq_token_scales(cfg))
             if args.methods == "mptq" else MethodOptions(recon=False))
     rows = []
     for name in args.models:

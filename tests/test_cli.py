@@ -374,3 +374,34 @@ def test_no_rotate_with_rotate_parts_is_refused(images, tmp_path, capsys):
     assert main([*_quantize_args(images, 2), "--method", "mptq", "--no-rotate", "--rotate-parts", "fc2",
                  "--out", str(tmp_path / "q")]) == 2
     assert "--rotate-parts" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, expect", [
+    (["--w-bits", "4", "--a-bits", "4"], True),  # rule R31: standard protocol, <= 6 activation bits
+    (["--w-bits", "6", "--a-bits", "6"], True),
+    (["--w-bits", "8", "--a-bits", "8"], False),
+    (["--w-bits", "4", "--a-bits", "4", "--protocol", "full"], False),  # not decided in the full protocol
+    (["--w-bits", "4", "--a-bits", "4", "--no-token-scale"], False),
+    (["--budget-w", "5", "--budget-a", "5"], False),  # Greedy MP keeps it off ...
+    (["--budget-w", "5", "--budget-a", "5", "--token-scale"], True),  # ... unless asked for
+    (["--w-bits", "8", "--a-bits", "8", "--token-scale"], True),
+])
+def test_token_scale_flag_reaches_the_pipeline(images, monkeypatch, tmp_path, extra, expect):
+    import vitq.cli as cli
+
+    seen = {}
+
+    def stand_in(model, calib, config, options, *args, **kwargs):
+        seen.update(token_scale=options.token_scale)
+        raise _Stop
+
+    monkeypatch.setattr(cli, "run_pipeline", stand_in)
+    monkeypatch.setattr(cli, "greedy_mp", stand_in)
+    with pytest.raises(_Stop):
+        main([*_quantize_args(images, 2), "--method", "mptq", *extra, "--out", str(tmp_path / "q")])
+    assert seen["token_scale"] == expect
+
+
+def test_m2q_refuses_token_scale(images, tmp_path, capsys):
+    assert main([*_quantize_args(images, 2), "--method", "m2q", "--token-scale", "--out", str(tmp_path / "q")]) == 2
+    assert "--token-scale" in capsys.readouterr().err

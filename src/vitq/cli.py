@@ -23,7 +23,7 @@ from .methods.greedy_mp import SEARCHES, Budget, default_gptq_losses, default_pr
 from .hardware import HardwareError, estimate, extract_workloads, int8_baseline, load_hardware
 from .methods.m2q import m2q, plot_m2q
 from .methods.optm import GRIDS, NONLIN_OBJECTIVES, PTF_OBJECTIVES
-from .methods.mptq import MethodOptions, mptq_rotates, run_pipeline
+from .methods.mptq import MethodOptions, mptq_rotates, mptq_token_scales, run_pipeline
 from .methods.rotation import PARTS as ROTATION_PARTS
 from .quant.engine import tensor_table
 from .report import build_report, by_sensitivity, format_table, sensitivity_csv, summary_line
@@ -226,6 +226,10 @@ def _cmd_quantize(args) -> int:
             and not args.config and mptq_rotates(config)):
         # rule R30 (docs/methods.md): single-precision --method mptq rotates in the standard protocol at <= 6 bits
         options = dataclasses.replace(options, rotate=True)
+    if (args.token_scale is None and args.method == "mptq" and budget is None and not args.config
+            and mptq_token_scales(config)):
+        # rule R31 (docs/methods.md): likewise token scaling of fc2's massive positions
+        options = dataclasses.replace(options, token_scale=True)
     if args.mp_search is None:
         # Rule R11 (docs/methods.md) made the knapsack the default; it handles average-bit and size budgets
         # only, so a BOPs budget keeps the paper's greedy loop.
@@ -472,7 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-scale", action=argparse.BooleanOptionalAction, default=None,
                    help="static power-of-two factors on the token positions of fc2's input whose values are massive "
                         "(ViT-Tiny's corner patches in block 7; one accumulator shift per such row), kept where they "
-                        "lower its quantized output error (vitq's addition, docs/methods.md); off by default")
+                        "lower its quantized output error (vitq's addition, docs/methods.md). Default: on with "
+                        "single-precision --method mptq in the standard protocol at <= 6 activation bits (rule R31), "
+                        "off otherwise; --no-token-scale turns it off")
     p.add_argument("--opt-m", action="store_true", help="two-region quantizer search for post-GELU/softmax")
     p.add_argument("--m-max", type=int, default=None,
                    help="largest OPT-m ratio exponent (default: max(4, bits-1) per tensor)")

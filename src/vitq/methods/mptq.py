@@ -38,6 +38,23 @@ def mptq_rotates(config: QuantConfig) -> bool:
     return config.protocol == "standard" and config.a_bits <= ROTATE_DEFAULT_MAX_BITS
 
 
+# Rule R31 (docs/methods.md, session 23): single-precision `--method mptq` also scales the massive token
+# positions of fc2's input, in the same scope as R30's rotation; Greedy MP and the full protocol keep it off.
+TOKEN_SCALE_DEFAULT_MAX_BITS = 6
+
+
+def mptq_token_scales(config: QuantConfig) -> bool:
+    """Whether single-precision ``--method mptq`` uses token scaling by default for ``config`` (rule R31).
+
+    Args:
+        config: the quantization config (its protocol and default activation width decide).
+
+    Returns:
+        True in the standard protocol at activation widths up to :data:`TOKEN_SCALE_DEFAULT_MAX_BITS`.
+    """
+    return config.protocol == "standard" and config.a_bits <= TOKEN_SCALE_DEFAULT_MAX_BITS
+
+
 @dataclass
 class MethodOptions:
     """Which methods run, and OPT-m's largest ratio exponent."""
@@ -73,7 +90,8 @@ class MethodOptions:
     rotate_parts: tuple = ("fc2", "v", "qk")  # which rotations are searched (rotation.PARTS; "fc2", "v" until R30)
     # vitq's addition: static power-of-two factors on the token positions of fc2's input whose values are
     # massive (ViT-Tiny's four corner patches in block 7), kept where they lower its quantized output error
-    # (methods/token_scale.py); rule R31 in docs/methods.md decides the default
+    # (methods/token_scale.py). Off in a bare MethodOptions; `--method mptq` turns it on where rule R31 adopted it
+    # (mptq_token_scales above, docs/methods.md).
     token_scale: bool = False
     gptq: bool = False  # GPTQ weight rounding after calibration (vitq's addition, not in the paper)
     gptq_max_bits: int = 5  # layers with wider weights keep round-to-nearest (docs/methods.md)
