@@ -344,6 +344,23 @@ class _Stop(Exception):
     """Raised by a stand-in pipeline once the CLI has resolved its options."""
 
 
+def _resolved_options(images, monkeypatch, tmp_path, extra: list[str]):
+    """The MethodOptions ``vitq quantize --method mptq *extra`` hands to its pipeline (which is not run)."""
+    import vitq.cli as cli
+
+    seen = {}
+
+    def stand_in(model, calib, config, options, *args, **kwargs):
+        seen["options"] = options
+        raise _Stop
+
+    monkeypatch.setattr(cli, "run_pipeline", stand_in)
+    monkeypatch.setattr(cli, "greedy_mp", stand_in)
+    with pytest.raises(_Stop):
+        main([*_quantize_args(images, 2), "--method", "mptq", *extra, "--out", str(tmp_path / "q")])
+    return seen["options"]
+
+
 @pytest.mark.parametrize("extra, expect", [
     (["--w-bits", "4", "--a-bits", "4"], True),  # rule R30: standard protocol, <= 6 activation bits
     (["--w-bits", "6", "--a-bits", "6"], True),
@@ -354,20 +371,9 @@ class _Stop(Exception):
     (["--w-bits", "8", "--a-bits", "8", "--rotate"], True),  # asked for
 ])
 def test_method_mptq_rotates_by_default_only_where_rule_r30_adopted_it(images, monkeypatch, tmp_path, extra, expect):
-    import vitq.cli as cli
-
-    seen = {}
-
-    def stand_in(model, calib, config, options, *args, **kwargs):
-        seen.update(rotate=options.rotate, parts=options.rotate_parts)
-        raise _Stop
-
-    monkeypatch.setattr(cli, "run_pipeline", stand_in)
-    monkeypatch.setattr(cli, "greedy_mp", stand_in)
-    with pytest.raises(_Stop):
-        main([*_quantize_args(images, 2), "--method", "mptq", *extra, "--out", str(tmp_path / "q")])
-    assert seen["rotate"] == expect
-    assert seen["parts"] == ("fc2", "v", "qk")  # the parts R30 adopted are the default parts
+    options = _resolved_options(images, monkeypatch, tmp_path, extra)
+    assert options.rotate == expect
+    assert options.rotate_parts == ("fc2", "v", "qk")  # the parts R30 adopted are the default parts
 
 
 def test_no_rotate_with_rotate_parts_is_refused(images, tmp_path, capsys):
@@ -386,20 +392,8 @@ def test_no_rotate_with_rotate_parts_is_refused(images, tmp_path, capsys):
     (["--budget-w", "5", "--budget-a", "5", "--token-scale"], True),  # ... unless asked for
     (["--w-bits", "8", "--a-bits", "8", "--token-scale"], True),
 ])
-def test_token_scale_flag_reaches_the_pipeline(images, monkeypatch, tmp_path, extra, expect):
-    import vitq.cli as cli
-
-    seen = {}
-
-    def stand_in(model, calib, config, options, *args, **kwargs):
-        seen.update(token_scale=options.token_scale)
-        raise _Stop
-
-    monkeypatch.setattr(cli, "run_pipeline", stand_in)
-    monkeypatch.setattr(cli, "greedy_mp", stand_in)
-    with pytest.raises(_Stop):
-        main([*_quantize_args(images, 2), "--method", "mptq", *extra, "--out", str(tmp_path / "q")])
-    assert seen["token_scale"] == expect
+def test_token_scale_by_default_only_where_rules_adopted_it(images, monkeypatch, tmp_path, extra, expect):
+    assert _resolved_options(images, monkeypatch, tmp_path, extra).token_scale == expect
 
 
 def test_m2q_refuses_token_scale(images, tmp_path, capsys):
