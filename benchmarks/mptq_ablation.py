@@ -24,8 +24,8 @@ from vitq.evaluate import evaluate_many
 from vitq.io import atomic_write_json
 from vitq.methods.greedy_mp import SEARCHES, Budget, default_gptq_losses, default_probe_images, greedy_mp
 from vitq.methods.mptq import MethodOptions, mptq_rotates, mptq_token_scales, run_pipeline
-from vitq.methods.token_scale import BUFFER as TOKEN_SCALE_BUFFER
 from vitq.methods.optm import GRIDS, NONLIN_OBJECTIVES, PTF_OBJECTIVES
+from vitq.methods.token_scale import BUFFER as TOKEN_SCALE_BUFFER
 from vitq.quant import QuantConfig, all_quantizers, model_stats
 from vitq.quant.config import ConfigError
 from vitq.zoo import load_model
@@ -140,20 +140,19 @@ def main() -> int:
         args.probe_images = default_probe_images(args.mp_search)
     assets = Path(args.assets)
 
-    def rotates(v: dict, cfg: QuantConfig) -> bool:
-        """Whether a row rotates: --rotate/--no-rotate when given, else vitq quantize's default (rule R30)."""
+    def switched_on(flag: bool | None, rule, v: dict, cfg: QuantConfig) -> bool:
+        """Whether a row gets an option: its --X/--no-X ``flag`` when given (only rows that run SQ-b), else vitq
+        quantize's default, ``rule(cfg)`` for the single mptq rows (R30 for rotation, R31 for token scaling)."""
         opts = METHODS[v["method"]] if v["kind"] == "single" else None
-        if args.rotate is not None:
-            return args.rotate and (opts is None or opts.sq_b)
-        return v["kind"] == "single" and v["method"] == "mptq" and mptq_rotates(cfg)
+        if flag is not None:
+            return flag and (opts is None or opts.sq_b)
+        return v["kind"] == "single" and v["method"] == "mptq" and rule(cfg)
+
+    def rotates(v: dict, cfg: QuantConfig) -> bool:
+        return switched_on(args.rotate, mptq_rotates, v, cfg)
 
     def token_scales(v: dict, cfg: QuantConfig) -> bool:
-        """Whether a row scales token positions: --token-scale/--no-token-scale when given, else vitq quantize's
-        default (rule R31)."""
-        opts = METHODS[v["method"]] if v["kind"] == "single" else None
-        if args.token_scale is not None:
-            return args.token_scale and (opts is None or opts.sq_b)
-        return v["kind"] == "single" and v["method"] == "mptq" and mptq_token_scales(cfg)
+        return switched_on(args.token_scale, mptq_token_scales, v, cfg)
 
     def with_recon(opts: MethodOptions, rotate: bool = False, token_scale: bool = False) -> MethodOptions:
         return replace(opts, recon_iters=args.recon_iters, recon_drop=args.recon_drop,

@@ -222,12 +222,11 @@ def _cmd_quantize(args) -> int:
             print(f"base widths from the budget: W{config.w_bits}A{config.a_bits}", flush=True)
     if args.rotate is False and args.rotate_parts is not None:
         raise ConfigError("--rotate-parts chooses what --rotate searches: give it without --no-rotate")
-    if (args.rotate is None and args.rotate_parts is None and args.method == "mptq" and budget is None
-            and not args.config and mptq_rotates(config)):
+    single_mptq = args.method == "mptq" and budget is None and not args.config
+    if args.rotate is None and args.rotate_parts is None and single_mptq and mptq_rotates(config):
         # rule R30 (docs/methods.md): single-precision --method mptq rotates in the standard protocol at <= 6 bits
         options = dataclasses.replace(options, rotate=True)
-    if (args.token_scale is None and args.method == "mptq" and budget is None and not args.config
-            and mptq_token_scales(config)):
+    if args.token_scale is None and single_mptq and mptq_token_scales(config):
         # rule R31 (docs/methods.md): likewise token scaling of fc2's massive positions
         options = dataclasses.replace(options, token_scale=True)
     if args.mp_search is None:

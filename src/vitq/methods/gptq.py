@@ -68,7 +68,8 @@ def _as_rows(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The layer's (quantized) input as a matrix whose rows multiply the flattened weight."""
     if isinstance(m, QuantLinear):
         f = row_factor(m, x)  # token scaling: the rows at the true scale their outputs are multiplied back to
-        return x.reshape(-1, x.shape[-1]) if f is None else x.reshape(-1, x.shape[-1]) * f
+        rows = x.reshape(-1, x.shape[-1])
+        return rows if f is None else rows * f
     if m.same_padding:
         x = pad_same(x, m.weight.shape[-2:], m.stride, m.dilation)
         padding = 0

@@ -35,7 +35,7 @@ def mptq_rotates(config: QuantConfig) -> bool:
     Returns:
         True in the standard protocol at activation widths up to :data:`ROTATE_DEFAULT_MAX_BITS`.
     """
-    return config.protocol == "standard" and config.a_bits <= ROTATE_DEFAULT_MAX_BITS
+    return _standard_up_to(config, ROTATE_DEFAULT_MAX_BITS)
 
 
 # Rule R31 (docs/methods.md, session 23): single-precision `--method mptq` also scales the massive token
@@ -52,7 +52,12 @@ def mptq_token_scales(config: QuantConfig) -> bool:
     Returns:
         True in the standard protocol at activation widths up to :data:`TOKEN_SCALE_DEFAULT_MAX_BITS`.
     """
-    return config.protocol == "standard" and config.a_bits <= TOKEN_SCALE_DEFAULT_MAX_BITS
+    return _standard_up_to(config, TOKEN_SCALE_DEFAULT_MAX_BITS)
+
+
+def _standard_up_to(config: QuantConfig, max_bits: int) -> bool:
+    """The scope rules R30 and R31 adopted their options in: standard protocol, at most ``max_bits`` activation bits."""
+    return config.protocol == "standard" and config.a_bits <= max_bits
 
 
 @dataclass

@@ -43,7 +43,7 @@ from ..adapters import adapter_for
 from ..quant import quantizers as Q
 from ..quant.config import QuantConfig
 from .optm import search_uniform_clip
-from .sqb import _collect_inputs, _quant_weight, _two_region_output_mse
+from .sqb import _collect_inputs, _output_fn, _quant_weight, _two_region_output_mse
 
 MIN_BLOCK = 16  # a Hadamard block narrower than this spreads too little to be worth a transform
 
@@ -178,13 +178,13 @@ class RotationResult:
 
 
 def _output_mse(x: torch.Tensor, w: torch.Tensor, ref: torch.Tensor, a_bits: int, w_bits: int,
-                two_region: bool) -> float:
-    """Least ``||Q(x) Q(w)^T - ref||^2`` over OPT-m's uniform clips (and its two-region grids)."""
-    wq = _quant_weight(w, w_bits)
+                two_region: bool, factor: torch.Tensor | None = None) -> float:
+    """Least ``||Q(x) Q(w)^T - ref||^2`` over OPT-m's uniform clips (and its two-region grids); with ``factor``
+    (a ``[rows, 1]`` column, token scaling's) each row of ``Q(x) Q(w)^T`` is multiplied by it first."""
     # each clip scored against the float output
-    best = search_uniform_clip(x, a_bits, lambda v: v @ wq.T, ref=ref)[2]
+    best = search_uniform_clip(x, a_bits, _output_fn(_quant_weight(w, w_bits), factor), ref=ref)[2]
     if two_region:
-        best = min(best, _two_region_output_mse(x, w, ref, a_bits, w_bits))
+        best = min(best, _two_region_output_mse(x, w, ref, a_bits, w_bits, factor))
     return best
 
 

@@ -97,13 +97,20 @@ def _quant_weight(w: torch.Tensor, w_bits: int) -> torch.Tensor:
     return Q.fake_quant_uniform(w, sw, zw, *Q.int_range(w_bits, True), axis=0)
 
 
-def _two_region_output_mse(x: torch.Tensor, w: torch.Tensor, ref: torch.Tensor, a_bits: int, w_bits: int) -> float:
+def _output_fn(wq: torch.Tensor, factor: torch.Tensor | None):
+    """``v -> v wq^T``, each row multiplied by ``factor`` when given (token scaling's rows, methods/token_scale.py)."""
+    return (lambda v: v @ wq.T) if factor is None else (lambda v: (v @ wq.T) * factor)
+
+
+def _two_region_output_mse(x: torch.Tensor, w: torch.Tensor, ref: torch.Tensor, a_bits: int, w_bits: int,
+                           factor: torch.Tensor | None = None) -> float:
     """MSE of ``Q2(x) Q(w)^T`` against the float output ``ref``, ``Q2`` the best two-region grid for ``x``
-    (signed fine region: GELU dips below zero) chosen the way OPT-m chooses it, through ``Q(w)``."""
-    wq = _quant_weight(w, w_bits)
-    delta, m, boundary, _ = search_two_region(x, a_bits, default_m_max(a_bits), True, lambda v: v @ wq.T)
+    (signed fine region: GELU dips below zero) chosen the way OPT-m chooses it, through ``Q(w)``; with
+    ``factor`` (a ``[rows, 1]`` column) each output row is multiplied by it first."""
+    out = _output_fn(_quant_weight(w, w_bits), factor)
+    delta, m, boundary, _ = search_two_region(x, a_bits, default_m_max(a_bits), True, out)
     xq = Q.fake_quant_two_region(x, torch.tensor(delta), m, torch.tensor(boundary), a_bits, True)
-    return (xq @ wq.T - ref).pow(2).mean().item()
+    return (out(xq) - ref).pow(2).mean().item()
 
 
 def _quant_output_mse(x: torch.Tensor, w: torch.Tensor, ref: torch.Tensor, a_bits: int, w_bits: int) -> float:

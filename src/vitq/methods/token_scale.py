@@ -33,8 +33,7 @@ from tqdm import tqdm
 from ..adapters import adapter_for
 from ..quant import quantizers as Q
 from ..quant.config import QuantConfig
-from .optm import default_m_max, search_two_region, search_uniform_clip
-from .sqb import _quant_weight
+from .rotation import _output_mse
 
 MAX_SHIFT = 7
 BUFFER = "token_scale_shift"
@@ -112,24 +111,6 @@ def flagged_positions(x: torch.Tensor, free_log2: float = Q.TOKEN_FREE_LOG2) -> 
     return peak > peak.median() * 2.0**free_log2
 
 
-def output_mse(x: torch.Tensor, f: torch.Tensor, w: torch.Tensor, ref: torch.Tensor, a_bits: int,
-               w_bits: int, two_region: bool) -> float:
-    """``||f Q(x / f) Q(w)^T - ref||^2`` (mean), ``Q`` the best of OPT-m's uniform clips (and of its
-    two-region grids, signed fine region) for the divided rows, chosen on the true output."""
-    wq = _quant_weight(w, w_bits)
-    xs = x / f
-
-    def out(v):
-        return (v @ wq.T) * f
-
-    best = search_uniform_clip(xs, a_bits, out, ref=ref)[2]
-    if two_region:
-        delta, m, boundary, _ = search_two_region(xs, a_bits, default_m_max(a_bits), True, out)
-        xq = Q.fake_quant_two_region(xs, torch.tensor(delta), m, torch.tensor(boundary), a_bits, True)
-        best = min(best, (out(xq) - ref).pow(2).mean().item())
-    return best
-
-
 @torch.no_grad()
 def apply_token_scale(model: nn.Module, calib: torch.Tensor, config: QuantConfig, max_images: int = 8,
                       progress: bool = True) -> TokenScaleResult:
@@ -172,7 +153,8 @@ def apply_token_scale(model: nn.Module, calib: torch.Tensor, config: QuantConfig
         errors = []
         for b in range(MAX_SHIFT + 1):
             f = torch.where(flagged, 2.0**b, 1.0).expand(x.shape[0], -1).reshape(-1, 1)
-            errors.append(output_mse(rows, f, w, ref, config.a_bits, config.w_bits, two_region=True))
+            # the quantizer sees rows / f, and fc2's output rows are multiplied back by f
+            errors.append(_output_mse(rows / f, w, ref, config.a_bits, config.w_bits, two_region=True, factor=f))
         b = min(range(MAX_SHIFT + 1), key=lambda k: (errors[k], k))  # ties keep the smaller exponent
         if b > 0:
             attach_token_scale(lin, torch.where(flagged, float(b), 0.0))
