@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from vitq.adapters import adapter_for
 from vitq.data import make_dataset, make_loader
 from vitq.evaluate import evaluate_many
 from vitq.io import atomic_write_json
@@ -128,6 +129,9 @@ def main() -> int:
     ap.add_argument("--token-shift", action=argparse.BooleanOptionalAction, default=QuantConfig.residual_token_shift,
                     help="full-protocol variants: token shifts on the PTF grids (vitq quantize --token-shift; on "
                          "by default since rule R20)")
+    ap.add_argument("--gelu-token-shift", action=argparse.BooleanOptionalAction, default=QuantConfig.gelu_token_shift,
+                    help="full-protocol variants: token shifts on the GELU inputs' grids (vitq quantize "
+                         "--gelu-token-shift)")
     ap.add_argument("--out")
     ap.add_argument("--alt-split", type=int, metavar="SEED",
                     help="calibrate on 32 images drawn from eval968 by a permutation seeded SEED and evaluate on the "
@@ -170,6 +174,9 @@ def main() -> int:
     def token_shift(v: dict) -> bool:
         return args.token_shift and v["protocol"] == "full"
 
+    def gelu_token_shift(v: dict) -> bool:
+        return args.gelu_token_shift and v["protocol"] == "full"
+
     images = assets / "imagenet-sample"
     split = None if args.alt_split is None else alt_split(assets, args.alt_split)
     rows = []
@@ -189,7 +196,8 @@ def main() -> int:
             t0 = time.perf_counter()
             if v["kind"] == "single":
                 cfg = QuantConfig(w_bits=v["bits"], a_bits=v["bits"], protocol=v["protocol"], observer="mse",
-                                  seed=args.seed, residual_token_shift=token_shift(v))
+                                  seed=args.seed, residual_token_shift=token_shift(v),
+                                  gelu_token_shift=gelu_token_shift(v))
                 rotated, scaled_tokens = rotates(v, cfg), token_scales(v, cfg)
                 q = run_pipeline(loaded.model, calib, cfg, with_recon(METHODS[v["method"]], rotated, scaled_tokens)).model
                 label = f"W{v['bits']}A{v['bits']} {v['method']}" + (
@@ -201,7 +209,7 @@ def main() -> int:
                 # so that the greedy rows and the uniform rows at that width share the same smoothing.
                 base = max(2, min(8, round(b)))
                 cfg = QuantConfig(w_bits=base, a_bits=base, protocol=v["protocol"], observer="mse", seed=args.seed,
-                                  residual_token_shift=token_shift(v))
+                                  residual_token_shift=token_shift(v), gelu_token_shift=gelu_token_shift(v))
                 rotated, scaled_tokens = rotates(v, cfg), token_scales(v, cfg)
                 opts = with_recon(MethodOptions(sq_b=True, opt_m=True, gptq=v["gptq"], recon=v["recon"]), rotated,
                                   scaled_tokens)
@@ -259,11 +267,15 @@ def main() -> int:
                 label += f", PTF objective {args.opt_m_ptf_objective}"
             if args.opt_m_nonlin_objective != MethodOptions.optm_nonlin_objective and v["protocol"] == "full":
                 label += f", GELU-input clip on {args.opt_m_nonlin_objective}"
+            gelus = {id(g) for g, _ in adapter_for(q).gelu_inputs(q)}
             if token_shift(v):  # how many grids calibration shifted (0: the model without them exactly)
-                n = sum(t.token_shift_or_none is not None for t in all_quantizers(q))
+                n = sum(t.token_shift_or_none is not None and id(t) not in gelus for t in all_quantizers(q))
                 label += f", token shifts ({n} grids shifted)"
             elif v["protocol"] == "full":
                 label += ", --no-token-shift"
+            if gelu_token_shift(v):
+                n = sum(t.token_shift_or_none is not None for t in all_quantizers(q) if id(t) in gelus)
+                label += f", GELU token shifts ({n} grids shifted)"
             if args.recon_e2e_iters != MethodOptions.recon_e2e_iters:
                 label += f", end-to-end {args.recon_e2e_iters} steps"
             key = f"{v['protocol']} {label}"

@@ -307,6 +307,11 @@ def test_recon_runs_at_low_bits_is_reported_and_reloads(tmp_path, images, capsys
     assert "--no-token-shift" in capsys.readouterr().err
     assert main([*common, "--protocol", "full", "--no-token-shift", "--out", str(tmp_path / "t")]) == 0
     assert json.loads((tmp_path / "t" / "report.json").read_text())["config"]["residual_token_shift"] is False
+    # ... and --gelu-token-shift its GELU-input grids
+    assert main([*common, "--gelu-token-shift", "--out", str(tmp_path / "z")]) == 2
+    assert "--gelu-token-shift" in capsys.readouterr().err
+    assert main([*common, "--protocol", "full", "--gelu-token-shift", "--out", str(tmp_path / "u")]) == 0
+    assert json.loads((tmp_path / "u" / "report.json").read_text())["config"]["gelu_token_shift"] is True
     assert main([*common, "--opt-m", "--opt-m-grid", "wide", "--out", str(tmp_path / "g")]) == 0
     assert json.loads((tmp_path / "g" / "report.json").read_text())["methods"]["optm_grid"] == "wide"
     assert main([*common, "--opt-m-log2", "--out", str(tmp_path / "z")]) == 2

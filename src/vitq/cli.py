@@ -112,7 +112,7 @@ def _config_from_args(args) -> QuantConfig:
     base = QuantConfig.load(args.config).to_dict() if args.config else {}
     # Command-line options given explicitly override the config file.
     for key in ("w_bits", "a_bits", "protocol", "observer", "mse_objective", "seed", "w_granularity", "w_scheme",
-                "residual_token_shift"):
+                "residual_token_shift", "gelu_token_shift"):
         value = getattr(args, key, None)
         if value is not None:
             base[key] = value
@@ -192,6 +192,9 @@ def _cmd_quantize(args) -> int:
     if args.residual_token_shift is not None and not (config.protocol == "full" and config.residual_ptf):
         flag = "--token-shift" if args.residual_token_shift else "--no-token-shift"
         raise ConfigError(f"{flag} sets the full protocol's residual-stream (PTF) grids: give it with --protocol full")
+    if args.gelu_token_shift is not None and config.protocol != "full":
+        flag = "--gelu-token-shift" if args.gelu_token_shift else "--no-gelu-token-shift"
+        raise ConfigError(f"{flag} sets the full protocol's GELU-input grids: give it with --protocol full")
     if args.mp_search is not None and args.method == "m2q":
         raise ConfigError(f"--mp-search {args.mp_search} is for Greedy MP's average-bit/size budgets, not --method m2q")
     cost_budget = [(k, v) for k, v in (("edp", args.budget_edp), ("energy", args.budget_energy),
@@ -449,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="full protocol: the residual stream's PTF grids also get a static power-of-two factor per "
                         "token position (QuantConfig.residual_token_shift; on by default since rule R20, "
                         "docs/methods.md; --no-token-shift turns it off)")
+    p.add_argument("--gelu-token-shift", dest="gelu_token_shift", action=argparse.BooleanOptionalAction,
+                   help="full protocol: each GELU input's grid also gets a static power-of-two factor per token "
+                        "position (QuantConfig.gelu_token_shift; off by default, docs/methods.md)")
     p.add_argument("--config", help="QuantConfig JSON (per-layer rules); explicit options override it")
     p.add_argument("--seed", type=int)
     p.add_argument("--method", choices=["mptq", "m2q"],

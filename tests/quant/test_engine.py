@@ -240,3 +240,52 @@ def test_left_in_float_switches_off_and_restores_modes_even_on_error():
         with left_in_float(acts):
             raise RuntimeError("boom")
     assert [t.mode for t in all_quantizers(q)] == before
+
+
+def _massive_gelu_input(model: nn.Module, position: int = 2, channel: int = 0, value: float = 300.0) -> None:
+    """Make block 0's GELU input (fc1's output) massive at one token position, as in ViT-Tiny's block 7."""
+    def hook(mod, args, out):
+        out = out.clone()
+        out[:, position, channel] += value
+        return out
+
+    model.blocks[0].mlp.fc1.register_forward_hook(hook)
+
+
+def test_gelu_token_shifts_give_a_massive_gelu_position_its_own_factor():
+    model, size = tiny_model("vit")
+    x = tiny_images(size, n=8)
+    _massive_gelu_input(model)
+    plain = quantize(model, x, QuantConfig(protocol="full", a_bits=6))
+    shifted = quantize(model, x, QuantConfig(protocol="full", a_bits=6, gelu_token_shift=True))
+    q = shifted.blocks[0].mlp.act.in_quant
+    assert q.token_shift.shape == (model.pos_embed.shape[1],)
+    assert q.token_shift[2] > 0 and int((q.token_shift > 0).sum()) == 1
+    assert "token_shift" not in plain.blocks[0].mlp.act.in_quant._buffers
+    grans = {r.name: r.granularity for r in tensor_table(shifted)}
+    assert grans["blocks.0.mlp.act.input"] == "per_tensor+token"
+    assert grans["blocks.1.mlp.act.input"] == "per_tensor"  # no massive position there: no buffer
+    hidden = []
+    h = model.blocks[0].mlp.fc1.register_forward_hook(lambda m, a, out: hidden.append(out))
+    with torch.inference_mode():
+        model(x)
+    h.remove()
+    g = hidden[0]
+    others = torch.arange(g.shape[1]) != 2
+    with torch.inference_mode():
+        err_plain = (plain.blocks[0].mlp.act.in_quant.fake_quant(g) - g)[:, others].norm()
+        err_shift = (q.fake_quant(g) - g)[:, others].norm()
+        # the massive value is still represented, on its position's coarser grid
+        assert (q.fake_quant(g)[:, 2, 0] - g[:, 2, 0]).abs().max() < 2 * q.scale * 2 ** q.token_shift[2]
+    assert err_shift < err_plain / 4
+    with pytest.raises(ValueError, match="positions"):
+        q.fake_quant(g[:, :-1])
+
+
+@pytest.mark.parametrize("kw", [dict(protocol="standard"), dict(protocol="full", gelu_token_shift=False)])
+def test_gelu_token_shifts_only_with_the_option_in_the_full_protocol(kw):
+    model, size = tiny_model("vit")
+    x = tiny_images(size)
+    _massive_gelu_input(model)
+    q = quantize(model, x, QuantConfig(residual_token_shift=False, **{"gelu_token_shift": True, **kw}))
+    assert not any("token_shift" in t._buffers for t in all_quantizers(q))

@@ -74,3 +74,25 @@ def test_empty_observer_raises():
 def test_minmax_per_channel():
     lo, hi = minmax_range(torch.tensor([[1.0, 2.0], [-3.0, 4.0]]), axis=0)
     assert lo.tolist() == [1.0, -3.0] and hi.tolist() == [2.0, 4.0]
+
+
+@pytest.mark.parametrize("method", ["minmax", "mse"])
+def test_per_position_per_tensor_ranges_divide_rows_by_their_positions_factor(method):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 6, 16, generator=g)
+    x[:, 1] *= 64.0  # one massive position
+    obs = ActivationObserver(method, axis=None, per_position=True)
+    obs.update(x[:2])
+    obs.update(x[2:])
+    assert obs.min.shape == (6, 16)
+    shift = torch.tensor([0.0, 6.0, 0.0, 0.0, 0.0, 0.0])
+    y = x.clone()
+    y[:, 1] /= 64.0
+    if method == "minmax":
+        lo, hi = obs.compute_range(token_shift=shift)
+        assert lo == y.min() and hi == y.max()
+        lo0, hi0 = obs.compute_range()
+        assert lo0 == x.min() and hi0 == x.max()
+    else:
+        assert torch.equal(obs.sample(shift).sort(0).values, y.reshape(-1, 16).sort(0).values)  # all rows kept
+        assert obs.sample(shift).abs().max() <= y.abs().max()

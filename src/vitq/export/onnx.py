@@ -13,7 +13,7 @@ What becomes what:
 * A Linear with uniform symmetric weights of at most 4 bits, per group along the input with a
   power-of-two group size >= 16, becomes ONNX Runtime's weight-only ``MatMulNBits`` (4-bit blocks =
   vitq's codes + 8, vitq's group scales; its input stays float, after its own QDQ pair if 8-bit).
-* Every other quantizer (other widths, PoT, two-region, PTF) is left out: those tensors stay in float.
+* Every other quantizer (other widths, PoT, two-region, PTF, grids with token shifts) is left out: those tensors stay in float.
   Weights of such layers are the simulation's quantized values, in float.
 * SQ-b is already folded into the weights (and ``--sq-b-unnormed`` operations are exported as float
   ``Sub``/``Mul``).
@@ -46,7 +46,8 @@ def qdq_activation(q: TensorQuantizer) -> bool:
     """Whether an activation quantizer can be written as one per-tensor uint8 QDQ pair."""
     s = q.spec
     return (q.mode == "quant" and s.scheme == "uniform" and s.bits == 8 and not s.symmetric
-            and s.granularity == "per_tensor" and q.scale.numel() == 1)
+            and s.granularity == "per_tensor" and q.scale.numel() == 1
+            and q.token_shift_or_none is None)  # per-position factors (gelu_token_shift): not one pair
 
 
 def qdq_weight(q: TensorQuantizer) -> bool:

@@ -68,6 +68,10 @@ class QuantConfig:
             activations (ViT-Tiny's corner patches) do not set the channels' ranges for every other token.
             On by default since session 17 (rule R20, docs/methods.md). The positions are calibrated, so
             the model then needs the input size it was calibrated at.
+        gelu_token_shift: full protocol: each GELU input's per-tensor grid also gets a static power-of-two
+            factor per token position, chosen like ``residual_token_shift``'s (vitq's addition, session 24;
+            docs/methods.md "Token shifts of the GELU inputs"). ViT-Tiny's block 7 makes its massive
+            activations there: four positions reach 215 where the others stay under 15. Off by default.
         rules: per-layer overrides, applied in order (later rules win).
         seed: seed of every random choice (observer sampling; block reconstruction's batch order and QDrop).
     """
@@ -84,6 +88,7 @@ class QuantConfig:
     first_layer_a_bits: int = 8
     residual_ptf: bool = True
     residual_token_shift: bool = True
+    gelu_token_shift: bool = False
     rules: list[LayerRule] = field(default_factory=list)
     seed: int = 0
 

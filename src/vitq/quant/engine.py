@@ -117,6 +117,8 @@ def apply_config(model: nn.Module, config: QuantConfig) -> None:
     """
     config.check_patterns(layer_names(model))
     first = set(getattr(model, "vitq_first_layers", []))
+    gelu_grids = ({id(q) for q, _ in adapter_for(model).gelu_inputs(model)}
+                  if config.protocol == "full" and config.gelu_token_shift else set())
     for q in all_quantizers(model):
         s = config.layer_settings(q.layer)
         if q.is_weight:
@@ -126,7 +128,7 @@ def apply_config(model: nn.Module, config: QuantConfig) -> None:
             bits = config.first_layer_a_bits if (q.layer in first and q.role == "input") else s["a_bits"]
             gran = "ptf" if (q.ptf_axis is not None and config.residual_ptf) else "per_tensor"
             q.spec = TensorSpec(bits=bits, scheme="uniform", symmetric=False, granularity=gran)
-            q.token_shifts = config.residual_token_shift and gran == "ptf"
+            q.token_shifts = (config.residual_token_shift and gran == "ptf") or id(q) in gelu_grids
             q.set_token_shift(None)
         q.mode = "off"
     for m in weight_layers(model):
@@ -222,8 +224,9 @@ def tensor_table(model: nn.Module) -> list[QuantizedTensor]:
             gran = q.spec.granularity
         else:
             elements = q.elements // n_img
-            # a PTF grid with token shifts says so: its steps also depend on the token position
-            gran = "ptf+token" if q.token_shift_or_none is not None else q.spec.granularity
+            # a grid with token shifts says so (ptf+token, per_tensor+token): its steps also depend on the
+            # token position
+            gran = q.spec.granularity + ("+token" if q.token_shift_or_none is not None else "")
         rows.append(QuantizedTensor(
             name=q.name, layer=q.layer, kind="weight" if q.is_weight else "activation", bits=q.spec.bits,
             scheme=q.spec.scheme, granularity=gran, range_min=float(q.range_min.min()),

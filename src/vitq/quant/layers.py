@@ -42,7 +42,8 @@ class TensorQuantizer(nn.Module):
         # tensors get a power-of-two-factor per-channel grid in the full protocol (see ptf_params).
         self.ptf_axis: int | None = None
         # Full protocol, QuantConfig.residual_token_shift: a PTF grid also gets a static power-of-two factor
-        # per token position (buffer ``token_shift``, registered at calibration; quantizers.token_shift_params)
+        # per token position (buffer ``token_shift``, registered at calibration; quantizers.token_shift_params);
+        # QuantConfig.gelu_token_shift does the same for a per-tensor uniform GELU-input grid
         self.token_shifts = False
         self.calls = 0  # forward calls since the last reset; tests use it to prove single quantization
         self.elements = 0  # activation values seen while observing (for the element-weighted average bits)
@@ -73,7 +74,9 @@ class TensorQuantizer(nn.Module):
 
     @property
     def _uses_token_shifts(self) -> bool:
-        return self.token_shifts and self.spec.granularity == "ptf" and self.ptf_axis == -1
+        if not self.token_shifts or self.spec.scheme != "uniform":
+            return False
+        return self.ptf_axis == -1 if self.spec.granularity == "ptf" else self.spec.granularity == "per_tensor"
 
     def set_token_shift(self, shift: torch.Tensor | None) -> None:
         """Adopt per-position power-of-two exponents (None: remove them). A buffer only while set, so the
@@ -100,6 +103,21 @@ class TensorQuantizer(nn.Module):
         if self.observer is None or not self.observer.seen:
             raise RuntimeError(f"quantizer {self.name} saw no data during calibration")
         use_output = mse_objective == "output" and self.output_fn is not None and self.spec.scheme == "uniform"
+        if self.observer.per_position and self.observer.axis is None:
+            # a per-tensor grid (a GELU input, QuantConfig.gelu_token_shift): the positions' shifts from their
+            # largest positive values, since GELU is flat below about -4 and its negative inputs (down to -57
+            # at many positions of ViT-Tiny's block 7, against +215 at four) need no range of their own; then
+            # the clip search on the values divided by their positions' factors (what the grid sees)
+            hi = self.observer.max.clamp(min=0.0)
+            shift = Q.token_shift_params(torch.zeros_like(hi), hi)
+            shift = shift if bool(shift.any()) else None  # none needed (DeiT-Tiny): exactly the plain grid
+            self.set_token_shift(shift)
+            lo, hi = self.observer.compute_range(self._clip_quantize, percentile,
+                                                 self.output_fn if use_output else None, token_shift=shift)
+            self.set_range(lo, hi)
+            self.observer = None
+            self.mode = "quant"
+            return
         lo, hi = self.observer.compute_range(self._clip_quantize, percentile, self.output_fn if use_output else None)
         if self.observer.per_position:
             # ranges per position and channel: the positions' shifts, then each channel's range over the
@@ -187,12 +205,11 @@ class TensorQuantizer(nn.Module):
         if self.spec.scheme == "log2":
             return Q.fake_quant_log2(x, self.scale, self.spec.bits)
         qmin, qmax = self._qrange()
-        if self.spec.granularity == "ptf":
-            f = self.token_factor(x)
-            if f is not None:  # division and product by powers of two: exact in float
-                return Q.fake_quant_uniform(x / f, self.scale, self.zero_point, qmin, qmax, axis=self.ptf_axis) * f
-            return Q.fake_quant_uniform(x, self.scale, self.zero_point, qmin, qmax, axis=self.ptf_axis)
-        return Q.fake_quant_uniform(x, self.scale, self.zero_point, qmin, qmax)
+        axis = self.ptf_axis if self.spec.granularity == "ptf" else None
+        f = self.token_factor(x)
+        if f is not None:  # division and product by powers of two: exact in float
+            return Q.fake_quant_uniform(x / f, self.scale, self.zero_point, qmin, qmax, axis=axis) * f
+        return Q.fake_quant_uniform(x, self.scale, self.zero_point, qmin, qmax, axis=axis)
 
     def set_two_region(self, delta: float, m: int, boundary: float, signed_fine: bool) -> None:
         """Switch to the two-region scheme with coarse step ``delta``, ratio ``2^m`` and ``boundary``."""
@@ -306,7 +323,10 @@ class TensorQuantizer(nn.Module):
                 out = Q.fake_quant_log2_ste(x, scale, self.spec.bits)
             else:
                 qmin, qmax = self._qrange()
-                out = Q.fake_quant_uniform_ste(x, scale, self.zero_point, qmin, qmax)
+                f = self.token_factor(x)  # a GELU-input grid's token shifts (QuantConfig.gelu_token_shift)
+                xs = x if f is None else x / f
+                out = Q.fake_quant_uniform_ste(xs, scale, self.zero_point, qmin, qmax)
+                out = out if f is None else out * f
         if self.drop_prob > 0:
             keep_float = torch.rand(x.shape, generator=self.drop_generator) < self.drop_prob
             out = torch.where(keep_float, x, out)

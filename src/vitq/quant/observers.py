@@ -93,15 +93,17 @@ class ActivationObserver:
         max_elements: cap on the values kept for ``percentile``/``mse``.
         seed: seed of the row sampling, so calibration is reproducible.
         axis: channel axis of a per-channel (PTF) grid; its min/max are kept per channel.
-        per_position: with ``axis=-1``, keep min/max per position and channel (token shifts).
+        per_position: keep min/max per position and channel (token shifts), for a PTF grid (``axis=-1``)
+            or a per-tensor one (``axis=None``; its kept rows remember their positions, so the clip search
+            can run on the rows divided by their positions' factors).
     """
 
     def __init__(self, method: str = "minmax", max_elements: int = 1 << 20, seed: int = 0, axis: int | None = None,
                  per_position: bool = False):
         if method not in OBSERVERS:
             raise ValueError(f"unknown observer '{method}', choose from {', '.join(OBSERVERS)}")
-        if per_position and axis != -1:
-            raise ValueError("per-position ranges need channel-last tensors (axis=-1)")
+        if per_position and axis not in (None, -1):
+            raise ValueError("per-position ranges need channel-last tensors (axis=-1 or a per-tensor grid)")
         self.method = method
         self.axis = axis  # when set, min/max are kept per channel along this axis (PTF grids)
         # when set, min/max are kept per position and channel (reduced over the batch axis only), for
@@ -111,6 +113,7 @@ class ActivationObserver:
         self.min: torch.Tensor | None = None
         self.max: torch.Tensor | None = None
         self.rows: list[torch.Tensor] = []
+        self.positions: list[torch.Tensor] = []  # per kept row, its flat position index (per_position only)
         self.n_rows = 0
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -133,37 +136,57 @@ class ActivationObserver:
         # Keep whole rows (last dimension = channels of a linear input), so that the layer-output
         # objective can push the sample through the layer's weight.
         rows = x.reshape(-1, x.shape[-1])
+        # flat position of each row: rows run over the batch, then the positions
+        pos = torch.arange(rows.shape[0]) % (rows.shape[0] // x.shape[0]) if self.per_position else None
         budget = max(1, self.max_elements // max(1, rows.shape[1]) // 8)  # ~8 batches' worth each
         if rows.shape[0] > budget:
-            idx = torch.randperm(rows.shape[0], generator=self.generator)[:budget]
-            rows = rows[idx.sort().values]
+            idx = torch.randperm(rows.shape[0], generator=self.generator)[:budget].sort().values
+            rows = rows[idx]
+            pos = pos[idx] if pos is not None else None
         self.rows.append(rows.clone())
+        if pos is not None:
+            self.positions.append(pos)
         self.n_rows += rows.shape[0]
 
     @property
     def seen(self) -> bool:
         return self.min is not None
 
-    def sample(self) -> torch.Tensor:
-        """The kept rows, cut to ``max_elements`` values by a seeded choice."""
+    def sample(self, token_shift: torch.Tensor | None = None) -> torch.Tensor:
+        """The kept rows, cut to ``max_elements`` values by a seeded choice; with ``token_shift`` (per
+        position, a per-position per-tensor observer only), each row divided by its position's factor."""
         rows = torch.cat(self.rows)
+        pos = torch.cat(self.positions) if token_shift is not None else None
         cap = max(1, self.max_elements // rows.shape[1])
         if rows.shape[0] > cap:
-            rows = rows[torch.randperm(rows.shape[0], generator=self.generator)[:cap].sort().values]
+            idx = torch.randperm(rows.shape[0], generator=self.generator)[:cap].sort().values
+            rows, pos = rows[idx], (pos[idx] if pos is not None else None)
+        if pos is not None:
+            rows = rows / torch.exp2(token_shift.flatten())[pos].unsqueeze(-1)
         return rows
 
     def compute_range(self, quantize=None, percentile: float = 99.99,
-                      output_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      output_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                      token_shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The clip range from what was observed.
+
+        Args:
+            token_shift: a per-position per-tensor observer only: the positions' power-of-two exponents;
+                the range is that of the values divided by their positions' factors.
 
         Raises:
             RuntimeError: nothing was observed (the tensor never ran during calibration).
         """
         if not self.seen:
             raise RuntimeError("observer saw no data")
-        if self.method == "minmax" or self.axis is not None:
+        if self.axis is not None:
             return self.min, self.max
-        sample = self.sample()
+        if self.method == "minmax":
+            if not self.per_position:
+                return self.min, self.max
+            f = 1.0 if token_shift is None else torch.exp2(token_shift).unsqueeze(-1)
+            return (self.min / f).amin(), (self.max / f).amax()
+        sample = self.sample(token_shift if self.per_position else None)
         if self.method == "percentile":
             return percentile_range(sample, percentile)
         return mse_range(sample, quantize, output_fn=output_fn)
