@@ -24,7 +24,7 @@ from vitq.data import make_dataset, make_loader
 from vitq.evaluate import evaluate_many
 from vitq.io import atomic_write_json
 from vitq.methods.greedy_mp import SEARCHES, Budget, default_gptq_losses, default_probe_images, greedy_mp
-from vitq.methods.mptq import MethodOptions, mptq_rotates, mptq_token_scales, run_pipeline
+from vitq.methods.mptq import MethodOptions, mptq_gelu_token_shifts, mptq_rotates, mptq_token_scales, run_pipeline
 from vitq.methods.optm import GRIDS, NONLIN_OBJECTIVES, PTF_OBJECTIVES
 from vitq.methods.token_scale import BUFFER as TOKEN_SCALE_BUFFER
 from vitq.quant import QuantConfig, all_quantizers, model_stats
@@ -129,9 +129,10 @@ def main() -> int:
     ap.add_argument("--token-shift", action=argparse.BooleanOptionalAction, default=QuantConfig.residual_token_shift,
                     help="full-protocol variants: token shifts on the PTF grids (vitq quantize --token-shift; on "
                          "by default since rule R20)")
-    ap.add_argument("--gelu-token-shift", action=argparse.BooleanOptionalAction, default=QuantConfig.gelu_token_shift,
+    ap.add_argument("--gelu-token-shift", action=argparse.BooleanOptionalAction, default=None,
                     help="full-protocol variants: token shifts on the GELU inputs' grids (vitq quantize "
-                         "--gelu-token-shift)")
+                         "--gelu-token-shift). Default: vitq quantize's, on in the rows --method mptq runs "
+                         "(single mptq, Greedy MP with gptq and recon) at <= 6 bits since rule R33, off elsewhere")
     ap.add_argument("--out")
     ap.add_argument("--alt-split", type=int, metavar="SEED",
                     help="calibrate on 32 images drawn from eval968 by a permutation seeded SEED and evaluate on the "
@@ -144,16 +145,21 @@ def main() -> int:
         args.probe_images = default_probe_images(args.mp_search)
     assets = Path(args.assets)
 
+    def runs_mptq(v: dict) -> bool:
+        """Whether a row is what `vitq quantize --method mptq` runs (single mptq; Greedy MP with GPTQ and recon)."""
+        return v["method"] == "mptq" if v["kind"] == "single" else v["gptq"] and v["recon"]
+
     def switched_on(flag: bool | None, rule, v: dict, cfg: QuantConfig) -> bool:
         """Whether a row gets an option: its --X/--no-X ``flag`` when given (only rows that run SQ-b), else vitq
-        quantize's default, ``rule(cfg)`` for the single mptq rows (R30 for rotation, R31 for token scaling)."""
+        quantize's default, ``rule(cfg, single)`` for the rows --method mptq runs (R30 for rotation, R31 and
+        R33 for token scaling)."""
         opts = METHODS[v["method"]] if v["kind"] == "single" else None
         if flag is not None:
             return flag and (opts is None or opts.sq_b)
-        return v["kind"] == "single" and v["method"] == "mptq" and rule(cfg)
+        return runs_mptq(v) and rule(cfg, v["kind"] == "single")
 
     def rotates(v: dict, cfg: QuantConfig) -> bool:
-        return switched_on(args.rotate, mptq_rotates, v, cfg)
+        return switched_on(args.rotate, lambda c, single: single and mptq_rotates(c), v, cfg)
 
     def token_scales(v: dict, cfg: QuantConfig) -> bool:
         return switched_on(args.token_scale, mptq_token_scales, v, cfg)
@@ -174,8 +180,10 @@ def main() -> int:
     def token_shift(v: dict) -> bool:
         return args.token_shift and v["protocol"] == "full"
 
-    def gelu_token_shift(v: dict) -> bool:
-        return args.gelu_token_shift and v["protocol"] == "full"
+    def gelu_token_shift(v: dict, bits: int) -> bool:
+        if args.gelu_token_shift is not None:
+            return args.gelu_token_shift and v["protocol"] == "full"
+        return runs_mptq(v) and mptq_gelu_token_shifts(QuantConfig(a_bits=bits, protocol=v["protocol"]))
 
     images = assets / "imagenet-sample"
     split = None if args.alt_split is None else alt_split(assets, args.alt_split)
@@ -197,7 +205,7 @@ def main() -> int:
             if v["kind"] == "single":
                 cfg = QuantConfig(w_bits=v["bits"], a_bits=v["bits"], protocol=v["protocol"], observer="mse",
                                   seed=args.seed, residual_token_shift=token_shift(v),
-                                  gelu_token_shift=gelu_token_shift(v))
+                                  gelu_token_shift=gelu_token_shift(v, v["bits"]))
                 rotated, scaled_tokens = rotates(v, cfg), token_scales(v, cfg)
                 q = run_pipeline(loaded.model, calib, cfg, with_recon(METHODS[v["method"]], rotated, scaled_tokens)).model
                 label = f"W{v['bits']}A{v['bits']} {v['method']}" + (
@@ -209,7 +217,7 @@ def main() -> int:
                 # so that the greedy rows and the uniform rows at that width share the same smoothing.
                 base = max(2, min(8, round(b)))
                 cfg = QuantConfig(w_bits=base, a_bits=base, protocol=v["protocol"], observer="mse", seed=args.seed,
-                                  residual_token_shift=token_shift(v), gelu_token_shift=gelu_token_shift(v))
+                                  residual_token_shift=token_shift(v), gelu_token_shift=gelu_token_shift(v, base))
                 rotated, scaled_tokens = rotates(v, cfg), token_scales(v, cfg)
                 opts = with_recon(MethodOptions(sq_b=True, opt_m=True, gptq=v["gptq"], recon=v["recon"]), rotated,
                                   scaled_tokens)
@@ -273,7 +281,7 @@ def main() -> int:
                 label += f", token shifts ({n} grids shifted)"
             elif v["protocol"] == "full":
                 label += ", --no-token-shift"
-            if gelu_token_shift(v):
+            if cfg.gelu_token_shift:
                 n = sum(t.token_shift_or_none is not None for t in all_quantizers(q) if id(t) in gelus)
                 label += f", GELU token shifts ({n} grids shifted)"
             if args.recon_e2e_iters != MethodOptions.recon_e2e_iters:

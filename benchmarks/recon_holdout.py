@@ -16,7 +16,7 @@ LayerNorm affines; 0 = not learned), ``e2e`` (end-to-end steps on the logits' KL
 this many weight bits learn their weight scales). The keys ``gelu`` (0/1: ``--sq-b-gelu``), ``mmax`` (``--m-max``), ``grid`` (``--opt-m-grid``) and ``ptfclip`` (0/1: ``--opt-m-ptf``), ``ptfobj`` (``--opt-m-ptf-objective``), ``attn`` (0/1: ``--attn-smooth``), ``nonlin`` (``--opt-m-nonlin-objective``), ``tokshift`` (0/1: ``--token-shift``,
 a QuantConfig option), ``gptqmax`` (``--gptq-max-bits``: the widest weights GPTQ re-rounds), ``attnparts`` (``--attn-smooth-parts``
 with ``+`` between the parts, e.g. ``attn=1,attnparts=v``), ``rot`` (0/1: ``--rotate``), ``rotparts`` (``--rotate-parts``, ``+`` between the parts, e.g.
-``rot=1,rotparts=fc2+v+qk``), ``log2`` (0/1: ``--opt-m-log2``), ``ts`` (0/1: ``--token-scale``) change the
+``rot=1,rotparts=fc2+v+qk``), ``log2`` (0/1: ``--opt-m-log2``), ``ts`` (0/1: ``--token-scale``), ``gts`` (0/1: ``--gelu-token-shift``, a QuantConfig option) change the
 pipeline before reconstruction instead; settings that share it share one pipeline run per fold. ``gelu=1`` alone means
 that pipeline without reconstruction (like ``none``).
 
@@ -47,7 +47,7 @@ import torch
 from vitq.data import load_tensors, make_dataset
 from vitq.evaluate import evaluate, kl_from_reference
 from vitq.io import atomic_write_json
-from vitq.methods.mptq import MethodOptions, mptq_rotates, mptq_token_scales, run_pipeline
+from vitq.methods.mptq import MethodOptions, mptq_gelu_token_shifts, mptq_rotates, mptq_token_scales, run_pipeline
 from vitq.methods.recon import apply_block_recon
 from vitq.quant import QuantConfig
 from vitq.zoo import load_model
@@ -65,7 +65,8 @@ PIPELINE_KEYS = {"gelu": ("sq_b_gelu", lambda v: bool(int(v))), "mmax": ("m_max"
                  "rot": ("rotate", lambda v: bool(int(v))),
                  "rotparts": ("rotate_parts", lambda v: tuple(v.split("+"))),
                  "log2": ("optm_log2", lambda v: bool(int(v))),
-                 "ts": ("token_scale", lambda v: bool(int(v)))}
+                 "ts": ("token_scale", lambda v: bool(int(v))),
+                 "gts": ("cfg:gelu_token_shift", lambda v: bool(int(v)))}
 # "cfg:" marks a QuantConfig field rather than a MethodOptions one
 
 
@@ -157,8 +158,11 @@ def main() -> int:
     per_image: dict[str, dict[str, dict[int, float]]] = {}
     assets = Path(args.assets)
     cfg = QuantConfig(w_bits=args.bits, a_bits=args.bits, observer="mse", protocol=args.protocol)
+    if args.methods == "mptq":  # rule R33: the full protocol's GELU inputs get token shifts at <= 6 bits
+        cfg = replace(cfg, gelu_token_shift=mptq_gelu_token_shifts(cfg))
     # --method mptq's pipeline, including its default rotation (rule R30: standard protocol, <= 6 bits) and token
-    # scaling (rule R31, same scope); the setting keys rot=0 and ts=0 give the pipeline as it was before them
+    # scaling (rule R31, same scope; rule R33: with the GELU token shifts); the setting keys rot=0, ts=0 and
+    # gts=0 give the pipeline as it was before them
     opts = (MethodOptions(sq_b=True, opt_m=True, gptq=True, recon=False, rotate=mptq_rotates(cfg),
                           token_scale=mptq_token_scales(cfg))
             if args.methods == "mptq" else MethodOptions(recon=False))

@@ -349,21 +349,26 @@ class _Stop(Exception):
     """Raised by a stand-in pipeline once the CLI has resolved its options."""
 
 
-def _resolved_options(images, monkeypatch, tmp_path, extra: list[str]):
-    """The MethodOptions ``vitq quantize --method mptq *extra`` hands to its pipeline (which is not run)."""
+def _resolved(images, monkeypatch, tmp_path, extra: list[str]) -> dict:
+    """The ``config`` and ``options`` ``vitq quantize --method mptq *extra`` hands to its pipeline (not run)."""
     import vitq.cli as cli
 
     seen = {}
 
     def stand_in(model, calib, config, options, *args, **kwargs):
-        seen["options"] = options
+        seen.update(config=config, options=options)
         raise _Stop
 
     monkeypatch.setattr(cli, "run_pipeline", stand_in)
     monkeypatch.setattr(cli, "greedy_mp", stand_in)
     with pytest.raises(_Stop):
         main([*_quantize_args(images, 2), "--method", "mptq", *extra, "--out", str(tmp_path / "q")])
-    return seen["options"]
+    return seen
+
+
+def _resolved_options(images, monkeypatch, tmp_path, extra: list[str]):
+    """The MethodOptions ``vitq quantize --method mptq *extra`` hands to its pipeline (which is not run)."""
+    return _resolved(images, monkeypatch, tmp_path, extra)["options"]
 
 
 @pytest.mark.parametrize("extra, expect", [
@@ -391,14 +396,36 @@ def test_no_rotate_with_rotate_parts_is_refused(images, tmp_path, capsys):
     (["--w-bits", "4", "--a-bits", "4"], True),  # rule R31: standard protocol, <= 6 activation bits
     (["--w-bits", "6", "--a-bits", "6"], True),
     (["--w-bits", "8", "--a-bits", "8"], False),
-    (["--w-bits", "4", "--a-bits", "4", "--protocol", "full"], False),  # not decided in the full protocol
     (["--w-bits", "4", "--a-bits", "4", "--no-token-scale"], False),
-    (["--budget-w", "5", "--budget-a", "5"], False),  # Greedy MP keeps it off ...
+    (["--budget-w", "5", "--budget-a", "5"], False),  # standard-protocol Greedy MP keeps it off ...
     (["--budget-w", "5", "--budget-a", "5", "--token-scale"], True),  # ... unless asked for
     (["--w-bits", "8", "--a-bits", "8", "--token-scale"], True),
+    # rule R33: in the full protocol together with the GELU inputs' token shifts, with a budget too
+    (["--w-bits", "4", "--a-bits", "4", "--protocol", "full"], True),
+    (["--w-bits", "6", "--a-bits", "6", "--protocol", "full"], True),
+    (["--w-bits", "8", "--a-bits", "8", "--protocol", "full"], False),
+    (["--budget-w", "5", "--budget-a", "5", "--protocol", "full"], True),
+    (["--budget-w", "8", "--budget-a", "8", "--protocol", "full"], False),
+    (["--w-bits", "4", "--a-bits", "4", "--protocol", "full", "--no-gelu-token-shift"], False),
+    (["--w-bits", "8", "--a-bits", "8", "--protocol", "full", "--gelu-token-shift"], True),
+    (["--w-bits", "4", "--a-bits", "4", "--protocol", "full", "--no-token-scale"], False),
 ])
 def test_token_scale_by_default_only_where_rules_adopted_it(images, monkeypatch, tmp_path, extra, expect):
     assert _resolved_options(images, monkeypatch, tmp_path, extra).token_scale == expect
+
+
+@pytest.mark.parametrize("extra, expect", [
+    (["--w-bits", "4", "--a-bits", "4", "--protocol", "full"], True),  # rule R33: full protocol, <= 6 bits
+    (["--w-bits", "6", "--a-bits", "6", "--protocol", "full"], True),
+    (["--w-bits", "8", "--a-bits", "8", "--protocol", "full"], False),
+    (["--budget-w", "5", "--budget-a", "5", "--protocol", "full"], True),  # the budget's base width decides
+    (["--budget-w", "8", "--budget-a", "8", "--protocol", "full"], False),
+    (["--w-bits", "4", "--a-bits", "4"], False),  # no GELU-input grid in the standard protocol
+    (["--w-bits", "4", "--a-bits", "4", "--protocol", "full", "--no-gelu-token-shift"], False),
+    (["--w-bits", "8", "--a-bits", "8", "--protocol", "full", "--gelu-token-shift"], True),
+])
+def test_gelu_token_shift_by_default_only_where_rule_r33_adopted_it(images, monkeypatch, tmp_path, extra, expect):
+    assert _resolved(images, monkeypatch, tmp_path, extra)["config"].gelu_token_shift == expect
 
 
 def test_m2q_refuses_token_scale(images, tmp_path, capsys):

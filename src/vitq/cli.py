@@ -23,7 +23,7 @@ from .methods.greedy_mp import SEARCHES, Budget, default_gptq_losses, default_pr
 from .hardware import HardwareError, estimate, extract_workloads, int8_baseline, load_hardware
 from .methods.m2q import m2q, plot_m2q
 from .methods.optm import GRIDS, NONLIN_OBJECTIVES, PTF_OBJECTIVES
-from .methods.mptq import MethodOptions, mptq_rotates, mptq_token_scales, run_pipeline
+from .methods.mptq import MethodOptions, mptq_gelu_token_shifts, mptq_rotates, mptq_token_scales, run_pipeline
 from .methods.rotation import PARTS as ROTATION_PARTS
 from .quant.engine import tensor_table
 from .report import build_report, by_sensitivity, format_table, sensitivity_csv, summary_line
@@ -229,8 +229,13 @@ def _cmd_quantize(args) -> int:
     if args.rotate is None and args.rotate_parts is None and single_mptq and mptq_rotates(config):
         # rule R30 (docs/methods.md): single-precision --method mptq rotates in the standard protocol at <= 6 bits
         options = dataclasses.replace(options, rotate=True)
-    if args.token_scale is None and single_mptq and mptq_token_scales(config):
-        # rule R31 (docs/methods.md): likewise token scaling of fc2's massive positions
+    if args.gelu_token_shift is None and args.method == "mptq" and not args.config and mptq_gelu_token_shifts(config):
+        # rule R33 (docs/methods.md): the full protocol's GELU inputs get token shifts at <= 6 bits, with a
+        # budget too (a --config file says for itself: a search writes the option into the config it saves)
+        config = dataclasses.replace(config, gelu_token_shift=True)
+    if args.token_scale is None and args.method == "mptq" and mptq_token_scales(config, single=single_mptq):
+        # rule R31 (docs/methods.md): likewise token scaling of fc2's massive positions; rule R33: in the full
+        # protocol wherever the GELU inputs have token shifts
         options = dataclasses.replace(options, token_scale=True)
     if args.mp_search is None:
         # Rule R11 (docs/methods.md) made the knapsack the default; it handles average-bit and size budgets
@@ -244,7 +249,8 @@ def _cmd_quantize(args) -> int:
     print(f"methods: sq_b={options.sq_b} opt_m={options.opt_m} gptq={options.gptq} "
           f"recon={options.recon_applies(config)} mixed={budget is not None}"
           + (f" rotate={','.join(options.rotate_parts)}" if options.rotate else "")
-          + (" token_scale=True" if options.token_scale else ""),
+          + (" token_scale=True" if options.token_scale else "")
+          + (" gelu_token_shift=True" if config.protocol == "full" and config.gelu_token_shift else ""),
           flush=True)
 
     t0 = time.perf_counter()
@@ -454,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "docs/methods.md; --no-token-shift turns it off)")
     p.add_argument("--gelu-token-shift", dest="gelu_token_shift", action=argparse.BooleanOptionalAction,
                    help="full protocol: each GELU input's grid also gets a static power-of-two factor per token "
-                        "position (QuantConfig.gelu_token_shift; off by default, docs/methods.md)")
+                        "position (QuantConfig.gelu_token_shift; on by default with --method mptq at <= 6 "
+                        "activation bits since rule R33, together with --token-scale, docs/methods.md)")
     p.add_argument("--config", help="QuantConfig JSON (per-layer rules); explicit options override it")
     p.add_argument("--seed", type=int)
     p.add_argument("--method", choices=["mptq", "m2q"],

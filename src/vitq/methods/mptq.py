@@ -39,20 +39,41 @@ def mptq_rotates(config: QuantConfig) -> bool:
 
 
 # Rule R31 (docs/methods.md, session 23): single-precision `--method mptq` also scales the massive token
-# positions of fc2's input, in the same scope as R30's rotation; Greedy MP and the full protocol keep it off.
+# positions of fc2's input, in the same scope as R30's rotation. Rule R33 (session 24): in the full protocol it
+# does so, single-precision and Greedy MP, wherever the GELU inputs have token shifts, which `--method mptq`
+# gives them at activation widths up to 6 bits (one without the other measured worse, docs/methods.md).
 TOKEN_SCALE_DEFAULT_MAX_BITS = 6
+GELU_TOKEN_SHIFT_DEFAULT_MAX_BITS = 6
 
 
-def mptq_token_scales(config: QuantConfig) -> bool:
-    """Whether single-precision ``--method mptq`` uses token scaling by default for ``config`` (rule R31).
+def mptq_token_scales(config: QuantConfig, single: bool = True) -> bool:
+    """Whether ``--method mptq`` uses token scaling by default for ``config`` (rules R31 and R33).
+
+    Args:
+        config: the quantization config (its protocol, default activation width and GELU token shifts decide).
+        single: single precision (no mixed-precision budget, no ``--config`` file).
+
+    Returns:
+        Full protocol: True where the config gives the GELU inputs token shifts (R33, with or without a
+        budget). Standard protocol: True for single precision at activation widths up to
+        :data:`TOKEN_SCALE_DEFAULT_MAX_BITS` (R31).
+    """
+    if config.protocol == "full":
+        return config.gelu_token_shift
+    return single and _standard_up_to(config, TOKEN_SCALE_DEFAULT_MAX_BITS)
+
+
+def mptq_gelu_token_shifts(config: QuantConfig) -> bool:
+    """Whether ``--method mptq`` gives the GELU inputs token shifts by default for ``config`` (rule R33).
 
     Args:
         config: the quantization config (its protocol and default activation width decide).
 
     Returns:
-        True in the standard protocol at activation widths up to :data:`TOKEN_SCALE_DEFAULT_MAX_BITS`.
+        True in the full protocol at activation widths up to :data:`GELU_TOKEN_SHIFT_DEFAULT_MAX_BITS`,
+        single-precision or with a mixed-precision budget (whose base width counts).
     """
-    return _standard_up_to(config, TOKEN_SCALE_DEFAULT_MAX_BITS)
+    return config.protocol == "full" and config.a_bits <= GELU_TOKEN_SHIFT_DEFAULT_MAX_BITS
 
 
 def _standard_up_to(config: QuantConfig, max_bits: int) -> bool:
@@ -95,8 +116,8 @@ class MethodOptions:
     rotate_parts: tuple = ("fc2", "v", "qk")  # which rotations are searched (rotation.PARTS; "fc2", "v" until R30)
     # vitq's addition: static power-of-two factors on the token positions of fc2's input whose values are
     # massive (ViT-Tiny's four corner patches in block 7), kept where they lower its quantized output error
-    # (methods/token_scale.py). Off in a bare MethodOptions; `--method mptq` turns it on where rule R31 adopted it
-    # (mptq_token_scales above, docs/methods.md).
+    # (methods/token_scale.py). Off in a bare MethodOptions; `--method mptq` turns it on where rules R31 and R33
+    # adopted it (mptq_token_scales above, docs/methods.md).
     token_scale: bool = False
     gptq: bool = False  # GPTQ weight rounding after calibration (vitq's addition, not in the paper)
     gptq_max_bits: int = 5  # layers with wider weights keep round-to-nearest (docs/methods.md)
