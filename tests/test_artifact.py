@@ -41,6 +41,22 @@ def test_token_shifts_survive_save_and_reload(tmp_path):
         assert torch.equal(q(x), r(x))
 
 
+def test_gelu_token_shifts_survive_save_and_reload(tmp_path):
+    model, size = tiny_model("deit")
+    x = tiny_images(size)
+    q = quantize(model, x, QuantConfig(w_bits=6, a_bits=6, protocol="full", gelu_token_shift=True))
+    g = q.blocks[0].mlp.act.in_quant
+    shift = torch.zeros(q.patch_embed.num_patches + q.num_prefix_tokens)  # one exponent per token position
+    shift[1] = 3.0  # a flagged position, as calibration gives ViT-Tiny's block 7 (the tiny model has none)
+    g.set_token_shift(shift)
+    write_dir_atomically(tmp_path / "a", lambda d: save_artifact(q, d, META))
+    r, meta = load_artifact(tmp_path / "a")
+    assert meta["quant_config"]["gelu_token_shift"] is True
+    assert torch.equal(r.blocks[0].mlp.act.in_quant.token_shift, shift)
+    with torch.inference_mode():
+        assert torch.equal(q(x), r(x))
+
+
 def test_other_version_and_corruption_are_rejected(tmp_path):
     q, _ = _quantized()
     write_dir_atomically(tmp_path / "a", lambda d: save_artifact(q, d, META))

@@ -71,7 +71,9 @@ class QuantConfig:
         gelu_token_shift: full protocol: each GELU input's per-tensor grid also gets a static power-of-two
             factor per token position, chosen like ``residual_token_shift``'s (vitq's addition, session 24;
             docs/methods.md "Token shifts of the GELU inputs"). ViT-Tiny's block 7 makes its massive
-            activations there: four positions reach 215 where the others stay under 15. Off by default.
+            activations there: four positions reach +215 where no other exceeds 5.2. Off in a bare config;
+            ``vitq quantize --method mptq`` turns it on at <= 6 activation bits (rule R33,
+            ``methods.mptq.mptq_gelu_token_shifts``).
         rules: per-layer overrides, applied in order (later rules win).
         seed: seed of every random choice (observer sampling; block reconstruction's batch order and QDrop).
     """
