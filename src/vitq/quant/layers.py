@@ -103,6 +103,7 @@ class TensorQuantizer(nn.Module):
         if self.observer is None or not self.observer.seen:
             raise RuntimeError(f"quantizer {self.name} saw no data during calibration")
         use_output = mse_objective == "output" and self.output_fn is not None and self.spec.scheme == "uniform"
+        output_fn = self.output_fn if use_output else None
         if self.observer.per_position and self.observer.axis is None:
             # a per-tensor grid (a GELU input, QuantConfig.gelu_token_shift): the positions' shifts from their
             # largest positive values, since GELU is flat below about -4 and its negative inputs (down to -57
@@ -112,22 +113,18 @@ class TensorQuantizer(nn.Module):
             shift = Q.token_shift_params(torch.zeros_like(hi), hi)
             shift = shift if bool(shift.any()) else None  # none needed (DeiT-Tiny): exactly the plain grid
             self.set_token_shift(shift)
-            lo, hi = self.observer.compute_range(self._clip_quantize, percentile,
-                                                 self.output_fn if use_output else None, token_shift=shift)
-            self.set_range(lo, hi)
-            self.observer = None
-            self.mode = "quant"
-            return
-        lo, hi = self.observer.compute_range(self._clip_quantize, percentile, self.output_fn if use_output else None)
-        if self.observer.per_position:
-            # ranges per position and channel: the positions' shifts, then each channel's range over the
-            # positions as the channel grid sees them (divided by their factors)
-            shift = Q.token_shift_params(lo, hi)
-            # no position needs a shift (DeiT-Tiny): no buffer, so the grid is exactly the plain PTF one
-            self.set_token_shift(shift if bool(shift.any()) else None)
-            f = torch.exp2(shift).unsqueeze(-1)
-            dims = tuple(range(lo.dim() - 1))
-            lo, hi = (lo / f).amin(dim=dims), (hi / f).amax(dim=dims)
+            lo, hi = self.observer.compute_range(self._clip_quantize, percentile, output_fn, token_shift=shift)
+        else:
+            lo, hi = self.observer.compute_range(self._clip_quantize, percentile, output_fn)
+            if self.observer.per_position:
+                # a PTF grid: ranges per position and channel give the positions' shifts, then each channel's
+                # range over the positions as the channel grid sees them (divided by their factors)
+                shift = Q.token_shift_params(lo, hi)
+                # no position needs a shift (DeiT-Tiny): no buffer, so the grid is exactly the plain PTF one
+                self.set_token_shift(shift if bool(shift.any()) else None)
+                f = torch.exp2(shift).unsqueeze(-1)
+                dims = tuple(range(lo.dim() - 1))
+                lo, hi = (lo / f).amin(dim=dims), (hi / f).amax(dim=dims)
         self.set_range(lo, hi)
         self.observer = None
         self.mode = "quant"
@@ -306,27 +303,24 @@ class TensorQuantizer(nn.Module):
         if self.log_scale is None:
             xd = x.detach()
             out = x + (self.fake_quant(xd) - xd)
-        elif self.spec.granularity == "ptf":
-            qmin, qmax = self._qrange()
-            f = self.token_factor(x)
-            xs = x if f is None else x / f
-            out = Q.fake_quant_uniform_ste(xs, self.scale * self.log_scale.exp(), self.zero_point, qmin, qmax,
-                                           axis=self.ptf_axis)
-            out = out if f is None else out * f
-        else:
+        elif self.spec.scheme in ("two_region", "log2"):
             scale = self.log_scale.exp()
             if self.spec.scheme == "two_region":
                 boundary = self.boundary * (scale.detach() / self.scale)
                 out = Q.fake_quant_two_region_ste(x, scale, int(self.region_m), boundary, self.spec.bits,
                                                   signed_fine=self.spec.symmetric)
-            elif self.spec.scheme == "log2":
-                out = Q.fake_quant_log2_ste(x, scale, self.spec.bits)
             else:
-                qmin, qmax = self._qrange()
-                f = self.token_factor(x)  # a GELU-input grid's token shifts (QuantConfig.gelu_token_shift)
-                xs = x if f is None else x / f
-                out = Q.fake_quant_uniform_ste(xs, scale, self.zero_point, qmin, qmax)
-                out = out if f is None else out * f
+                out = Q.fake_quant_log2_ste(x, scale, self.spec.bits)
+        else:
+            # uniform, per tensor or PTF (whose learned scale multiplies the shared base); token shifts (PTF
+            # grids, GELU inputs) divide the rows first and multiply them back
+            ptf = self.spec.granularity == "ptf"
+            scale = self.scale * self.log_scale.exp() if ptf else self.log_scale.exp()
+            qmin, qmax = self._qrange()
+            f = self.token_factor(x)
+            xs = x if f is None else x / f
+            out = Q.fake_quant_uniform_ste(xs, scale, self.zero_point, qmin, qmax, axis=self.ptf_axis if ptf else None)
+            out = out if f is None else out * f
         if self.drop_prob > 0:
             keep_float = torch.rand(x.shape, generator=self.drop_generator) < self.drop_prob
             out = torch.where(keep_float, x, out)
