@@ -72,7 +72,7 @@ def main() -> int:
     ap.add_argument("--limit", type=int)
     ap.add_argument("--probe-images", type=int,
                     help="Greedy MP: calibration images for sensitivities (default as vitq quantize: 16 for the "
-                         "knapsack and superposed searches, 8 for greedy)")
+                         "knapsack, superposed and calibrated searches, 8 for greedy)")
     ap.add_argument("--mp-search", choices=list(SEARCHES), default="knapsack",
                     help="Greedy MP's search (vitq quantize --mp-search)")
     ap.add_argument("--mp-gptq-losses", action=argparse.BooleanOptionalAction, default=None,
@@ -247,6 +247,12 @@ def main() -> int:
                                   + (f", held-out calibration KL {h['kl_holdout_knapsack']:.4f} -> "
                                      f"{h['kl_holdout_refined']:.4f}" if "kl_holdout_refined" in h else "")
                                   + f": {'kept' if h['kl'] < h['kl_knapsack'] else 'not kept'})")
+                    for n, c in enumerate(h.get("calibration", []), 1):  # --mp-search calibrated: each round
+                        label += (f", calibration round {n}: {c['items_changed']} A items changed"
+                                  + (f", probe KL {c['kl']:.4f}" if "kl" in c else "")
+                                  + (f", held-out calibration KL {h['kl_holdout_knapsack']:.4f} -> "
+                                     f"{c['kl_holdout']:.4f}" if "kl_holdout" in c else "")
+                                  + f" ({'kept' if c['kept'] else 'not kept'})")
                 fs = found.fallback_scores
                 if fs and fs["after_gptq"]:  # every candidate scored after GPTQ (rule R25)
                     label += (f", fallback after GPTQ: {args.mp_search} {fs['searched']:.4f}, "

@@ -546,13 +546,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-mb", type=float, help="target model size in MB")
     p.add_argument("--budget-gbops", type=float, help="target GBOPs per image (MACs x W bits x A bits)")
     p.add_argument("--probe-images", type=int,
-                   help="calibration images used to measure sensitivities (default 16 for the knapsack and "
-                        "superposed searches, 8 for the greedy loop and m2q)")
+                   help="calibration images used to measure sensitivities (default 16 for the knapsack, "
+                        "superposed and calibrated searches, 8 for the greedy loop and m2q)")
     p.add_argument("--lower-per-step", type=int, default=4, help="items Greedy MP lowers before each re-run")
     p.add_argument("--mp-search", choices=list(SEARCHES),
                    help="how the mixed-precision assignment is searched: a knapsack on each tensor's measured loss "
                         "alone (default for bit and MB budgets), the paper's greedy loop (default for "
-                        "--budget-gbops), or the knapsack refined on superposed logit errors; docs/methods.md")
+                        "--budget-gbops), the knapsack refined on superposed logit errors, or the knapsack re-solved with "
+                        "each block's activation losses scaled to their cost in place (calibrated); docs/methods.md")
     p.add_argument("--budget-edp", type=float, help="m2q: at most this fraction of the INT8 baseline's EDP")
     p.add_argument("--budget-energy", type=float, help="m2q: at most this fraction of the INT8 baseline's energy")
     p.add_argument("--budget-latency", type=float, help="m2q: at most this fraction of the INT8 baseline's latency")

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from vitq.methods.greedy_mp import Budget, greedy_mp
+from vitq.methods.greedy_mp import CALIBRATE_RATIO, Budget, greedy_mp
 from vitq.methods.mptq import MethodOptions, run_pipeline
 from vitq.quant import QuantConfig
 from vitq.quant.config import ConfigError
@@ -193,6 +193,60 @@ def test_superposed_search_checks_the_refinement_on_the_calibration_images_the_p
     with torch.inference_mode():  # the held-out KL is the returned model's on images 4..7
         held = kl_from_reference(model(x[4:]), q(x[4:])).mean().item()
     assert held == pytest.approx(h["kl_holdout_refined"] if kept else h["kl_holdout_knapsack"], abs=1e-6)
+
+
+def test_calibrated_search_meets_the_budget_and_keeps_a_round_only_when_it_lowers_the_kl():
+    budget = Budget(5.0, 5.0)
+    model, x, q, res = _search(budget, search="calibrated", uniform_fallback=False)
+    st = model_stats(q)
+    assert st["avg_w_bits"] <= budget.w_bits + 1e-9 and _searched_avg_a(q) <= budget.a_bits + 1e-9
+    h = res.history[0]
+    assert h["search"] == "calibrated" and 1 <= len(h["calibration"]) <= 2
+    knap = _search(budget, search="knapsack", uniform_fallback=False)[3]
+    assert h["kl_knapsack"] == knap.kl_final  # the same start: the knapsack's own assignment
+    kept = [c["kl"] for c in h["calibration"] if c["kept"]]
+    assert res.kl_final == (kept[-1] if kept else h["kl_knapsack"])
+    assert all(c["kl"] < h["kl_knapsack"] for c in h["calibration"] if c["kept"])
+    if not kept:
+        assert res.layers == knap.layers
+    lo, hi = CALIBRATE_RATIO
+    assert all(lo <= r <= hi for c in h["calibration"] for r in c["ratios"].values())
+    # weights keep their isolated losses: the W bits are the knapsack's
+    assert [r["w_bits"] for r in res.layers] == [r["w_bits"] for r in knap.layers]
+    from vitq.evaluate import kl_from_reference
+
+    with torch.inference_mode():  # kl_final is the returned model's probe KL (all 8 images probe here)
+        assert kl_from_reference(model(x), q(x)).mean().item() == pytest.approx(res.kl_final, abs=1e-6)
+    again = _search(budget, search="calibrated", uniform_fallback=False)[3]
+    assert again.layers == res.layers and again.kl_final == res.kl_final
+
+
+def test_calibrated_search_rescales_by_the_kl_a_block_frees_in_place(monkeypatch):
+    """A round re-solves on the losses scaled per block: with every factor clamped to 1 the problem is the
+    knapsack's own, so the re-solve changes nothing and the knapsack's assignment stays."""
+    import vitq.methods.greedy_mp as gm
+
+    monkeypatch.setattr(gm, "CALIBRATE_RATIO", (1.0, 1.0))
+    res = _search(Budget(5.0, 5.0), search="calibrated", uniform_fallback=False)[3]
+    h = res.history[0]
+    assert h["calibration"][0]["items_changed"] == 0 and not h["calibration"][0]["kept"]
+    assert res.kl_final == h["kl_knapsack"]
+
+
+@pytest.mark.parametrize("bits", [5.0, 6.0])  # on this tiny model: round 1 refused by the held-out KL / kept
+def test_calibrated_search_checks_each_round_on_the_calibration_images_the_probes_leave_out(bits):
+    model, size = tiny_model("deit")
+    x = tiny_images(size, n=8)
+    q, res = greedy_mp(model, x, QuantConfig(w_bits=4, a_bits=4), MethodOptions(), Budget(bits, bits), n_probe=4,
+                       progress=False, search="calibrated", uniform_fallback=False)
+    h = res.history[0]
+    kept = [c for c in h["calibration"] if c["kept"]]
+    assert all(c["kl_holdout"] < h["kl_holdout_knapsack"] for c in kept)
+    from vitq.evaluate import kl_from_reference
+
+    with torch.inference_mode():  # the held-out KL is the returned model's on images 4..7
+        held = kl_from_reference(model(x[4:]), q(x[4:])).mean().item()
+    assert held == pytest.approx(kept[-1]["kl_holdout"] if kept else h["kl_holdout_knapsack"], abs=1e-6)
 
 
 def test_knapsack_search_rejects_what_it_cannot_do():
