@@ -282,7 +282,9 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
             quantized, at each candidate, and solves a multiple-choice knapsack per kind on those losses
             (:func:`vitq.methods.mp_knapsack.solve`). ``"superposed"`` then refines that assignment on the
             superposed logit errors (:func:`vitq.methods.mp_superpose.refine`) and keeps the refined one
-            when its true probe KL is lower. Both take average-bit and size budgets only.
+            when its true probe KL is lower. ``"calibrated"`` re-solves the knapsack with each block's
+            activation losses scaled by their cost in place (:func:`_calibrate_blocks`; measured worse by
+            rule R35, docs/methods.md). All three take average-bit and size budgets only.
         gptq_losses: (knapsack and superposed, with ``options.gptq``) measure a W item's loss at a GPTQ
             width with the weights GPTQ would give it on float inputs, not round-to-nearest; rule R16,
             docs/methods.md.
