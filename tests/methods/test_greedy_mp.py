@@ -167,12 +167,17 @@ def test_knapsack_search_measures_each_tensor_alone_and_restores_the_model():
     assert {r["a_bits"] for r in four.layers if r["a_bits"]} == {4}
 
 
-def test_superposed_search_meets_the_budget_and_keeps_the_refinement_only_when_it_helps():
-    budget = Budget(5.0, 5.0)
-    _, _, q, res = _search(budget, search="superposed", uniform_fallback=False)
+def _search_within(budget, search):
+    """A search without the uniform fallback, its budget checked; returns model, images, q, result, history[0]."""
+    model, x, q, res = _search(budget, search=search, uniform_fallback=False)
     st = model_stats(q)
     assert st["avg_w_bits"] <= budget.w_bits + 1e-9 and _searched_avg_a(q) <= budget.a_bits + 1e-9
-    h = res.history[0]
+    return model, x, q, res, res.history[0]
+
+
+def test_superposed_search_meets_the_budget_and_keeps_the_refinement_only_when_it_helps():
+    budget = Budget(5.0, 5.0)
+    _, _, q, res, h = _search_within(budget, "superposed")
     assert h["search"] == "superposed" and h["kl_superposed_refined"] <= h["kl_superposed"] + 1e-9
     assert res.kl_final == min(h["kl_knapsack"], h["kl_refined"])
     knap = _search(budget, search="knapsack", uniform_fallback=False)[3]
@@ -197,10 +202,7 @@ def test_superposed_search_checks_the_refinement_on_the_calibration_images_the_p
 
 def test_calibrated_search_meets_the_budget_and_keeps_a_round_only_when_it_lowers_the_kl():
     budget = Budget(5.0, 5.0)
-    model, x, q, res = _search(budget, search="calibrated", uniform_fallback=False)
-    st = model_stats(q)
-    assert st["avg_w_bits"] <= budget.w_bits + 1e-9 and _searched_avg_a(q) <= budget.a_bits + 1e-9
-    h = res.history[0]
+    model, x, q, res, h = _search_within(budget, "calibrated")
     assert h["search"] == "calibrated" and 1 <= len(h["calibration"]) <= 2
     knap = _search(budget, search="knapsack", uniform_fallback=False)[3]
     assert h["kl_knapsack"] == knap.kl_final  # the same start: the knapsack's own assignment
