@@ -36,11 +36,12 @@ def load(path: str) -> dict:
     return data
 
 
-def compare(a: dict, b: dict) -> list[dict]:
+def compare(a: dict, b: dict, a_rows: list[int] | None = None, b_rows: list[int] | None = None) -> list[dict]:
     """Paired differences (B - A) for every model in both files.
 
     Args:
         a, b: per-image files as written by ``mptq_ablation.py --per-image``.
+        a_rows, b_rows: keep only these rows (0-based, per model, in file order) of A / of B; None keeps all.
 
     Returns:
         One dict per paired row: ``model``, the two variants, ``top1_a/b``, ``kl_a/b``, the differences
@@ -54,8 +55,8 @@ def compare(a: dict, b: dict) -> list[dict]:
     for model in [m for m in a["images"] if m in b["images"]]:
         if a["images"][model] != b["images"][model]:
             raise SystemExit(f"{model}: the two files were evaluated on different images; nothing to pair")
-        ra = [r for r in a["rows"] if r["model"] == model]
-        rb = [r for r in b["rows"] if r["model"] == model]
+        ra = _pick([r for r in a["rows"] if r["model"] == model], a_rows, model, "A")
+        rb = _pick([r for r in b["rows"] if r["model"] == model], b_rows, model, "B")
         if len(ra) != len(rb):
             raise SystemExit(f"{model}: {len(ra)} rows in A but {len(rb)} in B; pair files with the same variants")
         for x, y in zip(ra, rb):
@@ -83,12 +84,24 @@ def _ratio(d: float, se) -> str:
     return "n/a" if not se else f"{d / se:+.1f}"
 
 
+def _pick(rows: list[dict], keep: list[int] | None, model: str, which: str) -> list[dict]:
+    if keep is None:
+        return rows
+    if any(not 0 <= k < len(rows) for k in keep):
+        raise SystemExit(f"{model}: --{which.lower()}-rows {keep} but {which} has {len(rows)} rows of this model")
+    return [rows[k] for k in keep]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("a", help="per-image file of the first run (A)")
     ap.add_argument("b", help="per-image file of the second run (B); differences are B - A")
+    ap.add_argument("--a-rows", type=lambda t: [int(v) for v in t.split(",")],
+                    help="pair only these rows of each model in A (0-based, comma-separated, file order)")
+    ap.add_argument("--b-rows", type=lambda t: [int(v) for v in t.split(",")],
+                    help="pair only these rows of each model in B")
     args = ap.parse_args()
-    rows = compare(load(args.a), load(args.b))
+    rows = compare(load(args.a), load(args.b), args.a_rows, args.b_rows)
     if not rows:
         raise SystemExit("the two files share no model")
     print(f"# B - A, paired over the same images; A = {args.a}, B = {args.b}")
