@@ -96,10 +96,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("a", help="per-image file of the first run (A)")
     ap.add_argument("b", help="per-image file of the second run (B); differences are B - A")
-    ap.add_argument("--a-rows", type=lambda t: [int(v) for v in t.split(",")],
-                    help="pair only these rows of each model in A (0-based, comma-separated, file order)")
-    ap.add_argument("--b-rows", type=lambda t: [int(v) for v in t.split(",")],
-                    help="pair only these rows of each model in B")
+    for which in ("a", "b"):
+        ap.add_argument(f"--{which}-rows", type=lambda t: [int(v) for v in t.split(",")],
+                        help=f"pair only these rows of each model in {which.upper()} (0-based, comma-separated, "
+                             "file order)")
     args = ap.parse_args()
     rows = compare(load(args.a), load(args.b), args.a_rows, args.b_rows)
     if not rows:

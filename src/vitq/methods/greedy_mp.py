@@ -699,25 +699,16 @@ def _knapsack_search(model: nn.Module, items: list[_Item], set_level, prober: _P
         cap = [max(spent[k], caps[kind] if caps[kind] is not None else 0.0) for k, kind in enumerate("WA")]
         levels, kl_refined = refine_superposed(prober.ref, base_out, [logit_drift[id(i)] for i in chosen], cost,
                                                group, cap, start)
-        for i, j in zip(chosen, levels):
-            set_level(i, j)
-        prober.refresh()
-        refined = prober.kl()
-        entry.update({"kl_knapsack": current, "kl_superposed_refined": kl_refined, "kl_refined": refined,
-                      "refined_items": sum(a != b for a, b in zip(start, levels))})
         # Keep the refinement only when the model itself agrees (the superposition is a model of the KL),
         # and, when calibration images are left over, on those too: a search over the probe images' logits
         # can fit those images (rule R12's DeiT-Tiny 6-bit cell).
-        better_holdout = True
+        refined, held, kept = _try_levels(chosen, start, levels, set_level, prober, holdout, current, kl_holdout)
+        entry.update({"kl_knapsack": current, "kl_superposed_refined": kl_refined, "kl_refined": refined,
+                      "refined_items": sum(a != b for a, b in zip(start, levels))})
         if holdout is not None:
-            entry["kl_holdout_knapsack"], entry["kl_holdout_refined"] = kl_holdout, holdout.kl()
-            better_holdout = entry["kl_holdout_refined"] < kl_holdout
-        if refined < current and better_holdout:
+            entry["kl_holdout_knapsack"], entry["kl_holdout_refined"] = kl_holdout, held
+        if kept:
             current = refined
-        else:
-            for i, j in zip(chosen, start):
-                set_level(i, j)
-            prober.refresh()
     if calibrate and caps["A"] is not None:
         current = _calibrate_blocks([i for i in chosen if i.kind == "A"], loss, set_level, prober, caps["A"],
                                     holdout, entry, current)
@@ -752,6 +743,7 @@ def _calibrate_blocks(group: list[_Item], loss: dict[int, list[float]], set_leve
     best_holdout = holdout.kl() if holdout is not None else None
     entry.update({"kl_knapsack": current, "kl_holdout_knapsack": best_holdout, "calibration": []})
     blocks = sorted({i.block for i in group})
+    lo, hi = CALIBRATE_RATIO
     for _ in range(CALIBRATE_ROUNDS):
         ratio = {}
         for k in blocks:
@@ -766,7 +758,6 @@ def _calibrate_blocks(group: list[_Item], loss: dict[int, list[float]], set_leve
             freed = current - prober.kl(k)
             for n in members:
                 set_level(group[n], best[n])
-            lo, hi = CALIBRATE_RATIO
             ratio[k] = min(hi, max(lo, freed / charged))
         levels = solve_knapsack([[ratio[i.block] * v for v in loss[id(i)]] for i in group],
                                 [[i.size * b for b in i.choices] for i in group], cap)
@@ -775,22 +766,34 @@ def _calibrate_blocks(group: list[_Item], loss: dict[int, list[float]], set_leve
         entry["calibration"].append(record)
         if levels is None or record["items_changed"] == 0:
             break
-        for i, j in zip(group, levels):
-            set_level(i, j)
-        prober.refresh()
-        record["kl"] = prober.kl()
-        better = record["kl"] < current
+        record["kl"], held, kept = _try_levels(group, best, levels, set_level, prober, holdout, current,
+                                               best_holdout)
         if holdout is not None:
-            record["kl_holdout"] = holdout.kl()
-            better = better and record["kl_holdout"] < best_holdout
-        if not better:
-            for i, j in zip(group, best):
-                set_level(i, j)
-            prober.refresh()
+            record["kl_holdout"] = held
+        if not kept:
             break
         record["kept"] = True
-        current, best, best_holdout = record["kl"], levels, record.get("kl_holdout")
+        current, best, best_holdout = record["kl"], levels, held
     return current
+
+
+def _try_levels(group: list[_Item], start: list[int], levels: list[int], set_level, prober: _Prober,
+                holdout: _Prober | None, kl: float, kl_holdout: float | None) -> tuple[float, float | None, bool]:
+    """Set ``levels`` and keep them only if the probe KL, and the KL on ``holdout`` when given, fall below
+    ``kl`` and ``kl_holdout`` (the assignment ``start``'s); else put ``start`` back. Returns the new
+    assignment's probe KL and held-out KL (None without ``holdout``) and whether it was kept; ``prober``'s
+    caches then hold the assignment left set."""
+    for i, j in zip(group, levels):
+        set_level(i, j)
+    prober.refresh()
+    new = prober.kl()
+    held = holdout.kl() if holdout is not None else None
+    kept = new < kl and (held is None or held < kl_holdout)
+    if not kept:
+        for i, j in zip(group, start):
+            set_level(i, j)
+        prober.refresh()
+    return new, held, kept
 
 
 def _after_blocks(model: nn.Module, qs, trunk) -> bool:
