@@ -24,7 +24,8 @@ from vitq.data import make_dataset, make_loader
 from vitq.evaluate import evaluate_many
 from vitq.io import atomic_write_json
 from vitq.methods.greedy_mp import SEARCHES, Budget, default_gptq_losses, default_probe_images, greedy_mp
-from vitq.methods.mptq import MethodOptions, mptq_gelu_token_shifts, mptq_rotates, mptq_token_scales, run_pipeline
+from vitq.methods.mptq import (MethodOptions, mptq_gelu_token_shifts, mptq_rotates, mptq_token_scales,
+                              mptq_uniform_fallback, run_pipeline)
 from vitq.methods.optm import GRIDS, NONLIN_OBJECTIVES, PTF_OBJECTIVES
 from vitq.methods.token_scale import BUFFER as TOKEN_SCALE_BUFFER
 from vitq.quant import QuantConfig, all_quantizers, model_stats
@@ -77,8 +78,10 @@ def main() -> int:
                     help="Greedy MP's search (vitq quantize --mp-search)")
     ap.add_argument("--mp-gptq-losses", action=argparse.BooleanOptionalAction, default=None,
                     help="knapsack W losses with GPTQ's weights (default as vitq quantize: on where it applies)")
-    ap.add_argument("--no-uniform-fallback", action="store_true",
-                    help="Greedy MP keeps its searched assignment (vitq quantize --no-uniform-fallback)")
+    ap.add_argument("--uniform-fallback", action=argparse.BooleanOptionalAction, default=None,
+                    help="Greedy MP returns a uniform width instead where it scores better (default as vitq "
+                         "quantize: off for the rows --method mptq runs in the standard protocol at <= 6 bits, "
+                         "rule R37; on otherwise)")
     ap.add_argument("--fallback-gptq", action="store_true",
                     help="the uniform fallback scores candidates after GPTQ (vitq quantize --fallback-gptq)")
     ap.add_argument("--recon-iters", type=int, default=MethodOptions.recon_iters,
@@ -118,12 +121,14 @@ def main() -> int:
                     help="with --attn-smooth: which transforms run, 'qk', 'v' or 'qk,v' (a diagnostic)")
     ap.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
                     help="Hadamard rotations in the variants that run SQ-b (vitq quantize --rotate). Default: as vitq "
-                         "quantize, on in the single 'mptq' rows of the standard protocol at <= 6 bits (rule R30), off "
-                         "elsewhere; --no-rotate turns it off everywhere")
+                         "quantize, on in the rows --method mptq runs (single mptq, Greedy MP with gptq and recon) in the "
+                         "standard protocol at <= 6 bits (rules R30, R37), off elsewhere; --no-rotate turns it off "
+                         "everywhere")
     ap.add_argument("--token-scale", action=argparse.BooleanOptionalAction, default=None,
                     help="token scaling of fc2's input in the variants that run SQ-b (vitq quantize --token-scale). "
-                         "Default: as vitq quantize (rule R31: the single mptq rows in the standard protocol at <= 6 "
-                         "bits), off elsewhere; --no-token-scale turns it off everywhere")
+                         "Default: as vitq quantize (rules R31, R37: the rows --method mptq runs in the standard protocol "
+                         "at <= 6 bits; R33: those in the full protocol with GELU token shifts), off elsewhere; "
+                         "--no-token-scale turns it off everywhere")
     ap.add_argument("--rotate-parts", default=",".join(MethodOptions.rotate_parts),
                     help="with --rotate: which rotations are searched (vitq quantize --rotate-parts)")
     ap.add_argument("--token-shift", action=argparse.BooleanOptionalAction, default=QuantConfig.residual_token_shift,
@@ -151,18 +156,23 @@ def main() -> int:
 
     def switched_on(flag: bool | None, rule, v: dict, cfg: QuantConfig) -> bool:
         """Whether a row gets an option: its --X/--no-X ``flag`` when given (only rows that run SQ-b), else vitq
-        quantize's default, ``rule(cfg, single)`` for the rows --method mptq runs (R30 for rotation, R31 and
-        R33 for token scaling)."""
+        quantize's default, ``rule(cfg, single)`` for the rows --method mptq runs (R30 and R37 for rotation,
+        R31, R33 and R37 for token scaling)."""
         opts = METHODS[v["method"]] if v["kind"] == "single" else None
         if flag is not None:
             return flag and (opts is None or opts.sq_b)
         return runs_mptq(v) and rule(cfg, v["kind"] == "single")
 
     def rotates(v: dict, cfg: QuantConfig) -> bool:
-        return switched_on(args.rotate, lambda c, single: single and mptq_rotates(c), v, cfg)
+        return switched_on(args.rotate, mptq_rotates, v, cfg)
 
     def token_scales(v: dict, cfg: QuantConfig) -> bool:
         return switched_on(args.token_scale, mptq_token_scales, v, cfg)
+
+    def falls_back(v: dict, cfg: QuantConfig) -> bool:
+        if args.uniform_fallback is not None:
+            return args.uniform_fallback
+        return args.fallback_gptq or not runs_mptq(v) or mptq_uniform_fallback(cfg)
 
     def with_recon(opts: MethodOptions, rotate: bool = False, token_scale: bool = False) -> MethodOptions:
         return replace(opts, recon_iters=args.recon_iters, recon_drop=args.recon_drop,
@@ -221,12 +231,13 @@ def main() -> int:
                 rotated, scaled_tokens = rotates(v, cfg), token_scales(v, cfg)
                 opts = with_recon(MethodOptions(sq_b=True, opt_m=True, gptq=v["gptq"], recon=v["recon"]), rotated,
                                   scaled_tokens)
+                fallback = falls_back(v, cfg)
                 gptq_losses = (default_gptq_losses(args.mp_search, opts) if args.mp_gptq_losses is None
                                else args.mp_gptq_losses)
                 try:
                     q, found = greedy_mp(loaded.model, calib, cfg, opts, Budget(b, b), n_probe=args.probe_images,
                                          progress=False, search=args.mp_search,
-                                         uniform_fallback=not args.no_uniform_fallback,
+                                         uniform_fallback=fallback,
                                          gptq_losses=gptq_losses, fallback_gptq=args.fallback_gptq)
                 except ConfigError as exc:  # report and go on: the other variants are still worth measuring
                     print(f"skipped {short} {spec}: {exc}", file=sys.stderr, flush=True)
@@ -236,7 +247,7 @@ def main() -> int:
                          f"{args.probe_images} probe images"
                          f", {args.mp_search} search"
                          f"{', GPTQ-aware W losses' if gptq_losses else ''}"
-                         f"{', no uniform fallback' if args.no_uniform_fallback else ''})")
+                         f"{'' if fallback else ', no uniform fallback'})")
                 h = found.history[0] if found.history else {}
                 if "kl_predicted" in h:  # knapsack and superposed searches
                     label += (f", probe KL: sum of isolated losses {h['kl_predicted']:.4f}, "

@@ -350,13 +350,14 @@ class _Stop(Exception):
 
 
 def _resolved(images, monkeypatch, tmp_path, extra: list[str]) -> dict:
-    """The ``config`` and ``options`` ``vitq quantize --method mptq *extra`` hands to its pipeline (not run)."""
+    """The ``config``, ``options`` and keyword arguments ``vitq quantize --method mptq *extra`` hands to its
+    pipeline or Greedy MP (neither is run)."""
     import vitq.cli as cli
 
     seen = {}
 
     def stand_in(model, calib, config, options, *args, **kwargs):
-        seen.update(config=config, options=options)
+        seen.update(config=config, options=options, kwargs=kwargs)
         raise _Stop
 
     monkeypatch.setattr(cli, "run_pipeline", stand_in)
@@ -377,13 +378,44 @@ def _resolved_options(images, monkeypatch, tmp_path, extra: list[str]):
     (["--w-bits", "8", "--a-bits", "8"], False),
     (["--w-bits", "4", "--a-bits", "4", "--protocol", "full"], False),  # never decided in the full protocol
     (["--w-bits", "4", "--a-bits", "4", "--no-rotate"], False),
-    (["--budget-w", "5", "--budget-a", "5"], False),  # Greedy MP keeps it off
+    (["--budget-w", "5", "--budget-a", "5"], True),  # rule R37: standard Greedy MP, base widths <= 6
+    (["--budget-w", "6", "--budget-a", "6"], True),
+    (["--budget-w", "8", "--budget-a", "8"], False),
+    (["--budget-w", "5", "--budget-a", "5", "--protocol", "full"], False),
+    (["--budget-w", "5", "--budget-a", "5", "--no-rotate"], False),
     (["--w-bits", "8", "--a-bits", "8", "--rotate"], True),  # asked for
 ])
-def test_method_mptq_rotates_by_default_only_where_rule_r30_adopted_it(images, monkeypatch, tmp_path, extra, expect):
+def test_method_mptq_rotates_by_default_only_where_rules_r30_r37_adopted_it(images, monkeypatch, tmp_path, extra, expect):
     options = _resolved_options(images, monkeypatch, tmp_path, extra)
     assert options.rotate == expect
     assert options.rotate_parts == ("fc2", "v", "qk")  # the parts R30 adopted are the default parts
+
+
+@pytest.mark.parametrize("extra, expect", [
+    (["--budget-w", "5", "--budget-a", "5"], False),  # rule R37: standard Greedy MP keeps its assignment ...
+    (["--budget-w", "6", "--budget-a", "6"], False),
+    (["--budget-w", "8", "--budget-a", "8"], True),  # ... at base widths <= 6 only
+    (["--budget-w", "5", "--budget-a", "5", "--protocol", "full"], True),
+    (["--budget-w", "5", "--budget-a", "5", "--uniform-fallback"], True),  # asked for
+    (["--budget-w", "5", "--budget-a", "5", "--fallback-gptq"], True),  # asks for it too
+    (["--budget-w", "8", "--budget-a", "8", "--no-uniform-fallback"], False),
+])
+def test_uniform_fallback_by_default_only_where_rule_r37_left_it(images, monkeypatch, tmp_path, extra, expect):
+    assert _resolved(images, monkeypatch, tmp_path, extra)["kwargs"]["uniform_fallback"] == expect
+
+
+@pytest.mark.parametrize("bits, expect", [(5, True), (6, True), (8, False)])
+def test_a_saved_greedy_config_gets_the_options_its_search_had(images, monkeypatch, tmp_path, bits, expect):
+    # rule R37: re-running a config that standard-protocol Greedy MP saved (base widths from its budget) must
+    # rotate and scale tokens as the search did, or the reloaded model would not be the searched one
+    from vitq.quant import QuantConfig
+
+    searched = _resolved(images, monkeypatch, tmp_path, ["--budget-w", str(bits), "--budget-a", str(bits)])
+    path = tmp_path / "config.json"
+    QuantConfig(w_bits=bits, a_bits=bits, protocol="standard", observer="mse").save(path)
+    options = _resolved_options(images, monkeypatch, tmp_path, ["--config", str(path)])
+    assert options.rotate == searched["options"].rotate == expect
+    assert options.token_scale == searched["options"].token_scale == expect
 
 
 def test_no_rotate_with_rotate_parts_is_refused(images, tmp_path, capsys):
@@ -397,8 +429,11 @@ def test_no_rotate_with_rotate_parts_is_refused(images, tmp_path, capsys):
     (["--w-bits", "6", "--a-bits", "6"], True),
     (["--w-bits", "8", "--a-bits", "8"], False),
     (["--w-bits", "4", "--a-bits", "4", "--no-token-scale"], False),
-    (["--budget-w", "5", "--budget-a", "5"], False),  # standard-protocol Greedy MP keeps it off ...
-    (["--budget-w", "5", "--budget-a", "5", "--token-scale"], True),  # ... unless asked for
+    (["--budget-w", "5", "--budget-a", "5"], True),  # rule R37: standard Greedy MP, base widths <= 6
+    (["--budget-w", "6", "--budget-a", "6"], True),
+    (["--budget-w", "8", "--budget-a", "8"], False),
+    (["--budget-w", "5", "--budget-a", "5", "--no-token-scale"], False),
+    (["--budget-w", "8", "--budget-a", "8", "--token-scale"], True),  # asked for
     (["--w-bits", "8", "--a-bits", "8", "--token-scale"], True),
     # rule R33: in the full protocol together with the GELU inputs' token shifts, with a budget too
     (["--w-bits", "4", "--a-bits", "4", "--protocol", "full"], True),

@@ -23,7 +23,8 @@ from .methods.greedy_mp import SEARCHES, Budget, default_gptq_losses, default_pr
 from .hardware import HardwareError, estimate, extract_workloads, int8_baseline, load_hardware
 from .methods.m2q import m2q, plot_m2q
 from .methods.optm import GRIDS, NONLIN_OBJECTIVES, PTF_OBJECTIVES
-from .methods.mptq import MethodOptions, mptq_gelu_token_shifts, mptq_rotates, mptq_token_scales, run_pipeline
+from .methods.mptq import (MethodOptions, mptq_gelu_token_shifts, mptq_rotates, mptq_token_scales,
+                           mptq_uniform_fallback, run_pipeline)
 from .methods.rotation import PARTS as ROTATION_PARTS
 from .quant.engine import tensor_table
 from .report import build_report, by_sensitivity, format_table, sensitivity_csv, summary_line
@@ -226,8 +227,10 @@ def _cmd_quantize(args) -> int:
     if args.rotate is False and args.rotate_parts is not None:
         raise ConfigError("--rotate-parts chooses what --rotate searches: give it without --no-rotate")
     single_mptq = args.method == "mptq" and budget is None and not args.config
-    if args.rotate is None and args.rotate_parts is None and single_mptq and mptq_rotates(config):
-        # rule R30 (docs/methods.md): single-precision --method mptq rotates in the standard protocol at <= 6 bits
+    if (args.rotate is None and args.rotate_parts is None and args.method == "mptq"
+            and mptq_rotates(config, single=single_mptq)):
+        # rule R30 (docs/methods.md): single-precision --method mptq rotates in the standard protocol at <= 6 bits;
+        # rule R37: so does Greedy MP there (a budget, or the config a search saved, at base widths <= 6)
         options = dataclasses.replace(options, rotate=True)
     if args.gelu_token_shift is None and args.method == "mptq" and not args.config and mptq_gelu_token_shifts(config):
         # rule R33 (docs/methods.md): the full protocol's GELU inputs get token shifts at <= 6 bits, with a
@@ -237,6 +240,11 @@ def _cmd_quantize(args) -> int:
         # rule R31 (docs/methods.md): likewise token scaling of fc2's massive positions; rule R33: in the full
         # protocol wherever the GELU inputs have token shifts
         options = dataclasses.replace(options, token_scale=True)
+    if args.uniform_fallback is None:
+        # rule R37 (docs/methods.md): standard-protocol Greedy MP under --method mptq at base widths <= 6 keeps its
+        # searched assignment; elsewhere a uniform width that scores better on the probe images replaces it.
+        # --fallback-gptq asks for the fallback, so it turns it on.
+        args.uniform_fallback = args.fallback_gptq or args.method != "mptq" or mptq_uniform_fallback(config)
     if args.mp_search is None:
         # Rule R11 (docs/methods.md) made the knapsack the default; it handles average-bit and size budgets
         # only, so a BOPs budget keeps the paper's greedy loop.
@@ -273,7 +281,7 @@ def _cmd_quantize(args) -> int:
         qmodel, search = greedy_mp(loaded.model, calib_images, config, options, budget,
                                    _bits_list(args.w_candidates or "4,5,6,8"), _bits_list(args.a_candidates or "4,5,6,8"),
                                    n_probe=args.probe_images, remeasure_every=args.remeasure_every,
-                                   lower_per_step=args.lower_per_step, uniform_fallback=not args.no_uniform_fallback,
+                                   lower_per_step=args.lower_per_step, uniform_fallback=args.uniform_fallback,
                                    search=args.mp_search, gptq_losses=args.mp_gptq_losses,
                                    fallback_gptq=args.fallback_gptq)
         config = search.config
@@ -480,8 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
                    help="Hadamard rotations of fc2's input (online, n log n adds per token), of v/proj and of q/k "
                         "(folded into qkv and proj), kept per layer where they lower its quantized output error "
-                        "(vitq's addition, docs/methods.md). Default: on with single-precision --method mptq in the "
-                        "standard protocol at <= 6 activation bits (rule R30), off otherwise; --no-rotate turns it off")
+                        "(vitq's addition, docs/methods.md). Default: on with --method mptq in the standard protocol at "
+                        "<= 6 activation bits, single precision (rule R30) or with a budget or --config at base "
+                        "widths <= 6 (rule R37); off otherwise; --no-rotate turns it off")
     p.add_argument("--rotate-parts", default=None,
                    help="with --rotate (implied): which rotations are searched, comma-separated of fc2, v (v/proj) "
                         "and qk (q and k per head, folded into qkv); default fc2,v,qk")
@@ -489,8 +498,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="static power-of-two factors on the token positions of fc2's input whose values are massive "
                         "(ViT-Tiny's corner patches in block 7; one accumulator shift per such row), kept where they "
                         "lower its quantized output error (vitq's addition, docs/methods.md). Default: on with "
-                        "single-precision --method mptq in the standard protocol at <= 6 activation bits (rule R31), "
-                        "off otherwise; --no-token-scale turns it off")
+                        "--method mptq in the standard protocol at <= 6 activation bits, single precision (rule R31) "
+                        "or with a budget or --config (rule R37), and in the full protocol wherever the GELU inputs "
+                        "have token shifts (rule R33); off otherwise; --no-token-scale turns it off")
     p.add_argument("--opt-m", action="store_true", help="two-region quantizer search for post-GELU/softmax")
     p.add_argument("--m-max", type=int, default=None,
                    help="largest OPT-m ratio exponent (default: max(4, bits-1) per tensor)")
@@ -565,11 +575,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="knapsack/superposed search with GPTQ: measure each weight's loss at <= --gptq-max-bits "
                         "with the weights GPTQ would give it, not round-to-nearest (default: on where it applies, "
                         "rules R16/R17 in docs/methods.md; --no-mp-gptq-losses for round-to-nearest losses)")
-    p.add_argument("--no-uniform-fallback", action="store_true",
-                   help="return the greedy assignment even when a uniform width meeting the budget scores better")
+    p.add_argument("--uniform-fallback", action=argparse.BooleanOptionalAction, default=None,
+                   help="after the search, return a single width meeting the budget instead when it scores a lower "
+                        "probe KL. Default: off with --method mptq in the standard protocol at base widths <= 6 "
+                        "(rule R37), on otherwise; --no-uniform-fallback keeps the searched assignment")
     p.add_argument("--fallback-gptq", action="store_true",
                    help="the uniform fallback scores each candidate after GPTQ, as it will be returned, not with "
-                        "round-to-nearest weights (needs GPTQ; rule R25 in docs/methods.md)")
+                        "round-to-nearest weights (needs GPTQ; turns the fallback on unless --no-uniform-fallback; rule R25 "
+                        "in docs/methods.md)")
     p.add_argument("--out", required=True, help="output folder: report.json, model.safetensors, config.json")
     p.add_argument("--quiet", action="store_true", help="do not print the per-tensor table")
     _add_data_opts(p)

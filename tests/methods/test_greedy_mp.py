@@ -53,11 +53,13 @@ def test_deterministic():
     assert a.layers == b.layers and a.kl_final == b.kl_final
 
 
-@pytest.mark.parametrize("gptq, rotate", [(False, False), (True, False), (True, True)])
-def test_config_round_trip_gives_same_bits_and_outputs(tmp_path, gptq, rotate):
+@pytest.mark.parametrize("gptq, rotate, token_scale", [(False, False, False), (True, False, False),
+                                                       (True, True, False), (True, True, True)])
+def test_config_round_trip_gives_same_bits_and_outputs(tmp_path, gptq, rotate, token_scale):
     # with GPTQ, the search's final model is re-rounded once; the pipeline on the saved config does the same;
-    # rotations are chosen once on the float model at the base bits, as the pipeline on the config chooses them
-    opts = MethodOptions(sq_b=True, opt_m=True, gptq=gptq, rotate=rotate)
+    # rotations and token scales are chosen once on the float model at the base bits, as the pipeline on the
+    # config chooses them (rule R37 turns both on for standard-protocol Greedy MP and its saved configs)
+    opts = MethodOptions(sq_b=True, opt_m=True, gptq=gptq, rotate=rotate, token_scale=token_scale)
     model, x, q, res = _search(Budget(5.0, 5.0), opts)
     assert (res.rotation is not None) == rotate
     res.config.save(tmp_path / "mixed.json")

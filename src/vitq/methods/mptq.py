@@ -21,21 +21,29 @@ from .token_scale import apply_token_scale
 
 
 # Rule R30 (docs/methods.md, session 22): single-precision `--method mptq` (no budget, no saved config) rotates
-# in the standard protocol at activation widths up to this many bits. The full protocol and Greedy MP were
-# never decided on, so they keep rotation off unless asked.
+# in the standard protocol at activation widths up to this many bits. The full protocol was never decided
+# on, so it keeps rotation off unless asked.
 ROTATE_DEFAULT_MAX_BITS = 6
+# Rule R37 (docs/methods.md, session 27): standard-protocol Greedy MP (`--method mptq` with a budget, or a
+# config it saved) at base widths up to this many bits rotates, scales fc2's massive token positions, and keeps
+# its searched assignment (no uniform fallback: R36 failed where the fallback, scored on round-to-nearest
+# weights, replaced the knapsack's assignment with a uniform one that was worse on the evaluation images).
+MIXED_DEFAULT_MAX_BITS = 6
 
 
-def mptq_rotates(config: QuantConfig) -> bool:
-    """Whether single-precision ``--method mptq`` rotates by default for ``config`` (rule R30).
+def mptq_rotates(config: QuantConfig, single: bool = True) -> bool:
+    """Whether ``--method mptq`` rotates by default for ``config`` (rules R30 and R37).
 
     Args:
         config: the quantization config (its protocol and default activation width decide).
+        single: single precision (no mixed-precision budget, no ``--config`` file).
 
     Returns:
-        True in the standard protocol at activation widths up to :data:`ROTATE_DEFAULT_MAX_BITS`.
+        True in the standard protocol at activation widths up to :data:`ROTATE_DEFAULT_MAX_BITS` (R30,
+        single precision) or :data:`MIXED_DEFAULT_MAX_BITS` (R37, a budget or a saved config, whose base
+        width counts).
     """
-    return _standard_up_to(config, ROTATE_DEFAULT_MAX_BITS)
+    return _standard_up_to(config, ROTATE_DEFAULT_MAX_BITS if single else MIXED_DEFAULT_MAX_BITS)
 
 
 # Rule R31 (docs/methods.md, session 23): single-precision `--method mptq` also scales the massive token
@@ -55,12 +63,25 @@ def mptq_token_scales(config: QuantConfig, single: bool = True) -> bool:
 
     Returns:
         Full protocol: True where the config gives the GELU inputs token shifts (R33, with or without a
-        budget). Standard protocol: True for single precision at activation widths up to
-        :data:`TOKEN_SCALE_DEFAULT_MAX_BITS` (R31).
+        budget). Standard protocol: True at activation widths up to :data:`TOKEN_SCALE_DEFAULT_MAX_BITS`
+        (R31, single precision) or :data:`MIXED_DEFAULT_MAX_BITS` (R37, a budget or a saved config).
     """
     if config.protocol == "full":
         return config.gelu_token_shift
-    return single and _standard_up_to(config, TOKEN_SCALE_DEFAULT_MAX_BITS)
+    return _standard_up_to(config, TOKEN_SCALE_DEFAULT_MAX_BITS if single else MIXED_DEFAULT_MAX_BITS)
+
+
+def mptq_uniform_fallback(config: QuantConfig) -> bool:
+    """Whether Greedy MP under ``--method mptq`` tries the uniform fallback by default (rule R37).
+
+    Args:
+        config: the quantization config at the search's base widths (its protocol and activation width decide).
+
+    Returns:
+        False in the standard protocol at base widths up to :data:`MIXED_DEFAULT_MAX_BITS`, where the
+        searched assignment is kept; True elsewhere.
+    """
+    return not _standard_up_to(config, MIXED_DEFAULT_MAX_BITS)
 
 
 def mptq_gelu_token_shifts(config: QuantConfig) -> bool:
@@ -77,7 +98,7 @@ def mptq_gelu_token_shifts(config: QuantConfig) -> bool:
 
 
 def _standard_up_to(config: QuantConfig, max_bits: int) -> bool:
-    """The scope rules R30 and R31 adopted their options in: standard protocol, at most ``max_bits`` activation bits."""
+    """The scope rules R30, R31 and R37 adopted their options in: standard protocol, at most ``max_bits`` activation bits."""
     return config.protocol == "standard" and config.a_bits <= max_bits
 
 
