@@ -172,7 +172,7 @@ def main() -> int:
     def falls_back(v: dict, cfg: QuantConfig) -> bool:
         if args.uniform_fallback is not None:
             return args.uniform_fallback
-        return args.fallback_gptq or not runs_mptq(v) or mptq_uniform_fallback(cfg)
+        return not runs_mptq(v) or mptq_uniform_fallback(cfg, args.fallback_gptq)
 
     def with_recon(opts: MethodOptions, rotate: bool = False, token_scale: bool = False) -> MethodOptions:
         return replace(opts, recon_iters=args.recon_iters, recon_drop=args.recon_drop,

@@ -242,9 +242,8 @@ def _cmd_quantize(args) -> int:
         options = dataclasses.replace(options, token_scale=True)
     if args.uniform_fallback is None:
         # rule R37 (docs/methods.md): standard-protocol Greedy MP under --method mptq at base widths <= 6 keeps its
-        # searched assignment; elsewhere a uniform width that scores better on the probe images replaces it.
-        # --fallback-gptq asks for the fallback, so it turns it on.
-        args.uniform_fallback = args.fallback_gptq or args.method != "mptq" or mptq_uniform_fallback(config)
+        # searched assignment; elsewhere a uniform width that scores better on the probe images replaces it
+        args.uniform_fallback = args.method != "mptq" or mptq_uniform_fallback(config, args.fallback_gptq)
     if args.mp_search is None:
         # Rule R11 (docs/methods.md) made the knapsack the default; it handles average-bit and size budgets
         # only, so a BOPs budget keeps the paper's greedy loop.

@@ -71,17 +71,18 @@ def mptq_token_scales(config: QuantConfig, single: bool = True) -> bool:
     return _standard_up_to(config, TOKEN_SCALE_DEFAULT_MAX_BITS if single else MIXED_DEFAULT_MAX_BITS)
 
 
-def mptq_uniform_fallback(config: QuantConfig) -> bool:
+def mptq_uniform_fallback(config: QuantConfig, fallback_gptq: bool = False) -> bool:
     """Whether Greedy MP under ``--method mptq`` tries the uniform fallback by default (rule R37).
 
     Args:
         config: the quantization config at the search's base widths (its protocol and activation width decide).
+        fallback_gptq: ``--fallback-gptq`` was given; it asks for the fallback, so it turns it on.
 
     Returns:
         False in the standard protocol at base widths up to :data:`MIXED_DEFAULT_MAX_BITS`, where the
-        searched assignment is kept; True elsewhere.
+        searched assignment is kept, unless ``fallback_gptq``; True elsewhere.
     """
-    return not _standard_up_to(config, MIXED_DEFAULT_MAX_BITS)
+    return fallback_gptq or not _standard_up_to(config, MIXED_DEFAULT_MAX_BITS)
 
 
 def mptq_gelu_token_shifts(config: QuantConfig) -> bool:
