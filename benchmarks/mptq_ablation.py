@@ -80,8 +80,8 @@ def main() -> int:
                     help="knapsack W losses with GPTQ's weights (default as vitq quantize: on where it applies)")
     ap.add_argument("--uniform-fallback", action=argparse.BooleanOptionalAction, default=None,
                     help="Greedy MP returns a uniform width instead where it scores better (default as vitq "
-                         "quantize: off for the rows --method mptq runs in the standard protocol at <= 6 bits, "
-                         "rule R37; on otherwise)")
+                         "quantize: off for the Greedy MP rows --method mptq runs at <= 6 bits in the standard "
+                         "protocol, rule R37, and <= 5 in the full, rule R38; on otherwise)")
     ap.add_argument("--fallback-gptq", action="store_true",
                     help="the uniform fallback scores candidates after GPTQ (vitq quantize --fallback-gptq)")
     ap.add_argument("--recon-iters", type=int, default=MethodOptions.recon_iters,
@@ -122,8 +122,8 @@ def main() -> int:
     ap.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
                     help="Hadamard rotations in the variants that run SQ-b (vitq quantize --rotate). Default: as vitq "
                          "quantize, on in the rows --method mptq runs (single mptq, Greedy MP with gptq and recon) in the "
-                         "standard protocol at <= 6 bits (rules R30, R37), off elsewhere; --no-rotate turns it off "
-                         "everywhere")
+                         "standard protocol at <= 6 bits (rules R30, R37) and in those Greedy MP rows in the full "
+                         "protocol at <= 5 bits (rule R38), off elsewhere; --no-rotate turns it off everywhere")
     ap.add_argument("--token-scale", action=argparse.BooleanOptionalAction, default=None,
                     help="token scaling of fc2's input in the variants that run SQ-b (vitq quantize --token-scale). "
                          "Default: as vitq quantize (rules R31, R37: the rows --method mptq runs in the standard protocol "
@@ -156,8 +156,8 @@ def main() -> int:
 
     def switched_on(flag: bool | None, rule, v: dict, cfg: QuantConfig) -> bool:
         """Whether a row gets an option: its --X/--no-X ``flag`` when given (only rows that run SQ-b), else vitq
-        quantize's default, ``rule(cfg, single)`` for the rows --method mptq runs (R30 and R37 for rotation,
-        R31, R33 and R37 for token scaling)."""
+        quantize's default, ``rule(cfg, single)`` for the rows --method mptq runs (R30, R37 and R38 for
+        rotation, R31, R33 and R37 for token scaling)."""
         opts = METHODS[v["method"]] if v["kind"] == "single" else None
         if flag is not None:
             return flag and (opts is None or opts.sq_b)

@@ -381,11 +381,14 @@ def _resolved_options(images, monkeypatch, tmp_path, extra: list[str]):
     (["--budget-w", "5", "--budget-a", "5"], True),  # rule R37: standard Greedy MP, base widths <= 6
     (["--budget-w", "6", "--budget-a", "6"], True),
     (["--budget-w", "8", "--budget-a", "8"], False),
-    (["--budget-w", "5", "--budget-a", "5", "--protocol", "full"], False),
+    (["--budget-w", "5", "--budget-a", "5", "--protocol", "full"], True),  # rule R38: full Greedy MP, base <= 5
+    (["--budget-w", "6", "--budget-a", "6", "--protocol", "full"], False),
+    (["--budget-w", "8", "--budget-a", "8", "--protocol", "full"], False),
+    (["--budget-w", "5", "--budget-a", "5", "--protocol", "full", "--no-rotate"], False),
     (["--budget-w", "5", "--budget-a", "5", "--no-rotate"], False),
     (["--w-bits", "8", "--a-bits", "8", "--rotate"], True),  # asked for
 ])
-def test_method_mptq_rotates_by_default_only_where_rules_r30_r37_adopted_it(images, monkeypatch, tmp_path, extra, expect):
+def test_method_mptq_rotates_by_default_only_where_rules_r30_r37_r38_adopted_it(images, monkeypatch, tmp_path, extra, expect):
     options = _resolved_options(images, monkeypatch, tmp_path, extra)
     assert options.rotate == expect
     assert options.rotate_parts == ("fc2", "v", "qk")  # the parts R30 adopted are the default parts
@@ -395,27 +398,31 @@ def test_method_mptq_rotates_by_default_only_where_rules_r30_r37_adopted_it(imag
     (["--budget-w", "5", "--budget-a", "5"], False),  # rule R37: standard Greedy MP keeps its assignment ...
     (["--budget-w", "6", "--budget-a", "6"], False),
     (["--budget-w", "8", "--budget-a", "8"], True),  # ... at base widths <= 6 only
-    (["--budget-w", "5", "--budget-a", "5", "--protocol", "full"], True),
+    (["--budget-w", "5", "--budget-a", "5", "--protocol", "full"], False),  # rule R38: full Greedy MP, base <= 5
+    (["--budget-w", "6", "--budget-a", "6", "--protocol", "full"], True),
+    (["--budget-w", "8", "--budget-a", "8", "--protocol", "full"], True),
     (["--budget-w", "5", "--budget-a", "5", "--uniform-fallback"], True),  # asked for
     (["--budget-w", "5", "--budget-a", "5", "--fallback-gptq"], True),  # asks for it too
     (["--budget-w", "8", "--budget-a", "8", "--no-uniform-fallback"], False),
 ])
-def test_uniform_fallback_by_default_only_where_rule_r37_left_it(images, monkeypatch, tmp_path, extra, expect):
+def test_uniform_fallback_by_default_only_where_rules_r37_r38_left_it(images, monkeypatch, tmp_path, extra, expect):
     assert _resolved(images, monkeypatch, tmp_path, extra)["kwargs"]["uniform_fallback"] == expect
 
 
-@pytest.mark.parametrize("bits, expect", [(5, True), (6, True), (8, False)])
-def test_a_saved_greedy_config_gets_the_options_its_search_had(images, monkeypatch, tmp_path, bits, expect):
-    # rule R37: re-running a config that standard-protocol Greedy MP saved (base widths from its budget) must
-    # rotate and scale tokens as the search did, or the reloaded model would not be the searched one
-    from vitq.quant import QuantConfig
-
-    searched = _resolved(images, monkeypatch, tmp_path, ["--budget-w", str(bits), "--budget-a", str(bits)])
+@pytest.mark.parametrize("protocol, bits, rotate, token_scale", [
+    ("standard", 5, True, True), ("standard", 6, True, True), ("standard", 8, False, False),
+    ("full", 5, True, True), ("full", 6, False, True), ("full", 8, False, False)])
+def test_a_saved_greedy_config_gets_the_options_its_search_had(images, monkeypatch, tmp_path, protocol, bits, rotate,
+                                                              token_scale):
+    # rules R37 and R38: re-running a config that Greedy MP saved (base widths from its budget) must rotate and
+    # scale tokens as the search did, or the reloaded model would not be the searched one
+    searched = _resolved(images, monkeypatch, tmp_path,
+                         ["--budget-w", str(bits), "--budget-a", str(bits), "--protocol", protocol])
     path = tmp_path / "config.json"
-    QuantConfig(w_bits=bits, a_bits=bits, protocol="standard", observer="mse").save(path)
+    searched["config"].save(path)  # the base fields a search's saved config carries
     options = _resolved_options(images, monkeypatch, tmp_path, ["--config", str(path)])
-    assert options.rotate == searched["options"].rotate == expect
-    assert options.token_scale == searched["options"].token_scale == expect
+    assert options.rotate == searched["options"].rotate == rotate
+    assert options.token_scale == searched["options"].token_scale == token_scale
 
 
 def test_no_rotate_with_rotate_parts_is_refused(images, tmp_path, capsys):

@@ -230,7 +230,8 @@ def _cmd_quantize(args) -> int:
     if (args.rotate is None and args.rotate_parts is None and args.method == "mptq"
             and mptq_rotates(config, single=single_mptq)):
         # rule R30 (docs/methods.md): single-precision --method mptq rotates in the standard protocol at <= 6 bits;
-        # rule R37: so does Greedy MP there (a budget, or the config a search saved, at base widths <= 6)
+        # rule R37: so does Greedy MP there (a budget, or the config a search saved, at base widths <= 6); rule
+        # R38: and Greedy MP in the full protocol at base widths <= 5
         options = dataclasses.replace(options, rotate=True)
     if args.gelu_token_shift is None and args.method == "mptq" and not args.config and mptq_gelu_token_shifts(config):
         # rule R33 (docs/methods.md): the full protocol's GELU inputs get token shifts at <= 6 bits, with a
@@ -241,8 +242,8 @@ def _cmd_quantize(args) -> int:
         # protocol wherever the GELU inputs have token shifts
         options = dataclasses.replace(options, token_scale=True)
     if args.uniform_fallback is None:
-        # rule R37 (docs/methods.md): standard-protocol Greedy MP under --method mptq at base widths <= 6 keeps its
-        # searched assignment; elsewhere a uniform width that scores better on the probe images replaces it
+        # rules R37/R38 (docs/methods.md): Greedy MP under --method mptq at base widths <= 6 (standard protocol) or
+        # <= 5 (full) keeps its searched assignment; elsewhere a uniform width that scores better on the probe images replaces it
         args.uniform_fallback = args.method != "mptq" or mptq_uniform_fallback(config, args.fallback_gptq)
     if args.mp_search is None:
         # Rule R11 (docs/methods.md) made the knapsack the default; it handles average-bit and size budgets
@@ -489,7 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(folded into qkv and proj), kept per layer where they lower its quantized output error "
                         "(vitq's addition, docs/methods.md). Default: on with --method mptq in the standard protocol at "
                         "<= 6 activation bits, single precision (rule R30) or with a budget or --config at base "
-                        "widths <= 6 (rule R37); off otherwise; --no-rotate turns it off")
+                        "widths <= 6 (rule R37), and with a budget or --config in the full protocol at base widths "
+                        "<= 5 (rule R38); off otherwise; --no-rotate turns it off")
     p.add_argument("--rotate-parts", default=None,
                    help="with --rotate (implied): which rotations are searched, comma-separated of fc2, v (v/proj) "
                         "and qk (q and k per head, folded into qkv); default fc2,v,qk")
@@ -576,8 +578,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "rules R16/R17 in docs/methods.md; --no-mp-gptq-losses for round-to-nearest losses)")
     p.add_argument("--uniform-fallback", action=argparse.BooleanOptionalAction, default=None,
                    help="after the search, return a single width meeting the budget instead when it scores a lower "
-                        "probe KL. Default: off with --method mptq in the standard protocol at base widths <= 6 "
-                        "(rule R37), on otherwise; --no-uniform-fallback keeps the searched assignment")
+                        "probe KL. Default: off with --method mptq at base widths <= 6 in the standard protocol "
+                        "(rule R37) and <= 5 in the full (rule R38), on otherwise; --no-uniform-fallback keeps the searched assignment")
     p.add_argument("--fallback-gptq", action="store_true",
                    help="the uniform fallback scores each candidate after GPTQ, as it will be returned, not with "
                         "round-to-nearest weights (needs GPTQ; turns the fallback on unless --no-uniform-fallback; rule R25 "

@@ -10,10 +10,11 @@ from vitq.quant.engine import all_quantizers, model_stats, tensor_table
 from conftest import tiny_images, tiny_model, tiny_vit_with_massive_position
 
 
-def _search(budget, options=MethodOptions(), family="deit", **kw):
+def _search(budget, options=MethodOptions(), family="deit", config=None, **kw):
     model, size = tiny_model(family)
     x = tiny_images(size, n=8)
-    q, res = greedy_mp(model, x, QuantConfig(w_bits=4, a_bits=4), options, budget, n_probe=8, progress=False, **kw)
+    config = config or QuantConfig(w_bits=4, a_bits=4)
+    q, res = greedy_mp(model, x, config, options, budget, n_probe=8, progress=False, **kw)
     return model, x, q, res
 
 
@@ -53,14 +54,17 @@ def test_deterministic():
     assert a.layers == b.layers and a.kl_final == b.kl_final
 
 
-@pytest.mark.parametrize("gptq, rotate, token_scale", [(False, False, False), (True, False, False),
-                                                       (True, True, False), (True, True, True)])
-def test_config_round_trip_gives_same_bits_and_outputs(tmp_path, gptq, rotate, token_scale):
+@pytest.mark.parametrize("gptq, rotate, token_scale, protocol", [
+    (False, False, False, "standard"), (True, False, False, "standard"), (True, True, False, "standard"),
+    (True, True, True, "standard"), (True, True, True, "full")])
+def test_config_round_trip_gives_same_bits_and_outputs(tmp_path, gptq, rotate, token_scale, protocol):
     # with GPTQ, the search's final model is re-rounded once; the pipeline on the saved config does the same;
     # rotations and token scales are chosen once on the float model at the base bits, as the pipeline on the
-    # config chooses them (rule R37 turns both on for standard-protocol Greedy MP and its saved configs)
+    # config chooses them (rules R37 and R38 turn rotation on for Greedy MP and its saved configs, in the full
+    # protocol beside R33's token scaling and GELU token shifts)
     opts = MethodOptions(sq_b=True, opt_m=True, gptq=gptq, rotate=rotate, token_scale=token_scale)
-    model, x, q, res = _search(Budget(5.0, 5.0), opts)
+    config = QuantConfig(w_bits=4, a_bits=4, protocol=protocol, gelu_token_shift=protocol == "full")
+    model, x, q, res = _search(Budget(5.0, 5.0), opts, config=config)
     assert (res.rotation is not None) == rotate
     res.config.save(tmp_path / "mixed.json")
     again = run_pipeline(model, x, QuantConfig.load(tmp_path / "mixed.json"), opts).model

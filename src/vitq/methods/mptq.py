@@ -21,29 +21,37 @@ from .token_scale import apply_token_scale
 
 
 # Rule R30 (docs/methods.md, session 22): single-precision `--method mptq` (no budget, no saved config) rotates
-# in the standard protocol at activation widths up to this many bits. The full protocol was never decided
-# on, so it keeps rotation off unless asked.
+# in the standard protocol at activation widths up to this many bits. Single precision in the full protocol was
+# never decided on, so it keeps rotation off unless asked.
 ROTATE_DEFAULT_MAX_BITS = 6
 # Rule R37 (docs/methods.md, session 27): standard-protocol Greedy MP (`--method mptq` with a budget, or a
 # config it saved) at base widths up to this many bits rotates, scales fc2's massive token positions, and keeps
 # its searched assignment (no uniform fallback: R36 failed where the fallback, scored on round-to-nearest
 # weights, replaced the knapsack's assignment with a uniform one that was worse on the evaluation images).
 MIXED_DEFAULT_MAX_BITS = 6
+# Rule R38 (docs/methods.md, session 28): full-protocol Greedy MP at base widths up to this many bits rotates and
+# keeps its searched assignment too (token scaling was already on there by R33, with the GELU token shifts). Both
+# 5-bit cells passed; DeiT-Tiny's 6-bit cell missed the KL criterion (-1.96 SE), so by the rule's own clause the
+# change applies up to 5 bits only.
+FULL_MIXED_DEFAULT_MAX_BITS = 5
 
 
 def mptq_rotates(config: QuantConfig, single: bool = True) -> bool:
-    """Whether ``--method mptq`` rotates by default for ``config`` (rules R30 and R37).
+    """Whether ``--method mptq`` rotates by default for ``config`` (rules R30, R37 and R38).
 
     Args:
         config: the quantization config (its protocol and default activation width decide).
         single: single precision (no mixed-precision budget, no ``--config`` file).
 
     Returns:
-        True in the standard protocol at activation widths up to :data:`ROTATE_DEFAULT_MAX_BITS` (R30,
-        single precision) or :data:`MIXED_DEFAULT_MAX_BITS` (R37, a budget or a saved config, whose base
-        width counts).
+        Single precision: True in the standard protocol at activation widths up to
+        :data:`ROTATE_DEFAULT_MAX_BITS` (R30). A budget or a saved config (whose base width counts): True at
+        base widths up to :data:`MIXED_DEFAULT_MAX_BITS` in the standard protocol (R37) and
+        :data:`FULL_MIXED_DEFAULT_MAX_BITS` in the full protocol (R38).
     """
-    return _standard_up_to(config, ROTATE_DEFAULT_MAX_BITS if single else MIXED_DEFAULT_MAX_BITS)
+    if single:
+        return _standard_up_to(config, ROTATE_DEFAULT_MAX_BITS)
+    return _mixed_scope(config)
 
 
 # Rule R31 (docs/methods.md, session 23): single-precision `--method mptq` also scales the massive token
@@ -72,17 +80,18 @@ def mptq_token_scales(config: QuantConfig, single: bool = True) -> bool:
 
 
 def mptq_uniform_fallback(config: QuantConfig, fallback_gptq: bool = False) -> bool:
-    """Whether Greedy MP under ``--method mptq`` tries the uniform fallback by default (rule R37).
+    """Whether Greedy MP under ``--method mptq`` tries the uniform fallback by default (rules R37 and R38).
 
     Args:
         config: the quantization config at the search's base widths (its protocol and activation width decide).
         fallback_gptq: ``--fallback-gptq`` was given; it asks for the fallback, so it turns it on.
 
     Returns:
-        False in the standard protocol at base widths up to :data:`MIXED_DEFAULT_MAX_BITS`, where the
-        searched assignment is kept, unless ``fallback_gptq``; True elsewhere.
+        False at base widths up to :data:`MIXED_DEFAULT_MAX_BITS` in the standard protocol (R37) and
+        :data:`FULL_MIXED_DEFAULT_MAX_BITS` in the full protocol (R38), where the searched assignment is
+        kept, unless ``fallback_gptq``; True elsewhere.
     """
-    return fallback_gptq or not _standard_up_to(config, MIXED_DEFAULT_MAX_BITS)
+    return fallback_gptq or not _mixed_scope(config)
 
 
 def mptq_gelu_token_shifts(config: QuantConfig) -> bool:
@@ -101,6 +110,13 @@ def mptq_gelu_token_shifts(config: QuantConfig) -> bool:
 def _standard_up_to(config: QuantConfig, max_bits: int) -> bool:
     """The scope rules R30, R31 and R37 adopted their options in: standard protocol, at most ``max_bits`` activation bits."""
     return config.protocol == "standard" and config.a_bits <= max_bits
+
+
+def _mixed_scope(config: QuantConfig) -> bool:
+    """Where Greedy MP under ``--method mptq`` rotates and keeps its assignment: rules R37 (standard) and R38 (full)."""
+    if config.protocol == "full":
+        return config.a_bits <= FULL_MIXED_DEFAULT_MAX_BITS
+    return _standard_up_to(config, MIXED_DEFAULT_MAX_BITS)
 
 
 @dataclass
