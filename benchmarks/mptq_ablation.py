@@ -242,6 +242,8 @@ def main() -> int:
                 except ConfigError as exc:  # report and go on: the other variants are still worth measuring
                     print(f"skipped {short} {spec}: {exc}", file=sys.stderr, flush=True)
                     continue
+                print(f"stages of {short} {spec}: " + ", ".join(f"{k} {t:.0f}s" for k, t in found.timing.items()),
+                      file=sys.stderr, flush=True)
                 label = (f"Greedy MP {b:g}-bit (SQ-b, OPT-m{', GPTQ on <= 5-bit layers' if v['gptq'] else ''}"
                          f"{', recon' if opts.recon_applies(cfg) else ''}, "
                          f"{args.probe_images} probe images"

@@ -114,6 +114,7 @@ def test_mixed_precision_search_then_config_reuse_gives_same_bits_and_result(tmp
     report = json.loads((out / "report.json").read_text())
     # the A budget leaves out the 8-bit image input (2 % of DeiT-Tiny's activation values); the report counts it
     assert report["avg_w_bits"] <= 7 and report["avg_a_bits"] <= 7.05 and report["mixed"]["search_s"] > 0
+    assert 0 < sum(report["mixed"]["timing"].values()) <= report["mixed"]["search_s"]
     assert report["mixed"]["search"] == "knapsack"  # the default for bit budgets since rule R11
     assert report["mixed"]["probe_images"] == 10  # default 16 (rule R13), at most the calibration images
     assert report["mixed"]["gptq_losses"] is False  # no GPTQ, so no GPTQ-aware losses

@@ -286,7 +286,7 @@ def _cmd_quantize(args) -> int:
                                    fallback_gptq=args.fallback_gptq)
         config = search.config
         extra["mixed"] = {"budget": vars(budget), "search": args.mp_search, "gptq_losses": args.mp_gptq_losses,
-                          "probe_images": min(args.probe_images, len(calib_images)), "search_s": search.search_s, "steps": search.steps,
+                          "probe_images": min(args.probe_images, len(calib_images)), "search_s": search.search_s, "timing": search.timing, "steps": search.steps,
                           "probes": search.probes, "kl_calib": search.kl_final,
                           "uniform_fallback": search.uniform_fallback, "fallback_scores": search.fallback_scores,
                           "layers": search.layers}

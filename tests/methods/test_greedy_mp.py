@@ -74,6 +74,14 @@ def test_config_round_trip_gives_same_bits_and_outputs(tmp_path, gptq, rotate, t
         assert torch.equal(again(x), q(x))
 
 
+def test_timing_names_each_stage_and_stays_within_the_search_time():
+    # the stages the 5-minute pipeline target is spent on (docs/results.md); recon is off in a bare MethodOptions
+    _, _, _, res = _search(Budget(5.0, 5.0), MethodOptions(sq_b=True, opt_m=True, gptq=True))
+    assert list(res.timing) == ["float_methods", "banks", "search", "fallback", "gptq"]
+    assert all(t >= 0 for t in res.timing.values())
+    assert 0 < sum(res.timing.values()) <= res.search_s
+
+
 def test_unreachable_budget_and_no_budget():
     with pytest.raises(ConfigError, match="unreachable"):
         _search(Budget(3.0, None))

@@ -97,6 +97,10 @@ class GreedyResult:
     steps: int = 0
     probes: int = 0
     search_s: float = 0.0
+    # seconds per stage of search_s: float_methods (SQ-b, attention smoothing, rotation, token scaling on the
+    # float model), banks (calibration and OPT-m at each candidate width), search (probes and the search, with
+    # the GPTQ-aware losses), fallback, gptq, recon; what the 5-minute pipeline target is spent on
+    timing: dict[str, float] = field(default_factory=dict)
     kl_final: float = 0.0
     history: list[dict] = field(default_factory=list)
     # cost value -> the assignment {layer: {"W": bits, "A": bits}} when the cost first fell to it or below
@@ -314,6 +318,14 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
     if search != "greedy" and (budget.gbops is not None or budget.cost is not None or cost is not None):
         raise ConfigError(f"the {search} search takes average-bit and size budgets only "
                           "(--budget-w, --budget-a, --budget-mb), not --budget-gbops or a cost budget")
+    timing: dict[str, float] = {}
+    lap = [time.perf_counter()]
+
+    def done(stage: str) -> None:
+        now = time.perf_counter()
+        timing[stage] = now - lap[0]
+        lap[0] = now
+
     float_model = copy.deepcopy(fp_model)
     if options.sq_b:  # once, at the base bits: every bank shares the same smoothed float model
         apply_sqb(float_model, calib, QuantConfig(w_bits=base.w_bits, a_bits=base.a_bits), progress=progress,
@@ -329,6 +341,7 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
     if options.token_scale:  # likewise once, at the base bits
         token_scale = apply_token_scale(float_model, calib, QuantConfig(w_bits=base.w_bits, a_bits=base.a_bits),
                                         progress=progress).to_dict()
+    done("float_methods")
     # GPTQ runs once on the final assignment (below), not per bank: its weights depend on the upstream
     # layers' widths, and a bank must not.
     stage = MethodOptions(sq_b=False, opt_m=options.opt_m, m_max=options.m_max, optm_grid=options.optm_grid,
@@ -342,6 +355,7 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
         banks[b] = _harvest(res.model)
         if model is None:
             model = res.model  # the highest bit-width model is the starting point
+    done("banks")
     first = set(model.vitq_first_layers)
     trunk = adapter_for(model).trunk(model)
     block_of: dict[int, int] = {}
@@ -520,6 +534,7 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
         bar.close()
 
     result.kl_greedy = current
+    done("search")
     if uniform_fallback:
         # Every single-width assignment that meets the budget is also in the search space. Greedy
         # lowering ranks items by one-step sensitivities measured around the current state, which add
@@ -560,6 +575,7 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
         if chosen[3] is not None:  # the winner, already GPTQ'd: it replaces the model (same levels)
             _, model, result.gptq = chosen[3]
 
+        done("fallback")
     w_bits = {i.layer: i.bits for i in items if i.kind == "W"}
     a_bits = {i.layer: i.bits for i in items if i.kind == "A"}
     layers = sorted(set(w_bits) | set(a_bits), key=list(dict.fromkeys([i.layer for i in items])).index)
@@ -575,10 +591,13 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
         m.refresh()
     if options.gptq and result.gptq is None:
         result.gptq = apply_gptq(model, calib, max_bits=options.gptq_max_bits, progress=progress).to_dict()
+        done("gptq")
     if options.recon_applies(base):
         result.recon = apply_block_recon(model, fp_model, calib, progress=progress, seed=base.seed,
                                          **options.recon_kwargs()).to_dict()
+        done("recon")
     result.search_s = time.perf_counter() - t0
+    result.timing = timing
     return model, result
 
 
