@@ -81,7 +81,7 @@ def _se(v, spec: str = ".2f") -> str:
 
 def _ratio(d: float, se) -> str:
     """A difference in units of its standard error (what rule R30 reads)."""
-    return "n/a" if not se else f"{d / se:+.1f}"
+    return "n/a" if not se else f"{d / se:+.2f}"
 
 
 def _pick(rows: list[dict], keep: list[int] | None, model: str, which: str) -> list[dict]:
