@@ -74,6 +74,10 @@ def main() -> int:
     ap.add_argument("--probe-images", type=int,
                     help="Greedy MP: calibration images for sensitivities (default as vitq quantize: 16 for the "
                          "knapsack, superposed and calibrated searches, 8 for greedy)")
+    ap.add_argument("--w-candidates", default="4,5,6,8",
+                    help="Greedy MP: candidate weight bit-widths, comma-separated (vitq quantize --w-candidates)")
+    ap.add_argument("--a-candidates", default="4,5,6,8",
+                    help="Greedy MP: candidate activation bit-widths, comma-separated (vitq quantize --a-candidates)")
     ap.add_argument("--mp-search", choices=list(SEARCHES), default="knapsack",
                     help="Greedy MP's search (vitq quantize --mp-search)")
     ap.add_argument("--mp-gptq-losses", action=argparse.BooleanOptionalAction, default=None,
@@ -148,6 +152,11 @@ def main() -> int:
     args = ap.parse_args()
     if args.probe_images is None:
         args.probe_images = default_probe_images(args.mp_search)
+    try:
+        w_cands, a_cands = (tuple(int(b) for b in text.split(",")) for text in (args.w_candidates, args.a_candidates))
+    except ValueError:
+        ap.error(f"--w-candidates / --a-candidates take comma-separated integers, got "
+                 f"{args.w_candidates!r} / {args.a_candidates!r}")
     assets = Path(args.assets)
 
     def runs_mptq(v: dict) -> bool:
@@ -236,6 +245,7 @@ def main() -> int:
                                else args.mp_gptq_losses)
                 try:
                     q, found = greedy_mp(loaded.model, calib, cfg, opts, Budget(b, b), n_probe=args.probe_images,
+                                         w_candidates=w_cands, a_candidates=a_cands,
                                          progress=False, search=args.mp_search,
                                          uniform_fallback=fallback,
                                          gptq_losses=gptq_losses, fallback_gptq=args.fallback_gptq)
@@ -249,7 +259,9 @@ def main() -> int:
                          f"{args.probe_images} probe images"
                          f", {args.mp_search} search"
                          f"{', GPTQ-aware W losses' if gptq_losses else ''}"
-                         f"{'' if fallback else ', no uniform fallback'})")
+                         f"{'' if fallback else ', no uniform fallback'}"
+                         + ("" if (w_cands, a_cands) == ((4, 5, 6, 8),) * 2 else
+                            f", candidates W {args.w_candidates} A {args.a_candidates}") + ")")
                 h = found.history[0] if found.history else {}
                 if "kl_predicted" in h:  # knapsack and superposed searches
                     label += (f", probe KL: sum of isolated losses {h['kl_predicted']:.4f}, "

@@ -19,6 +19,28 @@ def test_never_worse_than_m0_and_two_region_on_softmax_like_data():
     assert err < err0 and m >= 1
 
 
+def test_two_region_search_equals_the_plain_loop_over_fake_quant_bit_for_bit():
+    # search_two_region computes both grids once per (delta, m) and only re-picks per boundary; it must
+    # return exactly what trying every candidate with fake_quant_two_region returns.
+    from vitq.methods.optm import STANDARD_GRID, _error
+    g = torch.Generator().manual_seed(1)
+    for signed, x in ((False, (torch.randn(200, 40, generator=g) * 2).softmax(-1)),
+                      (True, torch.nn.functional.gelu(torch.randn(200, 40, generator=g) * 2))):
+        w = torch.randn(16, 40, generator=g)
+        out_fn = lambda v, w=w: v @ w.T  # noqa: E731
+        ref, n, top = out_fn(x), 2 ** 3, x.max().clamp_min(1e-8)
+        best = (None, None, None, float("inf"))
+        for m in range(1, 5):
+            for r in STANDARD_GRID.deltas:
+                delta = top * r / (n - 1)
+                fine_top = ((n // 2 if signed else n) - 0.5) * delta / 2**m
+                for c in STANDARD_GRID.boundaries:
+                    err = _error(out_fn, ref, Q.fake_quant_two_region(x, delta, m, fine_top * c, 4, signed))
+                    if err < best[3]:
+                        best = (delta.item(), m, (fine_top * c).item(), err)
+        assert search_two_region(x, 4, 4, signed, out_fn) == best
+
+
 def test_apply_optm_on_model_choices_are_consistent():
     model, size = tiny_model("deit")
     x = tiny_images(size, n=8)

@@ -30,6 +30,28 @@ def test_transform_is_the_signed_block_hadamard_matrix():
         hadamard_transform(x, random_signs(96, 3), 24)
 
 
+def test_transform_is_bit_identical_to_the_explicit_transposes():
+    # Session 29 rewrote the transform for speed; every model built before must come out the same, so it
+    # must equal the earlier formula (explicit transposes, division at the end) bit for bit.
+    import math
+
+    from vitq.methods.rotation import _sylvester
+
+    def reference(x, signs, block):
+        k = block.bit_length() - 1
+        rows, cols = 1 << (k // 2), 1 << (k - k // 2)
+        y = (x * signs).reshape(-1, cols) @ _sylvester(cols)
+        y = y.reshape(-1, rows, cols).transpose(1, 2).reshape(-1, rows) @ _sylvester(rows)
+        return y.reshape(-1, cols, rows).transpose(1, 2).reshape(x.shape) / math.sqrt(block)
+
+    g = torch.Generator().manual_seed(0)
+    for shape, block in (((4, 197, 768), 256), ((3, 50, 192), 64), ((2, 3, 50, 64), 64), ((2, 50, 96), 32),
+                         ((5, 128), 128), ((7, 16), 16)):
+        x = torch.nn.functional.gelu(torch.randn(*shape, generator=g) * 3)
+        signs = random_signs(shape[-1], 1)
+        assert torch.equal(hadamard_transform(x, signs, block), reference(x, signs, block)), (shape, block)
+
+
 def test_folds_are_exact_in_float():
     model, size = tiny_model("deit")
     x = tiny_images(size, n=4)

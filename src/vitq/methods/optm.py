@@ -239,9 +239,11 @@ def search_two_region(x: torch.Tensor, bits: int, m_max: int, signed_fine: bool,
             delta = top * r / (n - 1)
             fine = delta / 2**m
             fine_top = ((n // 2 if signed_fine else n) - 0.5) * fine  # reach of the fine codes
+            # both grids once per (delta, m): only the choice between them depends on the boundary
+            coarse_q, fine_q = Q.two_region_grids(x, delta, m, bits, signed_fine)
             for c in grid.boundaries:
                 boundary = fine_top * c
-                xq = Q.fake_quant_two_region(x, delta, m, boundary, bits, signed_fine)
+                xq = torch.where(x >= boundary, coarse_q, fine_q)  # = Q.fake_quant_two_region(x, ...)
                 err = _error(out_fn, ref, xq)
                 if err < best[3]:
                     best = (delta.item(), m, boundary.item(), err)

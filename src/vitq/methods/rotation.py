@@ -86,11 +86,18 @@ def hadamard_transform(x: torch.Tensor, signs: torch.Tensor, block: int) -> torc
     k = block.bit_length() - 1
     rows, cols = 1 << (k // 2), 1 << (k - k // 2)
     h_rows, h_cols = _sylvester(rows).to(x.dtype), _sylvester(cols).to(x.dtype)
-    # X H_cols as one tall matrix product, then H_rows X = (X^T H_rows)^T the same way (H is symmetric):
-    # two large GEMMs run faster on a CPU than a batch of small ones
-    y = (x * signs).reshape(-1, cols) @ h_cols
-    y = y.reshape(-1, rows, cols).transpose(1, 2).reshape(-1, rows) @ h_rows
-    return y.reshape(-1, cols, rows).transpose(1, 2).reshape(x.shape) / math.sqrt(block)
+    # For even k, 1/sqrt(block) = 2^(-k/2) is a power of two: scaling H_cols by it instead of the result
+    # gives the same floats (scaling by 2^j commutes with rounding) and saves a pass over x.
+    exact = k % 2 == 0
+    if exact:
+        h_cols = h_cols / (1 << (k // 2))
+    # X H_cols as one tall matrix product, then H_rows X; torch folds ``h_rows @ y`` into the same tall
+    # product on the transposes (H is symmetric) without copying them: two large GEMMs, which a CPU runs
+    # faster than a batch of small ones (bit-identical to the explicit transposes used until session 29,
+    # tests/methods/test_rotation.py).
+    y = h_rows @ ((x * signs).reshape(-1, rows, cols) @ h_cols)
+    y = y.reshape(x.shape)
+    return y if exact else y / math.sqrt(block)
 
 
 def rotation_matrix(signs: torch.Tensor, block: int) -> torch.Tensor:

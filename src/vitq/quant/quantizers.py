@@ -301,9 +301,20 @@ def fake_quant_two_region(x: torch.Tensor, delta: torch.Tensor, m: int, boundary
     same order, so the result is bit-identical, at about half the cost (it runs on every post-GELU and
     post-softmax tensor of every probe in Greedy MP).
     """
+    coarse, fine = two_region_grids(x, delta, m, bits, signed_fine)
+    return torch.where(x >= boundary, coarse, fine)
+
+
+def two_region_grids(x: torch.Tensor, delta: torch.Tensor, m: int, bits: int,
+                     signed_fine: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` fake-quantized on the coarse grid and on the fine grid of the two-region quantizer.
+
+    :func:`fake_quant_two_region` picks between them at the boundary; neither depends on it, so a search
+    over boundaries (OPT-m) computes them once per ``(delta, m)``, bit-identically.
+    """
     n, fine, fmin, fmax = _two_region_grid(delta, m, bits, signed_fine)
     coarse = torch.round(x / delta).clamp_(0, n - 1).mul_(delta)
-    return torch.where(x >= boundary, coarse, torch.round(x / fine).clamp_(fmin, fmax).mul_(fine))
+    return coarse, torch.round(x / fine).clamp_(fmin, fmax).mul_(fine)
 
 
 # ----------------------------------------------------------------------------------------- granularity
