@@ -5,6 +5,9 @@ residual inputs, ...) or, with --by layer, by layer name. Prints one row per gro
 on the first --images calibration images when that group is not quantized (lower = that group hurts more).
 
     python benchmarks/sensitivity.py vit_tiny --w-bits 8 --a-bits 8
+
+With --artifact DIR it measures a model `vitq quantize --out DIR` saved (e.g. a Greedy MP model; the bits and
+options then come from the artifact), and --by role-bits also splits each role by bit-width.
 """
 from __future__ import annotations
 
@@ -33,7 +36,8 @@ def main() -> int:
     ap.add_argument("--protocol", default="standard")
     ap.add_argument("--observer", default="minmax")
     ap.add_argument("--images", type=int, default=16)
-    ap.add_argument("--by", choices=["role", "layer"], default="role")
+    ap.add_argument("--by", choices=["role", "role-bits", "layer"], default="role")
+    ap.add_argument("--artifact", help="a folder written by `vitq quantize --out` to measure instead of building one")
     ap.add_argument("--sq-b-unnormed", action="store_true", help="with --method mptq: SQ-b on proj/fc2 too")
     ap.add_argument("--method", choices=["none", "mptq", "mptq-all"], default="none",
                     help="mptq: SQ-b + OPT-m before measuring (what is left after the paper's methods); "
@@ -44,7 +48,10 @@ def main() -> int:
     calib = load_calib32(assets, loaded.entry.transform)
     probe = calib[: args.images]
     cfg = QuantConfig(w_bits=args.w_bits, a_bits=args.a_bits, protocol=args.protocol, observer=args.observer)
-    if args.method != "none":
+    if args.artifact:
+        from vitq.artifact import load_artifact
+        q, _ = load_artifact(args.artifact)
+    elif args.method != "none":
         full = args.method == "mptq-all"
         opts = MethodOptions(sq_b=True, opt_m=True, sq_b_unnormed=args.sq_b_unnormed, gptq=full, recon=full)
         q = run_pipeline(loaded.model, calib, cfg, opts).model
@@ -61,14 +68,18 @@ def main() -> int:
     groups: dict[str, list] = {}
     for t in all_quantizers(q):
         key = t.layer if args.by == "layer" else (f"input.{t.layer.split('.')[-1]}" if t.role == "input" else t.role)
+        if args.by == "role-bits":
+            key += f" @{t.spec.bits}"
         groups.setdefault(key, []).append(t)
-    print(f"# {loaded.entry.timm_name} W{args.w_bits}A{args.a_bits} {args.protocol} {args.observer} method={args.method}: "
+    what = (f"artifact {args.artifact}" if args.artifact else
+            f"W{args.w_bits}A{args.a_bits} {args.protocol} {args.observer} method={args.method}")
+    print(f"# {loaded.entry.timm_name} {what}: "
           f"KL on {len(probe)} calibration images, all quantized = {kl():.4f}")
-    print("| left in float | KL |")
-    print("|---|---|")
-    for key, ts in groups.items():
+    print("| left in float | tensors | KL |")
+    print("|---|---|---|")
+    for key, ts in sorted(groups.items()) if args.by == "role-bits" else groups.items():
         with left_in_float(ts):
-            print(f"| {key} | {kl():.4f} |", flush=True)
+            print(f"| {key} | {len(ts)} | {kl():.4f} |", flush=True)
     return 0
 
 
