@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from vitq.adapters import adapter_for
+from vitq.cli import parse_bits_list
 from vitq.data import make_dataset, make_loader
 from vitq.evaluate import evaluate_many
 from vitq.io import atomic_write_json
@@ -63,6 +64,7 @@ def variants(spec: str):
 DEFAULT = ([f"single:standard:{b}:{m}" for b in (4, 6) for m in METHODS]
            + [f"single:full:{b}:+SQ-b +OPT-m" for b in (4, 6)]
            + [f"greedy:full:{b}" for b in (6, 5)])
+DEFAULT_CANDIDATES = "4,5,6,8"  # Greedy MP's candidate widths, as greedy_mp and vitq quantize default to
 
 
 def main() -> int:
@@ -74,9 +76,9 @@ def main() -> int:
     ap.add_argument("--probe-images", type=int,
                     help="Greedy MP: calibration images for sensitivities (default as vitq quantize: 16 for the "
                          "knapsack, superposed and calibrated searches, 8 for greedy)")
-    ap.add_argument("--w-candidates", default="4,5,6,8",
+    ap.add_argument("--w-candidates", default=DEFAULT_CANDIDATES,
                     help="Greedy MP: candidate weight bit-widths, comma-separated (vitq quantize --w-candidates)")
-    ap.add_argument("--a-candidates", default="4,5,6,8",
+    ap.add_argument("--a-candidates", default=DEFAULT_CANDIDATES,
                     help="Greedy MP: candidate activation bit-widths, comma-separated (vitq quantize --a-candidates)")
     ap.add_argument("--mp-search", choices=list(SEARCHES), default="knapsack",
                     help="Greedy MP's search (vitq quantize --mp-search)")
@@ -153,10 +155,9 @@ def main() -> int:
     if args.probe_images is None:
         args.probe_images = default_probe_images(args.mp_search)
     try:
-        w_cands, a_cands = (tuple(int(b) for b in text.split(",")) for text in (args.w_candidates, args.a_candidates))
-    except ValueError:
-        ap.error(f"--w-candidates / --a-candidates take comma-separated integers, got "
-                 f"{args.w_candidates!r} / {args.a_candidates!r}")
+        w_cands, a_cands = parse_bits_list(args.w_candidates), parse_bits_list(args.a_candidates)
+    except ConfigError as exc:
+        ap.error(str(exc))
     assets = Path(args.assets)
 
     def runs_mptq(v: dict) -> bool:
@@ -260,7 +261,7 @@ def main() -> int:
                          f", {args.mp_search} search"
                          f"{', GPTQ-aware W losses' if gptq_losses else ''}"
                          f"{'' if fallback else ', no uniform fallback'}"
-                         + ("" if (w_cands, a_cands) == ((4, 5, 6, 8),) * 2 else
+                         + ("" if w_cands == a_cands == parse_bits_list(DEFAULT_CANDIDATES) else
                             f", candidates W {args.w_candidates} A {args.a_candidates}") + ")")
                 h = found.history[0] if found.history else {}
                 if "kl_predicted" in h:  # knapsack and superposed searches

@@ -267,7 +267,7 @@ def _cmd_quantize(args) -> int:
     if args.method == "m2q":
         metric, fraction = cost_budget[0]
         qmodel, m2 = m2q(loaded.model, calib_images, config, hw, fraction, entry.transform.input_size, metric,
-                         _bits_list(args.w_candidates or "4,8"), _bits_list(args.a_candidates or "8"),
+                         parse_bits_list(args.w_candidates or "4,8"), parse_bits_list(args.a_candidates or "8"),
                          n_probe=args.probe_images, lower_per_step=args.lower_per_step)
         config = m2.config
         extra["m2q"] = {"metric": metric, "budget": fraction, "search_s": m2.search_s, "steps": m2.steps,
@@ -279,7 +279,7 @@ def _cmd_quantize(args) -> int:
               f"{sum(r['engine'] == 'shift' for r in m2.layers)} layers on the shift-add engine", flush=True)
     elif budget is not None:
         qmodel, search = greedy_mp(loaded.model, calib_images, config, options, budget,
-                                   _bits_list(args.w_candidates or "4,5,6,8"), _bits_list(args.a_candidates or "4,5,6,8"),
+                                   parse_bits_list(args.w_candidates or "4,5,6,8"), parse_bits_list(args.a_candidates or "4,5,6,8"),
                                    n_probe=args.probe_images, remeasure_every=args.remeasure_every,
                                    lower_per_step=args.lower_per_step, uniform_fallback=args.uniform_fallback,
                                    search=args.mp_search, gptq_losses=args.mp_gptq_losses,
@@ -393,7 +393,12 @@ def _cmd_cost(args) -> int:
     return 0
 
 
-def _bits_list(text: str) -> tuple[int, ...]:
+def parse_bits_list(text: str) -> tuple[int, ...]:
+    """Candidate bit-widths from ``--w-candidates`` / ``--a-candidates`` text such as ``"4,5,6,8"``.
+
+    Raises:
+        ConfigError: the text is not a comma-separated list of integers.
+    """
     try:
         return tuple(int(v) for v in text.split(","))
     except ValueError:
