@@ -147,6 +147,7 @@ def _cmd_quantize(args) -> int:
                             rotate_parts=_rotate_parts(args.rotate_parts), token_scale=bool(args.token_scale),
                             gptq=(args.gptq or args.method == "mptq") and not args.no_gptq,
                             gptq_max_bits=args.gptq_max_bits,
+                            gptq_asym=MethodOptions.gptq_asym if args.gptq_asym is None else args.gptq_asym,
                             recon=(args.recon or args.method == "mptq") and not args.no_recon,
                             recon_iters=args.recon_iters, recon_drop=args.recon_drop,
                             recon_max_bits=args.recon_max_bits, recon_ptf=not args.no_recon_ptf,
@@ -166,6 +167,8 @@ def _cmd_quantize(args) -> int:
         raise ConfigError(f"--recon-max-bits must be from 2 to 8, got {args.recon_max_bits}")
     if not 2 <= args.gptq_max_bits <= 8:
         raise ConfigError(f"--gptq-max-bits must be from 2 to 8, got {args.gptq_max_bits}")
+    if args.gptq_asym is not None and not 0 <= args.gptq_asym <= 1:
+        raise ConfigError(f"--gptq-asym must be from 0 to 1, got {args.gptq_asym}")
     if args.gptq and args.no_gptq:
         raise ConfigError("give only one of --gptq and --no-gptq")
     if args.method == "m2q" and (args.gptq or args.sq_b or args.opt_m or args.recon or args.attn_smooth
@@ -533,6 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gptq-max-bits", type=int, default=5,
                    help="GPTQ re-rounds layers with at most this many weight bits; wider ones keep "
                         "round-to-nearest (default 5, see docs/methods.md)")
+    p.add_argument("--gptq-asym", type=float, default=None, metavar="ALPHA",
+                   help="GPTQ fits each layer to its float path's output with this strength (GPTAQ's alpha, 0 to 1; "
+                        "0 = plain GPTQ, the default; see docs/methods.md rule R39)")
     p.add_argument("--recon", action="store_true",
                    help="block reconstruction of step sizes after GPTQ, at <= --recon-max-bits activation "
                         "bits (vitq's addition; on with --method mptq)")

@@ -590,7 +590,8 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
         # (block reconstruction below, or a user's fine-tuning) cannot save; drop them.
         m.refresh()
     if options.gptq and result.gptq is None:
-        result.gptq = apply_gptq(model, calib, max_bits=options.gptq_max_bits, progress=progress).to_dict()
+        result.gptq = apply_gptq(model, calib, max_bits=options.gptq_max_bits, asym=options.gptq_asym,
+                                 progress=progress).to_dict()
         done("gptq")
     if options.recon_applies(base):
         result.recon = apply_block_recon(model, fp_model, calib, progress=progress, seed=base.seed,
@@ -611,7 +612,8 @@ def _after_gptq(model: nn.Module, calib: torch.Tensor, options: MethodOptions, p
     for m in weight_layers(model):
         m.refresh()  # drop the inference-mode weight caches before copying (see the end of greedy_mp)
     trial = copy.deepcopy(model)
-    res = apply_gptq(trial, calib, max_bits=options.gptq_max_bits, progress=progress).to_dict()
+    res = apply_gptq(trial, calib, max_bits=options.gptq_max_bits, asym=options.gptq_asym,
+                     progress=progress).to_dict()
     kl = _Prober(trial, prober.images, prober.ref).kl()
     prober.count += 1
     return kl, trial, res

@@ -159,6 +159,9 @@ class MethodOptions:
     token_scale: bool = False
     gptq: bool = False  # GPTQ weight rounding after calibration (vitq's addition, not in the paper)
     gptq_max_bits: int = 5  # layers with wider weights keep round-to-nearest (docs/methods.md)
+    # asymmetric calibration strength (GPTAQ's alpha; 0 = plain GPTQ): fit each layer to its float path's
+    # output (gptq.apply_gptq); rule R39 in docs/methods.md decides the default of `--method mptq`
+    gptq_asym: float = 0.0
     recon: bool = False  # block reconstruction of step sizes after GPTQ (vitq's addition)
     # It runs only when the config's default activation bits are at most this: 6 since session 8, chosen on
     # held-out calibration folds by a rule fixed before measuring; on eval968 it then lowered KL everywhere
@@ -250,7 +253,8 @@ def run_pipeline(fp_model: nn.Module, calib: torch.Tensor, config: QuantConfig, 
     gptq = None
     if options.gptq:
         t = time.perf_counter()
-        gptq = apply_gptq(q, calib, max_bits=options.gptq_max_bits, progress=progress).to_dict()
+        gptq = apply_gptq(q, calib, max_bits=options.gptq_max_bits, asym=options.gptq_asym,
+                          progress=progress).to_dict()
         timing["gptq_s"] = time.perf_counter() - t
     recon = None
     if options.recon_applies(config):
