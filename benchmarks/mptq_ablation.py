@@ -102,6 +102,9 @@ def main() -> int:
     ap.add_argument("--gptq-asym", type=float, default=None, metavar="ALPHA",
                     help="GPTQ's asymmetric calibration strength (0: plain GPTQ; default: MethodOptions' "
                          f"{MethodOptions.gptq_asym}; docs/methods.md rule R39)")
+    ap.add_argument("--gptq-damp", type=float, default=None, metavar="FRACTION",
+                    help="GPTQ's diagonal damping as a fraction of mean(diag(H)) (default: MethodOptions' "
+                         f"{MethodOptions.gptq_damp}; docs/methods.md rule R40)")
     ap.add_argument("--recon-wscale-max-bits", type=int, default=MethodOptions.recon_wscale_max_bits,
                     help="reconstruction learns weight scales only on layers with at most this many weight bits")
     ap.add_argument("--no-recon-ptf", action="store_true",
@@ -199,7 +202,8 @@ def main() -> int:
                        rotate=rotate, rotate_parts=tuple(args.rotate_parts.split(",")),
                        token_scale=token_scale,
                        gptq_max_bits=opts.gptq_max_bits if args.gptq_max_bits is None else args.gptq_max_bits,
-                       gptq_asym=opts.gptq_asym if args.gptq_asym is None else args.gptq_asym)
+                       gptq_asym=opts.gptq_asym if args.gptq_asym is None else args.gptq_asym,
+                       gptq_damp=opts.gptq_damp if args.gptq_damp is None else args.gptq_damp)
 
     def token_shift(v: dict) -> bool:
         return args.token_shift and v["protocol"] == "full"

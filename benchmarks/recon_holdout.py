@@ -14,7 +14,7 @@ A setting is ``none`` (no reconstruction) or comma-separated ``key=value`` with 
 protocol), ``flip`` (0/1: also fit the mirrored images), ``float`` (learning rate of the biases and
 LayerNorm affines; 0 = not learned), ``e2e`` (end-to-end steps on the logits' KL after the blocks; 0 = none), ``wsbits`` (only layers with at most
 this many weight bits learn their weight scales). The keys ``gelu`` (0/1: ``--sq-b-gelu``), ``mmax`` (``--m-max``), ``grid`` (``--opt-m-grid``) and ``ptfclip`` (0/1: ``--opt-m-ptf``), ``ptfobj`` (``--opt-m-ptf-objective``), ``attn`` (0/1: ``--attn-smooth``), ``nonlin`` (``--opt-m-nonlin-objective``), ``tokshift`` (0/1: ``--token-shift``,
-a QuantConfig option), ``gptqmax`` (``--gptq-max-bits``: the widest weights GPTQ re-rounds), ``gptqa`` (``--gptq-asym``), ``attnparts`` (``--attn-smooth-parts``
+a QuantConfig option), ``gptqmax`` (``--gptq-max-bits``: the widest weights GPTQ re-rounds), ``gptqa`` (``--gptq-asym``), ``gptqdamp`` (``--gptq-damp``), ``attnparts`` (``--attn-smooth-parts``
 with ``+`` between the parts, e.g. ``attn=1,attnparts=v``), ``rot`` (0/1: ``--rotate``), ``rotparts`` (``--rotate-parts``, ``+`` between the parts, e.g.
 ``rot=1,rotparts=fc2+v+qk``), ``log2`` (0/1: ``--opt-m-log2``), ``ts`` (0/1: ``--token-scale``), ``gts`` (0/1: ``--gelu-token-shift``, a QuantConfig option) change the
 pipeline before reconstruction instead; settings that share it share one pipeline run per fold. ``gelu=1`` alone means
@@ -61,7 +61,8 @@ PIPELINE_KEYS = {"gelu": ("sq_b_gelu", lambda v: bool(int(v))), "mmax": ("m_max"
                  "ptfclip": ("optm_ptf", lambda v: bool(int(v))), "ptfobj": ("optm_ptf_objective", str),
                  "attn": ("attn_smooth", lambda v: bool(int(v))), "nonlin": ("optm_nonlin_objective", str),
                  "tokshift": ("cfg:residual_token_shift", lambda v: bool(int(v))),
-                 "gptqmax": ("gptq_max_bits", int), "gptqa": ("gptq_asym", float), "attnparts": ("attn_smooth_parts", lambda v: tuple(v.split("+"))),
+                 "gptqmax": ("gptq_max_bits", int), "gptqa": ("gptq_asym", float),
+                 "gptqdamp": ("gptq_damp", float), "attnparts": ("attn_smooth_parts", lambda v: tuple(v.split("+"))),
                  "rot": ("rotate", lambda v: bool(int(v))),
                  "rotparts": ("rotate_parts", lambda v: tuple(v.split("+"))),
                  "log2": ("optm_log2", lambda v: bool(int(v))),

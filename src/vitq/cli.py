@@ -148,6 +148,7 @@ def _cmd_quantize(args) -> int:
                             gptq=(args.gptq or args.method == "mptq") and not args.no_gptq,
                             gptq_max_bits=args.gptq_max_bits,
                             gptq_asym=MethodOptions.gptq_asym if args.gptq_asym is None else args.gptq_asym,
+                            gptq_damp=MethodOptions.gptq_damp if args.gptq_damp is None else args.gptq_damp,
                             recon=(args.recon or args.method == "mptq") and not args.no_recon,
                             recon_iters=args.recon_iters, recon_drop=args.recon_drop,
                             recon_max_bits=args.recon_max_bits, recon_ptf=not args.no_recon_ptf,
@@ -169,6 +170,8 @@ def _cmd_quantize(args) -> int:
         raise ConfigError(f"--gptq-max-bits must be from 2 to 8, got {args.gptq_max_bits}")
     if args.gptq_asym is not None and not 0 <= args.gptq_asym <= 1:
         raise ConfigError(f"--gptq-asym must be from 0 to 1, got {args.gptq_asym}")
+    if args.gptq_damp is not None and not 0 < args.gptq_damp <= 10:
+        raise ConfigError(f"--gptq-damp must be above 0 and at most 10, got {args.gptq_damp}")
     if args.gptq and args.no_gptq:
         raise ConfigError("give only one of --gptq and --no-gptq")
     if args.method == "m2q" and (args.gptq or args.sq_b or args.opt_m or args.recon or args.attn_smooth
@@ -539,6 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gptq-asym", type=float, default=None, metavar="ALPHA",
                    help="GPTQ fits each layer to its float path's output with this strength (GPTAQ's alpha, 0 to 1; "
                         "0 = plain GPTQ, the default; see docs/methods.md rule R39)")
+    p.add_argument("--gptq-damp", type=float, default=None, metavar="FRACTION",
+                   help="GPTQ's diagonal damping as a fraction of the mean of diag(H) (default 0.01; docs/methods.md "
+                        "rule R40)")
     p.add_argument("--recon", action="store_true",
                    help="block reconstruction of step sizes after GPTQ, at <= --recon-max-bits activation "
                         "bits (vitq's addition; on with --method mptq)")

@@ -210,3 +210,19 @@ def test_apply_gptq_asymmetric_fits_the_float_path_and_is_deterministic():
         if m.layer_name in {row.name for row in ra.layers}:
             w = m.weight.detach()
             assert torch.allclose(m.w_quant.fake_quant(w), w, atol=1e-6), m.layer_name
+
+
+def test_pipeline_passes_gptq_options(monkeypatch):
+    import vitq.methods.mptq as mptq
+    seen = {}
+    real = mptq.apply_gptq
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mptq, "apply_gptq", spy)
+    model, size = tiny_model("deit")
+    x = tiny_images(size, n=8)
+    run_pipeline(model, x, QuantConfig(w_bits=4, a_bits=8), MethodOptions(gptq=True, gptq_asym=0.5, gptq_damp=0.1))
+    assert seen["asym"] == 0.5 and seen["damp"] == 0.1

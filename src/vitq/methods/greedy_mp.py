@@ -590,7 +590,7 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
         # (block reconstruction below, or a user's fine-tuning) cannot save; drop them.
         m.refresh()
     if options.gptq and result.gptq is None:
-        result.gptq = apply_gptq(model, calib, max_bits=options.gptq_max_bits, asym=options.gptq_asym,
+        result.gptq = apply_gptq(model, calib, max_bits=options.gptq_max_bits, asym=options.gptq_asym, damp=options.gptq_damp,
                                  progress=progress).to_dict()
         done("gptq")
     if options.recon_applies(base):
@@ -612,7 +612,7 @@ def _after_gptq(model: nn.Module, calib: torch.Tensor, options: MethodOptions, p
     for m in weight_layers(model):
         m.refresh()  # drop the inference-mode weight caches before copying (see the end of greedy_mp)
     trial = copy.deepcopy(model)
-    res = apply_gptq(trial, calib, max_bits=options.gptq_max_bits, asym=options.gptq_asym,
+    res = apply_gptq(trial, calib, max_bits=options.gptq_max_bits, asym=options.gptq_asym, damp=options.gptq_damp,
                      progress=progress).to_dict()
     kl = _Prober(trial, prober.images, prober.ref).kl()
     prober.count += 1

@@ -162,6 +162,8 @@ class MethodOptions:
     # asymmetric calibration strength (GPTAQ's alpha; 0 = plain GPTQ): fit each layer to its float path's
     # output (gptq.apply_gptq); rule R39 in docs/methods.md decides the default of `--method mptq`
     gptq_asym: float = 0.0
+    # GPTQ's diagonal damping as a fraction of mean(diag(H)); rule R40 in docs/methods.md decides the default
+    gptq_damp: float = 0.01
     recon: bool = False  # block reconstruction of step sizes after GPTQ (vitq's addition)
     # It runs only when the config's default activation bits are at most this: 6 since session 8, chosen on
     # held-out calibration folds by a rule fixed before measuring; on eval968 it then lowered KL everywhere
@@ -253,7 +255,7 @@ def run_pipeline(fp_model: nn.Module, calib: torch.Tensor, config: QuantConfig, 
     gptq = None
     if options.gptq:
         t = time.perf_counter()
-        gptq = apply_gptq(q, calib, max_bits=options.gptq_max_bits, asym=options.gptq_asym,
+        gptq = apply_gptq(q, calib, max_bits=options.gptq_max_bits, asym=options.gptq_asym, damp=options.gptq_damp,
                           progress=progress).to_dict()
         timing["gptq_s"] = time.perf_counter() - t
     recon = None
