@@ -164,8 +164,10 @@ class _GPTQLosses:
     probe, and the float weight is put back after it.
     """
 
-    def __init__(self, model: nn.Module, calib: torch.Tensor, max_bits: int, min_rows_per_input: float = 4.0):
+    def __init__(self, model: nn.Module, calib: torch.Tensor, max_bits: int, min_rows_per_input: float = 4.0,
+                 damp: float = 0.01):
         self.model, self.calib, self.max_bits, self.min_rows = model, calib, max_bits, min_rows_per_input
+        self.damp = damp  # as the final GPTQ's (MethodOptions.gptq_damp)
         self.owner = {id(m.w_quant): m for m in weight_layers(model)}
         self.fit_bias = {id(lin) for _, lin in adapter_for(model).norm_linear_pairs(model)}
         self.hess: dict | None = None
@@ -191,7 +193,8 @@ class _GPTQLosses:
         fit = id(m) in self.fit_bias and m.bias is not None
         weight, bias = m.weight.detach().clone(), (m.bias.detach().clone() if m.bias is not None else None)
         qw, qb = gptq_rounded(m, self.hess[id(m)][0] if fit else self.hess[id(m)][0][: weight[0].numel(),
-                                                                                   : weight[0].numel()], fit)
+                                                                                   : weight[0].numel()], fit,
+                             damp=self.damp)
         try:
             m.weight.copy_(qw)
             if qb is not None:
@@ -480,11 +483,11 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
             # the calibration images the probes do not use: the refinement must also help on these
             with torch.inference_mode():
                 holdout = _Prober(model, calib[n_probe:], fp_model(calib[n_probe:]))
+        w_losses = (_GPTQLosses(model, calib, options.gptq_max_bits, damp=options.gptq_damp)
+                    if gptq_losses and options.gptq else None)
         current = _knapsack_search(model, items, set_level, prober, budget, w_total, a_total, size_const_bits,
                                    best_effort, result, progress, refine=search == "superposed", holdout=holdout,
-                                   calibrate=search == "calibrated",
-                                   gptq_losses=_GPTQLosses(model, calib, options.gptq_max_bits)
-                                   if gptq_losses and options.gptq else None)
+                                   calibrate=search == "calibrated", gptq_losses=w_losses)
     else:
         for item in tqdm(items, desc="sensitivity", disable=not progress, leave=False):
             measure(item)
@@ -590,8 +593,8 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
         # (block reconstruction below, or a user's fine-tuning) cannot save; drop them.
         m.refresh()
     if options.gptq and result.gptq is None:
-        result.gptq = apply_gptq(model, calib, max_bits=options.gptq_max_bits, asym=options.gptq_asym, damp=options.gptq_damp,
-                                 progress=progress).to_dict()
+        result.gptq = apply_gptq(model, calib, max_bits=options.gptq_max_bits, asym=options.gptq_asym,
+                                 damp=options.gptq_damp, progress=progress).to_dict()
         done("gptq")
     if options.recon_applies(base):
         result.recon = apply_block_recon(model, fp_model, calib, progress=progress, seed=base.seed,
@@ -612,8 +615,8 @@ def _after_gptq(model: nn.Module, calib: torch.Tensor, options: MethodOptions, p
     for m in weight_layers(model):
         m.refresh()  # drop the inference-mode weight caches before copying (see the end of greedy_mp)
     trial = copy.deepcopy(model)
-    res = apply_gptq(trial, calib, max_bits=options.gptq_max_bits, asym=options.gptq_asym, damp=options.gptq_damp,
-                     progress=progress).to_dict()
+    res = apply_gptq(trial, calib, max_bits=options.gptq_max_bits, asym=options.gptq_asym,
+                     damp=options.gptq_damp, progress=progress).to_dict()
     kl = _Prober(trial, prober.images, prober.ref).kl()
     prober.count += 1
     return kl, trial, res

@@ -255,8 +255,8 @@ def run_pipeline(fp_model: nn.Module, calib: torch.Tensor, config: QuantConfig, 
     gptq = None
     if options.gptq:
         t = time.perf_counter()
-        gptq = apply_gptq(q, calib, max_bits=options.gptq_max_bits, asym=options.gptq_asym, damp=options.gptq_damp,
-                          progress=progress).to_dict()
+        gptq = apply_gptq(q, calib, max_bits=options.gptq_max_bits, asym=options.gptq_asym,
+                          damp=options.gptq_damp, progress=progress).to_dict()
         timing["gptq_s"] = time.perf_counter() - t
     recon = None
     if options.recon_applies(config):
