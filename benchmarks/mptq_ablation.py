@@ -326,6 +326,10 @@ def main() -> int:
                 label += f", GELU token shifts ({n} grids shifted)"
             if args.recon_e2e_iters != MethodOptions.recon_e2e_iters:
                 label += f", end-to-end {args.recon_e2e_iters} steps"
+            if args.gptq_asym is not None and args.gptq_asym != MethodOptions.gptq_asym:
+                label += f", asymmetric GPTQ (alpha {args.gptq_asym:g})"
+            if args.gptq_damp is not None and args.gptq_damp != MethodOptions.gptq_damp:
+                label += f", GPTQ damping {args.gptq_damp:g}"
             key = f"{v['protocol']} {label}"
             built[key] = q
             meta[key] = dict(protocol=v["protocol"], variant=label, time_s=time.perf_counter() - t0)
