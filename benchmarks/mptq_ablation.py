@@ -101,10 +101,10 @@ def main() -> int:
                          f"MethodOptions' {MethodOptions.gptq_max_bits} for mptq)")
     ap.add_argument("--gptq-asym", type=float, default=None, metavar="ALPHA",
                     help="GPTQ's asymmetric calibration strength (0: plain GPTQ; default: MethodOptions' "
-                         f"{MethodOptions.gptq_asym}; docs/methods.md rule R39)")
+                         f"{MethodOptions.gptq_asym}; docs/methods.md rules R39, R42)")
     ap.add_argument("--gptq-damp", type=float, default=None, metavar="FRACTION",
                     help="GPTQ's diagonal damping as a fraction of mean(diag(H)) (default: MethodOptions' "
-                         f"{MethodOptions.gptq_damp}; docs/methods.md rule R40)")
+                         f"{MethodOptions.gptq_damp}; docs/methods.md rules R40, R41)")
     ap.add_argument("--recon-wscale-max-bits", type=int, default=MethodOptions.recon_wscale_max_bits,
                     help="reconstruction learns weight scales only on layers with at most this many weight bits")
     ap.add_argument("--no-recon-ptf", action="store_true",

@@ -541,10 +541,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "round-to-nearest (default 5, see docs/methods.md)")
     p.add_argument("--gptq-asym", type=float, default=None, metavar="ALPHA",
                    help="GPTQ fits each layer to its float path's output with this strength (GPTAQ's alpha, 0 to 1; "
-                        "0 = plain GPTQ, the default; see docs/methods.md rule R39)")
+                        "0 = plain GPTQ, the default: rules R39 and R42 in docs/methods.md found no gain)")
     p.add_argument("--gptq-damp", type=float, default=None, metavar="FRACTION",
-                   help="GPTQ's diagonal damping as a fraction of the mean of diag(H) (default 0.01; docs/methods.md "
-                        "rule R40)")
+                   help="GPTQ's diagonal damping as a fraction of the mean of diag(H) (default 0.01; 0.1 and 0.001 "
+                        "failed rules R40 and R41, docs/methods.md)")
     p.add_argument("--recon", action="store_true",
                    help="block reconstruction of step sizes after GPTQ, at <= --recon-max-bits activation "
                         "bits (vitq's addition; on with --method mptq)")

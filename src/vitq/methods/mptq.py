@@ -160,9 +160,9 @@ class MethodOptions:
     gptq: bool = False  # GPTQ weight rounding after calibration (vitq's addition, not in the paper)
     gptq_max_bits: int = 5  # layers with wider weights keep round-to-nearest (docs/methods.md)
     # asymmetric calibration strength (GPTAQ's alpha; 0 = plain GPTQ): fit each layer to its float path's
-    # output (gptq.apply_gptq); rule R39 in docs/methods.md decides the default of `--method mptq`
+    # output (gptq.apply_gptq); off: rules R39 and R42 in docs/methods.md found no gain
     gptq_asym: float = 0.0
-    # GPTQ's diagonal damping as a fraction of mean(diag(H)); rule R40 in docs/methods.md decides the default
+    # GPTQ's diagonal damping as a fraction of mean(diag(H)); 0.1 and 0.001 failed rules R40 and R41
     gptq_damp: float = 0.01
     recon: bool = False  # block reconstruction of step sizes after GPTQ (vitq's addition)
     # It runs only when the config's default activation bits are at most this: 6 since session 8, chosen on
