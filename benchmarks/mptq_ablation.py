@@ -88,6 +88,9 @@ def main() -> int:
                     help="Greedy MP returns a uniform width instead where it scores better (default as vitq "
                          "quantize: off for the Greedy MP rows --method mptq runs at <= 6 bits in the standard "
                          "protocol, rule R37, and <= 5 in the full, rule R38; on otherwise)")
+    ap.add_argument("--mp-estimate-top", action="store_true",
+                    help="knapsack: estimate the highest candidate's loss from the next lower one's instead of "
+                         "probing it (vitq quantize --mp-estimate-top)")
     ap.add_argument("--fallback-gptq", action="store_true",
                     help="the uniform fallback scores candidates after GPTQ (vitq quantize --fallback-gptq)")
     ap.add_argument("--recon-iters", type=int, default=MethodOptions.recon_iters,
@@ -257,7 +260,8 @@ def main() -> int:
                                          w_candidates=w_cands, a_candidates=a_cands,
                                          progress=False, search=args.mp_search,
                                          uniform_fallback=fallback,
-                                         gptq_losses=gptq_losses, fallback_gptq=args.fallback_gptq)
+                                         gptq_losses=gptq_losses, fallback_gptq=args.fallback_gptq,
+                                         estimate_top=args.mp_estimate_top)
                 except ConfigError as exc:  # report and go on: the other variants are still worth measuring
                     print(f"skipped {short} {spec}: {exc}", file=sys.stderr, flush=True)
                     continue
@@ -268,6 +272,7 @@ def main() -> int:
                          f"{args.probe_images} probe images"
                          f", {args.mp_search} search"
                          f"{', GPTQ-aware W losses' if gptq_losses else ''}"
+                         f"{', top width estimated' if args.mp_estimate_top else ''}"
                          f"{'' if fallback else ', no uniform fallback'}"
                          + ("" if w_cands == a_cands == parse_bits_list(DEFAULT_CANDIDATES) else
                             f", candidates W {args.w_candidates} A {args.a_candidates}") + ")")

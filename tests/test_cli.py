@@ -135,6 +135,7 @@ def test_mixed_precision_search_then_config_reuse_gives_same_bits_and_result(tmp
     (["--method", "mptq", "--rotate-parts", "fc2,kq"], "--rotate-parts takes a comma-separated list"),
     (["--method", "mptq", "--gptq-asym", "1.5"], "--gptq-asym must be from 0 to 1, got 1.5"),
     (["--method", "mptq", "--gptq-damp", "0"], "--gptq-damp must be above 0 and at most 10, got 0.0"),
+    (["--method", "mptq", "--mp-estimate-top"], "--mp-estimate-top estimates the knapsack's isolated losses"),
 ])
 def test_mp_search_errors(tmp_path, images, extra, needle, capsys):
     argv = ["quantize", "deit_tiny", "--random-init", "--calib", str(images), "--calib-size", "2", "--eval",

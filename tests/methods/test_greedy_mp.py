@@ -274,6 +274,21 @@ def test_knapsack_search_rejects_what_it_cannot_do():
         _search(Budget(3.0, None), search="knapsack")
 
 
+def test_estimated_top_width_skips_its_probes_and_keeps_the_other_losses():
+    budget = Budget(5.5, 5.5)
+    _, _, _, probed = _search(budget, search="knapsack", uniform_fallback=False)
+    _, _, q, est = _search(budget, search="knapsack", uniform_fallback=False, estimate_top=True)
+    assert est.probes == probed.probes - len(probed.sensitivity)  # one probe fewer per searched tensor
+    for a, b in zip(probed.sensitivity, est.sensitivity):
+        assert (a["layer"], a["kind"]) == (b["layer"], b["kind"])
+        assert all(a["kl"][k] == b["kl"][k] for k in ("4", "5", "6"))  # measured exactly as before
+        assert b["kl"]["8"] == b["kl"]["6"] / 16 and b["estimated"] == 8 and "estimated" not in a
+    st = model_stats(q)
+    assert st["avg_w_bits"] <= budget.w_bits + 1e-9 and _searched_avg_a(q) <= budget.a_bits + 1e-9
+    with pytest.raises(ConfigError, match="use a knapsack search"):
+        _search(budget, search="greedy", estimate_top=True)
+
+
 @pytest.mark.parametrize("search", ["greedy", "knapsack"])
 def test_searched_assignment_goes_through_reconstruction(search):
     # Regression: without the uniform fallback (which re-sets every item), weights cached during the
