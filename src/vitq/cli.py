@@ -603,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mp-estimate-top", action="store_true",
                    help="knapsack search: estimate each tensor's loss at the highest candidate width from the next "
                         "lower one's (noise power / 4 per bit) instead of probing it; a quarter fewer probes with the "
-                        "default candidates (rule R43 in docs/methods.md)")
+                        "default candidates; off: rule R43 failed, docs/methods.md)")
     p.add_argument("--fallback-gptq", action="store_true",
                    help="the uniform fallback scores each candidate after GPTQ, as it will be returned, not with "
                         "round-to-nearest weights (needs GPTQ; turns the fallback on unless --no-uniform-fallback; rule R25 "
