@@ -303,7 +303,9 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
             loss from the next lower width's as ``loss * 4^-(b_top - b_next)`` (the quantization noise power
             falls fourfold per bit) and its logit error as ``error * 2^-(b_top - b_next)``. Saves a quarter
             of the probes with the default candidates; off by default (rule R43 failed, docs/methods.md).
-            ``lower_per_step``, ``remeasure_every``, ``cost`` and ``snapshots`` are greedy-only.
+
+    Note:
+        ``lower_per_step``, ``remeasure_every``, ``cost`` and ``snapshots`` are greedy-only.
 
     Raises:
         ConfigError: bad candidates or an unreachable budget.
