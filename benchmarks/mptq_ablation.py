@@ -24,7 +24,8 @@ from vitq.cli import parse_bits_list
 from vitq.data import make_dataset, make_loader
 from vitq.evaluate import evaluate_many
 from vitq.io import atomic_write_json
-from vitq.methods.greedy_mp import SEARCHES, Budget, default_gptq_losses, default_probe_images, greedy_mp
+from vitq.methods.greedy_mp import (DEFAULT_CANDIDATES, SEARCHES, Budget, default_gptq_losses, default_probe_images,
+                                    greedy_mp)
 from vitq.methods.mptq import (MethodOptions, mptq_gelu_token_shifts, mptq_rotates, mptq_token_scales,
                               mptq_uniform_fallback, run_pipeline)
 from vitq.methods.optm import GRIDS, NONLIN_OBJECTIVES, PTF_OBJECTIVES
@@ -64,7 +65,6 @@ def variants(spec: str):
 DEFAULT = ([f"single:standard:{b}:{m}" for b in (4, 6) for m in METHODS]
            + [f"single:full:{b}:+SQ-b +OPT-m" for b in (4, 6)]
            + [f"greedy:full:{b}" for b in (6, 5)])
-DEFAULT_CANDIDATES = "4,5,6,8"  # Greedy MP's candidate widths, as greedy_mp and vitq quantize default to
 
 
 def main() -> int:
@@ -76,9 +76,9 @@ def main() -> int:
     ap.add_argument("--probe-images", type=int,
                     help="Greedy MP: calibration images for sensitivities (default as vitq quantize: 16 for the "
                          "knapsack, superposed and calibrated searches, 8 for greedy)")
-    ap.add_argument("--w-candidates", default=DEFAULT_CANDIDATES,
+    ap.add_argument("--w-candidates", default=",".join(map(str, DEFAULT_CANDIDATES)),
                     help="Greedy MP: candidate weight bit-widths, comma-separated (vitq quantize --w-candidates)")
-    ap.add_argument("--a-candidates", default=DEFAULT_CANDIDATES,
+    ap.add_argument("--a-candidates", default=",".join(map(str, DEFAULT_CANDIDATES)),
                     help="Greedy MP: candidate activation bit-widths, comma-separated (vitq quantize --a-candidates)")
     ap.add_argument("--mp-search", choices=list(SEARCHES), default="knapsack",
                     help="Greedy MP's search (vitq quantize --mp-search)")
@@ -274,7 +274,7 @@ def main() -> int:
                          f"{', GPTQ-aware W losses' if gptq_losses else ''}"
                          f"{', top width estimated' if args.mp_estimate_top else ''}"
                          f"{'' if fallback else ', no uniform fallback'}"
-                         + ("" if w_cands == a_cands == parse_bits_list(DEFAULT_CANDIDATES) else
+                         + ("" if w_cands == a_cands == DEFAULT_CANDIDATES else
                             f", candidates W {args.w_candidates} A {args.a_candidates}") + ")")
                 h = found.history[0] if found.history else {}
                 if "kl_predicted" in h:  # knapsack and superposed searches

@@ -19,7 +19,8 @@ from .artifact import ArtifactError, is_artifact, load_artifact, save_artifact, 
 from .data import DataError, calibration_subset, load_tensors, make_dataset, make_loader, read_list
 from .evaluate import evaluate, evaluate_many
 from .quant.config import ConfigError, QuantConfig
-from .methods.greedy_mp import SEARCHES, Budget, default_gptq_losses, default_probe_images, greedy_mp, plot_bits
+from .methods.greedy_mp import (DEFAULT_CANDIDATES, SEARCHES, Budget, default_gptq_losses, default_probe_images,
+                                greedy_mp, plot_bits)
 from .hardware import HardwareError, estimate, extract_workloads, int8_baseline, load_hardware
 from .methods.m2q import m2q, plot_m2q
 from .methods.optm import GRIDS, NONLIN_OBJECTIVES, PTF_OBJECTIVES
@@ -288,7 +289,8 @@ def _cmd_quantize(args) -> int:
               f"{sum(r['engine'] == 'shift' for r in m2.layers)} layers on the shift-add engine", flush=True)
     elif budget is not None:
         qmodel, search = greedy_mp(loaded.model, calib_images, config, options, budget,
-                                   parse_bits_list(args.w_candidates or "4,5,6,8"), parse_bits_list(args.a_candidates or "4,5,6,8"),
+                                   parse_bits_list(args.w_candidates) if args.w_candidates else DEFAULT_CANDIDATES,
+                                   parse_bits_list(args.a_candidates) if args.a_candidates else DEFAULT_CANDIDATES,
                                    n_probe=args.probe_images, remeasure_every=args.remeasure_every,
                                    lower_per_step=args.lower_per_step, uniform_fallback=args.uniform_fallback,
                                    search=args.mp_search, gptq_losses=args.mp_gptq_losses,

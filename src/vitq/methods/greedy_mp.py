@@ -49,6 +49,7 @@ from .sqb import apply_sqb
 # re-solved with each block's activation losses scaled by how much that block's activations cost in the
 # found model, measured in place (_calibrate_blocks).
 SEARCHES = ("greedy", "knapsack", "superposed", "calibrated")
+DEFAULT_CANDIDATES = (4, 5, 6, 8)  # candidate bit-widths for weights and for activations
 
 # The calibrated search: re-solve rounds, and the range of the per-block factors (a probe of a block whose
 # isolated losses are tiny can give an extreme ratio, which one noisy probe should not turn into a veto).
@@ -253,7 +254,7 @@ class _Prober:
 
 
 def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, options: MethodOptions, budget: Budget,
-              w_candidates=(4, 5, 6, 8), a_candidates=(4, 5, 6, 8), n_probe: int = 8,
+              w_candidates=DEFAULT_CANDIDATES, a_candidates=DEFAULT_CANDIDATES, n_probe: int = 8,
               remeasure_every: int = 0, lower_per_step: int = 4, progress: bool = True,
               bank_config: Callable[[int], QuantConfig] | None = None,
               cost: Callable[[dict[str, dict[str, int]]], float] | None = None,
