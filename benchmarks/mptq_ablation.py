@@ -128,6 +128,11 @@ def main() -> int:
                     help="what the PTF search minimizes (vitq quantize --opt-m-ptf-objective)")
     ap.add_argument("--opt-m-nonlin-objective", choices=list(NONLIN_OBJECTIVES), default=MethodOptions.optm_nonlin_objective,
                     help="full protocol: how OPT-m clips GELU inputs (vitq quantize --opt-m-nonlin-objective)")
+    ap.add_argument("--opt-m-softmax-objective", choices=list(NONLIN_OBJECTIVES),
+                    default=MethodOptions.optm_softmax_objective,
+                    help="full protocol: how OPT-m clips softmax inputs (vitq quantize --opt-m-softmax-objective)")
+    ap.add_argument("--head-grids", action="store_true",
+                    help="full protocol: per-head grids for the softmax inputs (vitq quantize --head-grids)")
     ap.add_argument("--opt-m-log2", action=argparse.BooleanOptionalAction, default=MethodOptions.optm_log2,
                     help="OPT-m also tries the log2 grid on post-softmax values (vitq quantize --opt-m-log2)")
     ap.add_argument("--attn-smooth", action=argparse.BooleanOptionalAction, default=MethodOptions.attn_smooth,
@@ -200,6 +205,7 @@ def main() -> int:
                        recon_e2e_iters=args.recon_e2e_iters, recon_wscale_max_bits=args.recon_wscale_max_bits,
                        optm_ptf=args.opt_m_ptf, optm_ptf_objective=args.opt_m_ptf_objective,
                        optm_nonlin_objective=args.opt_m_nonlin_objective, optm_log2=args.opt_m_log2,
+                       optm_softmax_objective=args.opt_m_softmax_objective,
                        attn_smooth=args.attn_smooth and opts.sq_b,
                        attn_smooth_parts=tuple(args.attn_smooth_parts.split(",")),
                        rotate=rotate, rotate_parts=tuple(args.rotate_parts.split(",")),
@@ -236,7 +242,8 @@ def main() -> int:
             if v["kind"] == "single":
                 cfg = QuantConfig(w_bits=v["bits"], a_bits=v["bits"], protocol=v["protocol"], observer="mse",
                                   seed=args.seed, residual_token_shift=token_shift(v),
-                                  gelu_token_shift=gelu_token_shift(v, v["bits"]))
+                                  gelu_token_shift=gelu_token_shift(v, v["bits"]),
+                                  head_grids=args.head_grids and v["protocol"] == "full")
                 rotated, scaled_tokens = rotates(v, cfg), token_scales(v, cfg)
                 q = run_pipeline(loaded.model, calib, cfg, with_recon(METHODS[v["method"]], rotated, scaled_tokens)).model
                 label = f"W{v['bits']}A{v['bits']} {v['method']}" + (
@@ -248,7 +255,8 @@ def main() -> int:
                 # so that the greedy rows and the uniform rows at that width share the same smoothing.
                 base = max(2, min(8, round(b)))
                 cfg = QuantConfig(w_bits=base, a_bits=base, protocol=v["protocol"], observer="mse", seed=args.seed,
-                                  residual_token_shift=token_shift(v), gelu_token_shift=gelu_token_shift(v, base))
+                                  residual_token_shift=token_shift(v), gelu_token_shift=gelu_token_shift(v, base),
+                                  head_grids=args.head_grids and v["protocol"] == "full")
                 rotated, scaled_tokens = rotates(v, cfg), token_scales(v, cfg)
                 opts = with_recon(MethodOptions(sq_b=True, opt_m=True, gptq=v["gptq"], recon=v["recon"]), rotated,
                                   scaled_tokens)
@@ -320,6 +328,10 @@ def main() -> int:
                 label += f", PTF objective {args.opt_m_ptf_objective}"
             if args.opt_m_nonlin_objective != MethodOptions.optm_nonlin_objective and v["protocol"] == "full":
                 label += f", GELU-input clip on {args.opt_m_nonlin_objective}"
+            if args.opt_m_softmax_objective != MethodOptions.optm_softmax_objective and v["protocol"] == "full":
+                label += f", softmax-input clip on {args.opt_m_softmax_objective}"
+            if cfg.head_grids:
+                label += ", per-head softmax-input grids"
             gelus = {id(g) for g, _ in adapter_for(q).gelu_inputs(q)}
             if token_shift(v):  # how many grids calibration shifted (0: the model without them exactly)
                 n = sum(t.token_shift_or_none is not None and id(t) not in gelus for t in all_quantizers(q))

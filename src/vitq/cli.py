@@ -114,7 +114,7 @@ def _config_from_args(args) -> QuantConfig:
     base = QuantConfig.load(args.config).to_dict() if args.config else {}
     # Command-line options given explicitly override the config file.
     for key in ("w_bits", "a_bits", "protocol", "observer", "mse_objective", "seed", "w_granularity", "w_scheme",
-                "residual_token_shift", "gelu_token_shift"):
+                "residual_token_shift", "gelu_token_shift", "head_grids"):
         value = getattr(args, key, None)
         if value is not None:
             base[key] = value
@@ -142,6 +142,7 @@ def _cmd_quantize(args) -> int:
                             m_max=args.m_max, optm_grid=args.opt_m_grid, optm_ptf=args.opt_m_ptf is not False,
                             optm_ptf_objective=args.opt_m_ptf_objective or MethodOptions.optm_ptf_objective,
                             optm_nonlin_objective=args.opt_m_nonlin_objective or MethodOptions.optm_nonlin_objective,
+                            optm_softmax_objective=args.opt_m_softmax_objective or MethodOptions.optm_softmax_objective,
                             optm_log2=MethodOptions.optm_log2 if args.opt_m_log2 is None else args.opt_m_log2,
                             sq_b_unnormed=args.sq_b_unnormed, sq_b_gelu=args.sq_b_gelu,
                             attn_smooth=args.attn_smooth, rotate=bool(args.rotate) or args.rotate_parts is not None,
@@ -193,6 +194,11 @@ def _cmd_quantize(args) -> int:
     if args.opt_m_nonlin_objective is not None and not (options.opt_m and config.protocol == "full"):
         raise ConfigError(f"--opt-m-nonlin-objective {args.opt_m_nonlin_objective} sets how OPT-m clips the full protocol's "
                           "GELU inputs: give it with --opt-m or --method mptq and --protocol full")
+    if args.opt_m_softmax_objective is not None and not (options.opt_m and config.protocol == "full"):
+        raise ConfigError(f"--opt-m-softmax-objective {args.opt_m_softmax_objective} sets how OPT-m clips the full "
+                          "protocol's softmax inputs: give it with --opt-m or --method mptq and --protocol full")
+    if args.head_grids and config.protocol != "full":
+        raise ConfigError("--head-grids sets the full protocol's softmax-input grids: give it with --protocol full")
     if args.opt_m_log2 is not None and not options.opt_m:
         raise ConfigError("--opt-m-log2 is part of OPT-m's search: give it with --opt-m or --method mptq")
     if args.sq_b_gelu and args.sq_b_unnormed:
@@ -486,6 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="full protocol: each GELU input's grid also gets a static power-of-two factor per token "
                         "position (QuantConfig.gelu_token_shift; on by default with --method mptq at <= 6 "
                         "activation bits since rule R33, together with --token-scale, docs/methods.md)")
+    p.add_argument("--head-grids", dest="head_grids", action=argparse.BooleanOptionalAction,
+                   help="full protocol: one step and zero point per attention head for ViT/DeiT softmax inputs "
+                        "(QuantConfig.head_grids; off by default; docs/methods.md)")
     p.add_argument("--config", help="QuantConfig JSON (per-layer rules); explicit options override it")
     p.add_argument("--seed", type=int)
     p.add_argument("--method", choices=["mptq", "m2q"],
@@ -535,6 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opt-m-nonlin-objective", choices=list(NONLIN_OBJECTIVES), default=None,
                    help="full protocol: how OPT-m clips GELU inputs: tensor (default: r*[min, max] on their own error) "
                         "or output (lower and upper end searched apart on the GELU output's error); docs/methods.md")
+    p.add_argument("--opt-m-softmax-objective", choices=list(NONLIN_OBJECTIVES), default=None,
+                   help="full protocol: how OPT-m clips softmax inputs: tensor (default: on their own error) or output "
+                        "(on the softmax output's error; rule R45, docs/methods.md)")
     p.add_argument("--opt-m-log2", action=argparse.BooleanOptionalAction, default=None,
                    help="OPT-m also tries a log2 grid (levels s*2^-k) on post-softmax values and keeps it where "
                         "the attn*v output error is lower than the two-region grid's (default: off); docs/methods.md")

@@ -65,6 +65,14 @@ class Adapter:
         """
         return [(m.in_quant, m) for m in model.modules() if isinstance(m, nn.GELU) and hasattr(m, "in_quant")]
 
+    def softmax_inputs(self, model: nn.Module) -> list[TensorQuantizer]:
+        """Full protocol: the quantizers of softmax inputs (each softmax over the last axis).
+
+        OPT-m's ``softmax_objective="output"`` clips them on the softmax output's error. This default finds
+        the inputs of ``nn.Softmax`` modules (Swin); families that call ``Tensor.softmax`` override it.
+        """
+        return [m.in_quant for m in model.modules() if isinstance(m, nn.Softmax) and hasattr(m, "in_quant")]
+
     def trunk(self, model: nn.Module):
         """``(stem, blocks, head)`` callables if the model is a plain sequence of blocks (lets searches
         re-run only the blocks after a change; block reconstruction tunes one step at a time), else None.

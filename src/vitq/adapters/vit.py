@@ -75,6 +75,11 @@ class ViTAdapter(Adapter):
                 out += [(b.mlp.fc2.in_quant, True), (b.attn.matmul_av.a_quant, False)]
         return out
 
+    def softmax_inputs(self, model: nn.Module) -> list:
+        # QuantViTAttention calls Tensor.softmax on its softmax_in slot, a TensorQuantizer in the full protocol
+        return [b.attn.softmax_in for b in model.modules()
+                if isinstance(b, Block) and not isinstance(getattr(b.attn, "softmax_in", None), (nn.Identity, type(None)))]
+
     def trunk(self, model: nn.Module):
         def stem(x):
             return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
@@ -117,6 +122,7 @@ class ViTAdapter(Adapter):
                 morph(m, QuantViTBlock)
             if isinstance(m, QuantViTAttention):
                 m.softmax_in = TensorQuantizer(f"{names[m]}.softmax", "input", PLACEHOLDER)
+                m.softmax_in.head_axis = 1  # logits (B, heads, N, N): QuantConfig.head_grids
         # GELU inputs (fc1 outputs) and the final norms; norm1/norm2 inputs are the residual stream above.
         quantize_inputs_of(model, names, (nn.GELU,))
         for norm in (model.norm, getattr(model, "fc_norm", None)):

@@ -359,7 +359,8 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
     # layers' widths, and a bank must not.
     stage = MethodOptions(sq_b=False, opt_m=options.opt_m, m_max=options.m_max, optm_grid=options.optm_grid,
                           optm_ptf=options.optm_ptf, optm_ptf_objective=options.optm_ptf_objective,
-                          optm_nonlin_objective=options.optm_nonlin_objective, optm_log2=options.optm_log2)
+                          optm_nonlin_objective=options.optm_nonlin_objective, optm_log2=options.optm_log2,
+                          optm_softmax_objective=options.optm_softmax_objective)
     banks: dict[int, dict] = {}
     model = None
     for b in tqdm(sorted(set(w_c + a_c), reverse=True), desc="calibrate candidates", disable=not progress, leave=False):

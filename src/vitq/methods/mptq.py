@@ -138,6 +138,9 @@ class MethodOptions:
     # on their own error) or "output" (both ends searched apart on the GELU output's error; session 16,
     # rule R19 in docs/methods.md decides the default)
     optm_nonlin_objective: str = "tensor"
+    # Full protocol: how OPT-m clips softmax inputs, a name in optm.NONLIN_OBJECTIVES: "tensor" (their own
+    # error) or "output" (the softmax output's error; session 31, rule R45 in docs/methods.md decides)
+    optm_softmax_objective: str = "tensor"
     # OPT-m also tries the log2 grid on post-softmax values (optm.search_log2) and keeps it where its output
     # error is lower (vitq's addition, session 21); rule R28 in docs/methods.md decides the default
     optm_log2: bool = False
@@ -250,7 +253,8 @@ def run_pipeline(fp_model: nn.Module, calib: torch.Tensor, config: QuantConfig, 
         t = time.perf_counter()
         optm = apply_optm(q, calib, m_max=options.m_max, progress=progress, grid=options.optm_grid,
                           ptf=options.optm_ptf, ptf_objective=options.optm_ptf_objective,
-                          nonlin_objective=options.optm_nonlin_objective, log2=options.optm_log2).to_dict()
+                          nonlin_objective=options.optm_nonlin_objective, log2=options.optm_log2,
+                          softmax_objective=options.optm_softmax_objective).to_dict()
         timing["optm_s"] = time.perf_counter() - t
     gptq = None
     if options.gptq:

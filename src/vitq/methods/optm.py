@@ -59,10 +59,11 @@ GRIDS = {"standard": STANDARD_GRID, "wide": WIDE_GRID}
 @dataclass
 class OptMChoice:
     name: str
-    scheme: str  # uniform (m = 0), two_region, log2 (m unused), ptf (a searched PTF grid; m unused) or gelu_clip
+    scheme: str  # uniform (m = 0), two_region, log2 (m unused), ptf (a searched PTF grid; m unused), gelu_clip
+    # or head_clip (a per-head grid, QuantConfig.head_grids; m unused)
     m: int
     # best output error with m = 0 (uniform); for ptf: the min-max PTF grid's error; for gelu_clip: the
-    # symmetric r·[min, max] clip's GELU-output error
+    # symmetric r·[min, max] clip's GELU-output error; for head_clip: the best per-tensor clip's error
     error_m0: float
     error: float  # best output error overall (<= error_m0)
 
@@ -132,6 +133,9 @@ def _capture(model: nn.Module, calib: torch.Tensor, max_rows: int,
         idx = pick(x)  # drawn even when already captured, so every other sample stays as it was
         if id(mod) in found:
             return
+        if mod.spec.granularity == "per_head":
+            found[id(mod)] = (x, None)  # whole tensors: the rows must keep their heads
+            return
         f = mod.token_factor(x)  # None unless the grid has token shifts
         found[id(mod)] = (rows(x if f is None else x / f, idx), None)
         if f is not None and token_weights is not None:
@@ -184,6 +188,48 @@ def search_uniform_clip(x: torch.Tensor, bits: int, out_fn=None, ref: torch.Tens
         if err < best[2]:
             best = ((lo0 * r).item(), (hi0 * r).item(), err)
     return best
+
+
+def _softmax_rows(v: torch.Tensor) -> torch.Tensor:
+    """The softmax over the last axis: what a softmax input's error is measured on with ``softmax_objective="output"``."""
+    return v.softmax(-1)
+
+
+def search_head_clip(x: torch.Tensor, bits: int, axis: int, out_fn=None) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """Per head (index along ``axis``), the best asymmetric uniform clip on the tensor error.
+
+    Each head tries ``r·[min_h, max_h]`` (its own range) and ``r·[min, max]`` (the whole tensor's) for every
+    ``r`` in :data:`CLIP_GRID`. The heads' errors add up, so the result is never worse than the best
+    per-tensor clip, which is one of the candidates for every head at once.
+
+    Returns:
+        ``(lo, hi, error, error_per_tensor)``: per-head clip ranges, and the mean squared errors of the
+        chosen per-head grids and of the best per-tensor clip.
+    """
+    x = x.float()
+    ref = out_fn(x) if out_fn is not None else None
+    axis %= x.dim()
+    dims = [d for d in range(x.dim()) if d != axis]
+    shape = [1] * x.dim()
+    shape[axis] = -1
+    qmin, qmax = Q.int_range(bits, False)
+    own = (x.amin(dim=dims), x.amax(dim=dims))
+    whole = (x.min().expand_as(own[0]), x.max().expand_as(own[0]))
+    best_err = torch.full_like(own[0], float("inf"))
+    best_lo, best_hi = own[0].clone(), own[1].clone()
+    tensor_best = float("inf")
+    for r in CLIP_GRID:
+        for i, (lo0, hi0) in enumerate((own, whole)):
+            lo, hi = lo0 * r, hi0 * r
+            s, z = Q.uniform_params(lo, hi, bits, False)
+            xq = Q.fake_quant_uniform(x, s.reshape(shape), z.reshape(shape), qmin, qmax)
+            err = ((out_fn(xq) - ref) if out_fn is not None else (xq - x)).pow(2).mean(dim=dims)
+            if i == 1:  # the per-tensor grid at this clip: every head uses it
+                tensor_best = min(tensor_best, err.mean().item())
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
+    return best_lo, best_hi, best_err.mean().item(), tensor_best
 
 
 # Lower-end clip ratios of the GELU-input search (``search_gelu_clip``): GELU is flat below about -4, so
@@ -349,7 +395,8 @@ def default_m_max(bits: int) -> int:
 
 def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int | None = None, max_rows: int = 4096,
                n_images: int = 8, progress: bool = True, grid: str = "standard", ptf: bool = True,
-               ptf_objective: str = "normalized", nonlin_objective: str = "tensor", log2: bool = False) -> OptMResult:
+               ptf_objective: str = "normalized", nonlin_objective: str = "tensor", log2: bool = False,
+               softmax_objective: str = "tensor") -> OptMResult:
     """Run OPT-m on a calibrated model (in place).
 
     Args:
@@ -365,6 +412,9 @@ def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int | None = None, 
         nonlin_objective: full protocol, GELU inputs: ``"tensor"`` clips them like every other tensor
             that feeds no Linear or matmul (``r·[min, max]`` on their own error); ``"output"`` searches
             the two ends separately on the GELU output's error (:func:`search_gelu_clip`).
+        softmax_objective: full protocol, softmax inputs: ``"tensor"`` clips them on their own error;
+            ``"output"`` on the error of the softmax's output (each row's probabilities), where the clip of
+            the very negative logits, whose probabilities are about 0, costs nothing (session 31).
         log2: also try the log2 grid (:func:`search_log2`) on the non-negative two-region tensors (the
             post-softmax operand of attn·v; ``signed_fine`` False) and keep it where its output error is
             lower than the best uniform or two-region grid's (vitq's addition, docs/methods.md).
@@ -377,11 +427,15 @@ def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int | None = None, 
         raise ValueError(f"unknown OPT-m grid {grid!r}; choose one of {sorted(GRIDS)}")
     if ptf_objective not in PTF_OBJECTIVES:
         raise ValueError(f"unknown PTF search objective {ptf_objective!r}; choose one of {list(PTF_OBJECTIVES)}")
+    if softmax_objective not in NONLIN_OBJECTIVES:
+        raise ValueError(f"unknown OPT-m softmax objective {softmax_objective!r}; choose one of {list(NONLIN_OBJECTIVES)}")
     if nonlin_objective not in NONLIN_OBJECTIVES:
         raise ValueError(f"unknown OPT-m nonlinearity objective {nonlin_objective!r}; choose one of {list(NONLIN_OBJECTIVES)}")
     adapter = adapter_for(model)
     targets = {id(q): signed for q, signed in adapter.two_region_targets(model)}
     gelus = {id(q): g for q, g in adapter.gelu_inputs(model)} if nonlin_objective == "output" else {}
+    softmaxes = ({id(q): _softmax_rows for q in adapter.softmax_inputs(model)}
+                 if softmax_objective == "output" else {})
     row_weights: dict[int, torch.Tensor] | None = {} if ptf_objective == "normalized" else None
     token_weights: dict[int, torch.Tensor] = {}
     found = _capture(model, calib[:n_images], max_rows, row_weights, token_weights)
@@ -397,6 +451,11 @@ def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int | None = None, 
             scale, zp, err, err0 = search_ptf(x, q.range_min, q.range_max, q.spec.bits, row_weight=weight)
             q.set_ptf(scale, zp)
             result.choices.append(OptMChoice(q.name, "ptf", 0, err0, err))
+            continue
+        if q.spec.granularity == "per_head" and q.spec.scheme == "uniform":
+            lo, hi, err, err0 = search_head_clip(x, q.spec.bits, q.head_axis, softmaxes.get(id(q)))
+            q.set_range(lo, hi)
+            result.choices.append(OptMChoice(q.name, "head_clip", 0, err0, err))
             continue
         if q.spec.scheme != "uniform" or q.spec.granularity != "per_tensor":
             continue  # PoT, two-region and (with ptf=False) PTF residual grids keep their own calibration
@@ -414,7 +473,8 @@ def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int | None = None, 
             q.set_range(torch.tensor(lo), torch.tensor(hi))
             result.choices.append(OptMChoice(q.name, "gelu_clip", 0, err_sym, err))
             continue
-        lo, hi, err0 = search_uniform_clip(x, q.spec.bits, out_fn)
+        # a softmax input's rows are whole softmax rows, so its output is the softmax of each sample row
+        lo, hi, err0 = search_uniform_clip(x, q.spec.bits, out_fn if out_fn is not None else softmaxes.get(id(q)))
         q.set_range(torch.tensor(lo), torch.tensor(hi))
         top_m = default_m_max(q.spec.bits) if m_max is None else m_max
         if id(q) in targets and top_m > 0:

@@ -74,6 +74,12 @@ class QuantConfig:
             activations there: four positions reach +215 where no other exceeds 5.2. Off in a bare config;
             ``vitq quantize --method mptq`` turns it on at <= 6 activation bits (rule R33,
             ``methods.mptq.mptq_gelu_token_shifts``).
+        head_grids: full protocol: each softmax input (ViT/DeiT attention logits) gets one uniform step and
+            zero point per attention head instead of one per tensor. Each head's softmax and q @ k^T are
+            separate, so an integer kernel simply requantizes each head with its own scale. The heads'
+            logit ranges differ by up to 4-5x in the first blocks (``benchmarks/head_ranges.py``). The clip
+            of each head comes from OPT-m's search; without OPT-m it is the head's min-max range. Off by
+            default (vitq's addition, session 31, rule R45 in docs/methods.md).
         rules: per-layer overrides, applied in order (later rules win).
         seed: seed of every random choice (observer sampling; block reconstruction's batch order and QDrop).
     """
@@ -91,6 +97,7 @@ class QuantConfig:
     residual_ptf: bool = True
     residual_token_shift: bool = True
     gelu_token_shift: bool = False
+    head_grids: bool = False
     rules: list[LayerRule] = field(default_factory=list)
     seed: int = 0
 

@@ -126,7 +126,12 @@ def apply_config(model: nn.Module, config: QuantConfig) -> None:
                                 granularity=s["w_granularity"], group_size=config.group_size)
         else:
             bits = config.first_layer_a_bits if (q.layer in first and q.role == "input") else s["a_bits"]
-            gran = "ptf" if (q.ptf_axis is not None and config.residual_ptf) else "per_tensor"
+            if q.ptf_axis is not None and config.residual_ptf:
+                gran = "ptf"
+            elif q.head_axis is not None and config.head_grids and config.protocol == "full":
+                gran = "per_head"
+            else:
+                gran = "per_tensor"
             q.spec = TensorSpec(bits=bits, scheme="uniform", symmetric=False, granularity=gran)
             q.token_shifts = (config.residual_token_shift and gran == "ptf") or id(q) in gelu_grids
             q.set_token_shift(None)

@@ -41,6 +41,9 @@ class TensorQuantizer(nn.Module):
         # Channel axis of a residual-stream tensor (ViT/Swin LayerNorm inputs, residual additions): such
         # tensors get a power-of-two-factor per-channel grid in the full protocol (see ptf_params).
         self.ptf_axis: int | None = None
+        # Head axis of an attention tensor (the ViT softmax input): with QuantConfig.head_grids such a tensor
+        # gets granularity "per_head", one uniform step and zero point per head.
+        self.head_axis: int | None = None
         # Full protocol, QuantConfig.residual_token_shift: a PTF grid also gets a static power-of-two factor
         # per token position (buffer ``token_shift``, registered at calibration; quantizers.token_shift_params);
         # QuantConfig.gelu_token_shift does the same for a per-tensor uniform GELU-input grid
@@ -64,10 +67,17 @@ class TensorQuantizer(nn.Module):
         self.drop_prob = 0.0
         self.drop_generator: torch.Generator | None = None
 
+    @property
+    def channel_axis(self) -> int | None:
+        """The axis along which this grid has one step per index (PTF channels, heads), or None per tensor."""
+        if self.spec.granularity == "ptf":
+            return self.ptf_axis
+        return self.head_axis if self.spec.granularity == "per_head" else None
+
     # ---- calibration
     def start_observing(self, method: str, seed: int) -> None:
         self.mode = "observe"
-        axis = self.ptf_axis if self.spec.granularity == "ptf" else None
+        axis = self.channel_axis
         self.set_token_shift(None)
         self.observer = ActivationObserver(method, seed=seed, axis=axis, per_position=self._uses_token_shifts)
         self.elements = 0
@@ -202,7 +212,7 @@ class TensorQuantizer(nn.Module):
         if self.spec.scheme == "log2":
             return Q.fake_quant_log2(x, self.scale, self.spec.bits)
         qmin, qmax = self._qrange()
-        axis = self.ptf_axis if self.spec.granularity == "ptf" else None
+        axis = self.channel_axis
         f = self.token_factor(x)
         if f is not None:  # division and product by powers of two: exact in float
             return Q.fake_quant_uniform(x / f, self.scale, self.zero_point, qmin, qmax, axis=axis) * f
@@ -234,12 +244,12 @@ class TensorQuantizer(nn.Module):
     @property
     def scale_learnable(self) -> bool:
         """Per-tensor uniform, two-region and log2 activation grids can learn their step size (log2: its
-        top level), and PTF grids their shared base scale (the per-channel power-of-two shifts stay); PoT
+        top level), and PTF and per-head grids one multiplier of all their steps (the steps' ratios stay); PoT
         grids keep their power-of-two scale, and weights are handled by their layer."""
         s = self.spec
         if self.is_weight or self.mode != "quant":
             return False
-        if s.granularity == "ptf":
+        if s.granularity in ("ptf", "per_head"):
             return s.scheme == "uniform"
         return self.scale.numel() == 1 and s.scheme in ("uniform", "two_region", "log2")
 
@@ -248,10 +258,11 @@ class TensorQuantizer(nn.Module):
 
         For a PTF grid it is one log *multiplier* of every channel's step (0 = unchanged): the channels'
         steps keep their power-of-two ratios, so the integer LayerNorm / adder still aligns them with shifts.
+        A per-head grid learns one multiplier the same way.
         """
         if not self.scale_learnable:
             raise ValueError(f"quantizer {self.name} ({self.spec.scheme}, {self.spec.granularity}) cannot learn its scale")
-        if self.spec.granularity == "ptf":
+        if self.channel_axis is not None:
             # the steps are saved for backward: a plain copy, in case calibration made them under inference
             # mode (such tensors cannot be saved for backward)
             self.scale = self.scale.detach().clone()
@@ -264,7 +275,7 @@ class TensorQuantizer(nn.Module):
         """Adopt the learned step size as the quantizer's scale (and its clip range / region boundary)."""
         if self.log_scale is None:
             return
-        if self.spec.granularity == "ptf":
+        if self.channel_axis is not None:
             self.set_uniform_scale(self.scale * self.log_scale.detach().exp())
             self.log_scale = None
             return
@@ -312,14 +323,14 @@ class TensorQuantizer(nn.Module):
             else:
                 out = Q.fake_quant_log2_ste(x, scale, self.spec.bits)
         else:
-            # uniform, per tensor or PTF (whose learned scale multiplies the shared base); token shifts (PTF
-            # grids, GELU inputs) divide the rows first and multiply them back
-            ptf = self.spec.granularity == "ptf"
-            scale = self.scale * self.log_scale.exp() if ptf else self.log_scale.exp()
+            # uniform, per tensor, PTF or per head (whose learned scale multiplies every step); token shifts
+            # (PTF grids, GELU inputs) divide the rows first and multiply them back
+            axis = self.channel_axis
+            scale = self.scale * self.log_scale.exp() if axis is not None else self.log_scale.exp()
             qmin, qmax = self._qrange()
             f = self.token_factor(x)
             xs = x if f is None else x / f
-            out = Q.fake_quant_uniform_ste(xs, scale, self.zero_point, qmin, qmax, axis=self.ptf_axis if ptf else None)
+            out = Q.fake_quant_uniform_ste(xs, scale, self.zero_point, qmin, qmax, axis=axis)
             out = out if f is None else out * f
         if self.drop_prob > 0:
             keep_float = torch.rand(x.shape, generator=self.drop_generator) < self.drop_prob
