@@ -304,6 +304,16 @@ def test_recon_runs_at_low_bits_is_reported_and_reloads(tmp_path, images, capsys
     report = json.loads((tmp_path / "n" / "report.json").read_text())
     assert report["methods"]["optm_nonlin_objective"] == "output"
     assert any(c["scheme"] == "gelu_clip" for c in report["optm"])
+    # softmax inputs are quantized in the full protocol only
+    assert main([*common, "--opt-m", "--opt-m-softmax-objective", "output", "--out", str(tmp_path / "z")]) == 2
+    assert "--opt-m-softmax-objective output" in capsys.readouterr().err
+    assert main([*common, "--head-grids", "--out", str(tmp_path / "z")]) == 2
+    assert "--head-grids" in capsys.readouterr().err
+    assert main([*common, "--protocol", "full", "--opt-m", "--opt-m-softmax-objective", "output", "--head-grids",
+                 "--out", str(tmp_path / "s")]) == 0
+    report = json.loads((tmp_path / "s" / "report.json").read_text())
+    assert report["methods"]["optm_softmax_objective"] == "output" and report["config"]["head_grids"] is True
+    assert any(c["scheme"] == "head_clip" for c in report["optm"])
     # token shifts refine the full protocol's residual-stream grids
     assert main([*common, "--token-shift", "--out", str(tmp_path / "z")]) == 2
     assert "--token-shift" in capsys.readouterr().err

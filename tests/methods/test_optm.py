@@ -352,3 +352,64 @@ def test_apply_optm_adopts_a_winning_log2_grid(monkeypatch):
         assert t.spec.scheme == "log2" and float(t.scale) == 0.25 and c.error == -1.0
         probe = torch.tensor([0.3, 0.2, 0.1, 0.0])
         assert torch.allclose(t.fake_quant(probe), torch.tensor([0.25, 0.25, 0.125, 0.0]))
+
+
+def test_softmax_output_objective_is_never_worse_on_the_softmax_output():
+    # the output objective picks among the same clips, so on the softmax output's error it is never worse
+    # than the clip chosen on the logits' own error
+    from vitq.methods.optm import _softmax_rows
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(256, 40, generator=g) * 3 - torch.rand(256, 40, generator=g) * 20  # a long negative tail
+    qmin, qmax = Q.int_range(4, False)
+    errs = []
+    for out_fn in (None, _softmax_rows):
+        lo, hi, _ = search_uniform_clip(logits, 4, out_fn)
+        s, z = Q.uniform_params(torch.tensor(lo), torch.tensor(hi), 4, False)
+        errs.append((_softmax_rows(Q.fake_quant_uniform(logits, s, z, qmin, qmax)) - _softmax_rows(logits)).pow(2).mean().item())
+    assert errs[1] <= errs[0]
+
+
+def test_apply_optm_softmax_objective_changes_the_softmax_inputs_only():
+    model, size = tiny_model("vit")
+    x = tiny_images(size, n=8)
+    with torch.no_grad():  # random-init logits are nearly flat; trained ones span tens of units
+        for b in model.blocks:
+            b.attn.qkv.weight.mul_(8.0)
+    cfg = QuantConfig(w_bits=5, a_bits=5, protocol="full")
+    q_tensor = quantize(model, x, cfg)
+    apply_optm(q_tensor, x, progress=False)
+    q_out = quantize(model, x, cfg)
+    apply_optm(q_out, x, progress=False, softmax_objective="output")
+    from vitq.adapters import adapter_for
+    names = {t.name for t in adapter_for(q_out).softmax_inputs(q_out)}
+    assert len(names) == len(model.blocks)
+    a = {t.name: t for t in q_tensor.modules() if hasattr(t, "spec") and hasattr(t, "role")}
+    b = {t.name: t for t in q_out.modules() if hasattr(t, "spec") and hasattr(t, "role")}
+    assert any(not torch.equal(a[n].range_min, b[n].range_min) or not torch.equal(a[n].range_max, b[n].range_max)
+               for n in names)  # a different objective moves some clip
+    for name, t in a.items():
+        if name not in names:
+            assert torch.equal(t.scale, b[name].scale), name
+    with pytest.raises(ValueError, match="softmax objective 'logits'"):
+        apply_optm(q_out, x, progress=False, softmax_objective="logits")
+
+
+def _heads(seed: int = 0) -> torch.Tensor:
+    """Softmax-input-like logits (batch, heads, N, N) whose three heads differ 1x, 4x and 16x in range."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 3, 12, 12, generator=g) * torch.tensor([1.0, 4.0, 16.0]).view(1, 3, 1, 1)
+
+
+def test_head_clip_is_never_worse_than_the_best_per_tensor_clip():
+    from vitq.methods.optm import _softmax_rows, search_head_clip
+    x = _heads()
+    for out_fn in (None, _softmax_rows):
+        lo, hi, err, err_tensor = search_head_clip(x, 4, 1, out_fn)
+        assert lo.shape == hi.shape == (3,)
+        assert err <= err_tensor
+        # the per-tensor figure is the best per-tensor clip's error on the same objective
+        _, _, best = search_uniform_clip(x, 4, out_fn)
+        assert err_tensor == pytest.approx(best, rel=1e-5)
+    lo, hi, err, err_tensor = search_head_clip(x, 4, 1)
+    assert err < 0.6 * err_tensor  # heads 16x apart: the narrow heads lose almost all their error
+    assert hi[0] < hi[2] / 4  # the narrow head keeps a narrow range
