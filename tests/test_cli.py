@@ -314,6 +314,10 @@ def test_recon_runs_at_low_bits_is_reported_and_reloads(tmp_path, images, capsys
     report = json.loads((tmp_path / "s" / "report.json").read_text())
     assert report["methods"]["optm_softmax_objective"] == "output" and report["config"]["head_grids"] is True
     assert any(c["scheme"] == "head_clip" for c in report["optm"])
+    from vitq.artifact import load_artifact
+    from vitq.quant.engine import all_quantizers
+    reloaded, _ = load_artifact(tmp_path / "s")  # the per-head steps come back with their shapes
+    assert any(q.spec.granularity == "per_head" and q.scale.numel() > 1 for q in all_quantizers(reloaded))
     # token shifts refine the full protocol's residual-stream grids
     assert main([*common, "--token-shift", "--out", str(tmp_path / "z")]) == 2
     assert "--token-shift" in capsys.readouterr().err
