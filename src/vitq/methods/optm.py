@@ -196,7 +196,14 @@ def _softmax_rows(v: torch.Tensor) -> torch.Tensor:
 
 
 def search_head_clip(x: torch.Tensor, bits: int, axis: int, out_fn=None) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """Per head (index along ``axis``), the best asymmetric uniform clip on the tensor error.
+    """Per head (index along ``axis``), the best asymmetric uniform clip of a per-head grid.
+
+    Args:
+        x: whole captured tensors (the head axis kept), e.g. softmax inputs ``(B, heads, N, N)``.
+        bits: the grid's bit-width.
+        axis: the head axis.
+        out_fn: the error is measured on ``out_fn`` of the tensor (the softmax over the last axis for
+            ``softmax_objective="output"``); None: on the tensor itself.
 
     Each head tries ``r·[min_h, max_h]`` (its own range) and ``r·[min, max]`` (the whole tensor's) for every
     ``r`` in :data:`CLIP_GRID`. The heads' errors add up, so the result is never worse than the best

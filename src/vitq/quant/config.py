@@ -16,7 +16,8 @@ from .observers import OBSERVERS
 
 PROTOCOLS = ("standard", "full")
 SCHEMES = ("uniform", "pot")  # weight schemes; activations are uniform or (after OPT-m) two_region or log2
-GRANULARITIES = ("per_tensor", "per_channel", "per_group")  # weights; residual-stream activations may be "ptf"
+# weights; residual-stream activations may be "ptf" and softmax inputs "per_head" (QuantConfig.head_grids)
+GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 
 
 class ConfigError(ValueError):
@@ -79,7 +80,8 @@ class QuantConfig:
             separate, so an integer kernel simply requantizes each head with its own scale. The heads'
             logit ranges differ by up to 4-5x in the first blocks (``benchmarks/head_ranges.py``). The clip
             of each head comes from OPT-m's search; without OPT-m it is the head's min-max range. Off by
-            default (vitq's addition, session 31, rule R45 in docs/methods.md).
+            default (vitq's addition, session 31; docs/methods.md, "Softmax inputs: clip objective and
+            per-head grids").
         rules: per-layer overrides, applied in order (later rules win).
         seed: seed of every random choice (observer sampling; block reconstruction's batch order and QDrop).
     """
