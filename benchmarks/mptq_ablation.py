@@ -222,6 +222,9 @@ def main() -> int:
             return args.gelu_token_shift and v["protocol"] == "full"
         return runs_mptq(v) and mptq_gelu_token_shifts(QuantConfig(a_bits=bits, protocol=v["protocol"]))
 
+    def head_grids(v: dict) -> bool:
+        return args.head_grids and v["protocol"] == "full"  # the standard protocol has no softmax-input grid
+
     images = assets / "imagenet-sample"
     split = None if args.alt_split is None else alt_split(assets, args.alt_split)
     rows = []
@@ -242,8 +245,7 @@ def main() -> int:
             if v["kind"] == "single":
                 cfg = QuantConfig(w_bits=v["bits"], a_bits=v["bits"], protocol=v["protocol"], observer="mse",
                                   seed=args.seed, residual_token_shift=token_shift(v),
-                                  gelu_token_shift=gelu_token_shift(v, v["bits"]),
-                                  head_grids=args.head_grids and v["protocol"] == "full")
+                                  gelu_token_shift=gelu_token_shift(v, v["bits"]), head_grids=head_grids(v))
                 rotated, scaled_tokens = rotates(v, cfg), token_scales(v, cfg)
                 q = run_pipeline(loaded.model, calib, cfg, with_recon(METHODS[v["method"]], rotated, scaled_tokens)).model
                 label = f"W{v['bits']}A{v['bits']} {v['method']}" + (
@@ -256,7 +258,7 @@ def main() -> int:
                 base = max(2, min(8, round(b)))
                 cfg = QuantConfig(w_bits=base, a_bits=base, protocol=v["protocol"], observer="mse", seed=args.seed,
                                   residual_token_shift=token_shift(v), gelu_token_shift=gelu_token_shift(v, base),
-                                  head_grids=args.head_grids and v["protocol"] == "full")
+                                  head_grids=head_grids(v))
                 rotated, scaled_tokens = rotates(v, cfg), token_scales(v, cfg)
                 opts = with_recon(MethodOptions(sq_b=True, opt_m=True, gptq=v["gptq"], recon=v["recon"]), rotated,
                                   scaled_tokens)

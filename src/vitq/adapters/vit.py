@@ -6,7 +6,7 @@ from timm.layers.attention import Attention, maybe_add_mask, resolve_self_attn_m
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from ..quant.layers import QuantMatMul
+from ..quant.layers import QuantMatMul, TensorQuantizer
 from .base import PLACEHOLDER, Adapter, QuantAdd, morph, quantize_inputs_of
 
 
@@ -75,10 +75,10 @@ class ViTAdapter(Adapter):
                 out += [(b.mlp.fc2.in_quant, True), (b.attn.matmul_av.a_quant, False)]
         return out
 
-    def softmax_inputs(self, model: nn.Module) -> list:
+    def softmax_inputs(self, model: nn.Module) -> list[TensorQuantizer]:
         # QuantViTAttention calls Tensor.softmax on its softmax_in slot, a TensorQuantizer in the full protocol
         return [b.attn.softmax_in for b in model.modules()
-                if isinstance(b, Block) and not isinstance(getattr(b.attn, "softmax_in", None), (nn.Identity, type(None)))]
+                if isinstance(b, Block) and isinstance(getattr(b.attn, "softmax_in", None), TensorQuantizer)]
 
     def trunk(self, model: nn.Module):
         def stem(x):
@@ -112,8 +112,6 @@ class ViTAdapter(Adapter):
                 morph(m, QuantViTAttention)
 
     def attach_full(self, model: nn.Module, names: dict[nn.Module, str]) -> None:
-        from ..quant.layers import TensorQuantizer
-
         for m in list(model.modules()):
             if type(m) is Block:
                 name = names[m]

@@ -29,6 +29,7 @@ from ..adapters import adapter_for
 from ..quant import quantizers as Q
 from ..quant.engine import all_quantizers
 from ..quant.layers import QuantLinear, QuantMatMul
+from ..quant.observers import minmax_range
 
 # Clip ratios 0.30 .. 0.90 in steps of 0.05, then 0.90 .. 1.00 in steps of 0.01: at 8 bits the rounding
 # error is small, so the best clip lies close to the max and a 0.05 step is too coarse there.
@@ -215,12 +216,11 @@ def search_head_clip(x: torch.Tensor, bits: int, axis: int, out_fn=None) -> tupl
     """
     x = x.float()
     ref = out_fn(x) if out_fn is not None else None
-    axis %= x.dim()
-    dims = [d for d in range(x.dim()) if d != axis]
+    dims = Q.reduce_dims(x, axis)
     shape = [1] * x.dim()
-    shape[axis] = -1
+    shape[axis % x.dim()] = -1
     qmin, qmax = Q.int_range(bits, False)
-    own = (x.amin(dim=dims), x.amax(dim=dims))
+    own = minmax_range(x, axis)
     whole = (x.min().expand_as(own[0]), x.max().expand_as(own[0]))
     best_err = torch.full_like(own[0], float("inf"))
     best_lo, best_hi = own[0].clone(), own[1].clone()
