@@ -157,7 +157,7 @@ def main() -> int:
     ap.add_argument("--gelu-token-shift", action=argparse.BooleanOptionalAction, default=None,
                     help="full-protocol variants: token shifts on the GELU inputs' grids (vitq quantize "
                          "--gelu-token-shift). Default: vitq quantize's, on in the rows --method mptq runs "
-                         "(single mptq, Greedy MP with gptq and recon) at <= 6 bits since rule R33, off elsewhere")
+                         "(single mptq, Greedy MP with gptq and recon) since rules R33 and R47, off elsewhere")
     ap.add_argument("--out")
     ap.add_argument("--alt-split", type=int, metavar="SEED",
                     help="calibrate on 32 images drawn from eval968 by a permutation seeded SEED and evaluate on the "

@@ -159,7 +159,7 @@ def main() -> int:
     per_image: dict[str, dict[str, dict[int, float]]] = {}
     assets = Path(args.assets)
     cfg = QuantConfig(w_bits=args.bits, a_bits=args.bits, observer="mse", protocol=args.protocol)
-    if args.methods == "mptq":  # rule R33: the full protocol's GELU inputs get token shifts at <= 6 bits
+    if args.methods == "mptq":  # rules R33, R47: the full protocol's GELU inputs get token shifts
         cfg = replace(cfg, gelu_token_shift=mptq_gelu_token_shifts(cfg))
     # --method mptq's pipeline, including its default rotation (rule R30: standard protocol, <= 6 bits) and token
     # scaling (rule R31, same scope; rule R33: with the GELU token shifts); the setting keys rot=0, ts=0 and

@@ -429,7 +429,7 @@ def test_uniform_fallback_by_default_only_where_rules_r37_r38_left_it(images, mo
 
 @pytest.mark.parametrize("protocol, bits, rotate, token_scale", [
     ("standard", 5, True, True), ("standard", 6, True, True), ("standard", 8, False, False),
-    ("full", 5, True, True), ("full", 6, False, True), ("full", 8, False, False)])
+    ("full", 5, True, True), ("full", 6, False, True), ("full", 8, False, True)])
 def test_a_saved_greedy_config_gets_the_options_its_search_had(images, monkeypatch, tmp_path, protocol, bits, rotate,
                                                               token_scale):
     # rules R37 and R38: re-running a config that Greedy MP saved (base widths from its budget) must rotate and
@@ -463,11 +463,11 @@ def test_no_rotate_with_rotate_parts_is_refused(images, tmp_path, capsys):
     # rule R33: in the full protocol together with the GELU inputs' token shifts, with a budget too
     (["--w-bits", "4", "--a-bits", "4", "--protocol", "full"], True),
     (["--w-bits", "6", "--a-bits", "6", "--protocol", "full"], True),
-    (["--w-bits", "8", "--a-bits", "8", "--protocol", "full"], False),
+    (["--w-bits", "8", "--a-bits", "8", "--protocol", "full"], True),  # rule R47: at every width
     (["--budget-w", "5", "--budget-a", "5", "--protocol", "full"], True),
-    (["--budget-w", "8", "--budget-a", "8", "--protocol", "full"], False),
+    (["--budget-w", "8", "--budget-a", "8", "--protocol", "full"], True),
     (["--w-bits", "4", "--a-bits", "4", "--protocol", "full", "--no-gelu-token-shift"], False),
-    (["--w-bits", "8", "--a-bits", "8", "--protocol", "full", "--gelu-token-shift"], True),
+    (["--w-bits", "8", "--a-bits", "8", "--protocol", "full", "--no-gelu-token-shift"], False),
     (["--w-bits", "4", "--a-bits", "4", "--protocol", "full", "--no-token-scale"], False),
 ])
 def test_token_scale_by_default_only_where_rules_adopted_it(images, monkeypatch, tmp_path, extra, expect):
@@ -477,14 +477,16 @@ def test_token_scale_by_default_only_where_rules_adopted_it(images, monkeypatch,
 @pytest.mark.parametrize("extra, expect", [
     (["--w-bits", "4", "--a-bits", "4", "--protocol", "full"], True),  # rule R33: full protocol, <= 6 bits
     (["--w-bits", "6", "--a-bits", "6", "--protocol", "full"], True),
-    (["--w-bits", "8", "--a-bits", "8", "--protocol", "full"], False),
-    (["--budget-w", "5", "--budget-a", "5", "--protocol", "full"], True),  # the budget's base width decides
-    (["--budget-w", "8", "--budget-a", "8", "--protocol", "full"], False),
+    (["--w-bits", "8", "--a-bits", "8", "--protocol", "full"], True),  # rule R47: 7 and 8 bits too
+    (["--w-bits", "7", "--a-bits", "7", "--protocol", "full"], True),
+    (["--budget-w", "5", "--budget-a", "5", "--protocol", "full"], True),  # with a budget too
+    (["--budget-w", "8", "--budget-a", "8", "--protocol", "full"], True),
     (["--w-bits", "4", "--a-bits", "4"], False),  # no GELU-input grid in the standard protocol
+    (["--w-bits", "8", "--a-bits", "8"], False),
     (["--w-bits", "4", "--a-bits", "4", "--protocol", "full", "--no-gelu-token-shift"], False),
-    (["--w-bits", "8", "--a-bits", "8", "--protocol", "full", "--gelu-token-shift"], True),
+    (["--w-bits", "8", "--a-bits", "8", "--protocol", "full", "--no-gelu-token-shift"], False),
 ])
-def test_gelu_token_shift_by_default_only_where_rule_r33_adopted_it(images, monkeypatch, tmp_path, extra, expect):
+def test_gelu_token_shift_by_default_only_where_rules_r33_r47_adopted_it(images, monkeypatch, tmp_path, extra, expect):
     assert _resolved(images, monkeypatch, tmp_path, extra)["config"].gelu_token_shift == expect
 
 

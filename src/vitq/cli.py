@@ -247,7 +247,7 @@ def _cmd_quantize(args) -> int:
         # R38: and Greedy MP in the full protocol at base widths <= 5
         options = dataclasses.replace(options, rotate=True)
     if args.gelu_token_shift is None and args.method == "mptq" and not args.config and mptq_gelu_token_shifts(config):
-        # rule R33 (docs/methods.md): the full protocol's GELU inputs get token shifts at <= 6 bits, with a
+        # rules R33 and R47 (docs/methods.md): the full protocol's GELU inputs get token shifts at every width, with a
         # budget too (a --config file says for itself: a search writes the option into the config it saves)
         config = dataclasses.replace(config, gelu_token_shift=True)
     if args.token_scale is None and args.method == "mptq" and mptq_token_scales(config, single=single_mptq):
@@ -490,8 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "docs/methods.md; --no-token-shift turns it off)")
     p.add_argument("--gelu-token-shift", dest="gelu_token_shift", action=argparse.BooleanOptionalAction,
                    help="full protocol: each GELU input's grid also gets a static power-of-two factor per token "
-                        "position (QuantConfig.gelu_token_shift; on by default with --method mptq at <= 6 "
-                        "activation bits since rule R33, together with --token-scale, docs/methods.md)")
+                        "position (QuantConfig.gelu_token_shift; on by default with --method mptq in the full "
+                        "protocol since rules R33 and R47, together with --token-scale, docs/methods.md)")
     p.add_argument("--head-grids", dest="head_grids", action=argparse.BooleanOptionalAction,
                    help="full protocol: one step and zero point per attention head for ViT/DeiT softmax inputs "
                         "(QuantConfig.head_grids; off by default; docs/methods.md)")

@@ -56,10 +56,10 @@ def mptq_rotates(config: QuantConfig, single: bool = True) -> bool:
 
 # Rule R31 (docs/methods.md, session 23): single-precision `--method mptq` also scales the massive token
 # positions of fc2's input, in the same scope as R30's rotation. Rule R33 (session 24): in the full protocol it
-# does so, single-precision and Greedy MP, wherever the GELU inputs have token shifts, which `--method mptq`
-# gives them at activation widths up to 6 bits (one without the other measured worse, docs/methods.md).
+# does so, single-precision and Greedy MP, wherever the GELU inputs have token shifts (one without the other
+# measured worse, docs/methods.md), which `--method mptq` gave them at activation widths up to 6 bits; rule R47
+# (session 32) extended that to every width, so full W8A8 gets them too.
 TOKEN_SCALE_DEFAULT_MAX_BITS = 6
-GELU_TOKEN_SHIFT_DEFAULT_MAX_BITS = 6
 
 
 def mptq_token_scales(config: QuantConfig, single: bool = True) -> bool:
@@ -95,16 +95,16 @@ def mptq_uniform_fallback(config: QuantConfig, fallback_gptq: bool = False) -> b
 
 
 def mptq_gelu_token_shifts(config: QuantConfig) -> bool:
-    """Whether ``--method mptq`` gives the GELU inputs token shifts by default for ``config`` (rule R33).
+    """Whether ``--method mptq`` gives the GELU inputs token shifts by default for ``config`` (rules R33, R47).
 
     Args:
-        config: the quantization config (its protocol and default activation width decide).
+        config: the quantization config (its protocol decides).
 
     Returns:
-        True in the full protocol at activation widths up to :data:`GELU_TOKEN_SHIFT_DEFAULT_MAX_BITS`,
-        single-precision or with a mixed-precision budget (whose base width counts).
+        True in the full protocol, at every activation width (R33 up to 6 bits, R47 at 7 and 8),
+        single-precision or with a mixed-precision budget; the standard protocol has no GELU-input grid.
     """
-    return config.protocol == "full" and config.a_bits <= GELU_TOKEN_SHIFT_DEFAULT_MAX_BITS
+    return config.protocol == "full"
 
 
 def _standard_up_to(config: QuantConfig, max_bits: int) -> bool:

@@ -73,7 +73,7 @@ class QuantConfig:
             factor per token position, chosen like ``residual_token_shift``'s (vitq's addition, session 24;
             docs/methods.md "Token shifts of the GELU inputs"). ViT-Tiny's block 7 makes its massive
             activations there: four positions reach +215 where no other exceeds 5.2. Off in a bare config;
-            ``vitq quantize --method mptq`` turns it on at <= 6 activation bits (rule R33,
+            ``vitq quantize --method mptq`` turns it on in the full protocol (rules R33 and R47,
             ``methods.mptq.mptq_gelu_token_shifts``).
         head_grids: full protocol: each softmax input (ViT/DeiT attention logits) gets one uniform step and
             zero point per attention head instead of one per tensor. Each head's softmax and q @ k^T are
