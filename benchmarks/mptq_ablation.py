@@ -133,6 +133,8 @@ def main() -> int:
                     help="full protocol: how OPT-m clips softmax inputs (vitq quantize --opt-m-softmax-objective)")
     ap.add_argument("--head-grids", action="store_true",
                     help="full protocol: per-head grids for the softmax inputs (vitq quantize --head-grids)")
+    ap.add_argument("--qkv-head-grids", action="store_true",
+                    help="per-head grids for q, k and v, either protocol (vitq quantize --qkv-head-grids)")
     ap.add_argument("--opt-m-log2", action=argparse.BooleanOptionalAction, default=MethodOptions.optm_log2,
                     help="OPT-m also tries the log2 grid on post-softmax values (vitq quantize --opt-m-log2)")
     ap.add_argument("--attn-smooth", action=argparse.BooleanOptionalAction, default=MethodOptions.attn_smooth,
@@ -245,7 +247,8 @@ def main() -> int:
             if v["kind"] == "single":
                 cfg = QuantConfig(w_bits=v["bits"], a_bits=v["bits"], protocol=v["protocol"], observer="mse",
                                   seed=args.seed, residual_token_shift=token_shift(v),
-                                  gelu_token_shift=gelu_token_shift(v, v["bits"]), head_grids=head_grids(v))
+                                  gelu_token_shift=gelu_token_shift(v, v["bits"]), head_grids=head_grids(v),
+                                  qkv_head_grids=args.qkv_head_grids)
                 rotated, scaled_tokens = rotates(v, cfg), token_scales(v, cfg)
                 q = run_pipeline(loaded.model, calib, cfg, with_recon(METHODS[v["method"]], rotated, scaled_tokens)).model
                 label = f"W{v['bits']}A{v['bits']} {v['method']}" + (
@@ -258,7 +261,7 @@ def main() -> int:
                 base = max(2, min(8, round(b)))
                 cfg = QuantConfig(w_bits=base, a_bits=base, protocol=v["protocol"], observer="mse", seed=args.seed,
                                   residual_token_shift=token_shift(v), gelu_token_shift=gelu_token_shift(v, base),
-                                  head_grids=head_grids(v))
+                                  head_grids=head_grids(v), qkv_head_grids=args.qkv_head_grids)
                 rotated, scaled_tokens = rotates(v, cfg), token_scales(v, cfg)
                 opts = with_recon(MethodOptions(sq_b=True, opt_m=True, gptq=v["gptq"], recon=v["recon"]), rotated,
                                   scaled_tokens)
@@ -334,6 +337,8 @@ def main() -> int:
                 label += f", softmax-input clip on {args.opt_m_softmax_objective}"
             if cfg.head_grids:
                 label += ", per-head softmax-input grids"
+            if cfg.qkv_head_grids:
+                label += ", per-head q/k/v grids"
             gelus = {id(g) for g, _ in adapter_for(q).gelu_inputs(q)}
             if token_shift(v):  # how many grids calibration shifted (0: the model without them exactly)
                 n = sum(t.token_shift_or_none is not None and id(t) not in gelus for t in all_quantizers(q))

@@ -493,3 +493,17 @@ def test_gelu_token_shift_by_default_only_where_rules_r33_r47_adopted_it(images,
 def test_m2q_refuses_token_scale(images, tmp_path, capsys):
     assert main([*_quantize_args(images, 2), "--method", "m2q", "--token-scale", "--out", str(tmp_path / "q")]) == 2
     assert "--token-scale" in capsys.readouterr().err
+
+
+def test_qkv_head_grids_from_the_command_line_survive_save_and_reload(images, tmp_path):
+    from vitq.artifact import load_artifact
+    from vitq.quant.engine import all_quantizers
+    out = tmp_path / "h"
+    assert main([*_quantize_args(images, 4), "--w-bits", "4", "--a-bits", "4", "--opt-m", "--qkv-head-grids",
+                 "--quiet", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["qkv_head_grids"] is True
+    assert any(c["scheme"] == "head_clip" for c in report["optm"])
+    reloaded, _ = load_artifact(out)
+    per_head = [q for q in all_quantizers(reloaded) if q.spec.granularity == "per_head"]
+    assert {q.role for q in per_head} == {"q", "k", "v"} and all(q.scale.numel() > 1 for q in per_head)

@@ -114,7 +114,7 @@ def _config_from_args(args) -> QuantConfig:
     base = QuantConfig.load(args.config).to_dict() if args.config else {}
     # Command-line options given explicitly override the config file.
     for key in ("w_bits", "a_bits", "protocol", "observer", "mse_objective", "seed", "w_granularity", "w_scheme",
-                "residual_token_shift", "gelu_token_shift", "head_grids"):
+                "residual_token_shift", "gelu_token_shift", "head_grids", "qkv_head_grids"):
         value = getattr(args, key, None)
         if value is not None:
             base[key] = value
@@ -495,6 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-grids", dest="head_grids", action=argparse.BooleanOptionalAction,
                    help="full protocol: one step and zero point per attention head for ViT/DeiT softmax inputs "
                         "(QuantConfig.head_grids; off by default; docs/methods.md)")
+    p.add_argument("--qkv-head-grids", dest="qkv_head_grids", action=argparse.BooleanOptionalAction,
+                   help="one step and zero point per attention head for ViT/DeiT q, k and v, either protocol "
+                        "(QuantConfig.qkv_head_grids; off by default; rule R48, docs/methods.md)")
     p.add_argument("--config", help="QuantConfig JSON (per-layer rules); explicit options override it")
     p.add_argument("--seed", type=int)
     p.add_argument("--method", choices=["mptq", "m2q"],

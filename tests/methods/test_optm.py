@@ -413,3 +413,15 @@ def test_head_clip_is_never_worse_than_the_best_per_tensor_clip():
     lo, hi, err, err_tensor = search_head_clip(x, 4, 1)
     assert err < 0.6 * err_tensor  # heads 16x apart: the narrow heads lose almost all their error
     assert hi[0] < hi[2] / 4  # the narrow head keeps a narrow range
+
+
+def test_qkv_head_grids_are_clipped_per_head_on_their_matmul_output_never_worse_than_per_tensor():
+    model, size = tiny_model("vit")
+    x = tiny_images(size, n=4)
+    q = quantize(model, x, QuantConfig(w_bits=4, a_bits=4, qkv_head_grids=True))
+    result = apply_optm(q, x)
+    heads = [c for c in result.choices if c.scheme == "head_clip"]
+    n_blocks = len(model.blocks)
+    assert len(heads) == 3 * n_blocks  # q, k and v of every block
+    for c in heads:
+        assert c.error <= c.error_m0 + 1e-12, c.name

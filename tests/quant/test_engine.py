@@ -318,6 +318,27 @@ def test_head_grids_give_the_full_protocols_softmax_inputs_one_step_per_head():
     assert all(q.spec.granularity != "per_head" for q in all_quantizers(std))
 
 
+@pytest.mark.parametrize("protocol", ["standard", "full"])
+def test_qkv_head_grids_give_q_k_v_one_step_per_head_in_either_protocol(protocol):
+    model, size = tiny_model("vit")
+    x = tiny_images(size, n=4)
+    plain = quantize(model, x, QuantConfig(w_bits=4, a_bits=4, protocol=protocol))
+    heads = quantize(model, x, QuantConfig(w_bits=4, a_bits=4, protocol=protocol, qkv_head_grids=True))
+    n_heads = model.blocks[0].attn.num_heads
+    a = {(t.name, t.role): t for t in all_quantizers(plain)}
+    roles = {t.role for t in all_quantizers(heads) if t.spec.granularity == "per_head"}
+    assert roles == {"q", "k", "v"}  # not the post-softmax operand, nor (without head_grids) the softmax input
+    for t in all_quantizers(heads):
+        if t.role in ("q", "k", "v"):
+            assert t.spec.granularity == "per_head" and t.scale.shape == (n_heads,), t.name
+            # each head's range is inside the whole tensor's, which the per-tensor grid covers
+            ref = a[(t.name, t.role)]
+            assert torch.all(t.range_min >= ref.range_min - 1e-6) and torch.all(t.range_max <= ref.range_max + 1e-6)
+        else:  # everything else exactly as without the option
+            ref = a[(t.name, t.role)]
+            assert t.spec == ref.spec and torch.equal(t.scale, ref.scale), t.name
+
+
 def test_per_head_grid_learns_one_multiplier_of_its_steps():
     model, size = tiny_model("vit")
     x = tiny_images(size, n=4)

@@ -51,6 +51,9 @@ def attach_attention_matmuls(attn: nn.Module, name: str) -> None:
     attn.fused_attn = False
     attn.matmul_qk = QuantMatMul(f"{name}.matmul_qk", "q", "k", PLACEHOLDER, PLACEHOLDER)
     attn.matmul_av = QuantMatMul(f"{name}.matmul_av", "attn", "v", PLACEHOLDER, PLACEHOLDER)
+    # q (B, heads, N, d), k^T (B, heads, d, N), v (B, heads, N, d): QuantConfig.qkv_head_grids
+    for t in (attn.matmul_qk.a_quant, attn.matmul_qk.b_quant, attn.matmul_av.b_quant):
+        t.head_axis = 1
     attn.softmax_in = nn.Identity()
 
 

@@ -61,7 +61,7 @@ GRIDS = {"standard": STANDARD_GRID, "wide": WIDE_GRID}
 class OptMChoice:
     name: str
     scheme: str  # uniform (m = 0), two_region, log2 (m unused), ptf (a searched PTF grid; m unused), gelu_clip
-    # or head_clip (a per-head grid, QuantConfig.head_grids; m unused)
+    # or head_clip (a per-head grid, QuantConfig.head_grids or qkv_head_grids; m unused)
     m: int
     # best output error with m = 0 (uniform); for ptf: the min-max PTF grid's error; for gelu_clip: the
     # symmetric r·[min, max] clip's GELU-output error; for head_clip: the best per-tensor clip's error
@@ -204,7 +204,8 @@ def search_head_clip(x: torch.Tensor, bits: int, axis: int, out_fn=None) -> tupl
         bits: the grid's bit-width.
         axis: the head axis.
         out_fn: the error is measured on ``out_fn`` of the tensor (the softmax over the last axis for
-            ``softmax_objective="output"``); None: on the tensor itself.
+            ``softmax_objective="output"``; for q, k and v their matmul with the other operand, whose output
+            keeps the head axis); None: on the tensor itself.
 
     Each head tries ``r·[min_h, max_h]`` (its own range) and ``r·[min, max]`` (the whole tensor's) for every
     ``r`` in :data:`CLIP_GRID`. The heads' errors add up, so the result is never worse than the best
@@ -460,7 +461,9 @@ def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int | None = None, 
             result.choices.append(OptMChoice(q.name, "ptf", 0, err0, err))
             continue
         if q.spec.granularity == "per_head" and q.spec.scheme == "uniform":
-            lo, hi, err, err0 = search_head_clip(x, q.spec.bits, q.head_axis, softmaxes.get(id(q)))
+            # softmax inputs: the softmax output's error with that objective, else their own; q, k, v: the
+            # error of their matmul's output, as their per-tensor search
+            lo, hi, err, err0 = search_head_clip(x, q.spec.bits, q.head_axis, softmaxes.get(id(q), out_fn))
             q.set_range(lo, hi)
             result.choices.append(OptMChoice(q.name, "head_clip", 0, err0, err))
             continue

@@ -16,7 +16,8 @@ from .observers import OBSERVERS
 
 PROTOCOLS = ("standard", "full")
 SCHEMES = ("uniform", "pot")  # weight schemes; activations are uniform or (after OPT-m) two_region or log2
-# weights; residual-stream activations may be "ptf" and softmax inputs "per_head" (QuantConfig.head_grids)
+# weights; residual-stream activations may be "ptf", and softmax inputs (QuantConfig.head_grids) and q, k, v
+# (QuantConfig.qkv_head_grids) "per_head"
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 
 
@@ -82,6 +83,11 @@ class QuantConfig:
             of each head comes from OPT-m's search; without OPT-m it is the head's min-max range. Off by
             default (vitq's addition, session 31; docs/methods.md, "Softmax inputs: clip objective and
             per-head grids").
+        qkv_head_grids: each attention matmul operand q, k and v (ViT/DeiT, both protocols) gets one uniform
+            step and zero point per head, as ``head_grids`` gives the softmax inputs: each head's q @ k^T and
+            attn @ v is its own matmul, so an integer kernel takes each head's scale as it takes a tensor's.
+            The clip of each head comes from OPT-m's search on that matmul's output error; without OPT-m it is
+            the head's min-max range. Off by default (vitq's addition, session 32; docs/methods.md, rule R48).
         rules: per-layer overrides, applied in order (later rules win).
         seed: seed of every random choice (observer sampling; block reconstruction's batch order and QDrop).
     """
@@ -100,6 +106,7 @@ class QuantConfig:
     residual_token_shift: bool = True
     gelu_token_shift: bool = False
     head_grids: bool = False
+    qkv_head_grids: bool = False
     rules: list[LayerRule] = field(default_factory=list)
     seed: int = 0
 

@@ -41,8 +41,9 @@ class TensorQuantizer(nn.Module):
         # Channel axis of a residual-stream tensor (ViT/Swin LayerNorm inputs, residual additions): such
         # tensors get a power-of-two-factor per-channel grid in the full protocol (see ptf_params).
         self.ptf_axis: int | None = None
-        # Head axis of an attention tensor (the ViT softmax input): with QuantConfig.head_grids such a tensor
-        # gets granularity "per_head", one uniform step and zero point per head.
+        # Head axis of an attention tensor (the ViT softmax input; q, k and v): with QuantConfig.head_grids
+        # (softmax inputs) or qkv_head_grids (q, k, v) such a tensor gets granularity "per_head", one uniform
+        # step and zero point per head.
         self.head_axis: int | None = None
         # Full protocol, QuantConfig.residual_token_shift: a PTF grid also gets a static power-of-two factor
         # per token position (buffer ``token_shift``, registered at calibration; quantizers.token_shift_params);
