@@ -497,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(QuantConfig.head_grids; off by default; docs/methods.md)")
     p.add_argument("--qkv-head-grids", dest="qkv_head_grids", action=argparse.BooleanOptionalAction,
                    help="one step and zero point per attention head for ViT/DeiT q, k and v, either protocol "
-                        "(QuantConfig.qkv_head_grids; off by default; rule R48, docs/methods.md)")
+                        "(QuantConfig.qkv_head_grids; off: rule R48 failed, docs/methods.md)")
     p.add_argument("--config", help="QuantConfig JSON (per-layer rules); explicit options override it")
     p.add_argument("--seed", type=int)
     p.add_argument("--method", choices=["mptq", "m2q"],
