@@ -329,13 +329,12 @@ def test_qkv_head_grids_give_q_k_v_one_step_per_head_in_either_protocol(protocol
     roles = {t.role for t in all_quantizers(heads) if t.spec.granularity == "per_head"}
     assert roles == {"q", "k", "v"}  # not the post-softmax operand, nor (without head_grids) the softmax input
     for t in all_quantizers(heads):
+        ref = a[(t.name, t.role)]
         if t.role in ("q", "k", "v"):
             assert t.spec.granularity == "per_head" and t.scale.shape == (n_heads,), t.name
-            # each head's range is inside the whole tensor's, which the per-tensor grid covers
-            ref = a[(t.name, t.role)]
+            # each head's min-max range is inside the whole tensor's, which the per-tensor grid covers
             assert torch.all(t.range_min >= ref.range_min - 1e-6) and torch.all(t.range_max <= ref.range_max + 1e-6)
         else:  # everything else exactly as without the option
-            ref = a[(t.name, t.role)]
             assert t.spec == ref.spec and torch.equal(t.scale, ref.scale), t.name
 
 
