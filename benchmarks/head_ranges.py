@@ -19,13 +19,13 @@ import torch
 
 from vitq.quant import QuantConfig, prepare
 from vitq.quant.engine import all_quantizers
+from vitq.quant.observers import minmax_range
 from vitq.zoo import load_model
 
 from _models import load_calib32
 
-# the attention operands, by the role and layer suffix vitq's ViT adapter gives their quantizers
-ROLES = {("q", "matmul_qk"): "q", ("k", "matmul_qk"): "k", ("v", "matmul_av"): "v", ("input", "softmax"): "softmax input"}
-HEAD_AXIS = 1  # q (B, H, N, d), k^T (B, H, d, N), v (B, H, N, d), logits (B, H, N, N)
+# the column names of the tensors the ViT adapter gives a head axis (TensorQuantizer.head_axis), by their role
+KINDS = {"q": "q", "k": "k", "v": "v", "input": "softmax input"}
 
 
 def main() -> int:
@@ -41,15 +41,12 @@ def main() -> int:
     ranges: dict[tuple[int, str], list[torch.Tensor]] = {}
     hooks = []
     for q in all_quantizers(model):
-        kind = ROLES.get((q.role, q.layer.split(".")[-1]))
-        if kind is None or q.is_weight:
+        if q.head_axis is None:
             continue
         block = int(q.layer.split(".")[1])  # "blocks.<i>.attn.<op>"
 
-        def hook(mod, inputs, out, key=(block, kind)):
-            x = inputs[0].detach()
-            dims = [d for d in range(x.dim()) if d != HEAD_AXIS]
-            lo, hi = x.amin(dim=dims), x.amax(dim=dims)
+        def hook(mod, inputs, out, key=(block, KINDS[q.role]), axis=q.head_axis):
+            lo, hi = minmax_range(inputs[0].detach(), axis)
             old = ranges.get(key)
             ranges[key] = [lo, hi] if old is None else [torch.minimum(old[0], lo), torch.maximum(old[1], hi)]
 
@@ -59,7 +56,7 @@ def main() -> int:
         model(images)
     for h in hooks:
         h.remove()
-    kinds = list(dict.fromkeys(ROLES.values()))
+    kinds = list(KINDS.values())
     print(f"# {args.model}: widest / narrowest head range (min-max), float model, {args.images} calibration images")
     print("| block | " + " | ".join(kinds) + " |")
     print("|---" * (len(kinds) + 1) + "|")

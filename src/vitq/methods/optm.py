@@ -451,6 +451,9 @@ def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int | None = None, 
     acts = [q for q in all_quantizers(model) if not q.is_weight and id(q) in found]
     for q in tqdm(acts, desc="OPT-m", disable=not progress, leave=False):
         x, out_fn = found[id(q)]
+        # the output each clip is scored on: a Linear's or matmul's (q, k, v) from the capture; a softmax
+        # input's is the softmax of its rows (whole softmax rows) with softmax_objective="output"
+        out_fn = softmaxes.get(id(q), out_fn)
         # the samples are channel-last rows, so only grids whose channels are the last axis are searched
         if ptf and q.spec.granularity == "ptf" and q.spec.scheme == "uniform" and q.ptf_axis == -1:
             weight = None if row_weights is None else row_weights[id(q)]
@@ -461,9 +464,7 @@ def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int | None = None, 
             result.choices.append(OptMChoice(q.name, "ptf", 0, err0, err))
             continue
         if q.spec.granularity == "per_head" and q.spec.scheme == "uniform":
-            # softmax inputs: the softmax output's error with that objective, else their own; q, k, v: the
-            # error of their matmul's output, as their per-tensor search
-            lo, hi, err, err0 = search_head_clip(x, q.spec.bits, q.head_axis, softmaxes.get(id(q), out_fn))
+            lo, hi, err, err0 = search_head_clip(x, q.spec.bits, q.head_axis, out_fn)
             q.set_range(lo, hi)
             result.choices.append(OptMChoice(q.name, "head_clip", 0, err0, err))
             continue
@@ -483,8 +484,7 @@ def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int | None = None, 
             q.set_range(torch.tensor(lo), torch.tensor(hi))
             result.choices.append(OptMChoice(q.name, "gelu_clip", 0, err_sym, err))
             continue
-        # a softmax input's rows are whole softmax rows, so its output is the softmax of each sample row
-        lo, hi, err0 = search_uniform_clip(x, q.spec.bits, out_fn if out_fn is not None else softmaxes.get(id(q)))
+        lo, hi, err0 = search_uniform_clip(x, q.spec.bits, out_fn)
         q.set_range(torch.tensor(lo), torch.tensor(hi))
         top_m = default_m_max(q.spec.bits) if m_max is None else m_max
         if id(q) in targets and top_m > 0:
