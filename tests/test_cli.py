@@ -88,7 +88,7 @@ def test_quantize_then_eval_artifact_gives_identical_result(tmp_path, images, ca
     assert main(["export", str(out), "--format", "vitq", "--out", str(packed)]) == 0
     assert "x smaller" in capsys.readouterr().out
     assert 5.72e6 * 4 / packed.stat().st_size >= 6.5
-    assert main(["eval", str(packed), "--data", str(images), "--workers", "0", "--out", str(res)]) == 0
+    assert main(["eval", str(packed), "--data", str(images), "--workers", "0", "--out", str(res), "--overwrite"]) == 0
     packed_res = json.loads(res.read_text())
     assert packed_res["top1"] == report["quantized"]["top1"] and packed_res["top5"] == report["quantized"]["top5"]
     assert main(["export", str(images), "--out", str(packed)]) == 2
@@ -106,7 +106,7 @@ def test_config_pattern_error_names_pattern(tmp_path, images, capsys):
 
 def test_mixed_precision_search_then_config_reuse_gives_same_bits_and_result(tmp_path, images12, capsys):
     images = images12
-    common = ["deit_tiny", "--random-init", "--calib", str(images), "--calib-size", "10", "--eval", str(images), "--limit", "4",
+    common = ["deit_tiny", "--random-init", "--calib", str(images), "--calib-size", "10", "--eval", str(images), "--allow-overlap", "--limit", "4",
               "--w-bits", "6", "--a-bits", "6", "--workers", "0", "--quiet"]
     out = tmp_path / "mp"
     assert main(["quantize", *common, "--mixed", "--budget-w", "7", "--budget-a", "7",
@@ -139,7 +139,7 @@ def test_mixed_precision_search_then_config_reuse_gives_same_bits_and_result(tmp
 ])
 def test_mp_search_errors(tmp_path, images, extra, needle, capsys):
     argv = ["quantize", "deit_tiny", "--random-init", "--calib", str(images), "--calib-size", "2", "--eval",
-            str(images), "--workers", "0", "--quiet", "--out", str(tmp_path / "o"), *extra]
+            str(images), "--allow-overlap", "--workers", "0", "--quiet", "--out", str(tmp_path / "o"), *extra]
     assert main(argv) == 2
     assert needle in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
@@ -148,7 +148,7 @@ def test_mp_search_errors(tmp_path, images, extra, needle, capsys):
 def test_knapsack_search_from_the_cli_meets_the_budget(tmp_path, images, capsys):
     out = tmp_path / "mp"
     assert main(["quantize", "deit_tiny", "--random-init", "--calib", str(images), "--calib-size", "2", "--eval",
-                 str(images), "--w-bits", "6", "--a-bits", "6", "--workers", "0", "--quiet", "--mixed",
+                 str(images), "--allow-overlap", "--w-bits", "6", "--a-bits", "6", "--workers", "0", "--quiet", "--mixed",
                  "--budget-w", "7", "--budget-a", "7", "--w-candidates", "6,8", "--a-candidates", "6,8",
                  "--mp-search", "knapsack", "--no-uniform-fallback", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
@@ -163,7 +163,7 @@ def test_bit_budget_sets_the_base_widths_so_reconstruction_runs(tmp_path, images
     # Regression: without --w-bits/--a-bits the base widths stayed 8, so a 5-bit search skipped reconstruction
     out = tmp_path / "mp"
     assert main(["quantize", "deit_tiny", "--random-init", "--calib", str(images), "--calib-size", "2", "--eval",
-                 str(images), "--limit", "2", "--workers", "0", "--quiet", "--mixed", "--recon", "--recon-iters", "1",
+                 str(images), "--allow-overlap", "--limit", "2", "--workers", "0", "--quiet", "--mixed", "--recon", "--recon-iters", "1",
                  "--budget-w", "5", "--budget-a", "5", "--w-candidates", "4,6", "--a-candidates", "4,6",
                  "--out", str(out)]) == 0
     assert "base widths from the budget: W5A5" in capsys.readouterr().out
@@ -176,7 +176,7 @@ def test_gptq_aware_knapsack_losses_are_the_default_with_gptq(tmp_path, images, 
     # rule R17 (docs/methods.md): on wherever it applies, i.e. knapsack/superposed search with GPTQ on
     out = tmp_path / "mp"
     assert main(["quantize", "deit_tiny", "--random-init", "--calib", str(images), "--calib-size", "2", "--eval",
-                 str(images), "--limit", "2", "--workers", "0", "--quiet", "--mixed", "--gptq",
+                 str(images), "--allow-overlap", "--limit", "2", "--workers", "0", "--quiet", "--mixed", "--gptq",
                  "--budget-w", "5", "--budget-a", "8", "--w-candidates", "4,6", "--a-candidates", "8",
                  *flag, "--out", str(out)]) == 0
     mixed = json.loads((out / "report.json").read_text())["mixed"]
@@ -189,7 +189,7 @@ def test_bops_budget_defaults_to_the_greedy_search(tmp_path, images12, capsys):
     images = images12
     out = tmp_path / "mp"
     assert main(["quantize", "deit_tiny", "--random-init", "--calib", str(images), "--calib-size", "10", "--eval",
-                 str(images), "--limit", "2", "--w-bits", "6", "--a-bits", "6", "--workers", "0", "--quiet",
+                 str(images), "--allow-overlap", "--limit", "2", "--w-bits", "6", "--a-bits", "6", "--workers", "0", "--quiet",
                  "--mixed", "--budget-gbops", "1e6", "--w-candidates", "6,8", "--a-candidates", "6,8",
                  "--out", str(out)]) == 0
     mixed = json.loads((out / "report.json").read_text())["mixed"]
@@ -231,7 +231,7 @@ def test_m2q_quantize_writes_report_plot_and_config(tmp_path, images, capsys):
     # the artifact's cost is the one the search reported
     assert main(["cost", str(out), "--out", str(tmp_path / "c.json")]) == 0
     assert json.loads((tmp_path / "c.json").read_text())["edp"] == pytest.approx(m["cost"]["edp"])
-    two = [a for a in args if a != "--quiet"] + ["--budget-energy", "0.5"]
+    two = [a for a in args if a != "--quiet"] + ["--budget-energy", "0.5", "--overwrite"]
     assert main(two) == 2
     assert "only one of" in capsys.readouterr().err
 
@@ -354,7 +354,7 @@ def _quantize_args(images, calib_size: int, model: str = "deit_tiny") -> list[st
     """``vitq quantize`` on a random-init model, calibrating on ``calib_size`` of ``images`` and
     evaluating on all of them, in-process (no data-loader workers)."""
     return ["quantize", model, "--random-init", "--calib", str(images), "--calib-size", str(calib_size),
-            "--eval", str(images), "--workers", "0"]
+            "--eval", str(images), "--allow-overlap", "--workers", "0"]
 
 
 def load_model_fp():

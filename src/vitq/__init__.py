@@ -1,7 +1,21 @@
-"""vitq: post-training quantization of vision transformers (MPTQ-ViT, M2-ViT) on timm models."""
-from .evaluate import EvalResult, evaluate
-from .quant import LayerRule, QuantConfig, quantize
-from .zoo import load_model
+"""vitq: post-training quantization of vision transformers (MPTQ-ViT, M2-ViT) on timm models.
+
+The public names are imported on first use, so ``vitq --help`` and the command line's start-up do not
+wait for torch.
+"""
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
+_LAZY = {"EvalResult": ".evaluate", "evaluate": ".evaluate", "LayerRule": ".quant", "QuantConfig": ".quant",
+         "quantize": ".quant", "load_model": ".zoo"}
 __all__ = ["EvalResult", "LayerRule", "QuantConfig", "evaluate", "load_model", "quantize", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'vitq' has no attribute {name!r}")

@@ -6,8 +6,8 @@ and a non-zero exit; results are written under temporary names and renamed when 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -15,7 +15,11 @@ from pathlib import Path
 
 import torch
 
-from .artifact import ArtifactError, is_artifact, load_artifact, save_artifact, write_dir_atomically
+from .artifact import ArtifactError, is_artifact, load_artifact, save_artifact
+from .finite import check_forward_finite, check_state_finite
+from .io import dumps, is_output_json, output_json
+from .methods.mp_budget import check_budget_reachable, check_budget_values
+from .output import OutputError, Terminated, destination, raise_on_signals
 from .data import DataError, calibration_subset, load_tensors, make_dataset, make_loader, read_list
 from .evaluate import evaluate, evaluate_many
 from .quant.config import ConfigError, QuantConfig
@@ -31,7 +35,8 @@ from .quant.engine import tensor_table
 from .report import build_report, by_sensitivity, format_table, sensitivity_csv, summary_line
 from .zoo import ZOO, ZooError, load_model
 
-USER_ERRORS = (ZooError, DataError, ConfigError, ArtifactError, HardwareError, FileNotFoundError, ValueError)
+USER_ERRORS = (ZooError, DataError, ConfigError, ArtifactError, HardwareError, OutputError, FileNotFoundError,
+               ValueError)
 
 
 def _cmd_models(args) -> int:
@@ -49,9 +54,21 @@ def _add_data_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images (counted in the report)")
 
 
+def _add_overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out when it holds an earlier vitq result (anything else is never replaced)")
+
+
 def _add_model_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="weights file (.safetensors, .pth, .pt); default: $VITQ_ASSETS/models")
     p.add_argument("--random-init", action="store_true", help="random weights (structure/cost work only)")
+
+
+def _is_vitq_export(path: Path) -> bool:
+    from .export.onnx import is_vitq_onnx
+    from .export.packed import is_packed
+
+    return is_packed(path) or is_vitq_onnx(path)
 
 
 def _cmd_export(args) -> int:
@@ -59,27 +76,47 @@ def _cmd_export(args) -> int:
 
     if not is_artifact(args.model):
         raise ArtifactError(f"'{args.model}' is not a folder written by `vitq quantize` (no config.json)")
-    model, meta = load_artifact(args.model)
+    common = dict(overwrite=args.overwrite, inputs=(args.model,))
     if args.format == "onnx":
         from .export.onnx import export_onnx
-        from .io import atomic_write_json
         from .zoo import get_entry
 
-        rep = export_onnx(model, get_entry(meta["model"]).transform.input_size, args.out)
+        log = f"{args.out}.json"
+        with destination(args.out, kind="file", is_ours=_is_vitq_export, **common) as tmp, \
+                destination(log, kind="file", is_ours=is_output_json, option="--out's log", **common) as tmp_log:
+            model, meta = load_artifact(args.model)
+            _say_random_init(meta, args.model)
+            rep = export_onnx(model, get_entry(meta["model"]).transform.input_size, tmp, provenance=_provenance(meta))
+            rep.path = str(args.out)
+            tmp_log.write_text(dumps(output_json(rep.to_dict(), "onnx-export")))
         for row in rep.layers:
             kind = "integer" if row["integer"] else ("nbits" if row.get("matmul_nbits") else "float")
             print(f"{row['layer']:<48} {row['kind']:<7} {kind:<8} {row['reason']}")
         print(f"wrote {args.out}: {rep.n_integer}/{len(rep.layers)} layers run as integers in ONNX Runtime, "
               f"{len(rep.nbits_layers)} as weight-only MatMulNBits "
               f"({', '.join(f'{k} x{v}' for k, v in sorted(rep.integer_ops.items())) or 'none'}); "
-              f"log: {args.out}.json")
-        atomic_write_json(f"{args.out}.json", rep.to_dict())
+              f"log: {log}")
         return 0
-    keep = {k: meta[k] for k in ("model", "checkpoint", "random_init", "model_kwargs") if k in meta}
-    sizes = export_packed(model, keep, args.out)
+    with destination(args.out, kind="file", is_ours=_is_vitq_export, **common) as tmp:
+        model, meta = load_artifact(args.model)
+        _say_random_init(meta, args.model)
+        keep = {k: meta[k] for k in ("model", "checkpoint", "random_init", "model_kwargs") if k in meta}
+        sizes = export_packed(model, keep, tmp)
     print(f"wrote {args.out}: {sizes['file_bytes'] / 1e6:.3f} MB, {sizes['packed_tensors']} packed weight tensors; "
           f"fp32 parameters {sizes['fp32_bytes'] / 1e6:.3f} MB ({sizes['ratio']:.2f}x smaller)")
     return 0
+
+
+def _provenance(meta: dict) -> dict[str, str]:
+    """What an exported file says about where its weights came from."""
+    return {"vitq_model": str(meta.get("model")), "vitq_checkpoint": str(meta.get("checkpoint")),
+            "vitq_random_init": "true" if meta.get("random_init") else "false"}
+
+
+def _say_random_init(meta: dict, source) -> None:
+    if meta.get("random_init"):
+        print(f"note: {source} holds RANDOM-INIT weights (structure, size and cost only; accuracy is meaningless)",
+              flush=True)
 
 
 def _cmd_eval(args) -> int:
@@ -97,17 +134,34 @@ def _cmd_eval(args) -> int:
         from .zoo import get_entry
 
         entry = get_entry(meta["model"])
+    elif Path(args.model).is_dir():
+        raise ArtifactError(f"'{args.model}' is a folder but not a vitq artifact (no config.json): give a folder "
+                            "written by `vitq quantize`, a packed file or a model name")
     else:
         loaded = load_model(args.model, args.checkpoint, args.random_init)
         model, entry, checkpoint, random_init = loaded.model, loaded.entry, loaded.checkpoint, loaded.random_init
         name = entry.timm_name
+    if random_init:
+        _say_random_init({"random_init": True}, args.model)
     ds = make_dataset(args.data, entry.transform, args.list, args.limit, args.skip_bad_images)
-    result = evaluate(model, make_loader(ds, args.batch_size, args.workers), name=name)
-    result.checkpoint, result.random_init = checkpoint, random_init
+    with _maybe_file(args.out, args.overwrite, (args.data, args.list, args.model)) as tmp:
+        result = evaluate(model, make_loader(ds, args.batch_size, args.workers), name=name)
+        result.checkpoint, result.random_init = checkpoint, random_init
+        _print_skipped(ds, "evaluation")
+        if tmp is not None:
+            tmp.write_text(dumps(output_json(result.to_dict(), "eval")))
     print(result.summary())
-    if args.out:
-        result.save(args.out)
     return 0
+
+
+@contextlib.contextmanager
+def _maybe_file(out, overwrite: bool, inputs):
+    """A checked, locked temporary for an optional JSON ``--out`` file (None without one)."""
+    if out is None:
+        yield None
+        return
+    with destination(out, kind="file", overwrite=overwrite, inputs=inputs, is_ours=is_output_json) as tmp:
+        yield tmp
 
 
 def _config_from_args(args) -> QuantConfig:
@@ -122,21 +176,52 @@ def _config_from_args(args) -> QuantConfig:
 
 
 def _cmd_quantize(args) -> int:
+    inputs = (args.calib, args.eval, args.calib_list, args.eval_list, args.config, args.checkpoint, args.hw)
+    with destination(args.out, kind="dir", overwrite=args.overwrite, inputs=inputs) as folder:
+        report, calibrate_s, eval_s = _quantize(args, folder)
+    print(summary_line(report))
+    print(f"calibrate_s={calibrate_s:.1f} eval_s={eval_s:.1f} -> {Path(args.out) / 'report.json'}")
+    return 0
+
+
+def _overlap(a, b) -> list[str]:
+    """Files (as given in ``a``) that ``a`` and ``b`` both read."""
+    other = {(b.root / f).resolve() for f in b.files}
+    return [f for f in a.files if (a.root / f).resolve() in other]
+
+
+def _print_skipped(ds, what: str) -> None:
+    if ds.skipped:
+        print(f"skipped {len(ds.skipped)} unreadable {what} image(s): {', '.join(ds.skipped[:5])}"
+              + (" ..." if len(ds.skipped) > 5 else ""), flush=True)
+
+
+def _quantize(args, folder: Path) -> tuple[dict, float, float]:
     config = _config_from_args(args)
     torch.manual_seed(config.seed)
+    if args.calib_size < 1:
+        raise ConfigError(f"--calib-size must be at least 1, got {args.calib_size}")
     loaded = load_model(args.model, args.checkpoint, args.random_init)
     entry = loaded.entry
     eval_files = read_list(args.eval_list, args.eval) if args.eval_list else None
     if args.calib_list:
-        calib_ds = make_dataset(args.calib, entry.transform, args.calib_list)
+        calib_ds = make_dataset(args.calib, entry.transform, args.calib_list, skip_bad_images=args.skip_bad_images)
     else:
         exclude = eval_files if (eval_files and Path(args.calib).resolve() == Path(args.eval).resolve()) else []
         files = calibration_subset(args.calib, args.calib_size, config.seed, exclude)
-        calib_ds = make_dataset(args.calib, entry.transform, files=files)
+        calib_ds = make_dataset(args.calib, entry.transform, files=files, skip_bad_images=args.skip_bad_images)
     eval_ds = make_dataset(args.eval, entry.transform, args.eval_list, args.limit, args.skip_bad_images)
+    overlap = _overlap(calib_ds, eval_ds)
+    if overlap and not args.allow_overlap:
+        raise DataError(f"{len(overlap)} image(s) are in both the calibration and the evaluation set, first: "
+                        f"{', '.join(overlap[:3])}; the evaluation would flatter the model (--allow-overlap to "
+                        "run anyway)")
     print(f"vitq quantize {entry.timm_name}: protocol={config.protocol} W{config.w_bits}A{config.a_bits} "
           f"observer={config.observer} calib={len(calib_ds)} eval={len(eval_ds)} seed={config.seed}"
           + (" RANDOM-INIT" if loaded.random_init else ""), flush=True)
+    if overlap:
+        print(f"warning: {len(overlap)} calibration image(s) are also evaluated (--allow-overlap); the report "
+              "says so", flush=True)
 
     options = MethodOptions(sq_b=args.sq_b or args.method == "mptq", opt_m=args.opt_m or args.method == "mptq",
                             m_max=args.m_max, optm_grid=args.opt_m_grid, optm_ptf=args.opt_m_ptf is not False,
@@ -221,9 +306,20 @@ def _cmd_quantize(args) -> int:
         cost_budget = [("edp", 1.0)]  # no budget: the scheme choice alone, at the highest candidates
     hw = load_hardware(args.hw) if (args.method == "m2q" or args.hw) else None
     budget = None
+    check_budget_values(w=args.budget_w, a=args.budget_a, mb=args.budget_mb, gbops=args.budget_gbops,
+                        edp=args.budget_edp, energy=args.budget_energy, latency=args.budget_latency)
+    w_cands = parse_bits_list(args.w_candidates) if args.w_candidates else (
+        (4, 8) if args.method == "m2q" else DEFAULT_CANDIDATES)
+    a_cands = parse_bits_list(args.a_candidates) if args.a_candidates else (
+        (8,) if args.method == "m2q" else DEFAULT_CANDIDATES)
+    for b in w_cands + a_cands:
+        if not 2 <= b <= 8:
+            raise ConfigError(f"candidate bit-width {b} out of range 2..8 (--w-candidates/--a-candidates)")
     if args.mixed or (args.method == "mptq" and any(
             v is not None for v in (args.budget_w, args.budget_a, args.budget_mb, args.budget_gbops))):
         budget = Budget(args.budget_w, args.budget_a, args.budget_mb, args.budget_gbops)
+        check_budget_reachable(loaded.model, config, w_cands, a_cands, w_bits=budget.w_bits, a_bits=budget.a_bits,
+                               size_mb=budget.size_mb)
     if args.mp_search is not None and budget is None:
         raise ConfigError(f"--mp-search {args.mp_search} searches a mixed-precision assignment: give a budget "
                           "(--budget-w/--budget-a/--budget-mb) with --mixed or --method mptq")
@@ -279,11 +375,13 @@ def _cmd_quantize(args) -> int:
 
     t0 = time.perf_counter()
     calib_images, _ = load_tensors(calib_ds, args.batch_size, args.workers)
+    _print_skipped(calib_ds, "calibration")
+    check_forward_finite(loaded.model, calib_images[:8], "the float model")
     extra: dict = {}
     if args.method == "m2q":
         metric, fraction = cost_budget[0]
         qmodel, m2 = m2q(loaded.model, calib_images, config, hw, fraction, entry.transform.input_size, metric,
-                         parse_bits_list(args.w_candidates or "4,8"), parse_bits_list(args.a_candidates or "8"),
+                         w_cands, a_cands,
                          n_probe=args.probe_images, lower_per_step=args.lower_per_step)
         config = m2.config
         extra["m2q"] = {"metric": metric, "budget": fraction, "search_s": m2.search_s, "steps": m2.steps,
@@ -295,8 +393,7 @@ def _cmd_quantize(args) -> int:
               f"{sum(r['engine'] == 'shift' for r in m2.layers)} layers on the shift-add engine", flush=True)
     elif budget is not None:
         qmodel, search = greedy_mp(loaded.model, calib_images, config, options, budget,
-                                   parse_bits_list(args.w_candidates) if args.w_candidates else DEFAULT_CANDIDATES,
-                                   parse_bits_list(args.a_candidates) if args.a_candidates else DEFAULT_CANDIDATES,
+                                   w_cands, a_cands,
                                    n_probe=args.probe_images, remeasure_every=args.remeasure_every,
                                    lower_per_step=args.lower_per_step, uniform_fallback=args.uniform_fallback,
                                    search=args.mp_search, gptq_losses=args.mp_gptq_losses,
@@ -334,6 +431,8 @@ def _cmd_quantize(args) -> int:
                                         ("gptq", res.gptq), ("recon", res.recon)) if v is not None})
         extra["method_timing"] = res.timing
     qmodel.vitq_calib_images = len(calib_images)
+    check_state_finite(qmodel, "calibration")
+    check_forward_finite(qmodel, calib_images[:8], "the quantized model")
     calibrate_s = time.perf_counter() - t0
     if not args.quiet:
         print(format_table(tensor_table(qmodel)))
@@ -342,11 +441,16 @@ def _cmd_quantize(args) -> int:
     results = evaluate_many({"fp": loaded.model, "quantized": qmodel},
                             make_loader(eval_ds, args.batch_size, args.workers), reference="fp")
     eval_s = time.perf_counter() - t1
+    _print_skipped(eval_ds, "evaluation")
     report = build_report(
         qmodel, model_name=entry.timm_name, checkpoint=loaded.checkpoint, random_init=loaded.random_init,
         fp=results["fp"], quantized=results["quantized"],
         timing={"calibrate_s": calibrate_s, "eval_s": eval_s, "calib_images": len(calib_images)},
-        extra={"calib_files": calib_ds.files[:1000], "methods": vars(options), **extra},
+        extra={"calib_files": calib_ds.files[:1000], "methods": vars(options),
+               "data": {"calib_images": len(calib_images), "calib_skipped": calib_ds.skipped,
+                        "eval_skipped": eval_ds.skipped, "overlap_allowed": bool(args.allow_overlap),
+                        "overlap_images": len(overlap), "overlap_files": overlap[:1000]},
+               **extra},
     )
 
     def write(folder: Path) -> None:
@@ -360,19 +464,21 @@ def _cmd_quantize(args) -> int:
                 (folder / "sensitivity.csv").write_text(sensitivity_csv(extra["mixed"]["sensitivity"]))
         save_artifact(qmodel, folder, {"model": entry.timm_name, "checkpoint": loaded.checkpoint,
                                        "random_init": loaded.random_init})
-        (folder / "report.json").write_text(json.dumps(report, indent=2))
+        (folder / "report.json").write_text(dumps(report))
 
-    out = write_dir_atomically(args.out, write)
-    print(summary_line(report))
-    print(f"calibrate_s={calibrate_s:.1f} eval_s={eval_s:.1f} -> {out}/report.json")
-    return 0
+    write(folder)
+    return report, calibrate_s, eval_s
 
 
 _METRIC_KEY = {"edp": "edp", "energy": "energy_j", "latency": "latency_s"}
 
 
 def _cmd_cost(args) -> int:
-    from .io import atomic_write_json
+    with _maybe_file(args.out, args.overwrite, (args.model, args.hw, args.config, args.checkpoint)) as tmp:
+        return _cost(args, tmp)
+
+
+def _cost(args, tmp: Path | None) -> int:
     from .quant.engine import prepare
 
     hw = load_hardware(args.hw)
@@ -401,12 +507,12 @@ def _cmd_cost(args) -> int:
     print(f"total: {report.to_dict()['macs'] / 1e9:.3f} GMACs, energy {report.energy_j * 1e3:.4f} mJ, "
           f"latency {report.latency_s * 1e3:.4f} ms, EDP {report.edp:.4e} J*s; INT8 baseline EDP {base.edp:.4e}; "
           f"edp_saving {saving:.4f}")
-    if args.out:
+    if tmp is not None:
         out = {"model": entry.timm_name, "random_init": random_init, "hardware": hw.to_dict(), **report.to_dict(),
                "baseline": {k: v for k, v in base.to_dict().items() if k != "layers"}, "edp_saving": saving}
         if random_init:
             out["warning"] = "random-init weights: structure and cost are real, accuracy is not measured"
-        atomic_write_json(args.out, out)
+        tmp.write_text(dumps(output_json(out, "cost")))
     return 0
 
 
@@ -444,7 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="image folder (synset sub-folders, or flat synset-prefixed files)")
     p.add_argument("--list", help="file list, one path relative to --data per line")
     p.add_argument("--limit", type=int, help="use only the first N images")
-    p.add_argument("--out", help="write the result as JSON")
+    p.add_argument("--out", help="write the result as JSON (a new file, or an earlier result with --overwrite)")
+    _add_overwrite(p)
     _add_data_opts(p)
     p.set_defaults(func=_cmd_eval)
 
@@ -453,7 +560,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["vitq", "onnx"], default="vitq",
                    help="vitq: one safetensors file, weights as bit-packed integer codes; "
                         "onnx: QDQ model with vitq's scales for ONNX Runtime's integer kernels")
-    p.add_argument("--out", required=True, help="output file (.safetensors)")
+    p.add_argument("--out", required=True, help="output file (.safetensors or .onnx; a new file, or an earlier "
+                                                "export with --overwrite)")
+    _add_overwrite(p)
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("cost", help="energy, latency and EDP on the modelled accelerator, per layer")
@@ -465,7 +574,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--a-bits", type=int, default=None)
     p.add_argument("--w-scheme", choices=["uniform", "pot"])
     p.add_argument("--config", help="QuantConfig JSON (per-layer bits and schemes), e.g. a mixed_config.json")
-    p.add_argument("--out", help="write the cost report as JSON")
+    p.add_argument("--out", help="write the cost report as JSON (a new file, or an earlier one with --overwrite)")
+    _add_overwrite(p)
     p.set_defaults(func=_cmd_cost, protocol=None, observer=None, mse_objective=None, seed=None, w_granularity=None)
 
     p = sub.add_parser("quantize", help="calibrate, quantize and evaluate against the FP model")
@@ -625,7 +735,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the uniform fallback scores each candidate after GPTQ, as it will be returned, not with "
                         "round-to-nearest weights (needs GPTQ; turns the fallback on unless --no-uniform-fallback; rule R25 "
                         "in docs/methods.md)")
-    p.add_argument("--out", required=True, help="output folder: report.json, model.safetensors, config.json")
+    p.add_argument("--out", required=True, help="output folder: report.json, model.safetensors, config.json; a new "
+                                                "path, or an earlier vitq result with --overwrite")
+    _add_overwrite(p)
+    p.add_argument("--allow-overlap", action="store_true",
+                   help="run even when calibration and evaluation images overlap (the report says so)")
     p.add_argument("--quiet", action="store_true", help="do not print the per-tensor table")
     _add_data_opts(p)
     p.set_defaults(func=_cmd_quantize)
@@ -635,13 +749,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with raise_on_signals():
+            return args.func(args)
     except USER_ERRORS as exc:
-        print(f"vitq: error: {exc}", file=sys.stderr)
+        print(f"vitq: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("vitq: interrupted; no partial output was written", file=sys.stderr)
         return 130
+    except Terminated as exc:
+        print(f"vitq: stopped by {exc}; no partial output was written", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ shipped in ``vitq/resources/imagenet_synsets.txt`` (the standard index timm's he
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -73,6 +73,10 @@ def read_list(list_file: str | Path, root: str | Path) -> list[str]:
     names = [ln.strip() for ln in list_file.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
     if not names:
         raise DataError(f"list file {list_file} names no images")
+    seen: set[str] = set()
+    dupes = sorted({n for n in names if n in seen or seen.add(n)})
+    if dupes:  # a repeated image would count twice in every mean and standard error
+        raise DataError(f"list file {list_file} names {len(dupes)} image(s) more than once: {', '.join(dupes[:3])}")
     absent = [n for n in names if not (root / n).is_file()]
     if absent:
         raise DataError(
@@ -103,9 +107,36 @@ def build_transform(t: EvalTransform) -> Callable:
     )
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode; 16-bit and 32-bit grey images are scaled, not clipped to white."""
+    if img.mode.startswith("I;16") or img.mode == "I":
+        import numpy as np
+
+        a = np.asarray(img, dtype=np.float64)
+        # PIL keeps 16-bit PNGs as I;16 (or I); their values run to 65535, which a plain convert clips
+        scale = 255.0 / 65535.0 if img.mode.startswith("I;16") or a.max(initial=0) > 255 else 1.0
+        img = Image.fromarray(np.clip(np.rint(a * scale), 0, 255).astype(np.uint8))
+    elif img.mode == "F":
+        import numpy as np
+
+        a = np.asarray(img, dtype=np.float64)
+        a = a * 255.0 if a.max(initial=0) <= 1.0 else a  # float images in [0, 1] or [0, 255]
+        img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
+    return img.convert("RGB")
+
+
+@dataclass
+class BadImage:
+    """An image that could not be read or transformed (returned, not raised, so the message leaves a
+    DataLoader worker as one line)."""
+
+    file: str
+    error: str
+
+
 class ImageNetFiles(Dataset):
-    """Images with ImageNet-1k labels. ``__getitem__`` returns ``(tensor, label)`` or None for a bad image
-    when ``skip_bad_images`` is set (the collate function drops and counts those)."""
+    """Images with ImageNet-1k labels. ``__getitem__`` returns ``(tensor, label)``, or a :class:`BadImage`
+    that the collate function sets aside and :class:`ImageLoader` raises or (``skip_bad_images``) skips."""
 
     def __init__(self, root: str | Path, files: list[str], transform: Callable, skip_bad_images: bool = False):
         self.root = Path(root)
@@ -115,6 +146,7 @@ class ImageNetFiles(Dataset):
         self.labels = [_label_of(Path(f)) for f in self.files]
         self.transform = transform
         self.skip_bad_images = skip_bad_images
+        self.skipped: list[str] = []  # files skipped in the last pass (filled in the main process)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -123,12 +155,9 @@ class ImageNetFiles(Dataset):
         path = self.root / self.files[i]
         try:
             with Image.open(path) as img:
-                img = img.convert("RGB")
-        except Exception as exc:
-            if self.skip_bad_images:
-                return None
-            raise DataError(f"cannot read image {path}: {exc} (use --skip-bad-images to skip such files)") from exc
-        return self.transform(img), self.labels[i]
+                return self.transform(to_rgb(img)), self.labels[i]
+        except Exception as exc:  # any decoder or transform failure is this image's problem
+            return BadImage(str(path), f"{type(exc).__name__}: {exc}".splitlines()[0])
 
 
 @dataclass
@@ -136,14 +165,36 @@ class Batch:
     images: torch.Tensor
     labels: torch.Tensor
     n_bad: int = 0
+    bad: list[BadImage] = field(default_factory=list)
 
 
 def _collate(items) -> Batch:
-    good = [it for it in items if it is not None]
-    n_bad = len(items) - len(good)
+    good = [it for it in items if not isinstance(it, BadImage)]
+    bad = [it for it in items if isinstance(it, BadImage)]
     if not good:
-        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), n_bad)
-    return Batch(torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good]), n_bad)
+        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), len(bad), bad)
+    return Batch(torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good]), len(bad), bad)
+
+
+class ImageLoader:
+    """A DataLoader over :class:`ImageNetFiles` that raises a bad image's error in the main process, as one
+    line, or (with ``skip_bad_images``) records it in ``dataset.skipped`` and goes on."""
+
+    def __init__(self, dataset: ImageNetFiles, loader: DataLoader):
+        self.dataset, self.loader = dataset, loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        self.dataset.skipped = []
+        for b in self.loader:
+            for bad in b.bad:
+                if not self.dataset.skip_bad_images:
+                    raise DataError(f"cannot read image {bad.file}: {bad.error} "
+                                    "(use --skip-bad-images to skip such files)")
+                self.dataset.skipped.append(bad.file)
+            yield b
 
 
 def make_dataset(
@@ -161,14 +212,16 @@ def make_dataset(
     return ImageNetFiles(root, files, build_transform(transform), skip_bad_images)
 
 
-def make_loader(dataset: ImageNetFiles, batch_size: int = 32, workers: int = 2) -> DataLoader:
+def make_loader(dataset: ImageNetFiles, batch_size: int = 32, workers: int = 2) -> ImageLoader:
     """Ordered, batched loading with worker processes; yields :class:`Batch`."""
     if batch_size <= 0:
         raise DataError(f"--batch-size must be positive, got {batch_size}")
-    return DataLoader(
+    if workers < 0:
+        raise DataError(f"--workers must be 0 or more, got {workers}")
+    return ImageLoader(dataset, DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=_collate,
         persistent_workers=False,
-    )
+    ))
 
 
 def load_tensors(dataset: ImageNetFiles, batch_size: int = 32, workers: int = 2) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import Batch
+from .finite import NonFiniteError, nonfinite_message
 
 
 @dataclass
@@ -70,9 +71,9 @@ class EvalResult:
         return s
 
     def save(self, path) -> None:
-        from .io import atomic_write_json
+        from .io import atomic_write_json, output_json
 
-        atomic_write_json(path, self.to_dict())
+        atomic_write_json(path, output_json(self.to_dict(), "eval"))
 
 
 def _batches(data) -> Iterable[Batch]:
@@ -231,6 +232,8 @@ def evaluate_many(models: dict[str, nn.Module], data, reference: str | None = No
             t = time.perf_counter()
             logits = models[key](b.images).float()
             tallies[key].model_s += time.perf_counter() - t
+            if not torch.isfinite(logits).all():
+                raise NonFiniteError(nonfinite_message(models[key], b.images, f"model '{key}'" if key else "the model"))
             if key == reference:
                 ref_logits = logits
             tallies[key].add(logits, b.labels, None if key == reference else ref_logits)

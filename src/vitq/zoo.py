@@ -216,6 +216,9 @@ def load_model(name: str, checkpoint: str | os.PathLike | None = None, random_in
     if path is not None:
         model = create_model(entry)
         load_strict(model, read_state_dict(path), str(path))
+        from .finite import check_state_finite
+
+        check_state_finite(model, f"checkpoint {path}")
         return LoadedModel(model.eval(), entry, str(path), False)
     tried = [str(p) for p in candidate_checkpoints(entry)]
     try:

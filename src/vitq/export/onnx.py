@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import __version__
 from ..io import atomic_path
 from ..quant.layers import QuantConv2d, QuantLinear, QuantMatMul, TensorQuantizer
 
@@ -224,8 +225,26 @@ def _module_path(node_name: str) -> str:
     return ".".join(path)
 
 
-def export_onnx(model: nn.Module, input_size: tuple[int, int, int], out: str | Path, opset: int = 17) -> ExportReport:
+ONNX_FORMAT = "vitq-onnx/1"
+
+
+def is_vitq_onnx(path: str | Path) -> bool:
+    """True for an ONNX file that vitq exported (its metadata names :data:`ONNX_FORMAT`)."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not ONNX at all (a protobuf parse error has no public type)
+        return False
+    return any(p.key == "vitq_format" and p.value == ONNX_FORMAT for p in proto.metadata_props)
+
+
+def export_onnx(model: nn.Module, input_size: tuple[int, int, int], out: str | Path, opset: int = 17,
+                provenance: dict[str, str] | None = None) -> ExportReport:
     """Write ``model`` (calibrated) as ONNX with QDQ pairs, atomically, and report what runs as integers.
+
+    ``provenance`` (string pairs: model, checkpoint, random_init) goes into the file's metadata beside
+    ``vitq_format``, so whoever runs the file can tell random-init weights from trained ones.
 
     Raises:
         ImportError: onnx / onnxruntime are not installed.
@@ -241,10 +260,13 @@ def export_onnx(model: nn.Module, input_size: tuple[int, int, int], out: str | P
             torch.onnx.export(m, (dummy,), str(tmp), dynamo=False, opset_version=opset, input_names=["images"],
                               output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
         nbits = {m.layer_name: m for m in model.modules() if isinstance(m, QuantLinear) and nbits_weight(m.w_quant)}
+        proto = onnx.load(str(tmp))
         if nbits:
-            proto = onnx.load(str(tmp))
             report.nbits_layers = _to_matmul_nbits(proto, nbits)
-            onnx.save(proto, str(tmp))
+        for key, value in {"vitq_format": ONNX_FORMAT, "vitq_version": __version__, **(provenance or {})}.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, str(value)
+        onnx.save(proto, str(tmp))
         onnx.checker.check_model(str(tmp))
         # Which layers did ONNX Runtime turn into integer kernels? Inspect its optimized graph.
         with tempfile.TemporaryDirectory() as d:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -111,7 +112,9 @@ class QuantConfig:
     seed: int = 0
 
     def __post_init__(self):
-        self.rules = [r if isinstance(r, LayerRule) else LayerRule(**r) for r in self.rules]
+        if not isinstance(self.rules, (list, tuple)):
+            raise ConfigError(f"rules must be a list of objects with a 'pattern', got {type(self.rules).__name__}")
+        self.rules = [r if isinstance(r, LayerRule) else _rule(i, r) for i, r in enumerate(self.rules)]
         self.validate()
 
     def validate(self) -> None:
@@ -120,6 +123,7 @@ class QuantConfig:
         Raises:
             ConfigError: naming the bad option or rule.
         """
+        _check_types(self, "")
         _bits("w_bits", self.w_bits)
         _bits("a_bits", self.a_bits)
         _bits("first_layer_a_bits", self.first_layer_a_bits)
@@ -132,7 +136,8 @@ class QuantConfig:
             raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}")
         if self.group_size < 1:
             raise ConfigError(f"group_size must be positive, got {self.group_size}")
-        for r in self.rules:
+        for i, r in enumerate(self.rules):
+            _check_types(r, f"rules[{i}].")
             where = f"rule '{r.pattern}'"
             if r.w_bits is not None:
                 _bits(f"{where} w_bits", r.w_bits)
@@ -191,11 +196,50 @@ class QuantConfig:
             raise ConfigError(f"config file not found: {path}")
         try:
             data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file {path} is not valid JSON: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path} must hold a JSON object")
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"config file {path}: {exc}") from None
+
+
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}
+
+
+def _check_types(obj, prefix: str) -> None:
+    """Each field of a config dataclass must hold its annotated type (``int | None`` allows null)."""
+    for f in fields(obj):
+        if f.name == "rules":
+            continue
+        value = getattr(obj, f.name)
+        ann = str(f.type).replace(" ", "")
+        optional = ann.endswith("|None")
+        base = ann.removesuffix("|None")
+        if value is None and optional:
+            continue
+        ok = base in _TYPES and isinstance(value, _TYPES[base]) and not (base != "bool" and isinstance(value, bool))
+        if ok and base == "float":
+            ok = math.isfinite(value)
+        if not ok:
+            raise ConfigError(f"{prefix}{f.name} must be {_TYPE_WORDS.get(base, base)}"
+                              f"{' or null' if optional else ''}, got {value!r}")
+
+
+def _rule(i: int, r) -> LayerRule:
+    """A LayerRule from its JSON object, with one-line errors naming the rule."""
+    if not isinstance(r, dict):
+        raise ConfigError(f"rules[{i}] must be an object with a 'pattern', got {r!r}")
+    known = {f.name for f in fields(LayerRule)}
+    unknown = sorted(set(r) - known)
+    if unknown:
+        raise ConfigError(f"rules[{i}] has unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    if not isinstance(r.get("pattern"), str) or not r["pattern"]:
+        raise ConfigError(f"rules[{i}] needs a 'pattern' string (a glob over layer names), got {r.get('pattern')!r}")
+    return LayerRule(**r)
 
 
 def _bits(name: str, value) -> None:
