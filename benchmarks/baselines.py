@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from vitq.data import make_dataset, make_loader
-from vitq.evaluate import evaluate_many
+from vitq.evaluation import evaluate_many
 from vitq.io import atomic_write_json
 from vitq.quant import QuantConfig, calibrate, model_stats, prepare
 from vitq.zoo import load_model

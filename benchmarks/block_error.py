@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from vitq.adapters import adapter_for
-from vitq.evaluate import kl_from_reference
+from vitq.evaluation import kl_from_reference
 from vitq.methods.mptq import MethodOptions, run_pipeline
 from vitq.methods.recon import stage_loss
 from vitq.quant import QuantConfig

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from vitq.evaluate import kl_from_reference
+from vitq.evaluation import kl_from_reference
 from vitq.methods.mptq import MethodOptions, run_pipeline
 from vitq.methods.optm import NONLIN_OBJECTIVES
 from vitq.quant import QuantConfig

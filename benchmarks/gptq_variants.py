@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from vitq.data import make_dataset, make_loader
-from vitq.evaluate import evaluate_many, kl_from_reference
+from vitq.evaluation import evaluate_many, kl_from_reference
 from vitq.io import atomic_write_json
 from vitq.methods.gptq import FIT_BIAS, apply_gptq
 from vitq.methods.mptq import MethodOptions, run_pipeline

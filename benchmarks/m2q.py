@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from vitq.data import make_dataset, make_loader
-from vitq.evaluate import evaluate_many
+from vitq.evaluation import evaluate_many
 from vitq.hardware import estimate, extract_workloads, int8_baseline, load_hardware
 from vitq.io import atomic_write_json
 from vitq.methods.m2q import fixed_scheme_config, m2q

@@ -22,7 +22,7 @@ import torch
 from vitq.adapters import adapter_for
 from vitq.cli import parse_bits_list
 from vitq.data import make_dataset, make_loader
-from vitq.evaluate import evaluate_many
+from vitq.evaluation import evaluate_many
 from vitq.io import atomic_write_json
 from vitq.methods.greedy_mp import (DEFAULT_CANDIDATES, SEARCHES, Budget, default_gptq_losses, default_probe_images,
                                     greedy_mp)

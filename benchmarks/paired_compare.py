@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from vitq.evaluate import paired_difference
+from vitq.evaluation import paired_difference
 
 
 def load(path: str) -> dict:

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from vitq.data import load_tensors, make_dataset
-from vitq.evaluate import evaluate, kl_from_reference
+from vitq.evaluation import evaluate, kl_from_reference
 from vitq.io import atomic_write_json
 from vitq.methods.mptq import MethodOptions, mptq_gelu_token_shifts, mptq_rotates, mptq_token_scales, run_pipeline
 from vitq.methods.recon import apply_block_recon

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from vitq.evaluate import kl_from_reference
+from vitq.evaluation import kl_from_reference
 from vitq.methods.mptq import MethodOptions, run_pipeline
 from vitq.quant import QuantConfig, calibrate, prepare
 from vitq.quant.engine import all_quantizers, left_in_float

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from vitq.adapters import adapter_for
-from vitq.evaluate import kl_from_reference
+from vitq.evaluation import kl_from_reference
 from vitq.methods.optm import apply_optm
 from vitq.quant import QuantConfig, calibrate, prepare
 from vitq.quant.engine import all_quantizers

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from vitq.data import load_tensors, make_dataset, make_loader
-from vitq.evaluate import evaluate
+from vitq.evaluation import evaluate
 from vitq.quant import QuantConfig, calibrate, prepare
 from vitq.zoo import load_model
 

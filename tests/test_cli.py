@@ -207,7 +207,7 @@ def test_cost_command_json_and_errors(tmp_path, capsys):
     assert r["edp_saving"] == pytest.approx(0.0)  # INT8 everywhere is the baseline
     assert any(layer["op"] == "div" for layer in r["layers"])
     assert main(["cost", "efficientvit_b0", "--random-init", "--w-bits", "4", "--w-scheme", "pot",
-                 "--out", str(out)]) == 0
+                 "--out", str(out), "--overwrite"]) == 0
     assert json.loads(out.read_text())["edp_saving"] > 0.2
     bad = tmp_path / "hw.yaml"
     bad.write_text("engines: {mac_units: zero}\n")

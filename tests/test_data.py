@@ -83,3 +83,36 @@ def test_file_without_synset_is_rejected(tmp_path):
     (tmp_path / "holiday.jpg").write_bytes((tmp_path / "n01440764_img0.JPEG").read_bytes())
     with pytest.raises(DataError, match="holiday.jpg"):
         make_dataset(tmp_path, get_entry("deit_tiny").transform)
+
+
+def test_16bit_and_float_images_are_scaled_not_clipped():
+    import numpy as np
+    from PIL import Image
+
+    from vitq.data import to_rgb
+
+    grey = np.full((8, 8), 32768, dtype=np.uint16)  # mid-grey in 16 bits
+    rgb = np.asarray(to_rgb(Image.fromarray(grey)))
+    assert rgb.shape == (8, 8, 3) and abs(int(rgb.mean()) - 128) <= 1
+    flt = np.asarray(to_rgb(Image.fromarray(np.full((4, 4), 0.25, dtype=np.float32))))
+    assert abs(int(flt.mean()) - 64) <= 1
+
+
+def test_duplicate_list_entries_are_refused(tmp_path):
+    names = write_images(tmp_path, SYN[:3])
+    lst = tmp_path / "l.txt"
+    lst.write_text("\n".join([names[0], names[1], names[0]]))
+    with pytest.raises(DataError, match=f"more than once: {names[0]}"):
+        read_list(lst, tmp_path)
+
+
+def test_bad_image_in_a_worker_is_one_line_in_the_main_process(tmp_path):
+    write_images(tmp_path, SYN[:3])
+    (tmp_path / "n01484850_broken.JPEG").write_bytes(b"garbage")
+    ds = make_dataset(tmp_path, get_entry("deit_tiny").transform)
+    with pytest.raises(DataError) as info:
+        load_tensors(ds, workers=2)
+    assert "n01484850_broken.JPEG" in str(info.value) and len(str(info.value).splitlines()) == 1
+    ds = make_dataset(tmp_path, get_entry("deit_tiny").transform, skip_bad_images=True)
+    load_tensors(ds, workers=2)
+    assert [p.rsplit("/", 1)[-1] for p in ds.skipped] == ["n01484850_broken.JPEG"]

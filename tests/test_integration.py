@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from vitq.data import load_tensors, make_dataset, make_loader
-from vitq.evaluate import evaluate
+from vitq.evaluation import evaluate
 from vitq.quant import QuantConfig, quantize
 from vitq.zoo import load_model
 
@@ -81,7 +81,7 @@ def test_sqb_is_exact_in_float_on_real_deit_tiny(assets, monkeypatch, unnormed):
 
 
 def test_mptq_w4a4_beats_baseline_on_real_deit_tiny(assets, monkeypatch):
-    from vitq.evaluate import evaluate_many
+    from vitq.evaluation import evaluate_many
     from vitq.methods.mptq import MethodOptions, run_pipeline
 
     monkeypatch.setenv("VITQ_ASSETS", str(assets))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 
 __version__ = "0.1.0"
-_LAZY = {"EvalResult": ".evaluate", "evaluate": ".evaluate", "LayerRule": ".quant", "QuantConfig": ".quant",
+_LAZY = {"EvalResult": ".evaluation", "evaluate": ".evaluation", "LayerRule": ".quant", "QuantConfig": ".quant",
          "quantize": ".quant", "load_model": ".zoo"}
 __all__ = ["EvalResult", "LayerRule", "QuantConfig", "evaluate", "load_model", "quantize", "__version__"]
 

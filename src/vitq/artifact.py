@@ -18,7 +18,7 @@ from torch import nn
 
 from . import __version__
 from .finite import check_state_finite
-from .io import dumps
+from .io import dumps, save_safetensors
 from .quant.config import ConfigError, QuantConfig, TensorSpec
 from .quant.engine import all_quantizers, compute_layers, prepare, weight_layers
 from .zoo import ZooError, create_model, get_entry
@@ -64,13 +64,11 @@ def binding(meta: dict) -> str:
 
 def save_artifact(model: nn.Module, folder: Path, meta: dict) -> None:
     """Write ``model.safetensors``, ``config.json`` and the vitq marker into an (already temporary) folder."""
-    from safetensors.torch import save_file
-
     from .output import write_marker
 
     state, meta = artifact_files(model, meta)
-    save_file(state, str(folder / "model.safetensors"),
-              metadata={"format": FORMAT, "model": str(meta.get("model")), "binding": binding(meta)})
+    save_safetensors(state, folder / "model.safetensors",
+                     metadata={"format": FORMAT, "model": str(meta.get("model")), "binding": binding(meta)})
     (folder / "config.json").write_text(dumps(meta))
     write_marker(folder, "quantize")
 

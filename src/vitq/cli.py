@@ -21,7 +21,7 @@ from .io import dumps, is_output_json, output_json
 from .methods.mp_budget import check_budget_reachable, check_budget_values
 from .output import OutputError, Terminated, destination, raise_on_signals
 from .data import DataError, calibration_subset, load_tensors, make_dataset, make_loader, read_list
-from .evaluate import evaluate, evaluate_many
+from .evaluation import evaluate, evaluate_many
 from .quant.config import ConfigError, QuantConfig
 from .methods.greedy_mp import (DEFAULT_CANDIDATES, SEARCHES, Budget, default_gptq_losses, default_probe_images,
                                 greedy_mp, plot_bits)
@@ -752,14 +752,25 @@ def main(argv: list[str] | None = None) -> int:
         with raise_on_signals():
             return args.func(args)
     except USER_ERRORS as exc:
+        _close_bars()
         print(f"vitq: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _close_bars()
         print("vitq: interrupted; no partial output was written", file=sys.stderr)
         return 130
     except Terminated as exc:
+        _close_bars()
         print(f"vitq: stopped by {exc}; no partial output was written", file=sys.stderr)
         return 143
+
+
+def _close_bars() -> None:
+    """Clear progress bars an error left open, so the error starts its own line on a terminal."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 if __name__ == "__main__":

@@ -91,3 +91,25 @@ def is_output_json(path: str | os.PathLike) -> bool:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
     return isinstance(data, dict) and isinstance(data.get(OUTPUT_KEY), str)
+
+
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """``safetensors.torch.save_file`` with byte-reproducible output.
+
+    safetensors writes the metadata keys in hash-map order, which changes from run to run; the header is
+    rewritten in place with the keys sorted (the same bytes, reordered, so every offset stays valid).
+    """
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        header = json.loads(raw)
+        meta = header.pop("__metadata__", None)
+        ordered = ({"__metadata__": dict(sorted(meta.items()))} if meta is not None else {}) | header
+        text = json.dumps(ordered, separators=(",", ":")).encode()
+        if len(text) != len(raw.rstrip(b" ")):
+            return  # a header this writer would not reproduce byte for byte: leave it as safetensors wrote it
+        f.seek(8)
+        f.write(text.ljust(n, b" "))

@@ -5,7 +5,7 @@ from dataclasses import asdict
 
 from torch import nn
 
-from .evaluate import EvalResult
+from .evaluation import EvalResult
 from .quant.engine import QuantizedTensor, model_stats, tensor_table
 
 

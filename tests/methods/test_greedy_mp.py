@@ -93,7 +93,7 @@ def test_unreachable_budget_and_no_budget():
 def test_trunk_probing_reports_the_returned_models_kl(family):
     # Swin's trunk steps through each patch merging, EfficientViT's through NCHW blocks seen as NHWC; the
     # cached block inputs must give the same KL as a full run of the returned model
-    from vitq.evaluate import kl_from_reference
+    from vitq.evaluation import kl_from_reference
 
     model, x, q, res = _search(Budget(6.0, 6.0), family=family)
     assert model_stats(q)["avg_w_bits"] <= 6.0 + 1e-9
@@ -133,7 +133,7 @@ def test_uniform_fallback_is_never_worse_on_the_probe_kl():
     else:
         assert on.layers == off.layers
     # the reported KL is the returned model's
-    from vitq.evaluate import kl_from_reference
+    from vitq.evaluation import kl_from_reference
     model, _ = tiny_model("deit")
     with torch.inference_mode():
         kl = kl_from_reference(model(x[:8]), q_on(x[:8])).mean().item()
@@ -143,7 +143,7 @@ def test_uniform_fallback_is_never_worse_on_the_probe_kl():
 
 @pytest.mark.parametrize("budget", [Budget(5.0, 5.0), Budget(4.5, 6.0), Budget(size_mb=0.05)])
 def test_knapsack_search_meets_the_budget_and_is_deterministic(budget):
-    from vitq.evaluate import kl_from_reference
+    from vitq.evaluation import kl_from_reference
 
     model, x, q, res = _search(budget, search="knapsack", uniform_fallback=False)
     st = model_stats(q)
@@ -207,7 +207,7 @@ def test_superposed_search_checks_the_refinement_on_the_calibration_images_the_p
     h = res.history[0]
     kept = h["kl_refined"] < h["kl_knapsack"] and h["kl_holdout_refined"] < h["kl_holdout_knapsack"]
     assert res.kl_final == (h["kl_refined"] if kept else h["kl_knapsack"])
-    from vitq.evaluate import kl_from_reference
+    from vitq.evaluation import kl_from_reference
 
     with torch.inference_mode():  # the held-out KL is the returned model's on images 4..7
         held = kl_from_reference(model(x[4:]), q(x[4:])).mean().item()
@@ -229,7 +229,7 @@ def test_calibrated_search_meets_the_budget_and_keeps_a_round_only_when_it_lower
     assert all(lo <= r <= hi for c in h["calibration"] for r in c["ratios"].values())
     # weights keep their isolated losses: the W bits are the knapsack's
     assert [r["w_bits"] for r in res.layers] == [r["w_bits"] for r in knap.layers]
-    from vitq.evaluate import kl_from_reference
+    from vitq.evaluation import kl_from_reference
 
     with torch.inference_mode():  # kl_final is the returned model's probe KL (all 8 images probe here)
         assert kl_from_reference(model(x), q(x)).mean().item() == pytest.approx(res.kl_final, abs=1e-6)
@@ -258,7 +258,7 @@ def test_calibrated_search_checks_each_round_on_the_calibration_images_the_probe
     h = res.history[0]
     kept = [c for c in h["calibration"] if c["kept"]]
     assert all(c["kl_holdout"] < h["kl_holdout_knapsack"] for c in kept)
-    from vitq.evaluate import kl_from_reference
+    from vitq.evaluation import kl_from_reference
 
     with torch.inference_mode():  # the held-out KL is the returned model's on images 4..7
         held = kl_from_reference(model(x[4:]), q(x[4:])).mean().item()
@@ -328,7 +328,7 @@ def test_gptq_aware_knapsack_losses_change_only_the_gptq_widths_and_restore_the_
 
 
 def _probe_kl(q, x):
-    from vitq.evaluate import kl_from_reference
+    from vitq.evaluation import kl_from_reference
     model, _ = tiny_model("deit")
     with torch.inference_mode():
         return kl_from_reference(model(x[:8]), q(x[:8])).mean().item()

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from vitq.adapters import adapter_for
-from vitq.artifact import load_artifact, save_artifact, write_dir_atomically
+from vitq.artifact import load_artifact, save_artifact
+from vitq.output import destination
 from vitq.export.onnx import export_onnx
 from vitq.export.packed import export_packed, load_packed
 from vitq.methods.mptq import MethodOptions, run_pipeline
@@ -142,7 +143,8 @@ def test_rotated_pipeline_survives_save_and_reload(tmp_path, protocol):
     assert "rotation_s" in res.timing
     q = res.model
     meta = {"model": "deit_tiny_patch16_224.fb_in1k", "model_kwargs": TINY["deit"][1]}
-    write_dir_atomically(tmp_path / "a", lambda d: save_artifact(q, d, meta))
+    with destination(tmp_path / "a") as folder:
+        save_artifact(q, folder, meta)
     r, _ = load_artifact(tmp_path / "a")
     with torch.inference_mode():
         assert torch.equal(q(x), r(x))

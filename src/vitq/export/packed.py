@@ -30,7 +30,7 @@ from torch import nn
 
 from .. import __version__
 from ..artifact import ArtifactError, artifact_files, rebuild
-from ..io import atomic_path
+from ..io import atomic_path, save_safetensors
 from ..quant import quantizers as Q
 from ..quant.engine import weight_layers
 from ..quant.layers import TensorQuantizer
@@ -154,8 +154,6 @@ def export_packed(model: nn.Module, meta: dict, out: str | Path) -> dict:
         sizes: ``file_bytes``, ``fp32_bytes`` (the float model's parameters), ``ratio``, and the number of
         packed weight tensors.
     """
-    from safetensors.torch import save_file
-
     state, meta = artifact_files(model, meta)
     packed = {}
     for m in weight_layers(model):
@@ -174,7 +172,7 @@ def export_packed(model: nn.Module, meta: dict, out: str | Path) -> dict:
     state, small = merge_small(state)
     meta = {**meta, "format": FORMAT, "packed": packed, "small": small}
     with atomic_path(out) as tmp:
-        save_file(state, str(tmp), metadata={"format": FORMAT, "vitq_version": __version__,
+        save_safetensors(state, tmp, metadata={"format": FORMAT, "vitq_version": __version__,
                                              "meta_encoding": META_ENCODING, "meta": encode_meta(meta)})
     fp32 = sum(p.numel() for p in model.parameters()) * 4
     size = Path(out).stat().st_size

@@ -179,7 +179,7 @@ def apply_attn_smooth(model: nn.Module, calib: torch.Tensor, config: QuantConfig
     names = {m: n for n, m in model.named_modules()}
     qkv_out, proj_in = _capture(model, attns, calib[:max_images])
     result = AttnSmoothResult()
-    for a, out, x in tqdm(list(zip(attns, qkv_out, proj_in)), desc="attention smoothing", disable=not progress,
+    for a, out, x in tqdm(list(zip(attns, qkv_out, proj_in)), desc="attention smoothing", disable=None if progress else True,
                           leave=False):
         qk_before, qk_after, qk_alpha, tc = _search_qk(out, a.num_heads, config.a_bits,
                                                        alphas if "qk" in parts else ())

@@ -279,7 +279,7 @@ def apply_gptq(model: nn.Module, calib: torch.Tensor, n_images: int = 32, damp: 
         except _Stop:
             return captured["layer"], captured["x"]
 
-    bar = tqdm(total=len(todo), desc="GPTQ", disable=not progress, leave=False)
+    bar = tqdm(total=len(todo), desc="GPTQ", disable=None if progress else True, leave=False)
     try:
         model.eval()
         for stage, ref_stage in zip(stages, ref_stages):

@@ -27,7 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..adapters import adapter_for
-from ..evaluate import kl_from_reference
+from ..evaluation import kl_from_reference
 from ..quant.config import ConfigError, LayerRule, QuantConfig
 from ..quant.engine import all_quantizers, compute_layers, model_stats, weight_layers
 from ..quant.layers import QuantMatMul
@@ -363,7 +363,7 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
                           optm_softmax_objective=options.optm_softmax_objective)
     banks: dict[int, dict] = {}
     model = None
-    for b in tqdm(sorted(set(w_c + a_c), reverse=True), desc="calibrate candidates", disable=not progress, leave=False):
+    for b in tqdm(sorted(set(w_c + a_c), reverse=True), desc="calibrate candidates", disable=None if progress else True, leave=False):
         cfg = bank_config(b) if bank_config else replace(base, w_bits=b, a_bits=b, rules=[])
         res = run_pipeline(float_model, calib, cfg, stage)
         banks[b] = _harvest(res.model)
@@ -501,7 +501,7 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
                                    calibrate=search == "calibrated", gptq_losses=w_losses,
                                    estimate_top=estimate_top)
     else:
-        for item in tqdm(items, desc="sensitivity", disable=not progress, leave=False):
+        for item in tqdm(items, desc="sensitivity", disable=None if progress else True, leave=False):
             measure(item)
         now = current_cost()  # the cost of the current assignment, recomputed only when it changes
 
@@ -511,7 +511,7 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
                     result.snapshots[c] = assignment()
 
         snapshot()
-        bar = tqdm(desc="greedy MP", disable=not progress, leave=False)
+        bar = tqdm(desc="greedy MP", disable=None if progress else True, leave=False)
         while need("W", now) or need("A", now):
             # Lower up to ``lower_per_step`` items (each one step, cheapest first, only while the budget
             # still needs it), then run the model once and re-measure only the items that moved.
@@ -676,7 +676,7 @@ def _knapsack_search(model: nn.Module, items: list[_Item], set_level, prober: _P
             gptq_losses.capture()
         base_kl = prober.kl()  # about 0 (SQ-b's folding is exact in float up to rounding)
         base_out = prober.out
-        for i in tqdm(chosen, desc="knapsack losses", disable=not progress, leave=False):
+        for i in tqdm(chosen, desc="knapsack losses", disable=None if progress else True, leave=False):
             level = i.level
             for q in i.quantizers:
                 q.mode = modes[id(q)]

@@ -166,7 +166,7 @@ def m2q(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, hw: Hardwar
     t0 = time.perf_counter()
     w_c = tuple(sorted(set(w_candidates)))
     schemes = {b: choose_schemes(fp_model, calib, base, b, input_size)
-               for b in tqdm(w_c, desc="M2Q level 1 (schemes)", disable=not progress, leave=False)} if allow_pot else {}
+               for b in tqdm(w_c, desc="M2Q level 1 (schemes)", disable=None if progress else True, leave=False)} if allow_pot else {}
     structure = prepare(fp_model, replace(base, w_bits=8, a_bits=8, rules=[]))
     workloads = extract_workloads(structure, input_size)
     baseline = estimate(int8_baseline(workloads), hw)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..evaluate import kl_from_reference
+from ..evaluation import kl_from_reference
 
 
 def superposed_kl(ref: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

@@ -449,7 +449,7 @@ def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int | None = None, 
     found = _capture(model, calib[:n_images], max_rows, row_weights, token_weights)
     result = OptMResult()
     acts = [q for q in all_quantizers(model) if not q.is_weight and id(q) in found]
-    for q in tqdm(acts, desc="OPT-m", disable=not progress, leave=False):
+    for q in tqdm(acts, desc="OPT-m", disable=None if progress else True, leave=False):
         x, out_fn = found[id(q)]
         # the output each clip is scored on: a Linear's or matmul's (q, k, v) from the capture; a softmax
         # input's is the softmax of its rows (whole softmax rows) with softmax_objective="output"

@@ -136,7 +136,7 @@ def apply_block_recon(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor
         p.requires_grad_(False)
     model.eval()
     fp_model.eval()
-    bar = tqdm(total=len(stages), desc="block reconstruction", disable=not progress, leave=False)
+    bar = tqdm(total=len(stages), desc="block reconstruction", disable=None if progress else True, leave=False)
     try:
         if flip:  # images are [N, C, H, W]: mirror the width
             calib = torch.cat([calib, calib.flip(-1)])

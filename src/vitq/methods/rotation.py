@@ -260,7 +260,7 @@ def apply_rotation(model: nn.Module, calib: torch.Tensor, config: QuantConfig, m
         return result
     inputs = _collect_inputs(model, [lin for _, _, lin, _ in todo], calib[:max_images], max_rows)
     for k, ((kind, owner, lin, block), x) in enumerate(tqdm(list(zip(todo, inputs)), desc="rotation search",
-                                                              disable=not progress, leave=False)):
+                                                              disable=None if progress else True, leave=False)):
         w = lin.weight.detach().float()
         if kind == "q/k":
             dim = w.shape[0] // 3

@@ -200,10 +200,10 @@ def apply_sqb(model: nn.Module, calib: torch.Tensor, config: QuantConfig, alphas
     linears = [lin for _, lin in pairs]
     inputs = _collect_inputs(model, linears + gelu, calib, max_rows)
     result = SQBResult()
-    for lin, x in tqdm(list(zip(gelu, inputs[len(pairs):])), desc="SQ-b (post-GELU)", disable=not progress,
+    for lin, x in tqdm(list(zip(gelu, inputs[len(pairs):])), desc="SQ-b (post-GELU)", disable=None if progress else True,
                        leave=False):
         result.layers.append(_smooth_post_gelu(lin, names[lin], x[:POST_GELU_ROWS], config))
-    for (norm, lin), x in tqdm(list(zip(pairs, inputs)), desc="SQ-b", disable=not progress, leave=False):
+    for (norm, lin), x in tqdm(list(zip(pairs, inputs)), desc="SQ-b", disable=None if progress else True, leave=False):
         name = names[lin]
         bits = config.layer_settings(name)
         xmax, xmin = x.amax(0), x.amin(0)

@@ -140,7 +140,7 @@ def apply_token_scale(model: nn.Module, calib: torch.Tensor, config: QuantConfig
         for h in hooks:
             h.remove()
     result = TokenScaleResult()
-    for lin in tqdm(todo, desc="token scaling", disable=not progress, leave=False):
+    for lin in tqdm(todo, desc="token scaling", disable=None if progress else True, leave=False):
         x = torch.cat(store[id(lin)]) if store[id(lin)] else None
         if x is None or x.dim() != 3:
             continue  # not a token tensor (or never run): nothing to scale

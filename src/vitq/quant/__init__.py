@@ -1,6 +1,22 @@
-"""Quantization engine: pure quantizers, observers, quantized layers, config and calibration."""
-from .config import ConfigError, LayerRule, QuantConfig, TensorSpec
-from .engine import apply_config, calibrate, model_stats, all_quantizers, prepare, quantize, tensor_table
+"""Quantization engine: pure quantizers, observers, quantized layers, config and calibration.
 
+Names are imported on first use, so the adapters can import ``quant.config`` without pulling in the
+engine, which imports the adapters.
+"""
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {"ConfigError": ".config", "LayerRule": ".config", "QuantConfig": ".config", "TensorSpec": ".config",
+         **{n: ".engine" for n in ("apply_config", "calibrate", "model_stats", "all_quantizers", "prepare",
+                                   "quantize", "tensor_table")}}
 __all__ = ["ConfigError", "LayerRule", "QuantConfig", "TensorSpec", "apply_config", "calibrate",
            "model_stats", "prepare", "quantize", "all_quantizers", "tensor_table"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'vitq.quant' has no attribute {name!r}")

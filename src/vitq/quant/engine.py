@@ -182,7 +182,7 @@ def calibrate(model: nn.Module, config: QuantConfig, calib_data, progress: bool 
     for m in compute_layers(model):
         m.macs = 0
     n_images = 0
-    for images in tqdm(_as_batches(calib_data), desc="calibrate", unit="batch", disable=not progress, leave=False):
+    for images in tqdm(_as_batches(calib_data), desc="calibrate", unit="batch", disable=None if progress else True, leave=False):
         if images.numel() == 0:
             continue
         model(images)

@@ -222,7 +222,7 @@ def evaluate_many(models: dict[str, nn.Module], data, reference: str | None = No
     order = ([reference] if reference else []) + [k for k in models if k != reference]
     n_bad = 0
     t0 = time.perf_counter()
-    bar = tqdm(desc="eval", unit="img", disable=not progress, leave=False)
+    bar = tqdm(desc="eval", unit="img", disable=None if progress else True, leave=False)
     for b in _batches(data):
         n_bad += b.n_bad
         if b.images.numel() == 0:

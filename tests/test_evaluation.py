@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from vitq.evaluate import EvalResult, evaluate, evaluate_many, kl_from_reference
+from vitq.evaluation import EvalResult, evaluate, evaluate_many, kl_from_reference
 
 
 class Fixed(torch.nn.Module):
@@ -44,7 +44,7 @@ def test_result_serializes(tmp_path):
 
 
 def test_mean_se_and_paired_difference_by_hand():
-    from vitq.evaluate import mean_se, paired_difference
+    from vitq.evaluation import mean_se, paired_difference
 
     mean, se = mean_se([1.0, 2.0, 3.0, 6.0])
     assert mean == 3.0 and math.isclose(se, math.sqrt((4 + 1 + 0 + 9) / 3 / 4))
