@@ -112,12 +112,6 @@ def main() -> int:
                     help="reconstruction learns weight scales only on layers with at most this many weight bits")
     ap.add_argument("--no-recon-ptf", action="store_true",
                     help="block reconstruction keeps the PTF grids' steps (full protocol)")
-    ap.add_argument("--recon-flip", action=argparse.BooleanOptionalAction, default=MethodOptions.recon_flip,
-                    help="block reconstruction also fits the mirrored calibration images")
-    ap.add_argument("--recon-float-lr", type=float, default=MethodOptions.recon_float_lr,
-                    help="block reconstruction also learns biases and LayerNorm affines at this rate (0 = off)")
-    ap.add_argument("--recon-e2e-iters", type=int, default=MethodOptions.recon_e2e_iters,
-                    help="end-to-end steps on the logits' KL after the blocks (vitq quantize --recon-e2e-iters)")
     ap.add_argument("--seed", type=int, default=0,
                     help="QuantConfig seed: observers' sampling and reconstruction's batch order (not the images)")
     ap.add_argument("--opt-m-grid", choices=sorted(GRIDS), default=MethodOptions.optm_grid,
@@ -203,8 +197,7 @@ def main() -> int:
     def with_recon(opts: MethodOptions, rotate: bool = False, token_scale: bool = False) -> MethodOptions:
         return replace(opts, recon_iters=args.recon_iters, recon_drop=args.recon_drop,
                        recon_max_bits=args.recon_max_bits, recon_ptf=not args.no_recon_ptf,
-                       recon_flip=args.recon_flip, recon_float_lr=args.recon_float_lr, optm_grid=args.opt_m_grid,
-                       recon_e2e_iters=args.recon_e2e_iters, recon_wscale_max_bits=args.recon_wscale_max_bits,
+                       optm_grid=args.opt_m_grid, recon_wscale_max_bits=args.recon_wscale_max_bits,
                        optm_ptf=args.opt_m_ptf, optm_ptf_objective=args.opt_m_ptf_objective,
                        optm_nonlin_objective=args.opt_m_nonlin_objective, optm_log2=args.opt_m_log2,
                        optm_softmax_objective=args.opt_m_softmax_objective,
@@ -348,8 +341,6 @@ def main() -> int:
             if cfg.gelu_token_shift:
                 n = sum(t.token_shift_or_none is not None for t in all_quantizers(q) if id(t) in gelus)
                 label += f", GELU token shifts ({n} grids shifted)"
-            if args.recon_e2e_iters != MethodOptions.recon_e2e_iters:
-                label += f", end-to-end {args.recon_e2e_iters} steps"
             if args.gptq_asym is not None and args.gptq_asym != MethodOptions.gptq_asym:
                 label += f", asymmetric GPTQ (alpha {args.gptq_asym:g})"
             if args.gptq_damp is not None and args.gptq_damp != MethodOptions.gptq_damp:

@@ -54,8 +54,7 @@ from vitq.zoo import load_model
 
 # setting key -> (apply_block_recon argument, type); keys left out keep apply_block_recon's defaults
 KEYS = {"iters": ("iters", int), "lr": ("lr", float), "drop": ("drop_prob", float), "batch": ("batch", int),
-        "ptf": ("ptf_scales", lambda v: bool(int(v))), "flip": ("flip", lambda v: bool(int(v))),
-        "float": ("float_lr", float), "e2e": ("e2e_iters", int), "wsbits": ("weight_scale_max_bits", int)}
+        "ptf": ("ptf_scales", lambda v: bool(int(v))), "wsbits": ("weight_scale_max_bits", int)}
 # setting key -> (MethodOptions field, type): these change the pipeline that runs before reconstruction
 PIPELINE_KEYS = {"gelu": ("sq_b_gelu", lambda v: bool(int(v))), "mmax": ("m_max", int), "grid": ("optm_grid", str),
                  "ptfclip": ("optm_ptf", lambda v: bool(int(v))), "ptfobj": ("optm_ptf_objective", str),

@@ -51,7 +51,7 @@ class Case:
 # ---- the workspace every case runs in: images, lists, a user's folder and file, a vitq artifact
 
 def _q(ws: Path, *extra: str) -> list[str]:
-    return ["quantize", "deit_tiny", "--random-init", "--calib", "img", "--calib-list", "calib.txt", "--eval", "img",
+    return ["quantize", "deit_tiny", "--random-init", "--method", "minmax", "--calib", "img", "--calib-list", "calib.txt", "--eval", "img",
             "--eval-list", "eval.txt", "--workers", "0", "--quiet", *extra]
 
 
@@ -291,7 +291,7 @@ CASES = [
          2, "names 2 image(s) more than once"),
     Case("a 16-bit PNG", _png16, 0, "", early=False),
     Case("unreadable calibration image with --skip-bad-images",
-         lambda ws: (_bad_image(ws, "img_bad1"), ["quantize", "deit_tiny", "--random-init", "--calib", "img_bad1",
+         lambda ws: (_bad_image(ws, "img_bad1"), ["quantize", "deit_tiny", "--random-init", "--method", "minmax", "--calib", "img_bad1",
                      "--calib-list", _list_with(ws, "cbad.txt", [*_lines(ws, "calib.txt"), "n01443537_broken.JPEG"]),
                      "--eval", "img", "--eval-list", "eval.txt", "--workers", "0", "--quiet", "--skip-bad-images",
                      "--out", "q_skip"])[1],

@@ -106,7 +106,7 @@ def test_config_pattern_error_names_pattern(tmp_path, images, capsys):
 
 def test_mixed_precision_search_then_config_reuse_gives_same_bits_and_result(tmp_path, images12, capsys):
     images = images12
-    common = ["deit_tiny", "--random-init", "--calib", str(images), "--calib-size", "10", "--eval", str(images), "--allow-overlap", "--limit", "4",
+    common = ["deit_tiny", "--random-init", "--method", "minmax", "--calib", str(images), "--calib-size", "10", "--eval", str(images), "--allow-overlap", "--limit", "4",
               "--w-bits", "6", "--a-bits", "6", "--workers", "0", "--quiet"]
     out = tmp_path / "mp"
     assert main(["quantize", *common, "--mixed", "--budget-w", "7", "--budget-a", "7",
@@ -138,7 +138,7 @@ def test_mixed_precision_search_then_config_reuse_gives_same_bits_and_result(tmp
     (["--method", "mptq", "--mp-estimate-top"], "--mp-estimate-top estimates the knapsack's isolated losses"),
 ])
 def test_mp_search_errors(tmp_path, images, extra, needle, capsys):
-    argv = ["quantize", "deit_tiny", "--random-init", "--calib", str(images), "--calib-size", "2", "--eval",
+    argv = ["quantize", "deit_tiny", "--random-init", "--method", "minmax", "--calib", str(images), "--calib-size", "2", "--eval",
             str(images), "--allow-overlap", "--workers", "0", "--quiet", "--out", str(tmp_path / "o"), *extra]
     assert main(argv) == 2
     assert needle in capsys.readouterr().err
@@ -147,7 +147,7 @@ def test_mp_search_errors(tmp_path, images, extra, needle, capsys):
 
 def test_knapsack_search_from_the_cli_meets_the_budget(tmp_path, images, capsys):
     out = tmp_path / "mp"
-    assert main(["quantize", "deit_tiny", "--random-init", "--calib", str(images), "--calib-size", "2", "--eval",
+    assert main(["quantize", "deit_tiny", "--random-init", "--method", "minmax", "--calib", str(images), "--calib-size", "2", "--eval",
                  str(images), "--allow-overlap", "--w-bits", "6", "--a-bits", "6", "--workers", "0", "--quiet", "--mixed",
                  "--budget-w", "7", "--budget-a", "7", "--w-candidates", "6,8", "--a-candidates", "6,8",
                  "--mp-search", "knapsack", "--no-uniform-fallback", "--out", str(out)]) == 0
@@ -162,7 +162,7 @@ def test_knapsack_search_from_the_cli_meets_the_budget(tmp_path, images, capsys)
 def test_bit_budget_sets_the_base_widths_so_reconstruction_runs(tmp_path, images, capsys):
     # Regression: without --w-bits/--a-bits the base widths stayed 8, so a 5-bit search skipped reconstruction
     out = tmp_path / "mp"
-    assert main(["quantize", "deit_tiny", "--random-init", "--calib", str(images), "--calib-size", "2", "--eval",
+    assert main(["quantize", "deit_tiny", "--random-init", "--method", "minmax", "--calib", str(images), "--calib-size", "2", "--eval",
                  str(images), "--allow-overlap", "--limit", "2", "--workers", "0", "--quiet", "--mixed", "--recon", "--recon-iters", "1",
                  "--budget-w", "5", "--budget-a", "5", "--w-candidates", "4,6", "--a-candidates", "4,6",
                  "--out", str(out)]) == 0
@@ -175,7 +175,7 @@ def test_bit_budget_sets_the_base_widths_so_reconstruction_runs(tmp_path, images
 def test_gptq_aware_knapsack_losses_are_the_default_with_gptq(tmp_path, images, flag, expected):
     # rule R17 (docs/methods.md): on wherever it applies, i.e. knapsack/superposed search with GPTQ on
     out = tmp_path / "mp"
-    assert main(["quantize", "deit_tiny", "--random-init", "--calib", str(images), "--calib-size", "2", "--eval",
+    assert main(["quantize", "deit_tiny", "--random-init", "--method", "minmax", "--calib", str(images), "--calib-size", "2", "--eval",
                  str(images), "--allow-overlap", "--limit", "2", "--workers", "0", "--quiet", "--mixed", "--gptq",
                  "--budget-w", "5", "--budget-a", "8", "--w-candidates", "4,6", "--a-candidates", "8",
                  *flag, "--out", str(out)]) == 0
@@ -188,7 +188,7 @@ def test_gptq_aware_knapsack_losses_are_the_default_with_gptq(tmp_path, images, 
 def test_bops_budget_defaults_to_the_greedy_search(tmp_path, images12, capsys):
     images = images12
     out = tmp_path / "mp"
-    assert main(["quantize", "deit_tiny", "--random-init", "--calib", str(images), "--calib-size", "10", "--eval",
+    assert main(["quantize", "deit_tiny", "--random-init", "--method", "minmax", "--calib", str(images), "--calib-size", "10", "--eval",
                  str(images), "--allow-overlap", "--limit", "2", "--w-bits", "6", "--a-bits", "6", "--workers", "0", "--quiet",
                  "--mixed", "--budget-gbops", "1e6", "--w-candidates", "6,8", "--a-candidates", "6,8",
                  "--out", str(out)]) == 0
@@ -276,10 +276,6 @@ def test_recon_runs_at_low_bits_is_reported_and_reloads(tmp_path, images, capsys
     assert "--recon" in capsys.readouterr().err
     assert main([*common, "--recon", "--recon-drop", "1.5", "--out", str(tmp_path / "z")]) == 2
     assert "--recon-drop" in capsys.readouterr().err
-    assert main([*common, "--recon", "--recon-float-lr", "-1", "--out", str(tmp_path / "z")]) == 2
-    assert "--recon-float-lr" in capsys.readouterr().err
-    assert main([*common, "--recon", "--recon-e2e-iters", "-1", "--out", str(tmp_path / "z")]) == 2
-    assert "--recon-e2e-iters" in capsys.readouterr().err
     assert main([*common, "--sq-b-gelu", "--out", str(tmp_path / "z")]) == 2
     assert "--sq-b-gelu" in capsys.readouterr().err
     assert main([*common, "--sq-b", "--sq-b-gelu", "--sq-b-unnormed", "--out", str(tmp_path / "z")]) == 2
@@ -353,7 +349,7 @@ def test_recon_runs_at_low_bits_is_reported_and_reloads(tmp_path, images, capsys
 def _quantize_args(images, calib_size: int, model: str = "deit_tiny") -> list[str]:
     """``vitq quantize`` on a random-init model, calibrating on ``calib_size`` of ``images`` and
     evaluating on all of them, in-process (no data-loader workers)."""
-    return ["quantize", model, "--random-init", "--calib", str(images), "--calib-size", str(calib_size),
+    return ["quantize", model, "--random-init", "--method", "minmax", "--calib", str(images), "--calib-size", str(calib_size),
             "--eval", str(images), "--allow-overlap", "--workers", "0"]
 
 
@@ -370,7 +366,7 @@ class _Stop(Exception):
 def _resolved(images, monkeypatch, tmp_path, extra: list[str]) -> dict:
     """The ``config``, ``options`` and keyword arguments ``vitq quantize --method mptq *extra`` hands to its
     pipeline or Greedy MP (neither is run)."""
-    import vitq.cli as cli
+    import vitq.api as api
 
     seen = {}
 
@@ -378,8 +374,8 @@ def _resolved(images, monkeypatch, tmp_path, extra: list[str]) -> dict:
         seen.update(config=config, options=options, kwargs=kwargs)
         raise _Stop
 
-    monkeypatch.setattr(cli, "run_pipeline", stand_in)
-    monkeypatch.setattr(cli, "greedy_mp", stand_in)
+    monkeypatch.setattr(api, "run_pipeline", stand_in)
+    monkeypatch.setattr(api, "greedy_mp", stand_in)
     with pytest.raises(_Stop):
         main([*_quantize_args(images, 2), "--method", "mptq", *extra, "--out", str(tmp_path / "q")])
     return seen
@@ -437,7 +433,12 @@ def test_a_saved_greedy_config_gets_the_options_its_search_had(images, monkeypat
     searched = _resolved(images, monkeypatch, tmp_path,
                          ["--budget-w", str(bits), "--budget-a", str(bits), "--protocol", protocol])
     path = tmp_path / "config.json"
-    searched["config"].save(path)  # the base fields a search's saved config carries
+    # a search saves its base fields and one rule per layer; a config with rules is a mixed assignment
+    import dataclasses
+
+    from vitq.quant import LayerRule
+
+    dataclasses.replace(searched["config"], rules=[LayerRule("head", w_bits=bits)]).save(path)
     options = _resolved_options(images, monkeypatch, tmp_path, ["--config", str(path)])
     assert options.rotate == searched["options"].rotate == rotate
     assert options.token_scale == searched["options"].token_scale == token_scale

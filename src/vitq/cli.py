@@ -8,31 +8,29 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import math
+import logging
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from .api import CostBudget, SearchOptions, base_widths, describe, plan, quantize
 from .artifact import ArtifactError, is_artifact, load_artifact, save_artifact
-from .finite import check_forward_finite, check_state_finite
-from .io import dumps, is_output_json, output_json
-from .methods.mp_budget import check_budget_reachable, check_budget_values
-from .output import OutputError, Terminated, destination, raise_on_signals
 from .data import DataError, calibration_subset, load_tensors, make_dataset, make_loader, read_list
 from .evaluation import evaluate, evaluate_many
-from .quant.config import ConfigError, QuantConfig
-from .methods.greedy_mp import (DEFAULT_CANDIDATES, SEARCHES, Budget, default_gptq_losses, default_probe_images,
-                                greedy_mp, plot_bits)
 from .hardware import HardwareError, estimate, extract_workloads, int8_baseline, load_hardware
-from .methods.m2q import m2q, plot_m2q
+from .io import dumps, is_output_json, output_json
+from .methods.greedy_mp import SEARCHES, Budget, plot_bits
+from .methods.m2q import plot_m2q
+from .methods.mp_budget import check_budget_reachable, check_budget_values
+from .methods.mptq import MethodOptions
 from .methods.optm import GRIDS, NONLIN_OBJECTIVES, PTF_OBJECTIVES
-from .methods.mptq import (MethodOptions, mptq_gelu_token_shifts, mptq_rotates, mptq_token_scales,
-                           mptq_uniform_fallback, run_pipeline)
 from .methods.rotation import PARTS as ROTATION_PARTS
+from .output import OutputError, Terminated, destination, raise_on_signals
+from .quant.config import ConfigError, QuantConfig
 from .quant.engine import tensor_table
-from .report import build_report, by_sensitivity, format_table, sensitivity_csv, summary_line
+from .report import build_report, format_table, sensitivity_csv, summary_line
 from .zoo import ZOO, ZooError, load_model
 
 USER_ERRORS = (ZooError, DataError, ConfigError, ArtifactError, HardwareError, OutputError, FileNotFoundError,
@@ -184,6 +182,39 @@ def _cmd_quantize(args) -> int:
     return 0
 
 
+def _on(flag: bool) -> bool | None:
+    """A method switch given on the command line (True), or None: the recipe decides."""
+    return True if flag else None
+
+
+def _check_opt_m_flags(args, config: QuantConfig) -> None:
+    """OPT-m's and the full protocol's flags need what they tune (checked before any work)."""
+    opt_m = args.opt_m or (args.method or "mptq") == "mptq"
+    if args.opt_m_grid != "standard" and not opt_m:
+        raise ConfigError(f"--opt-m-grid {args.opt_m_grid} sets OPT-m's search: give it with --opt-m or --method mptq")
+    if args.opt_m_ptf is not None and not opt_m:
+        raise ConfigError("--opt-m-ptf is part of OPT-m's search: give it with --opt-m or --method mptq")
+    if args.opt_m_ptf_objective is not None and not (opt_m and args.opt_m_ptf is not False):
+        raise ConfigError(f"--opt-m-ptf-objective {args.opt_m_ptf_objective} sets OPT-m's PTF search: give it with "
+                          "--opt-m or --method mptq, and without --no-opt-m-ptf")
+    if args.opt_m_nonlin_objective is not None and not (opt_m and config.protocol == "full"):
+        raise ConfigError(f"--opt-m-nonlin-objective {args.opt_m_nonlin_objective} sets how OPT-m clips the full "
+                          "protocol's GELU inputs: give it with --opt-m or --method mptq and --protocol full")
+    if args.opt_m_softmax_objective is not None and not (opt_m and config.protocol == "full"):
+        raise ConfigError(f"--opt-m-softmax-objective {args.opt_m_softmax_objective} sets how OPT-m clips the full "
+                          "protocol's softmax inputs: give it with --opt-m or --method mptq and --protocol full")
+    if args.head_grids and config.protocol != "full":
+        raise ConfigError("--head-grids sets the full protocol's softmax-input grids: give it with --protocol full")
+    if args.opt_m_log2 is not None and not opt_m:
+        raise ConfigError("--opt-m-log2 is part of OPT-m's search: give it with --opt-m or --method mptq")
+    if args.residual_token_shift is not None and not (config.protocol == "full" and config.residual_ptf):
+        flag = "--token-shift" if args.residual_token_shift else "--no-token-shift"
+        raise ConfigError(f"{flag} sets the full protocol's residual-stream (PTF) grids: give it with --protocol full")
+    if args.gelu_token_shift is not None and config.protocol != "full":
+        flag = "--gelu-token-shift" if args.gelu_token_shift else "--no-gelu-token-shift"
+        raise ConfigError(f"{flag} sets the full protocol's GELU-input grids: give it with --protocol full")
+
+
 def _overlap(a, b) -> list[str]:
     """Files (as given in ``a``) that ``a`` and ``b`` both read."""
     other = {(b.root / f).resolve() for f in b.files}
@@ -223,216 +254,73 @@ def _quantize(args, folder: Path) -> tuple[dict, float, float]:
         print(f"warning: {len(overlap)} calibration image(s) are also evaluated (--allow-overlap); the report "
               "says so", flush=True)
 
-    options = MethodOptions(sq_b=args.sq_b or args.method == "mptq", opt_m=args.opt_m or args.method == "mptq",
-                            m_max=args.m_max, optm_grid=args.opt_m_grid, optm_ptf=args.opt_m_ptf is not False,
+    if args.recon and args.no_recon:
+        raise ConfigError("give only one of --recon and --no-recon")
+    if args.gptq and args.no_gptq:
+        raise ConfigError("give only one of --gptq and --no-gptq")
+    if args.rotate is False and args.rotate_parts is not None:
+        raise ConfigError("--rotate-parts chooses what --rotate searches: give it without --no-rotate")
+    if args.method == "m2q" and (args.gptq or args.sq_b or args.opt_m or args.recon or args.attn_smooth
+                                 or args.rotate or args.rotate_parts or args.token_scale):
+        raise ConfigError("--method m2q does not take --gptq, --sq-b, --opt-m, --recon, --attn-smooth, --rotate, "
+                          "--rotate-parts or --token-scale")
+    _check_opt_m_flags(args, config)
+    options = MethodOptions(sq_b=_on(args.sq_b), opt_m=_on(args.opt_m), m_max=args.m_max, optm_grid=args.opt_m_grid,
+                            optm_ptf=args.opt_m_ptf is not False,
                             optm_ptf_objective=args.opt_m_ptf_objective or MethodOptions.optm_ptf_objective,
                             optm_nonlin_objective=args.opt_m_nonlin_objective or MethodOptions.optm_nonlin_objective,
                             optm_softmax_objective=args.opt_m_softmax_objective or MethodOptions.optm_softmax_objective,
                             optm_log2=MethodOptions.optm_log2 if args.opt_m_log2 is None else args.opt_m_log2,
-                            sq_b_unnormed=args.sq_b_unnormed, sq_b_gelu=args.sq_b_gelu,
-                            attn_smooth=args.attn_smooth, rotate=bool(args.rotate) or args.rotate_parts is not None,
-                            rotate_parts=_rotate_parts(args.rotate_parts), token_scale=bool(args.token_scale),
-                            gptq=(args.gptq or args.method == "mptq") and not args.no_gptq,
-                            gptq_max_bits=args.gptq_max_bits,
+                            sq_b_unnormed=args.sq_b_unnormed, sq_b_gelu=args.sq_b_gelu, attn_smooth=args.attn_smooth,
+                            rotate=True if args.rotate is None and args.rotate_parts is not None else args.rotate,
+                            rotate_parts=_rotate_parts(args.rotate_parts), token_scale=args.token_scale,
+                            gptq=False if args.no_gptq else _on(args.gptq), gptq_max_bits=args.gptq_max_bits,
                             gptq_asym=MethodOptions.gptq_asym if args.gptq_asym is None else args.gptq_asym,
                             gptq_damp=MethodOptions.gptq_damp if args.gptq_damp is None else args.gptq_damp,
-                            recon=(args.recon or args.method == "mptq") and not args.no_recon,
-                            recon_iters=args.recon_iters, recon_drop=args.recon_drop,
-                            recon_max_bits=args.recon_max_bits, recon_ptf=not args.no_recon_ptf,
-                            recon_flip=args.recon_flip, recon_float_lr=args.recon_float_lr,
-                            recon_e2e_iters=args.recon_e2e_iters)
-    if args.recon and args.no_recon:
-        raise ConfigError("give only one of --recon and --no-recon")
-    if args.recon_iters < 1:
-        raise ConfigError(f"--recon-iters must be at least 1, got {args.recon_iters}")
-    if not 0.0 <= args.recon_drop < 1.0:
-        raise ConfigError(f"--recon-drop is a probability in [0, 1), got {args.recon_drop}")
-    if not (math.isfinite(args.recon_float_lr) and args.recon_float_lr >= 0.0):
-        raise ConfigError(f"--recon-float-lr must be a finite learning rate >= 0 (0 = off), got {args.recon_float_lr}")
-    if args.recon_e2e_iters < 0:
-        raise ConfigError(f"--recon-e2e-iters must be >= 0 (0 = off), got {args.recon_e2e_iters}")
-    if not 2 <= args.recon_max_bits <= 8:
-        raise ConfigError(f"--recon-max-bits must be from 2 to 8, got {args.recon_max_bits}")
-    if not 2 <= args.gptq_max_bits <= 8:
-        raise ConfigError(f"--gptq-max-bits must be from 2 to 8, got {args.gptq_max_bits}")
-    if args.gptq_asym is not None and not 0 <= args.gptq_asym <= 1:
-        raise ConfigError(f"--gptq-asym must be from 0 to 1, got {args.gptq_asym}")
-    if args.gptq_damp is not None and not 0 < args.gptq_damp <= 10:
-        raise ConfigError(f"--gptq-damp must be above 0 and at most 10, got {args.gptq_damp}")
-    if args.gptq and args.no_gptq:
-        raise ConfigError("give only one of --gptq and --no-gptq")
-    if args.method == "m2q" and (args.gptq or args.sq_b or args.opt_m or args.recon or args.attn_smooth
-                                 or options.rotate or options.token_scale):
-        raise ConfigError("--method m2q does not take --gptq, --sq-b, --opt-m, --recon, --attn-smooth, --rotate, "
-                          "--rotate-parts or --token-scale")
-    if args.sq_b_unnormed and not options.sq_b:
-        raise ConfigError("--sq-b-unnormed extends SQ-b: give it with --sq-b or --method mptq")
-    if args.sq_b_gelu and not options.sq_b:
-        raise ConfigError("--sq-b-gelu extends SQ-b: give it with --sq-b or --method mptq")
-    if args.opt_m_grid != "standard" and not options.opt_m:
-        raise ConfigError(f"--opt-m-grid {args.opt_m_grid} sets OPT-m's search: give it with --opt-m or --method mptq")
-    if args.opt_m_ptf is not None and not options.opt_m:
-        raise ConfigError("--opt-m-ptf is part of OPT-m's search: give it with --opt-m or --method mptq")
-    if args.opt_m_ptf_objective is not None and not (options.opt_m and options.optm_ptf):
-        raise ConfigError(f"--opt-m-ptf-objective {args.opt_m_ptf_objective} sets OPT-m's PTF search: give it with "
-                          "--opt-m or --method mptq, and without --no-opt-m-ptf")
-    if args.opt_m_nonlin_objective is not None and not (options.opt_m and config.protocol == "full"):
-        raise ConfigError(f"--opt-m-nonlin-objective {args.opt_m_nonlin_objective} sets how OPT-m clips the full protocol's "
-                          "GELU inputs: give it with --opt-m or --method mptq and --protocol full")
-    if args.opt_m_softmax_objective is not None and not (options.opt_m and config.protocol == "full"):
-        raise ConfigError(f"--opt-m-softmax-objective {args.opt_m_softmax_objective} sets how OPT-m clips the full "
-                          "protocol's softmax inputs: give it with --opt-m or --method mptq and --protocol full")
-    if args.head_grids and config.protocol != "full":
-        raise ConfigError("--head-grids sets the full protocol's softmax-input grids: give it with --protocol full")
-    if args.opt_m_log2 is not None and not options.opt_m:
-        raise ConfigError("--opt-m-log2 is part of OPT-m's search: give it with --opt-m or --method mptq")
-    if args.sq_b_gelu and args.sq_b_unnormed:
-        raise ConfigError("give only one of --sq-b-gelu and --sq-b-unnormed (both transform fc2's input)")
-    if args.residual_token_shift is not None and not (config.protocol == "full" and config.residual_ptf):
-        flag = "--token-shift" if args.residual_token_shift else "--no-token-shift"
-        raise ConfigError(f"{flag} sets the full protocol's residual-stream (PTF) grids: give it with --protocol full")
-    if args.gelu_token_shift is not None and config.protocol != "full":
-        flag = "--gelu-token-shift" if args.gelu_token_shift else "--no-gelu-token-shift"
-        raise ConfigError(f"{flag} sets the full protocol's GELU-input grids: give it with --protocol full")
-    if args.mp_search is not None and args.method == "m2q":
-        raise ConfigError(f"--mp-search {args.mp_search} is for Greedy MP's average-bit/size budgets, not --method m2q")
-    cost_budget = [(k, v) for k, v in (("edp", args.budget_edp), ("energy", args.budget_energy),
-                                       ("latency", args.budget_latency)) if v is not None]
-    if len(cost_budget) > 1:
+                            recon=False if args.no_recon else _on(args.recon), recon_iters=args.recon_iters,
+                            recon_drop=args.recon_drop, recon_max_bits=args.recon_max_bits,
+                            recon_ptf=not args.no_recon_ptf)
+    cost = [(k, v) for k, v in (("edp", args.budget_edp), ("energy", args.budget_energy),
+                                ("latency", args.budget_latency)) if v is not None]
+    if len(cost) > 1:
         raise ConfigError("give only one of --budget-edp, --budget-energy, --budget-latency")
-    if cost_budget and args.method != "m2q":
-        raise ConfigError(f"--budget-{cost_budget[0][0]} needs --method m2q")
-    if args.method == "m2q" and not cost_budget:
-        cost_budget = [("edp", 1.0)]  # no budget: the scheme choice alone, at the highest candidates
-    hw = load_hardware(args.hw) if (args.method == "m2q" or args.hw) else None
+    if cost and args.method != "m2q":
+        raise ConfigError(f"--budget-{cost[0][0]} needs --method m2q")
+    bits_given = any(v is not None for v in (args.budget_w, args.budget_a, args.budget_mb, args.budget_gbops))
+    recipe = args.method or "mptq"
     budget = None
-    check_budget_values(w=args.budget_w, a=args.budget_a, mb=args.budget_mb, gbops=args.budget_gbops,
-                        edp=args.budget_edp, energy=args.budget_energy, latency=args.budget_latency)
-    w_cands = parse_bits_list(args.w_candidates) if args.w_candidates else (
-        (4, 8) if args.method == "m2q" else DEFAULT_CANDIDATES)
-    a_cands = parse_bits_list(args.a_candidates) if args.a_candidates else (
-        (8,) if args.method == "m2q" else DEFAULT_CANDIDATES)
-    for b in w_cands + a_cands:
-        if not 2 <= b <= 8:
-            raise ConfigError(f"candidate bit-width {b} out of range 2..8 (--w-candidates/--a-candidates)")
-    if args.mixed or (args.method == "mptq" and any(
-            v is not None for v in (args.budget_w, args.budget_a, args.budget_mb, args.budget_gbops))):
+    if cost or recipe == "m2q":
+        metric, fraction = cost[0] if cost else ("edp", 1.0)
+        budget = CostBudget(metric, fraction, load_hardware(args.hw))
+    elif args.mixed or (recipe == "mptq" and bits_given):
+        check_budget_values(w=args.budget_w, a=args.budget_a, mb=args.budget_mb, gbops=args.budget_gbops)
         budget = Budget(args.budget_w, args.budget_a, args.budget_mb, args.budget_gbops)
-        check_budget_reachable(loaded.model, config, w_cands, a_cands, w_bits=budget.w_bits, a_bits=budget.a_bits,
-                               size_mb=budget.size_mb)
-    if args.mp_search is not None and budget is None:
-        raise ConfigError(f"--mp-search {args.mp_search} searches a mixed-precision assignment: give a budget "
-                          "(--budget-w/--budget-a/--budget-mb) with --mixed or --method mptq")
-    if budget is not None and not args.config:
-        # The base widths are where SQ-b searches alpha and OPT-m/GPTQ/reconstruction decide what applies
-        # (reconstruction runs only when they are <= --recon-max-bits): unless given, take them from the bit
-        # budget, as benchmarks/mptq_ablation.py does; left at 8, a 5-bit search would skip reconstruction.
-        base = {k: max(2, min(8, round(v))) for k, v, given in (("w_bits", budget.w_bits, args.w_bits),
-                                                                ("a_bits", budget.a_bits, args.a_bits))
-                if v is not None and given is None}
-        if base:
-            config = dataclasses.replace(config, **base)
-            print(f"base widths from the budget: W{config.w_bits}A{config.a_bits}", flush=True)
-    if args.rotate is False and args.rotate_parts is not None:
-        raise ConfigError("--rotate-parts chooses what --rotate searches: give it without --no-rotate")
-    single_mptq = args.method == "mptq" and budget is None and not args.config
-    if (args.rotate is None and args.rotate_parts is None and args.method == "mptq"
-            and mptq_rotates(config, single=single_mptq)):
-        # rule R30 (docs/methods.md): single-precision --method mptq rotates in the standard protocol at <= 6 bits;
-        # rule R37: so does Greedy MP there (a budget, or the config a search saved, at base widths <= 6); rule
-        # R38: and Greedy MP in the full protocol at base widths <= 5
-        options = dataclasses.replace(options, rotate=True)
-    if args.gelu_token_shift is None and args.method == "mptq" and not args.config and mptq_gelu_token_shifts(config):
-        # rules R33 and R47 (docs/methods.md): the full protocol's GELU inputs get token shifts at every width, with a
-        # budget too (a --config file says for itself: a search writes the option into the config it saves)
-        config = dataclasses.replace(config, gelu_token_shift=True)
-    if args.token_scale is None and args.method == "mptq" and mptq_token_scales(config, single=single_mptq):
-        # rule R31 (docs/methods.md): likewise token scaling of fc2's massive positions; rule R33: in the full
-        # protocol wherever the GELU inputs have token shifts
-        options = dataclasses.replace(options, token_scale=True)
-    if args.uniform_fallback is None:
-        # rules R37/R38 (docs/methods.md): Greedy MP under --method mptq at base widths <= 6 (standard protocol) or
-        # <= 5 (full) keeps its searched assignment; elsewhere a uniform width that scores better on the probe images replaces it
-        args.uniform_fallback = args.method != "mptq" or mptq_uniform_fallback(config, args.fallback_gptq)
-    if args.mp_search is None:
-        # Rule R11 (docs/methods.md) made the knapsack the default; it handles average-bit and size budgets
-        # only, so a BOPs budget keeps the paper's greedy loop.
-        args.mp_search = "greedy" if args.budget_gbops is not None else "knapsack"
-    if args.mp_estimate_top and (budget is None or args.mp_search == "greedy"):
-        raise ConfigError("--mp-estimate-top estimates the knapsack's isolated losses: give an average-bit or size "
-                          "budget with a knapsack search")
-    if args.mp_gptq_losses is None:  # rule R17: on wherever it applies, unless --no-mp-gptq-losses
-        args.mp_gptq_losses = budget is not None and default_gptq_losses(args.mp_search, options)
-    if args.probe_images is None:
-        # M2Q runs the greedy loop
-        args.probe_images = default_probe_images(args.mp_search if budget is not None else "greedy")
-    print(f"methods: sq_b={options.sq_b} opt_m={options.opt_m} gptq={options.gptq} "
-          f"recon={options.recon_applies(config)} mixed={budget is not None}"
-          + (f" rotate={','.join(options.rotate_parts)}" if options.rotate else "")
-          + (" token_scale=True" if options.token_scale else "")
-          + (" gelu_token_shift=True" if config.protocol == "full" and config.gelu_token_shift else ""),
-          flush=True)
+        if not args.config:
+            base = {k: v for k, v in base_widths(budget).items() if getattr(args, k) is None}
+            if base:
+                config = dataclasses.replace(config, **base)
+                print(f"base widths from the budget: W{config.w_bits}A{config.a_bits}", flush=True)
+    elif bits_given:
+        raise ConfigError("a bit or size budget (--budget-w/-a/-mb/-gbops) needs --mixed or --method mptq")
+    search = SearchOptions(w_candidates=parse_bits_list(args.w_candidates) if args.w_candidates else None,
+                           a_candidates=parse_bits_list(args.a_candidates) if args.a_candidates else None,
+                           search=args.mp_search, probe_images=args.probe_images, lower_per_step=args.lower_per_step,
+                           remeasure_every=args.remeasure_every, uniform_fallback=args.uniform_fallback,
+                           gptq_losses=args.mp_gptq_losses, fallback_gptq=args.fallback_gptq,
+                           estimate_top=args.mp_estimate_top)
+    config, options, search, budget = plan(config, recipe, budget, options, search)
+    if isinstance(budget, Budget):
+        check_budget_reachable(loaded.model, config, search.w_candidates, search.a_candidates,
+                               w_bits=budget.w_bits, a_bits=budget.a_bits, size_mb=budget.size_mb)
+    print(describe(config, options, budget), flush=True)
 
     t0 = time.perf_counter()
     calib_images, _ = load_tensors(calib_ds, args.batch_size, args.workers)
     _print_skipped(calib_ds, "calibration")
-    check_forward_finite(loaded.model, calib_images[:8], "the float model")
-    extra: dict = {}
-    if args.method == "m2q":
-        metric, fraction = cost_budget[0]
-        qmodel, m2 = m2q(loaded.model, calib_images, config, hw, fraction, entry.transform.input_size, metric,
-                         w_cands, a_cands,
-                         n_probe=args.probe_images, lower_per_step=args.lower_per_step)
-        config = m2.config
-        extra["m2q"] = {"metric": metric, "budget": fraction, "search_s": m2.search_s, "steps": m2.steps,
-                        "kl_calib": m2.kl_final, "hardware": hw.to_dict(), "cost": {k: v for k, v in m2.cost.items() if k != "layers"},
-                        "baseline": {k: v for k, v in m2.baseline.items() if k != "layers"},
-                        "edp_saving": 1 - m2.cost["edp"] / m2.baseline["edp"], "layers": m2.layers}
-        print(f"M2Q: {metric} {m2.cost[_METRIC_KEY[metric]] / m2.baseline[_METRIC_KEY[metric]]:.3f} x INT8 baseline "
-              f"(budget {fraction}); EDP saving {extra['m2q']['edp_saving']:.3f}; "
-              f"{sum(r['engine'] == 'shift' for r in m2.layers)} layers on the shift-add engine", flush=True)
-    elif budget is not None:
-        qmodel, search = greedy_mp(loaded.model, calib_images, config, options, budget,
-                                   w_cands, a_cands,
-                                   n_probe=args.probe_images, remeasure_every=args.remeasure_every,
-                                   lower_per_step=args.lower_per_step, uniform_fallback=args.uniform_fallback,
-                                   search=args.mp_search, gptq_losses=args.mp_gptq_losses,
-                                   fallback_gptq=args.fallback_gptq, estimate_top=args.mp_estimate_top)
-        config = search.config
-        extra["mixed"] = {"budget": vars(budget), "search": args.mp_search, "gptq_losses": args.mp_gptq_losses,
-                          "probe_images": min(args.probe_images, len(calib_images)), "search_s": search.search_s, "timing": search.timing, "steps": search.steps,
-                          "probes": search.probes, "kl_calib": search.kl_final,
-                          "uniform_fallback": search.uniform_fallback, "fallback_scores": search.fallback_scores,
-                          "layers": search.layers}
-        if search.sensitivity:
-            extra["mixed"]["sensitivity"] = search.sensitivity
-            top = by_sensitivity(search.sensitivity)[:5]
-            print("most sensitive (probe KL alone at the lowest candidate): "
-                  + ", ".join(f"{r['kind']}:{r['layer']} {r['kl'][min(r['kl'], key=int)]:.4f}" for r in top),
-                  flush=True)
-        if search.rotation is not None:
-            extra["rotation"] = search.rotation
-        if search.token_scale is not None:
-            extra["token_scale"] = search.token_scale
-        if search.gptq is not None:
-            extra["gptq"] = search.gptq
-        if search.recon is not None:
-            extra["recon"] = search.recon
-        if search.uniform_fallback is not None:
-            print(f"Greedy MP: uniform {search.uniform_fallback}-bit has a lower calibration KL than the {args.mp_search} "
-                  f"assignment and meets the budget; using it (--no-uniform-fallback to keep the searched one)",
-                  flush=True)
-    else:
-        res = run_pipeline(loaded.model, calib_images, config, options, progress=True)
-        qmodel = res.model
-        extra.update({k: v for k, v in (("sqb", res.sqb), ("attn_smooth", res.attn_smooth),
-                                        ("rotation", res.rotation), ("token_scale", res.token_scale),
-                                        ("optm", res.optm),
-                                        ("gptq", res.gptq), ("recon", res.recon)) if v is not None})
-        extra["method_timing"] = res.timing
-    qmodel.vitq_calib_images = len(calib_images)
-    check_state_finite(qmodel, "calibration")
-    check_forward_finite(qmodel, calib_images[:8], "the quantized model")
+    res = quantize(loaded.model, calib_images, config, recipe, budget, options, search, progress=True)
+    qmodel, config, extra = res.model, res.config, dict(res.report)
+    extra.pop("recipe", None)
+    extra.pop("methods", None)
     calibrate_s = time.perf_counter() - t0
     if not args.quiet:
         print(format_table(tensor_table(qmodel)))
@@ -446,7 +334,7 @@ def _quantize(args, folder: Path) -> tuple[dict, float, float]:
         qmodel, model_name=entry.timm_name, checkpoint=loaded.checkpoint, random_init=loaded.random_init,
         fp=results["fp"], quantized=results["quantized"],
         timing={"calibrate_s": calibrate_s, "eval_s": eval_s, "calib_images": len(calib_images)},
-        extra={"calib_files": calib_ds.files[:1000], "methods": vars(options),
+        extra={"calib_files": calib_ds.files[:1000], "recipe": recipe, "methods": vars(options),
                "data": {"calib_images": len(calib_images), "calib_skipped": calib_ds.skipped,
                         "eval_skipped": eval_ds.skipped, "overlap_allowed": bool(args.allow_overlap),
                         "overlap_images": len(overlap), "overlap_files": overlap[:1000]},
@@ -457,9 +345,9 @@ def _quantize(args, folder: Path) -> tuple[dict, float, float]:
         if "m2q" in extra:
             config.save(folder / "mixed_config.json")
             plot_m2q(extra["m2q"]["layers"], folder / "m2q.png", f"{entry.short}: M2Q")
-        if budget is not None:
+        if isinstance(budget, Budget):
             config.save(folder / "mixed_config.json")
-            plot_bits(extra["mixed"]["layers"], folder / "bits.png", f"{entry.short}: Greedy MP ({args.mp_search} search) {vars(budget)}")
+            plot_bits(extra["mixed"]["layers"], folder / "bits.png", f"{entry.short}: Greedy MP ({search.search} search) {vars(budget)}")
             if "sensitivity" in extra["mixed"]:
                 (folder / "sensitivity.csv").write_text(sensitivity_csv(extra["mixed"]["sensitivity"]))
         save_artifact(qmodel, folder, {"model": entry.timm_name, "checkpoint": loaded.checkpoint,
@@ -468,9 +356,6 @@ def _quantize(args, folder: Path) -> tuple[dict, float, float]:
 
     write(folder)
     return report, calibrate_s, eval_s
-
-
-_METRIC_KEY = {"edp": "edp", "energy": "energy_j", "latency": "latency_s"}
 
 
 def _cmd_cost(args) -> int:
@@ -610,9 +495,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(QuantConfig.qkv_head_grids; off: rule R48 failed, docs/methods.md)")
     p.add_argument("--config", help="QuantConfig JSON (per-layer rules); explicit options override it")
     p.add_argument("--seed", type=int)
-    p.add_argument("--method", choices=["mptq", "m2q"],
-                   help="mptq = --sq-b --opt-m --gptq --recon, plus Greedy MP when a budget is given; "
-                        "m2q = M2-ViT's scheme (uniform/PoT) and precision search under a cost budget")
+    p.add_argument("--method", choices=["minmax", "mptq", "m2q"],
+                   help="the recipe (default mptq): mptq = SQ-b, rotation, token scaling, OPT-m, GPTQ and block "
+                        "reconstruction, plus Greedy MP when a budget is given; minmax = the engine alone (a "
+                        "baseline; --sq-b, --opt-m, --gptq, --recon add single methods); m2q = M2-ViT's scheme "
+                        "(uniform/PoT) and precision search under a cost budget")
     p.add_argument("--sq-b", action="store_true", help="SmoothQuant with bias shift, folded into LayerNorm")
     p.add_argument("--sq-b-unnormed", action="store_true",
                    help="SQ-b also on proj/fc2 as an explicit per-channel shift and scale (costs a per-channel "
@@ -689,15 +576,6 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {MethodOptions.recon_max_bits})")
     p.add_argument("--no-recon-ptf", action="store_true",
                    help="reconstruction keeps the PTF grids' steps (full protocol's residual stream)")
-    p.add_argument("--recon-flip", action=argparse.BooleanOptionalAction, default=MethodOptions.recon_flip,
-                   help="reconstruction also fits the mirrored calibration images "
-                        f"(default {'on' if MethodOptions.recon_flip else 'off'})")
-    p.add_argument("--recon-float-lr", type=float, default=MethodOptions.recon_float_lr,
-                   help="reconstruction also learns the biases and LayerNorm affines at this Adam rate "
-                        f"(0 = off; default {MethodOptions.recon_float_lr})")
-    p.add_argument("--recon-e2e-iters", type=int, default=MethodOptions.recon_e2e_iters,
-                   help="after the blocks, Adam steps that tune every step size at once on the logits' KL "
-                        f"from FP (0 = off; default {MethodOptions.recon_e2e_iters})")
     p.add_argument("--mixed", action="store_true", help="Greedy MP mixed precision (needs a budget)")
     p.add_argument("--budget-w", type=float, help="target average weight bits")
     p.add_argument("--budget-a", type=float, help="target average activation bits")
@@ -748,6 +626,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # the API reports through the "vitq" logger; on the command line its messages are ordinary output
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("vitq")
+    logger.addHandler(handler)
+    level, logger.level = logger.level, logging.INFO
     try:
         with raise_on_signals():
             return args.func(args)
@@ -763,6 +647,9 @@ def main(argv: list[str] | None = None) -> int:
         _close_bars()
         print(f"vitq: stopped by {exc}; no partial output was written", file=sys.stderr)
         return 143
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def _close_bars() -> None:

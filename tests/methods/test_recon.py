@@ -188,8 +188,7 @@ def test_recon_learns_ptf_steps_through_token_shifts():
         assert stage_loss(a.forward_features(x), target) < stage_loss(base.forward_features(x), target)
 
 
-@pytest.mark.parametrize("bad", [dict(drop_prob=1.0), dict(drop_prob=-0.1), dict(iters=0), dict(batch=0),
-                                 dict(float_lr=-1e-3), dict(float_lr=float("nan")), dict(e2e_iters=-1)])
+@pytest.mark.parametrize("bad", [dict(drop_prob=1.0), dict(drop_prob=-0.1), dict(iters=0), dict(batch=0)])
 def test_recon_rejects_bad_settings_by_name(bad):
     model, size = tiny_model("deit")
     x = tiny_images(size, n=4)
@@ -206,20 +205,6 @@ def _tiny_w4_opt_m(n: int):
         ref = model(x).log_softmax(-1)
     base = run_pipeline(model, x, QuantConfig(w_bits=4, a_bits=4, observer="mse"), MethodOptions(opt_m=True)).model
     return model, x, ref, base
-
-
-def test_recon_with_mirrored_images_fits_twice_the_inputs_and_is_deterministic():
-    model, x, ref, base = _tiny_w4_opt_m(8)
-    a, b, c = copy.deepcopy(base), copy.deepcopy(base), copy.deepcopy(base)
-    res = apply_block_recon(a, model, x, iters=20, flip=True, progress=False)
-    apply_block_recon(b, model, x, iters=20, flip=True, progress=False)
-    plain = apply_block_recon(c, model, x, iters=20, progress=False)
-    assert res.settings["flip"] and not plain.settings["flip"]
-    # the stem's error before training is over the mirrored images too, so it differs from the plain run's
-    assert res.stages[0].loss_before != plain.stages[0].loss_before
-    with torch.inference_mode():
-        assert torch.equal(a(x), b(x)) and not torch.equal(a(x), c(x))
-    assert _kl(a, x, ref) < _kl(base, x, ref)
 
 
 @pytest.mark.parametrize("protocol", ["standard", "full"])
@@ -240,54 +225,6 @@ def test_recon_on_efficientvit_runs_block_by_block_on_nchw_features(protocol):
     # the random-init tiny model's logits say little; the per-block objective must fall
     blocks = res.stages[1:-1]
     assert sum(s.loss_after for s in blocks) < sum(s.loss_before for s in blocks)
-
-
-def test_recon_learns_biases_and_norms_only_when_asked_and_never_the_classifiers():
-    model, x, ref, base = _tiny_w4_opt_m(16)
-    steps_only, a, b = copy.deepcopy(base), copy.deepcopy(base), copy.deepcopy(base)
-    apply_block_recon(steps_only, model, x, iters=30, progress=False)
-    res = apply_block_recon(a, model, x, iters=30, float_lr=1e-2, progress=False)
-    apply_block_recon(b, model, x, iters=30, float_lr=1e-2, progress=False)
-    assert res.settings["float_lr"] == 1e-2
-
-    def floats(m):
-        return {k: v for k, v in m.state_dict().items()
-                if "norm" in k or (k.endswith(".bias") and "quant" not in k)}
-
-    f0, f1, fa = floats(base), floats(steps_only), floats(a)
-    assert all(torch.equal(f0[k], f1[k]) for k in f0)  # off by default: no float parameter moves
-    moved = {k for k in f0 if not torch.equal(f0[k], fa[k])}
-    assert {"blocks.0.attn.qkv.bias", "blocks.0.attn.proj.bias", "blocks.0.norm1.weight", "norm.bias"} <= moved
-    assert "head.bias" not in moved  # one token per image: it would fit the calibration images
-    with torch.inference_mode():
-        assert torch.equal(a(x), b(x))
-    assert _kl(a, x, ref) < _kl(base, x, ref)
-    assert [p.requires_grad for p in a.parameters()] == [p.requires_grad for p in base.parameters()]
-
-
-def test_end_to_end_stage_lowers_the_logit_kl_it_reports_and_is_deterministic():
-    model, x, ref, base = _tiny_w4_opt_m(16)
-    blocks, a, b = copy.deepcopy(base), copy.deepcopy(base), copy.deepcopy(base)
-    plain = apply_block_recon(blocks, model, x, iters=10, progress=False)
-    res = apply_block_recon(a, model, x, iters=10, e2e_iters=20, progress=False)
-    apply_block_recon(b, model, x, iters=10, e2e_iters=20, progress=False)
-    assert plain.stages[-1].name == "head" and "end-to-end" not in [s.name for s in plain.stages]
-    e2e = res.stages[-1]
-    assert e2e.name == "end-to-end" and res.settings["e2e_iters"] == 20 and e2e.params > 0
-    # the stage's "before" is the block stages' result, and its losses are the KL vitq reports
-    assert e2e.loss_before == pytest.approx(_kl(blocks, x, ref), rel=1e-4)
-    assert e2e.loss_after == pytest.approx(_kl(a, x, ref), rel=1e-4)
-    assert e2e.loss_after < e2e.loss_before
-    with torch.inference_mode():
-        assert torch.equal(a(x), b(x))
-    assert torch.equal(a.head.w_quant.scale, base.head.w_quant.scale)  # the classifier keeps its scales
-    moved = [m for m, m0 in zip(weight_layers(a), weight_layers(blocks))
-             if not torch.equal(m.w_quant.scale, m0.w_quant.scale)]
-    assert moved  # the end-to-end stage moved weight scales after the blocks had set them
-    for m in moved:  # a learned weight scale rewrites the weight on its new grid (same integers)
-        w = m.weight.detach()
-        assert torch.allclose(m.w_quant.fake_quant(w), w, atol=1e-5), m.layer_name
-    assert all(p.requires_grad for p in a.parameters())
 
 
 def test_pipeline_seed_reaches_reconstruction():

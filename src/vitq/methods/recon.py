@@ -14,11 +14,9 @@ BRECQ, Li et al. 2021; the step-size gradient of LSQ, Esser et al. 2020):
   (so GPTQ's rounding is kept and the weight stays on its grid);
 * in the full protocol, one step multiplier per PTF grid (the residual stream): every channel's step
   scales by it, so the channels stay power-of-two apart;
-* optionally (``float_lr > 0``, off by default): the biases of those layers and the LayerNorms' affine
-  parameters;
 * never learned: bit-widths, zero points, region ratios ``m``, PTF shifts, PoT grids, other float
-  parameters. Every result is an ordinary calibrated model: the exporters see a different scale (and,
-  with ``float_lr``, different float biases and norms), nothing else.
+  parameters. Every result is an ordinary calibrated model: the exporters see a different scale, nothing
+  else.
 
 Needs a plain block sequence (``Adapter.trunk``: ViT/DeiT, Swin with each patch merging as its own step,
 EfficientViT with its NCHW blocks seen channels-last); other families (the CNNs) are returned unchanged
@@ -67,8 +65,7 @@ def _batched(fn, x: torch.Tensor, bs: int = 8) -> torch.Tensor:
 def apply_block_recon(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor, iters: int = 50,
                       batch: int = 8, lr: float = 4e-3, weight_scales: bool = True,
                       min_rows_per_channel: float = 4.0, drop_prob: float = 0.0, seed: int = 0,
-                      ptf_scales: bool = True, flip: bool = False, float_lr: float = 0.0,
-                      e2e_iters: int = 0, weight_scale_max_bits: int = 8, progress: bool = True) -> ReconResult:
+                      ptf_scales: bool = True, weight_scale_max_bits: int = 8, progress: bool = True) -> ReconResult:
     """Tune step sizes block by block so each quantized block reproduces the float block (in place).
 
     Args:
@@ -87,15 +84,6 @@ def apply_block_recon(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor
         seed: seeds the mini-batch order and the QDrop draws.
         ptf_scales: also learn one step multiplier per PTF grid (the full protocol's residual stream);
             the channels' power-of-two shifts and zero points stay.
-        flip: also fit the horizontally mirrored calibration images (twice the inputs, same steps), a
-            guard against fitting the step sizes to few images.
-        float_lr: when > 0, also learn float parameters with this Adam learning rate (cosine-decayed):
-            the biases of the layers that learn weight scales and the affine parameters of every
-            LayerNorm the stage calls. 0 (default) learns quantization steps only.
-        e2e_iters: when > 0, after the last stage, this many Adam steps on the whole model at once, on
-            the KL divergence of its logits from the float model's (the metric vitq reports), learning the
-            same step sizes and weight scales as the stages (not ``float_lr``'s parameters). It reports
-            as a stage named ``end-to-end`` whose loss is that KL. 0 (default) skips it.
         weight_scale_max_bits: with ``weight_scales``, only layers with at most this many weight bits learn
             their scales (8, the default, means all); wider ones keep theirs, like GPTQ's ``max_bits``.
 
@@ -104,18 +92,13 @@ def apply_block_recon(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor
     """
     if not 0.0 <= drop_prob < 1.0:
         raise ValueError(f"drop_prob is a probability in [0, 1), got {drop_prob}")
-    if not (math.isfinite(float_lr) and float_lr >= 0.0):
-        raise ValueError(f"float_lr must be a finite learning rate >= 0 (0 = off), got {float_lr}")
     if iters < 1 or batch < 1:
         raise ValueError(f"iters and batch must be at least 1, got iters={iters}, batch={batch}")
     if not 2 <= weight_scale_max_bits <= 8:
         raise ValueError(f"weight_scale_max_bits must be from 2 to 8, got {weight_scale_max_bits}")
-    if e2e_iters < 0:
-        raise ValueError(f"e2e_iters must be >= 0 (0 = no end-to-end stage), got {e2e_iters}")
     t0 = time.perf_counter()
     result = ReconResult(settings={"iters": iters, "batch": batch, "lr": lr, "weight_scales": weight_scales,
-                                   "drop_prob": drop_prob, "seed": seed, "ptf_scales": ptf_scales, "flip": flip,
-                                   "float_lr": float_lr, "e2e_iters": e2e_iters,
+                                   "drop_prob": drop_prob, "seed": seed, "ptf_scales": ptf_scales,
                                    "weight_scale_max_bits": weight_scale_max_bits})
     adapter = adapter_for(model)
     trunk_q, trunk_f = adapter.trunk(model), adapter_for(fp_model).trunk(fp_model)
@@ -129,7 +112,6 @@ def apply_block_recon(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor
     stages.append(("head", head_q, head_f))
     quantizers = all_quantizers(model)
     layers_all = weight_layers(model)
-    norms_all = [m for m in model.modules() if isinstance(m, nn.LayerNorm) and m.elementwise_affine]
     gen = torch.Generator().manual_seed(seed)
     requires = {p: p.requires_grad for p in model.parameters()}
     for p in requires:
@@ -138,13 +120,10 @@ def apply_block_recon(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor
     fp_model.eval()
     bar = tqdm(total=len(stages), desc="block reconstruction", disable=None if progress else True, leave=False)
     try:
-        if flip:  # images are [N, C, H, W]: mirror the width
-            calib = torch.cat([calib, calib.flip(-1)])
         xq, xf = calib, calib
         for name, fq, ff in stages:
             rows: dict[int, int] = {}
             hooks = [m.register_forward_hook(_count_rows(rows)) for m in layers_all]
-            hooks += [m.register_forward_hook(_count_rows(rows)) for m in norms_all]
             with torch.no_grad():
                 target = _batched(ff, xf)
                 calls = [q.calls for q in quantizers]
@@ -156,25 +135,14 @@ def apply_block_recon(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor
             act = [q for q in used if q.scale_learnable and (ptf_scales or q.spec.granularity != "ptf")]
             eligible = _eligible_layers(layers_all, rows, {id(q) for q in used}, min_rows_per_channel)
             layers = _up_to_bits(eligible, weight_scale_max_bits) if weight_scales else []
-            # Float parameters (optional): the same layers' biases (the classifier's 1000 biases would fit
-            # the calibration images like its scales) and the affine parameters of the LayerNorms the stage
-            # ran, which scale and shift the inputs of the layers after them per channel.
-            floats = []
-            if float_lr > 0:
-                floats = [m.bias for m in eligible if m.bias is not None]
-                floats += [t for m in norms_all if id(m) in rows for t in (m.weight, m.bias) if t is not None]
-            learned = _tune(fq, xq, target, act, layers, floats, [q for q in used if not q.is_weight],
-                            stage_loss, iters, batch, lr, float_lr, drop_prob, gen)
+            learned = _tune(fq, xq, target, act, layers, [q for q in used if not q.is_weight], iters, batch,
+                            lr, drop_prob, gen)
             with torch.no_grad():
                 out = _batched(fq, xq)
             after = stage_loss(out, target).item()
             result.stages.append(ReconStage(name, learned, before, after))
             xq, xf = out, target
             bar.update(1)
-        if e2e_iters > 0:
-            result.stages.append(_end_to_end(model, fp_model, calib, quantizers, layers_all,
-                                             min_rows_per_channel if weight_scales else None, ptf_scales,
-                                             e2e_iters, batch, lr, drop_prob, gen, weight_scale_max_bits))
     finally:
         for p, r in requires.items():
             p.requires_grad_(r)
@@ -196,64 +164,26 @@ def _up_to_bits(layers: list[nn.Module], max_bits: int) -> list[nn.Module]:
     return [m for m in layers if m.w_quant.spec.bits <= max_bits]
 
 
-def _tune(fn, x: torch.Tensor, target: torch.Tensor, act: list, layers: list[nn.Module], floats: list,
-          acts_dropped: list, loss_fn, iters: int, batch: int, lr: float, float_lr: float, drop_prob: float,
-          gen: torch.Generator) -> int:
-    """Learn ``act``'s step sizes, ``layers``' weight scales and ``floats`` so ``fn(x)`` approaches
-    ``target`` under ``loss_fn``; every quantizer is back in its frozen state afterwards. Returns the
-    number of learned scalars."""
+def _tune(fn, x: torch.Tensor, target: torch.Tensor, act: list, layers: list[nn.Module], acts_dropped: list,
+          iters: int, batch: int, lr: float, drop_prob: float, gen: torch.Generator) -> int:
+    """Learn ``act``'s step sizes and ``layers``' weight scales so ``fn(x)`` approaches ``target`` under
+    :func:`stage_loss`; every quantizer is back in its frozen state afterwards. Returns the number of learned
+    scalars."""
     params = [q.begin_scale_learning() for q in act]
     params += [p for m in layers if (p := m.begin_weight_scale_learning()) is not None]
-    for t in floats:
-        t.requires_grad_(True)
     for q in acts_dropped:
         q.drop_prob, q.drop_generator = drop_prob, gen
     try:
-        groups = [{"params": params, "lr": lr}] if params else []
-        if floats:
-            groups.append({"params": floats, "lr": float_lr})
-        if groups:
-            _train(fn, x, target, groups, iters, batch, gen, loss_fn)
+        if params:
+            _train(fn, x, target, [{"params": params, "lr": lr}], iters, batch, gen)
     finally:
-        for t in floats:
-            t.requires_grad_(False)
         for q in acts_dropped:
             q.drop_prob, q.drop_generator = 0.0, None
         for q in act:
             q.end_scale_learning()
         for m in layers:
             m.end_weight_scale_learning()
-    return sum(p.numel() for p in params) + sum(t.numel() for t in floats)
-
-
-def _end_to_end(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor, quantizers: list,
-                layers_all: list[nn.Module], min_rows_per_channel: float | None, ptf_scales: bool, iters: int,
-                batch: int, lr: float, drop_prob: float, gen: torch.Generator,
-                weight_scale_max_bits: int) -> ReconStage:
-    """The optional last stage: every step size (and weight scale) at once, on the logits' KL from FP."""
-    rows: dict[int, int] = {}
-    hooks = [m.register_forward_hook(_count_rows(rows)) for m in layers_all]
-    with torch.no_grad():
-        target = _batched(fp_model, calib)
-        calls = [q.calls for q in quantizers]
-        before = logits_kl(_batched(model, calib), target).item()
-    for h in hooks:
-        h.remove()
-    used = [q for q, c in zip(quantizers, calls) if q.calls > c]
-    act = [q for q in used if q.scale_learnable and (ptf_scales or q.spec.granularity != "ptf")]
-    layers = [] if min_rows_per_channel is None else _up_to_bits(
-        _eligible_layers(layers_all, rows, {id(q) for q in used}, min_rows_per_channel), weight_scale_max_bits)
-    learned = _tune(model, calib, target, act, layers, [], [q for q in used if not q.is_weight], logits_kl,
-                    iters, batch, lr, 0.0, drop_prob, gen)
-    with torch.no_grad():
-        after = logits_kl(_batched(model, calib), target).item()
-    return ReconStage("end-to-end", learned, before, after)
-
-
-def logits_kl(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean over images of KL(softmax(target) || softmax(out)): the end-to-end stage's loss, the same KL
-    from FP that vitq.evaluate reports."""
-    return F.kl_div(F.log_softmax(out, -1), F.log_softmax(target, -1), log_target=True, reduction="batchmean")
+    return sum(p.numel() for p in params)
 
 
 def stage_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -280,7 +210,7 @@ def _count_rows(rows: dict[int, int]):
 
 
 def _train(fn, x: torch.Tensor, target: torch.Tensor, groups: list[dict], iters: int, batch: int,
-           gen: torch.Generator, loss_fn=None) -> None:
+           gen: torch.Generator) -> None:
     """Adam on parameter groups (``{"params": [...], "lr": base}``), each cosine-decayed from its base."""
     opt = torch.optim.Adam(groups)
     base = [g["lr"] for g in opt.param_groups]
@@ -294,7 +224,7 @@ def _train(fn, x: torch.Tensor, target: torch.Tensor, groups: list[dict], iters:
         pos += batch
         # the input must carry a gradient flag so every quantizer in the stage takes its differentiable path
         xb = x[idx].clone().requires_grad_(True)
-        loss = (loss_fn or stage_loss)(fn(xb), target[idx])
+        loss = stage_loss(fn(xb), target[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for g, lr in zip(opt.param_groups, base):

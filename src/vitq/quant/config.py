@@ -74,9 +74,9 @@ class QuantConfig:
         gelu_token_shift: full protocol: each GELU input's per-tensor grid also gets a static power-of-two
             factor per token position, chosen like ``residual_token_shift``'s (vitq's addition, session 24;
             docs/methods.md "Token shifts of the GELU inputs"). ViT-Tiny's block 7 makes its massive
-            activations there: four positions reach +215 where no other exceeds 5.2. Off in a bare config;
-            ``vitq quantize --method mptq`` turns it on in the full protocol (rules R33 and R47,
-            ``methods.mptq.mptq_gelu_token_shifts``).
+            activations there: four positions reach +215 where no other exceeds 5.2. None (the default):
+            off in the engine, and the recipe decides in ``vitq.quantize`` (the mptq recipe turns it on in the
+            full protocol: rules R33 and R47, ``vitq.recipes.DEFAULTS``).
         head_grids: full protocol: each softmax input (ViT/DeiT attention logits) gets one uniform step and
             zero point per attention head instead of one per tensor. Each head's softmax and q @ k^T are
             separate, so an integer kernel simply requantizes each head with its own scale. The heads'
@@ -105,7 +105,7 @@ class QuantConfig:
     first_layer_a_bits: int = 8
     residual_ptf: bool = True
     residual_token_shift: bool = True
-    gelu_token_shift: bool = False
+    gelu_token_shift: bool | None = None
     head_grids: bool = False
     qkv_head_grids: bool = False
     rules: list[LayerRule] = field(default_factory=list)
