@@ -26,9 +26,9 @@ from vitq.evaluation import evaluate_many
 from vitq.io import atomic_write_json
 from vitq.methods.greedy_mp import (DEFAULT_CANDIDATES, SEARCHES, Budget, default_gptq_losses, default_probe_images,
                                     greedy_mp)
-from vitq.methods.mptq import (MethodOptions, mptq_gelu_token_shifts, mptq_rotates, mptq_token_scales,
-                              mptq_uniform_fallback, run_pipeline)
-from vitq.methods.optm import GRIDS, NONLIN_OBJECTIVES, PTF_OBJECTIVES
+from vitq.methods.mptq import MethodOptions, run_pipeline
+from vitq.recipes import mptq_gelu_token_shifts, mptq_rotates, mptq_token_scales, mptq_uniform_fallback
+from vitq.methods.optm import PTF_OBJECTIVES
 from vitq.methods.token_scale import BUFFER as TOKEN_SCALE_BUFFER
 from vitq.quant import QuantConfig, all_quantizers, model_stats
 from vitq.quant.config import ConfigError
@@ -46,9 +46,7 @@ METHODS = {"baseline": MethodOptions(), "+SQ-b": MethodOptions(sq_b=True), "+OPT
            # up to MethodOptions.recon_max_bits, 6 since session 8)
            "mptq": MethodOptions(sq_b=True, opt_m=True, gptq=True, recon=True),
            # --method mptq --sq-b-unnormed: SQ-b's shift and scale also on proj/fc2 inputs (explicit per-channel op)
-           "mptq+unnormed": MethodOptions(sq_b=True, sq_b_unnormed=True, opt_m=True, gptq=True, recon=True),
-           # --method mptq --sq-b-gelu: SQ-b's scale-only form on fc2's post-GELU input (explicit per-channel scale)
-           "mptq+gelu": MethodOptions(sq_b=True, sq_b_gelu=True, opt_m=True, gptq=True, recon=True)}
+           "mptq+unnormed": MethodOptions(sq_b=True, sq_b_unnormed=True, opt_m=True, gptq=True, recon=True)}
 
 
 def variants(spec: str):
@@ -75,7 +73,7 @@ def main() -> int:
     ap.add_argument("--limit", type=int)
     ap.add_argument("--probe-images", type=int,
                     help="Greedy MP: calibration images for sensitivities (default as vitq quantize: 16 for the "
-                         "knapsack, superposed and calibrated searches, 8 for greedy)")
+                         "knapsack search, 8 for greedy)")
     ap.add_argument("--w-candidates", default=",".join(map(str, DEFAULT_CANDIDATES)),
                     help="Greedy MP: candidate weight bit-widths, comma-separated (vitq quantize --w-candidates)")
     ap.add_argument("--a-candidates", default=",".join(map(str, DEFAULT_CANDIDATES)),
@@ -88,11 +86,6 @@ def main() -> int:
                     help="Greedy MP returns a uniform width instead where it scores better (default as vitq "
                          "quantize: off for the Greedy MP rows --method mptq runs at <= 6 bits in the standard "
                          "protocol, rule R37, and <= 5 in the full, rule R38; on otherwise)")
-    ap.add_argument("--mp-estimate-top", action="store_true",
-                    help="knapsack: estimate the highest candidate's loss from the next lower one's instead of "
-                         "probing it (vitq quantize --mp-estimate-top)")
-    ap.add_argument("--fallback-gptq", action="store_true",
-                    help="the uniform fallback scores candidates after GPTQ (vitq quantize --fallback-gptq)")
     ap.add_argument("--recon-iters", type=int, default=MethodOptions.recon_iters,
                     help="block-reconstruction steps per stage in the variants that run it")
     ap.add_argument("--recon-drop", type=float, default=MethodOptions.recon_drop,
@@ -102,39 +95,16 @@ def main() -> int:
     ap.add_argument("--gptq-max-bits", type=int, default=None,
                     help="the widest weights GPTQ re-rounds (default: each variant's own, "
                          f"MethodOptions' {MethodOptions.gptq_max_bits} for mptq)")
-    ap.add_argument("--gptq-asym", type=float, default=None, metavar="ALPHA",
-                    help="GPTQ's asymmetric calibration strength (0: plain GPTQ; default: MethodOptions' "
-                         f"{MethodOptions.gptq_asym}; docs/methods.md rules R39, R42)")
-    ap.add_argument("--gptq-damp", type=float, default=None, metavar="FRACTION",
-                    help="GPTQ's diagonal damping as a fraction of mean(diag(H)) (default: MethodOptions' "
-                         f"{MethodOptions.gptq_damp}; docs/methods.md rules R40, R41)")
     ap.add_argument("--recon-wscale-max-bits", type=int, default=MethodOptions.recon_wscale_max_bits,
                     help="reconstruction learns weight scales only on layers with at most this many weight bits")
     ap.add_argument("--no-recon-ptf", action="store_true",
                     help="block reconstruction keeps the PTF grids' steps (full protocol)")
     ap.add_argument("--seed", type=int, default=0,
                     help="QuantConfig seed: observers' sampling and reconstruction's batch order (not the images)")
-    ap.add_argument("--opt-m-grid", choices=sorted(GRIDS), default=MethodOptions.optm_grid,
-                    help="OPT-m's two-region candidate grid (vitq quantize --opt-m-grid)")
     ap.add_argument("--opt-m-ptf", action=argparse.BooleanOptionalAction, default=MethodOptions.optm_ptf,
                     help="OPT-m also searches the PTF steps (vitq quantize --opt-m-ptf / --no-opt-m-ptf)")
     ap.add_argument("--opt-m-ptf-objective", choices=list(PTF_OBJECTIVES), default=MethodOptions.optm_ptf_objective,
                     help="what the PTF search minimizes (vitq quantize --opt-m-ptf-objective)")
-    ap.add_argument("--opt-m-nonlin-objective", choices=list(NONLIN_OBJECTIVES), default=MethodOptions.optm_nonlin_objective,
-                    help="full protocol: how OPT-m clips GELU inputs (vitq quantize --opt-m-nonlin-objective)")
-    ap.add_argument("--opt-m-softmax-objective", choices=list(NONLIN_OBJECTIVES),
-                    default=MethodOptions.optm_softmax_objective,
-                    help="full protocol: how OPT-m clips softmax inputs (vitq quantize --opt-m-softmax-objective)")
-    ap.add_argument("--head-grids", action="store_true",
-                    help="full protocol: per-head grids for the softmax inputs (vitq quantize --head-grids)")
-    ap.add_argument("--qkv-head-grids", action="store_true",
-                    help="per-head grids for q, k and v, either protocol (vitq quantize --qkv-head-grids)")
-    ap.add_argument("--opt-m-log2", action=argparse.BooleanOptionalAction, default=MethodOptions.optm_log2,
-                    help="OPT-m also tries the log2 grid on post-softmax values (vitq quantize --opt-m-log2)")
-    ap.add_argument("--attn-smooth", action=argparse.BooleanOptionalAction, default=MethodOptions.attn_smooth,
-                    help="attention smoothing in the variants that run SQ-b (vitq quantize --attn-smooth)")
-    ap.add_argument("--attn-smooth-parts", default="qk,v",
-                    help="with --attn-smooth: which transforms run, 'qk', 'v' or 'qk,v' (a diagnostic)")
     ap.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
                     help="Hadamard rotations in the variants that run SQ-b (vitq quantize --rotate). Default: as vitq "
                          "quantize, on in the rows --method mptq runs (single mptq, Greedy MP with gptq and recon) in the "
@@ -192,22 +162,16 @@ def main() -> int:
     def falls_back(v: dict, cfg: QuantConfig) -> bool:
         if args.uniform_fallback is not None:
             return args.uniform_fallback
-        return not runs_mptq(v) or mptq_uniform_fallback(cfg, args.fallback_gptq)
+        return not runs_mptq(v) or mptq_uniform_fallback(cfg)
 
     def with_recon(opts: MethodOptions, rotate: bool = False, token_scale: bool = False) -> MethodOptions:
         return replace(opts, recon_iters=args.recon_iters, recon_drop=args.recon_drop,
                        recon_max_bits=args.recon_max_bits, recon_ptf=not args.no_recon_ptf,
-                       optm_grid=args.opt_m_grid, recon_wscale_max_bits=args.recon_wscale_max_bits,
+                       recon_wscale_max_bits=args.recon_wscale_max_bits,
                        optm_ptf=args.opt_m_ptf, optm_ptf_objective=args.opt_m_ptf_objective,
-                       optm_nonlin_objective=args.opt_m_nonlin_objective, optm_log2=args.opt_m_log2,
-                       optm_softmax_objective=args.opt_m_softmax_objective,
-                       attn_smooth=args.attn_smooth and opts.sq_b,
-                       attn_smooth_parts=tuple(args.attn_smooth_parts.split(",")),
                        rotate=rotate, rotate_parts=tuple(args.rotate_parts.split(",")),
                        token_scale=token_scale,
-                       gptq_max_bits=opts.gptq_max_bits if args.gptq_max_bits is None else args.gptq_max_bits,
-                       gptq_asym=opts.gptq_asym if args.gptq_asym is None else args.gptq_asym,
-                       gptq_damp=opts.gptq_damp if args.gptq_damp is None else args.gptq_damp)
+                       gptq_max_bits=opts.gptq_max_bits if args.gptq_max_bits is None else args.gptq_max_bits)
 
     def token_shift(v: dict) -> bool:
         return args.token_shift and v["protocol"] == "full"
@@ -216,9 +180,6 @@ def main() -> int:
         if args.gelu_token_shift is not None:
             return args.gelu_token_shift and v["protocol"] == "full"
         return runs_mptq(v) and mptq_gelu_token_shifts(QuantConfig(a_bits=bits, protocol=v["protocol"]))
-
-    def head_grids(v: dict) -> bool:
-        return args.head_grids and v["protocol"] == "full"  # the standard protocol has no softmax-input grid
 
     images = assets / "imagenet-sample"
     split = None if args.alt_split is None else alt_split(assets, args.alt_split)
@@ -240,21 +201,17 @@ def main() -> int:
             if v["kind"] == "single":
                 cfg = QuantConfig(w_bits=v["bits"], a_bits=v["bits"], protocol=v["protocol"], observer="mse",
                                   seed=args.seed, residual_token_shift=token_shift(v),
-                                  gelu_token_shift=gelu_token_shift(v, v["bits"]), head_grids=head_grids(v),
-                                  qkv_head_grids=args.qkv_head_grids)
+                                  gelu_token_shift=gelu_token_shift(v, v["bits"]))
                 rotated, scaled_tokens = rotates(v, cfg), token_scales(v, cfg)
                 q = run_pipeline(loaded.model, calib, cfg, with_recon(METHODS[v["method"]], rotated, scaled_tokens)).model
-                label = f"W{v['bits']}A{v['bits']} {v['method']}" + (
-                    f", attention smoothing ({args.attn_smooth_parts})"
-                    if args.attn_smooth and METHODS[v["method"]].sq_b else "")
+                label = f"W{v['bits']}A{v['bits']} {v['method']}"
             else:
                 b = v["budget"]
                 # The base bits are where SQ-b searches alpha (once, for every bank): the budget's own width,
                 # so that the greedy rows and the uniform rows at that width share the same smoothing.
                 base = max(2, min(8, round(b)))
                 cfg = QuantConfig(w_bits=base, a_bits=base, protocol=v["protocol"], observer="mse", seed=args.seed,
-                                  residual_token_shift=token_shift(v), gelu_token_shift=gelu_token_shift(v, base),
-                                  head_grids=head_grids(v), qkv_head_grids=args.qkv_head_grids)
+                                  residual_token_shift=token_shift(v), gelu_token_shift=gelu_token_shift(v, base))
                 rotated, scaled_tokens = rotates(v, cfg), token_scales(v, cfg)
                 opts = with_recon(MethodOptions(sq_b=True, opt_m=True, gptq=v["gptq"], recon=v["recon"]), rotated,
                                   scaled_tokens)
@@ -266,8 +223,7 @@ def main() -> int:
                                          w_candidates=w_cands, a_candidates=a_cands,
                                          progress=False, search=args.mp_search,
                                          uniform_fallback=fallback,
-                                         gptq_losses=gptq_losses, fallback_gptq=args.fallback_gptq,
-                                         estimate_top=args.mp_estimate_top)
+                                         gptq_losses=gptq_losses)
                 except ConfigError as exc:  # report and go on: the other variants are still worth measuring
                     print(f"skipped {short} {spec}: {exc}", file=sys.stderr, flush=True)
                     continue
@@ -278,30 +234,14 @@ def main() -> int:
                          f"{args.probe_images} probe images"
                          f", {args.mp_search} search"
                          f"{', GPTQ-aware W losses' if gptq_losses else ''}"
-                         f"{', top width estimated' if args.mp_estimate_top else ''}"
                          f"{'' if fallback else ', no uniform fallback'}"
                          + ("" if w_cands == a_cands == DEFAULT_CANDIDATES else
                             f", candidates W {args.w_candidates} A {args.a_candidates}") + ")")
                 h = found.history[0] if found.history else {}
-                if "kl_predicted" in h:  # knapsack and superposed searches
+                if "kl_predicted" in h:  # the knapsack search
                     label += (f", probe KL: sum of isolated losses {h['kl_predicted']:.4f}, "
                               f"superposed logit errors {h['kl_superposed']:.4f}, found {found.kl_greedy:.4f}")
-                    if "kl_refined" in h:  # --mp-search superposed: whether the refinement was kept
-                        label += (f" (knapsack {h['kl_knapsack']:.4f}, refined {h['kl_refined']:.4f} with "
-                                  f"{h['refined_items']} items changed"
-                                  + (f", held-out calibration KL {h['kl_holdout_knapsack']:.4f} -> "
-                                     f"{h['kl_holdout_refined']:.4f}" if "kl_holdout_refined" in h else "")
-                                  + f": {'kept' if h['kl'] < h['kl_knapsack'] else 'not kept'})")
-                    for n, c in enumerate(h.get("calibration", []), 1):  # --mp-search calibrated: each round
-                        label += (f", calibration round {n}: {c['items_changed']} A items changed"
-                                  + (f", probe KL {c['kl']:.4f}" if "kl" in c else "")
-                                  + (f", held-out calibration KL {h['kl_holdout_knapsack']:.4f} -> "
-                                     f"{c['kl_holdout']:.4f}" if "kl_holdout" in c else "")
-                                  + f" ({'kept' if c['kept'] else 'not kept'})")
                 fs = found.fallback_scores
-                if fs and fs["after_gptq"]:  # every candidate scored after GPTQ (rule R25)
-                    label += (f", fallback after GPTQ: {args.mp_search} {fs['searched']:.4f}, "
-                              + ", ".join(f"uniform {b}-bit {kl:.4f}" for b, kl in fs["uniform"].items()))
                 if found.uniform_fallback is not None:  # say so: the row is then a uniform model
                     label += (f", uniform {found.uniform_fallback}-bit won (probe KL {found.kl_final:.4f} "
                               f"vs {args.mp_search} {fs['searched']:.4f})")
@@ -315,23 +255,10 @@ def main() -> int:
                 label += f", seed {args.seed}"
             if split is not None:
                 label += f", split {args.alt_split}"
-            if args.opt_m_grid != MethodOptions.optm_grid:
-                label += f", OPT-m grid {args.opt_m_grid}"
             if args.opt_m_ptf != MethodOptions.optm_ptf:
                 label += ", --no-opt-m-ptf" if not args.opt_m_ptf else ", --opt-m-ptf"
-            if args.opt_m_log2 != MethodOptions.optm_log2 and (v["kind"] != "single" or METHODS[v["method"]].opt_m):
-                n = sum(t.spec.scheme == "log2" for t in all_quantizers(q))
-                label += f", OPT-m log2 ({n} tensors)" if args.opt_m_log2 else ", --no-opt-m-log2"
             if args.opt_m_ptf_objective != MethodOptions.optm_ptf_objective:
                 label += f", PTF objective {args.opt_m_ptf_objective}"
-            if args.opt_m_nonlin_objective != MethodOptions.optm_nonlin_objective and v["protocol"] == "full":
-                label += f", GELU-input clip on {args.opt_m_nonlin_objective}"
-            if args.opt_m_softmax_objective != MethodOptions.optm_softmax_objective and v["protocol"] == "full":
-                label += f", softmax-input clip on {args.opt_m_softmax_objective}"
-            if cfg.head_grids:
-                label += ", per-head softmax-input grids"
-            if cfg.qkv_head_grids:
-                label += ", per-head q/k/v grids"
             gelus = {id(g) for g, _ in adapter_for(q).gelu_inputs(q)}
             if token_shift(v):  # how many grids calibration shifted (0: the model without them exactly)
                 n = sum(t.token_shift_or_none is not None and id(t) not in gelus for t in all_quantizers(q))
@@ -341,10 +268,6 @@ def main() -> int:
             if cfg.gelu_token_shift:
                 n = sum(t.token_shift_or_none is not None for t in all_quantizers(q) if id(t) in gelus)
                 label += f", GELU token shifts ({n} grids shifted)"
-            if args.gptq_asym is not None and args.gptq_asym != MethodOptions.gptq_asym:
-                label += f", asymmetric GPTQ (alpha {args.gptq_asym:g})"
-            if args.gptq_damp is not None and args.gptq_damp != MethodOptions.gptq_damp:
-                label += f", GPTQ damping {args.gptq_damp:g}"
             key = f"{v['protocol']} {label}"
             built[key] = q
             meta[key] = dict(protocol=v["protocol"], variant=label, time_s=time.perf_counter() - t0)

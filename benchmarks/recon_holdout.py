@@ -9,16 +9,10 @@ on (to show over-fitting). Figures are averaged over the folds.
     python benchmarks/recon_holdout.py --models deit_tiny vit_tiny --bits 4 \\
         --settings none iters=50,drop=0 iters=50,drop=0.5 iters=100,drop=0.5
 
-A setting is ``none`` (no reconstruction) or comma-separated ``key=value`` with keys ``iters``, ``lr``,
-``drop`` (QDrop probability), ``batch``, ``ptf`` (0/1: learn the PTF grids' step multipliers, full
-protocol), ``flip`` (0/1: also fit the mirrored images), ``float`` (learning rate of the biases and
-LayerNorm affines; 0 = not learned), ``e2e`` (end-to-end steps on the logits' KL after the blocks; 0 = none), ``wsbits`` (only layers with at most
-this many weight bits learn their weight scales). The keys ``gelu`` (0/1: ``--sq-b-gelu``), ``mmax`` (``--m-max``), ``grid`` (``--opt-m-grid``) and ``ptfclip`` (0/1: ``--opt-m-ptf``), ``ptfobj`` (``--opt-m-ptf-objective``), ``attn`` (0/1: ``--attn-smooth``), ``nonlin`` (``--opt-m-nonlin-objective``), ``tokshift`` (0/1: ``--token-shift``,
-a QuantConfig option), ``gptqmax`` (``--gptq-max-bits``: the widest weights GPTQ re-rounds), ``gptqa`` (``--gptq-asym``), ``gptqdamp`` (``--gptq-damp``), ``attnparts`` (``--attn-smooth-parts``
-with ``+`` between the parts, e.g. ``attn=1,attnparts=v``), ``rot`` (0/1: ``--rotate``), ``rotparts`` (``--rotate-parts``, ``+`` between the parts, e.g.
-``rot=1,rotparts=fc2+v+qk``), ``log2`` (0/1: ``--opt-m-log2``), ``ts`` (0/1: ``--token-scale``), ``gts`` (0/1: ``--gelu-token-shift``, a QuantConfig option) change the
-pipeline before reconstruction instead; settings that share it share one pipeline run per fold. ``gelu=1`` alone means
-that pipeline without reconstruction (like ``none``).
+A setting is ``none`` (no reconstruction) or comma-separated ``key=value`` pairs: the keys of ``KEYS`` below
+set ``apply_block_recon``'s arguments, those of ``PIPELINE_KEYS`` the MethodOptions field (or, with ``cfg:``,
+the QuantConfig field) named there, i.e. the pipeline before reconstruction; settings that share their
+pipeline keys share one pipeline run per fold.
 
 Paired per-image comparison (session 20): a fold's mean over 8 images can be decided by one image (docs/results.md,
 R26). ``--per-image FILE`` saves every held-out image's KL per setting (JSON, keyed by the image's index in
@@ -47,24 +41,22 @@ import torch
 from vitq.data import load_tensors, make_dataset
 from vitq.evaluation import evaluate, kl_from_reference
 from vitq.io import atomic_write_json
-from vitq.methods.mptq import MethodOptions, mptq_gelu_token_shifts, mptq_rotates, mptq_token_scales, run_pipeline
+from vitq.methods.mptq import MethodOptions, run_pipeline
 from vitq.methods.recon import apply_block_recon
 from vitq.quant import QuantConfig
+from vitq.recipes import mptq_gelu_token_shifts, mptq_rotates, mptq_token_scales
 from vitq.zoo import load_model
 
 # setting key -> (apply_block_recon argument, type); keys left out keep apply_block_recon's defaults
 KEYS = {"iters": ("iters", int), "lr": ("lr", float), "drop": ("drop_prob", float), "batch": ("batch", int),
         "ptf": ("ptf_scales", lambda v: bool(int(v))), "wsbits": ("weight_scale_max_bits", int)}
 # setting key -> (MethodOptions field, type): these change the pipeline that runs before reconstruction
-PIPELINE_KEYS = {"gelu": ("sq_b_gelu", lambda v: bool(int(v))), "mmax": ("m_max", int), "grid": ("optm_grid", str),
+PIPELINE_KEYS = {"mmax": ("m_max", int),
                  "ptfclip": ("optm_ptf", lambda v: bool(int(v))), "ptfobj": ("optm_ptf_objective", str),
-                 "attn": ("attn_smooth", lambda v: bool(int(v))), "nonlin": ("optm_nonlin_objective", str),
                  "tokshift": ("cfg:residual_token_shift", lambda v: bool(int(v))),
-                 "gptqmax": ("gptq_max_bits", int), "gptqa": ("gptq_asym", float),
-                 "gptqdamp": ("gptq_damp", float), "attnparts": ("attn_smooth_parts", lambda v: tuple(v.split("+"))),
+                 "gptqmax": ("gptq_max_bits", int),
                  "rot": ("rotate", lambda v: bool(int(v))),
                  "rotparts": ("rotate_parts", lambda v: tuple(v.split("+"))),
-                 "log2": ("optm_log2", lambda v: bool(int(v))),
                  "ts": ("token_scale", lambda v: bool(int(v))),
                  "gts": ("cfg:gelu_token_shift", lambda v: bool(int(v)))}
 # "cfg:" marks a QuantConfig field rather than a MethodOptions one

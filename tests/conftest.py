@@ -46,7 +46,7 @@ def tiny_model(family: str, seed: int = 0):
 
 def tiny_vit_with_massive_position(n: int = 4, family: str = "vit", position: int = 2, channel: int = 3):
     """A tiny ViT/DeiT whose residual stream has one massive value at a fixed token position (as ViT-Tiny's
-    corner patches, docs/results.md Session 17), and ``n`` images for it."""
+    corner patches, docs/lab/results-log.md Session 17), and ``n`` images for it."""
     model, size = tiny_model(family)
     with torch.no_grad():
         model.pos_embed[:, position, channel] += 300.0

@@ -78,18 +78,6 @@ def test_other_version_and_corruption_are_rejected(tmp_path):
         load_artifact(tmp_path / "a")
 
 
-def test_log2_grids_survive_save_and_reload(tmp_path):
-    q, x = _quantized()
-    attn = [t for t in q.modules() if getattr(t, "role", None) == "attn"]
-    for t in attn:
-        t.set_log2(0.7)
-    _save(q, tmp_path / "a")
-    r, _ = load_artifact(tmp_path / "a")
-    assert all(t.spec.scheme == "log2" for t in r.modules() if getattr(t, "role", None) == "attn")
-    with torch.inference_mode():
-        assert torch.equal(q(x), r(x))
-
-
 def _edit(folder, fn):
     cfg = folder / "config.json"
     meta = json.loads(cfg.read_text())

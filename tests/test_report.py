@@ -13,15 +13,6 @@ def test_sensitivity_csv_sorts_by_the_lowest_width_and_leaves_missing_widths_emp
     assert table[2] == ["blocks.0.attn.qkv", "W", "10", "", "0.01", "0.001"]
 
 
-def test_sensitivity_csv_names_an_estimated_width():
-    rows = [{"layer": "a", "kind": "W", "elements": 1, "kl": {"6": 0.016, "8": 0.001}, "estimated": 8},
-            {"layer": "b", "kind": "A", "elements": 1, "kl": {"6": 0.032, "8": 0.002}, "estimated": 8}]
-    table = list(csv.reader(io.StringIO(sensitivity_csv(rows))))
-    assert table[0][-1] == "estimated_w" and [r[-1] for r in table[1:]] == ["8", "8"]
-    plain = [{k: v for k, v in r.items() if k != "estimated"} for r in rows]
-    assert "estimated_w" not in sensitivity_csv(plain)  # the format without the option is unchanged
-
-
 def test_summary_line_shows_standard_errors_only_when_the_report_has_them():
     from vitq.report import summary_line
 

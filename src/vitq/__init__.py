@@ -9,8 +9,10 @@ import importlib
 
 __version__ = "0.1.0"
 _LAZY = {"EvalResult": ".evaluation", "evaluate": ".evaluation", "LayerRule": ".quant", "QuantConfig": ".quant",
-         "quantize": ".quant", "load_model": ".zoo"}
-__all__ = ["EvalResult", "LayerRule", "QuantConfig", "evaluate", "load_model", "quantize", "__version__"]
+         "quantize": ".api", "QuantizeResult": ".api", "CostBudget": ".api", "SearchOptions": ".api",
+         "Budget": ".methods.greedy_mp", "MethodOptions": ".methods.mptq", "load_model": ".zoo"}
+__all__ = ["Budget", "CostBudget", "EvalResult", "LayerRule", "MethodOptions", "QuantConfig", "QuantizeResult",
+           "SearchOptions", "evaluate", "load_model", "quantize", "__version__"]
 
 
 def __getattr__(name: str):

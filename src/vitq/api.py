@@ -47,11 +47,8 @@ class SearchOptions:
     search: str | None = None  # knapsack for bit/size budgets, greedy for a BOPs budget
     probe_images: int | None = None  # 16 for the knapsack, 8 for the greedy loop and m2q
     lower_per_step: int = 4
-    remeasure_every: int = 0
     uniform_fallback: bool | None = None
     gptq_losses: bool | None = None
-    fallback_gptq: bool = False
-    estimate_top: bool = False
 
 
 @dataclass
@@ -141,12 +138,9 @@ def plan(config: QuantConfig | None = None, recipe: str = "mptq", budget: Budget
     if search.search is not None and search.search not in SEARCHES:
         raise ConfigError(f"unknown mixed-precision search {search.search!r}; choose one of {', '.join(SEARCHES)}")
     name = search.search or ("greedy" if bit_budget is not None and bit_budget.gbops is not None else "knapsack")
-    if search.estimate_top and (bit_budget is None or name == "greedy"):
-        raise ConfigError("--mp-estimate-top estimates the knapsack's isolated losses: give an average-bit or size "
-                          "budget with a knapsack search")
     fallback = search.uniform_fallback
     if fallback is None:
-        fallback = recipe != "mptq" or mptq_uniform_fallback(config, search.fallback_gptq)
+        fallback = recipe != "mptq" or mptq_uniform_fallback(config)
     gptq_losses = search.gptq_losses
     if gptq_losses is None:  # rule R17: on wherever it applies
         gptq_losses = bit_budget is not None and default_gptq_losses(name, options)
@@ -168,16 +162,8 @@ def _check_options(o: MethodOptions) -> None:
         raise ConfigError(f"--recon-max-bits must be from 2 to 8, got {o.recon_max_bits}")
     if not 2 <= o.gptq_max_bits <= 8:
         raise ConfigError(f"--gptq-max-bits must be from 2 to 8, got {o.gptq_max_bits}")
-    if not 0 <= o.gptq_asym <= 1:
-        raise ConfigError(f"--gptq-asym must be from 0 to 1, got {o.gptq_asym}")
-    if not 0 < o.gptq_damp <= 10:
-        raise ConfigError(f"--gptq-damp must be above 0 and at most 10, got {o.gptq_damp}")
     if o.sq_b_unnormed and not o.sq_b:
         raise ConfigError("--sq-b-unnormed extends SQ-b: give it with --sq-b or --method mptq")
-    if o.sq_b_gelu and not o.sq_b:
-        raise ConfigError("--sq-b-gelu extends SQ-b: give it with --sq-b or --method mptq")
-    if o.sq_b_gelu and o.sq_b_unnormed:
-        raise ConfigError("give only one of --sq-b-gelu and --sq-b-unnormed (both transform fc2's input)")
 
 
 def describe(config: QuantConfig, options: MethodOptions, budget) -> str:
@@ -229,8 +215,7 @@ def quantize(model: nn.Module, calibration, config: QuantConfig | None = None, r
     else:
         res = run_pipeline(model, calib, config, options, progress=progress)
         qmodel = res.model
-        report.update({k: v for k, v in (("sqb", res.sqb), ("attn_smooth", res.attn_smooth),
-                                         ("rotation", res.rotation), ("token_scale", res.token_scale),
+        report.update({k: v for k, v in (("sqb", res.sqb), ("rotation", res.rotation), ("token_scale", res.token_scale),
                                          ("optm", res.optm), ("gptq", res.gptq), ("recon", res.recon))
                        if v is not None})
         report["method_timing"] = res.timing
@@ -264,10 +249,9 @@ def _greedy(model, calib, config, options, budget: Budget, search: SearchOptions
     from .report import by_sensitivity
 
     qmodel, res = greedy_mp(model, calib, config, options, budget, search.w_candidates, search.a_candidates,
-                            n_probe=search.probe_images, remeasure_every=search.remeasure_every,
+                            n_probe=search.probe_images,
                             lower_per_step=search.lower_per_step, uniform_fallback=search.uniform_fallback,
-                            search=search.search, gptq_losses=search.gptq_losses,
-                            fallback_gptq=search.fallback_gptq, estimate_top=search.estimate_top, progress=progress)
+                            search=search.search, gptq_losses=search.gptq_losses, progress=progress)
     mixed = {"budget": vars(budget), "search": search.search, "gptq_losses": search.gptq_losses,
              "probe_images": min(search.probe_images, len(calib)), "search_s": res.search_s, "timing": res.timing,
              "steps": res.steps, "probes": res.probes, "kl_calib": res.kl_final,

@@ -175,8 +175,8 @@ def rebuild(meta: dict, state: dict[str, torch.Tensor], cfg_path, st_path) -> tu
     return model.eval(), meta
 
 
-SPEC_SCHEMES = ("uniform", "pot", "two_region", "log2")
-SPEC_GRANULARITIES = ("per_tensor", "per_channel", "per_group", "ptf", "per_head")
+SPEC_SCHEMES = ("uniform", "pot", "two_region")
+SPEC_GRANULARITIES = ("per_tensor", "per_channel", "per_group", "ptf")
 
 
 def _field(cfg_path, key: str, value, kind, what: str) -> None:

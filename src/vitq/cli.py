@@ -25,7 +25,7 @@ from .methods.greedy_mp import SEARCHES, Budget, plot_bits
 from .methods.m2q import plot_m2q
 from .methods.mp_budget import check_budget_reachable, check_budget_values
 from .methods.mptq import MethodOptions
-from .methods.optm import GRIDS, NONLIN_OBJECTIVES, PTF_OBJECTIVES
+from .methods.optm import PTF_OBJECTIVES
 from .methods.rotation import PARTS as ROTATION_PARTS
 from .output import OutputError, Terminated, destination, raise_on_signals
 from .quant.config import ConfigError, QuantConfig
@@ -166,7 +166,7 @@ def _config_from_args(args) -> QuantConfig:
     base = QuantConfig.load(args.config).to_dict() if args.config else {}
     # Command-line options given explicitly override the config file.
     for key in ("w_bits", "a_bits", "protocol", "observer", "mse_objective", "seed", "w_granularity", "w_scheme",
-                "residual_token_shift", "gelu_token_shift", "head_grids", "qkv_head_grids"):
+                "residual_token_shift", "gelu_token_shift"):
         value = getattr(args, key, None)
         if value is not None:
             base[key] = value
@@ -190,23 +190,11 @@ def _on(flag: bool) -> bool | None:
 def _check_opt_m_flags(args, config: QuantConfig) -> None:
     """OPT-m's and the full protocol's flags need what they tune (checked before any work)."""
     opt_m = args.opt_m or (args.method or "mptq") == "mptq"
-    if args.opt_m_grid != "standard" and not opt_m:
-        raise ConfigError(f"--opt-m-grid {args.opt_m_grid} sets OPT-m's search: give it with --opt-m or --method mptq")
     if args.opt_m_ptf is not None and not opt_m:
         raise ConfigError("--opt-m-ptf is part of OPT-m's search: give it with --opt-m or --method mptq")
     if args.opt_m_ptf_objective is not None and not (opt_m and args.opt_m_ptf is not False):
         raise ConfigError(f"--opt-m-ptf-objective {args.opt_m_ptf_objective} sets OPT-m's PTF search: give it with "
                           "--opt-m or --method mptq, and without --no-opt-m-ptf")
-    if args.opt_m_nonlin_objective is not None and not (opt_m and config.protocol == "full"):
-        raise ConfigError(f"--opt-m-nonlin-objective {args.opt_m_nonlin_objective} sets how OPT-m clips the full "
-                          "protocol's GELU inputs: give it with --opt-m or --method mptq and --protocol full")
-    if args.opt_m_softmax_objective is not None and not (opt_m and config.protocol == "full"):
-        raise ConfigError(f"--opt-m-softmax-objective {args.opt_m_softmax_objective} sets how OPT-m clips the full "
-                          "protocol's softmax inputs: give it with --opt-m or --method mptq and --protocol full")
-    if args.head_grids and config.protocol != "full":
-        raise ConfigError("--head-grids sets the full protocol's softmax-input grids: give it with --protocol full")
-    if args.opt_m_log2 is not None and not opt_m:
-        raise ConfigError("--opt-m-log2 is part of OPT-m's search: give it with --opt-m or --method mptq")
     if args.residual_token_shift is not None and not (config.protocol == "full" and config.residual_ptf):
         flag = "--token-shift" if args.residual_token_shift else "--no-token-shift"
         raise ConfigError(f"{flag} sets the full protocol's residual-stream (PTF) grids: give it with --protocol full")
@@ -260,23 +248,18 @@ def _quantize(args, folder: Path) -> tuple[dict, float, float]:
         raise ConfigError("give only one of --gptq and --no-gptq")
     if args.rotate is False and args.rotate_parts is not None:
         raise ConfigError("--rotate-parts chooses what --rotate searches: give it without --no-rotate")
-    if args.method == "m2q" and (args.gptq or args.sq_b or args.opt_m or args.recon or args.attn_smooth
+    if args.method == "m2q" and (args.gptq or args.sq_b or args.opt_m or args.recon
                                  or args.rotate or args.rotate_parts or args.token_scale):
-        raise ConfigError("--method m2q does not take --gptq, --sq-b, --opt-m, --recon, --attn-smooth, --rotate, "
+        raise ConfigError("--method m2q does not take --gptq, --sq-b, --opt-m, --recon, --rotate, "
                           "--rotate-parts or --token-scale")
     _check_opt_m_flags(args, config)
-    options = MethodOptions(sq_b=_on(args.sq_b), opt_m=_on(args.opt_m), m_max=args.m_max, optm_grid=args.opt_m_grid,
+    options = MethodOptions(sq_b=_on(args.sq_b), opt_m=_on(args.opt_m), m_max=args.m_max,
                             optm_ptf=args.opt_m_ptf is not False,
                             optm_ptf_objective=args.opt_m_ptf_objective or MethodOptions.optm_ptf_objective,
-                            optm_nonlin_objective=args.opt_m_nonlin_objective or MethodOptions.optm_nonlin_objective,
-                            optm_softmax_objective=args.opt_m_softmax_objective or MethodOptions.optm_softmax_objective,
-                            optm_log2=MethodOptions.optm_log2 if args.opt_m_log2 is None else args.opt_m_log2,
-                            sq_b_unnormed=args.sq_b_unnormed, sq_b_gelu=args.sq_b_gelu, attn_smooth=args.attn_smooth,
+                            sq_b_unnormed=args.sq_b_unnormed,
                             rotate=True if args.rotate is None and args.rotate_parts is not None else args.rotate,
                             rotate_parts=_rotate_parts(args.rotate_parts), token_scale=args.token_scale,
                             gptq=False if args.no_gptq else _on(args.gptq), gptq_max_bits=args.gptq_max_bits,
-                            gptq_asym=MethodOptions.gptq_asym if args.gptq_asym is None else args.gptq_asym,
-                            gptq_damp=MethodOptions.gptq_damp if args.gptq_damp is None else args.gptq_damp,
                             recon=False if args.no_recon else _on(args.recon), recon_iters=args.recon_iters,
                             recon_drop=args.recon_drop, recon_max_bits=args.recon_max_bits,
                             recon_ptf=not args.no_recon_ptf)
@@ -305,9 +288,7 @@ def _quantize(args, folder: Path) -> tuple[dict, float, float]:
     search = SearchOptions(w_candidates=parse_bits_list(args.w_candidates) if args.w_candidates else None,
                            a_candidates=parse_bits_list(args.a_candidates) if args.a_candidates else None,
                            search=args.mp_search, probe_images=args.probe_images, lower_per_step=args.lower_per_step,
-                           remeasure_every=args.remeasure_every, uniform_fallback=args.uniform_fallback,
-                           gptq_losses=args.mp_gptq_losses, fallback_gptq=args.fallback_gptq,
-                           estimate_top=args.mp_estimate_top)
+                           uniform_fallback=args.uniform_fallback, gptq_losses=args.mp_gptq_losses)
     config, options, search, budget = plan(config, recipe, budget, options, search)
     if isinstance(budget, Budget):
         check_budget_reachable(loaded.model, config, search.w_candidates, search.a_candidates,
@@ -425,6 +406,9 @@ def _rotate_parts(text: str | None) -> tuple[str, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vitq", description="Post-training quantization of vision transformers")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"vitq {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("models", help="list the supported models").set_defaults(func=_cmd_models)
@@ -487,12 +471,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="full protocol: each GELU input's grid also gets a static power-of-two factor per token "
                         "position (QuantConfig.gelu_token_shift; on by default with --method mptq in the full "
                         "protocol since rules R33 and R47, together with --token-scale, docs/methods.md)")
-    p.add_argument("--head-grids", dest="head_grids", action=argparse.BooleanOptionalAction,
-                   help="full protocol: one step and zero point per attention head for ViT/DeiT softmax inputs "
-                        "(QuantConfig.head_grids; off by default; docs/methods.md)")
-    p.add_argument("--qkv-head-grids", dest="qkv_head_grids", action=argparse.BooleanOptionalAction,
-                   help="one step and zero point per attention head for ViT/DeiT q, k and v, either protocol "
-                        "(QuantConfig.qkv_head_grids; off: rule R48 failed, docs/methods.md)")
     p.add_argument("--config", help="QuantConfig JSON (per-layer rules); explicit options override it")
     p.add_argument("--seed", type=int)
     p.add_argument("--method", choices=["minmax", "mptq", "m2q"],
@@ -504,12 +482,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sq-b-unnormed", action="store_true",
                    help="SQ-b also on proj/fc2 as an explicit per-channel shift and scale (costs a per-channel "
                         "subtract and multiply at inference)")
-    p.add_argument("--sq-b-gelu", action="store_true",
-                   help="SQ-b's scale-only form on fc2's post-GELU input, alpha scored with OPT-m's two-region "
-                        "grid (costs a per-channel multiply at inference)")
-    p.add_argument("--attn-smooth", action="store_true",
-                   help="float-exact smoothing of q/k and v/proj inside attention, folded into qkv and proj "
-                        "(vitq's addition, docs/methods.md)")
     p.add_argument("--rotate", action=argparse.BooleanOptionalAction, default=None,
                    help="Hadamard rotations of fc2's input (online, n log n adds per token), of v/proj and of q/k "
                         "(folded into qkv and proj), kept per layer where they lower its quantized output error "
@@ -530,9 +502,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opt-m", action="store_true", help="two-region quantizer search for post-GELU/softmax")
     p.add_argument("--m-max", type=int, default=None,
                    help="largest OPT-m ratio exponent (default: max(4, bits-1) per tensor)")
-    p.add_argument("--opt-m-grid", choices=sorted(GRIDS), default="standard",
-                   help="OPT-m's two-region candidates: standard (coarse step 0.4-1.0 of min-max, 3 boundaries) "
-                        "or wide (0.2-1.0, 4 boundaries, about 1.7x the search time); docs/methods.md")
     p.add_argument("--opt-m-ptf", action=argparse.BooleanOptionalAction, default=None,
                    help="full protocol: OPT-m also searches the residual stream's PTF steps, objective set by "
                         "--opt-m-ptf-objective (default: on with OPT-m; --no-opt-m-ptf keeps per-channel min-max); "
@@ -541,27 +510,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the PTF search minimizes: normalized (default: each token's error over the residual "
                         "stream's variance there, as the next LayerNorm sees it) or tensor (the grid's own squared "
                         "error, the default before session 12); docs/methods.md")
-    p.add_argument("--opt-m-nonlin-objective", choices=list(NONLIN_OBJECTIVES), default=None,
-                   help="full protocol: how OPT-m clips GELU inputs: tensor (default: r*[min, max] on their own error) "
-                        "or output (lower and upper end searched apart on the GELU output's error); docs/methods.md")
-    p.add_argument("--opt-m-softmax-objective", choices=list(NONLIN_OBJECTIVES), default=None,
-                   help="full protocol: how OPT-m clips softmax inputs: tensor (default: on their own error) or output "
-                        "(on the softmax output's error; rule R45, docs/methods.md)")
-    p.add_argument("--opt-m-log2", action=argparse.BooleanOptionalAction, default=None,
-                   help="OPT-m also tries a log2 grid (levels s*2^-k) on post-softmax values and keeps it where "
-                        "the attn*v output error is lower than the two-region grid's (default: off); docs/methods.md")
     p.add_argument("--gptq", action="store_true",
                    help="GPTQ weight rounding after calibration (vitq's addition to MPTQ-ViT; on with --method mptq)")
     p.add_argument("--no-gptq", action="store_true", help="--method mptq without GPTQ (the paper's methods only)")
     p.add_argument("--gptq-max-bits", type=int, default=5,
                    help="GPTQ re-rounds layers with at most this many weight bits; wider ones keep "
                         "round-to-nearest (default 5, see docs/methods.md)")
-    p.add_argument("--gptq-asym", type=float, default=None, metavar="ALPHA",
-                   help="GPTQ fits each layer to its float path's output with this strength (GPTAQ's alpha, 0 to 1; "
-                        "0 = plain GPTQ, the default: rules R39 and R42 in docs/methods.md found no gain)")
-    p.add_argument("--gptq-damp", type=float, default=None, metavar="FRACTION",
-                   help="GPTQ's diagonal damping as a fraction of the mean of diag(H) (default 0.01; 0.1 and 0.001 "
-                        "failed rules R40 and R41, docs/methods.md)")
     p.add_argument("--recon", action="store_true",
                    help="block reconstruction of step sizes after GPTQ, at <= --recon-max-bits activation "
                         "bits (vitq's addition; on with --method mptq)")
@@ -582,37 +536,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-mb", type=float, help="target model size in MB")
     p.add_argument("--budget-gbops", type=float, help="target GBOPs per image (MACs x W bits x A bits)")
     p.add_argument("--probe-images", type=int,
-                   help="calibration images used to measure sensitivities (default 16 for the knapsack, "
-                        "superposed and calibrated searches, 8 for the greedy loop and m2q)")
+                   help="calibration images used to measure sensitivities (default 16 for the knapsack search, "
+                        "8 for the greedy loop and m2q)")
     p.add_argument("--lower-per-step", type=int, default=4, help="items Greedy MP lowers before each re-run")
     p.add_argument("--mp-search", choices=list(SEARCHES),
                    help="how the mixed-precision assignment is searched: a knapsack on each tensor's measured loss "
                         "alone (default for bit and MB budgets), the paper's greedy loop (default for "
-                        "--budget-gbops), the knapsack refined on superposed logit errors, or the knapsack re-solved with "
-                        "each block's activation losses scaled to their cost in place (calibrated); docs/methods.md")
+                        "--budget-gbops); docs/methods.md")
     p.add_argument("--budget-edp", type=float, help="m2q: at most this fraction of the INT8 baseline's EDP")
     p.add_argument("--budget-energy", type=float, help="m2q: at most this fraction of the INT8 baseline's energy")
     p.add_argument("--budget-latency", type=float, help="m2q: at most this fraction of the INT8 baseline's latency")
     p.add_argument("--hw", help="m2q: accelerator YAML merged over the defaults")
     p.add_argument("--w-candidates", help="candidate weight bits (default 4,5,6,8; m2q 4,8)")
     p.add_argument("--a-candidates", help="candidate activation bits (default 4,5,6,8; m2q 8)")
-    p.add_argument("--remeasure-every", type=int, default=0, help="re-measure all sensitivities every k steps")
     p.add_argument("--mp-gptq-losses", action=argparse.BooleanOptionalAction, default=None,
-                   help="knapsack/superposed search with GPTQ: measure each weight's loss at <= --gptq-max-bits "
+                   help="knapsack search with GPTQ: measure each weight's loss at <= --gptq-max-bits "
                         "with the weights GPTQ would give it, not round-to-nearest (default: on where it applies, "
                         "rules R16/R17 in docs/methods.md; --no-mp-gptq-losses for round-to-nearest losses)")
     p.add_argument("--uniform-fallback", action=argparse.BooleanOptionalAction, default=None,
                    help="after the search, return a single width meeting the budget instead when it scores a lower "
                         "probe KL. Default: off with --method mptq at base widths <= 6 in the standard protocol "
                         "(rule R37) and <= 5 in the full (rule R38), on otherwise; --no-uniform-fallback keeps the searched assignment")
-    p.add_argument("--mp-estimate-top", action="store_true",
-                   help="knapsack search: estimate each tensor's loss at the highest candidate width from the next "
-                        "lower one's (noise power / 4 per bit) instead of probing it; a quarter fewer probes with the "
-                        "default candidates; off: rule R43 failed, docs/methods.md)")
-    p.add_argument("--fallback-gptq", action="store_true",
-                   help="the uniform fallback scores each candidate after GPTQ, as it will be returned, not with "
-                        "round-to-nearest weights (needs GPTQ; turns the fallback on unless --no-uniform-fallback; rule R25 "
-                        "in docs/methods.md)")
     p.add_argument("--out", required=True, help="output folder: report.json, model.safetensors, config.json; a new "
                                                 "path, or an earlier vitq result with --overwrite")
     _add_overwrite(p)

@@ -59,10 +59,9 @@ def mptq_gelu_token_shifts(config: QuantConfig) -> bool:
     return config.protocol == "full"
 
 
-def mptq_uniform_fallback(config: QuantConfig, fallback_gptq: bool = False) -> bool:
-    """The uniform fallback after Greedy MP: off within :func:`_mixed_scope` (R37, R38), on elsewhere; asking
-    for its GPTQ scoring turns it on."""
-    return fallback_gptq or not _mixed_scope(config)
+def mptq_uniform_fallback(config: QuantConfig) -> bool:
+    """The uniform fallback after Greedy MP: off within :func:`_mixed_scope` (R37, R38), on elsewhere."""
+    return not _mixed_scope(config)
 
 
 @dataclass(frozen=True)

@@ -78,17 +78,11 @@ def sensitivity_csv(rows: list[dict]) -> str:
             ``GreedyResult.sensitivity``.
 
     Returns:
-        The text: one column per width found in any row (``kl_w4`` ...), empty where a row lacks it; when a
-        row's loss at a width was estimated rather than probed (``--mp-estimate-top``), a last column
-        ``estimated_w`` names that width.
+        The text: one column per width found in any row (``kl_w4`` ...), empty where a row lacks it.
     """
     widths = sorted({int(b) for r in rows for b in r["kl"]})
-    estimated = any("estimated" in r for r in rows)
-    lines = [",".join(["layer", "kind", "elements", *(f"kl_w{b}" for b in widths)]
-                      + (["estimated_w"] if estimated else []))]
+    lines = [",".join(["layer", "kind", "elements", *(f"kl_w{b}" for b in widths)])]
     for r in by_sensitivity(rows):
         cells = [f"{r['kl'][str(b)]:.6g}" if str(b) in r["kl"] else "" for b in widths]
-        if estimated:
-            cells.append(str(r.get("estimated", "")))
         lines.append(",".join([r["layer"], r["kind"], str(r["elements"]), *cells]))
     return "\n".join(lines) + "\n"

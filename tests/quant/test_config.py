@@ -44,3 +44,12 @@ def test_load_errors(tmp_path):
     (tmp_path / "unk.json").write_text('{"wbits": 4}')
     with pytest.raises(ConfigError, match="wbits"):
         QuantConfig.load(tmp_path / "unk.json")
+
+
+def test_retired_options_load_only_at_their_off_value():
+    from vitq.quant.config import ConfigError, QuantConfig
+
+    cfg = QuantConfig.from_dict({"w_bits": 4, "head_grids": False, "qkv_head_grids": False})
+    assert cfg.w_bits == 4 and "head_grids" not in cfg.to_dict()
+    with pytest.raises(ConfigError, match="head_grids=True was an option of an earlier vitq"):
+        QuantConfig.from_dict({"head_grids": True})

@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-from vitq.quant import quantizers as Q
 from vitq.quant import LayerRule, QuantConfig, calibrate, model_stats, prepare, quantize, tensor_table
 from vitq.quant.config import ConfigError
 from vitq.quant.engine import all_quantizers, left_in_float, set_quant_enabled
@@ -290,63 +289,3 @@ def test_gelu_token_shifts_only_with_the_option_in_the_full_protocol(kw):
     _massive_gelu_input(model)
     q = quantize(model, x, QuantConfig(residual_token_shift=False, **{"gelu_token_shift": True, **kw}))
     assert not any("token_shift" in t._buffers for t in all_quantizers(q))
-
-
-def test_head_grids_give_the_full_protocols_softmax_inputs_one_step_per_head():
-    from vitq.adapters import adapter_for
-    model, size = tiny_model("vit")
-    x = tiny_images(size, n=4)
-    plain = quantize(model, x, QuantConfig(w_bits=6, a_bits=6, protocol="full"))
-    heads = quantize(model, x, QuantConfig(w_bits=6, a_bits=6, protocol="full", head_grids=True))
-    soft = {t.name for t in adapter_for(heads).softmax_inputs(heads)}
-    n_heads = model.blocks[0].attn.num_heads
-    a = {t.name: t for t in all_quantizers(plain)}
-    for t in all_quantizers(heads):
-        if t.name in soft:
-            assert t.spec.granularity == "per_head" and t.scale.shape == (n_heads,)
-        else:  # everything else exactly as without the option
-            assert t.spec == a[t.name].spec and torch.equal(t.scale, a[t.name].scale), t.name
-    # each head is quantized on its own per-tensor grid
-    t = next(q for q in all_quantizers(heads) if q.name in soft)
-    logits = torch.randn(2, n_heads, 5, 5) * 3
-    qmin, qmax = t._qrange()
-    expect = torch.stack([Q.fake_quant_uniform(logits[:, h], t.scale[h], t.zero_point[h], qmin, qmax)
-                          for h in range(n_heads)], dim=1)
-    assert torch.equal(t.fake_quant(logits), expect)
-    # the standard protocol has no softmax-input grid: the option changes nothing there
-    std = quantize(model, x, QuantConfig(w_bits=6, a_bits=6, head_grids=True))
-    assert all(q.spec.granularity != "per_head" for q in all_quantizers(std))
-
-
-@pytest.mark.parametrize("protocol", ["standard", "full"])
-def test_qkv_head_grids_give_q_k_v_one_step_per_head_in_either_protocol(protocol):
-    model, size = tiny_model("vit")
-    x = tiny_images(size, n=4)
-    plain = quantize(model, x, QuantConfig(w_bits=4, a_bits=4, protocol=protocol))
-    heads = quantize(model, x, QuantConfig(w_bits=4, a_bits=4, protocol=protocol, qkv_head_grids=True))
-    n_heads = model.blocks[0].attn.num_heads
-    a = {(t.name, t.role): t for t in all_quantizers(plain)}
-    roles = {t.role for t in all_quantizers(heads) if t.spec.granularity == "per_head"}
-    assert roles == {"q", "k", "v"}  # not the post-softmax operand, nor (without head_grids) the softmax input
-    for t in all_quantizers(heads):
-        ref = a[(t.name, t.role)]
-        if t.role in ("q", "k", "v"):
-            assert t.spec.granularity == "per_head" and t.scale.shape == (n_heads,), t.name
-            # each head's min-max range is inside the whole tensor's, which the per-tensor grid covers
-            assert torch.all(t.range_min >= ref.range_min - 1e-6) and torch.all(t.range_max <= ref.range_max + 1e-6)
-        else:  # everything else exactly as without the option
-            assert t.spec == ref.spec and torch.equal(t.scale, ref.scale), t.name
-
-
-def test_per_head_grid_learns_one_multiplier_of_its_steps():
-    model, size = tiny_model("vit")
-    x = tiny_images(size, n=4)
-    q = quantize(model, x, QuantConfig(w_bits=6, a_bits=6, protocol="full", head_grids=True))
-    t = next(t for t in all_quantizers(q) if t.spec.granularity == "per_head")
-    before = t.scale.clone()
-    log_scale = t.begin_scale_learning()
-    assert log_scale.shape == ()
-    with torch.no_grad():
-        log_scale.fill_(0.25)
-    t.end_scale_learning()
-    assert torch.allclose(t.scale, before * torch.exp(torch.tensor(0.25)))

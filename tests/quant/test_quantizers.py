@@ -190,31 +190,3 @@ def test_token_factor_checks_positions():
     assert f.shape == (3, 1) and f.flatten().tolist() == [1.0, 4.0, 2.0]
     with pytest.raises(ValueError, match="positions"):
         Q.token_factor(torch.zeros(5, 4, 8), shift)
-
-
-def test_log2_levels_nearest_in_linear_domain_and_zero():
-    s = torch.tensor(0.8)
-    x = torch.tensor([0.0, 0.8, 2.0, 0.4, 0.61, 0.59, 0.8 * 2.0**-14, 0.8 * 2.0**-16])
-    y = Q.fake_quant_log2(x, s, 4)
-    # levels 0.8 * 2^-k, k = 0..14; above the top clips to it; 0.61 > 0.6 (midpoint of 0.4 and 0.8) rounds up
-    expected = torch.tensor([0.0, 0.8, 0.8, 0.4, 0.8, 0.4, 0.8 * 2.0**-14, 0.0])
-    assert torch.allclose(y, expected)
-    levels = torch.unique(Q.fake_quant_log2(torch.rand(10000) ** 8, s, 4))
-    assert len(levels) <= 16 and all(v == 0 or abs(math.log2(v / 0.8) - round(math.log2(v / 0.8))) < 1e-5 for v in levels.tolist())
-    with pytest.raises(ValueError, match="negative"):
-        Q.fake_quant_log2(torch.tensor([-0.1, 0.2]), s, 4)
-
-
-def test_log2_ste_matches_forward_and_passes_lsq_gradients():
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(500, generator=g) ** 4 * 1.2  # some above the top level 1.0
-    s = torch.tensor(1.0, requires_grad=True)
-    xi = x.clone().requires_grad_(True)
-    y = Q.fake_quant_log2_ste(xi, s, 4)
-    assert torch.allclose(y, Q.fake_quant_log2(x, torch.tensor(1.0), 4), atol=1e-6)
-    y.sum().backward()
-    above = x > 1.0
-    assert torch.equal(xi.grad[above], torch.zeros(int(above.sum()))) and torch.allclose(xi.grad[~above], torch.ones(()))
-    level = Q.fake_quant_log2(x, torch.tensor(1.0), 4)
-    # LSQ: level - x/s inside the grid, the top level (1) where x is clipped
-    assert torch.allclose(s.grad, torch.where(above, torch.ones(()), level - x).sum(), atol=1e-4)

@@ -88,14 +88,14 @@ class Adapter:
         return []
 
     def post_gelu_linears(self, model: nn.Module) -> list[nn.Linear]:
-        """Linears whose input is a GELU output (MLP fc2): SQ-b's optional scale-only form (``--sq-b-gelu``)."""
+        """Linears whose input is a GELU output (MLP fc2): where rotation and token scaling act."""
         return []
 
     def qkv_attentions(self, model: nn.Module) -> list[nn.Module]:
         """Self-attention modules with a fused ``qkv`` Linear (output laid out as [3, heads, head_dim]),
         ``num_heads``, and a ``proj`` Linear fed by the heads' concatenated outputs, with nothing between
         ``qkv`` and the q/k matmul or between the attention output and ``proj`` that a per-channel factor
-        would not pass through (attention smoothing, ``methods/attn_smooth.py``)."""
+        would not pass through (the q/k and v/proj rotations, ``methods/rotation.py``)."""
         return []
 
 

@@ -51,9 +51,6 @@ def attach_attention_matmuls(attn: nn.Module, name: str) -> None:
     attn.fused_attn = False
     attn.matmul_qk = QuantMatMul(f"{name}.matmul_qk", "q", "k", PLACEHOLDER, PLACEHOLDER)
     attn.matmul_av = QuantMatMul(f"{name}.matmul_av", "attn", "v", PLACEHOLDER, PLACEHOLDER)
-    # q (B, heads, N, d), k^T (B, heads, d, N), v (B, heads, N, d): QuantConfig.qkv_head_grids
-    for t in (attn.matmul_qk.a_quant, attn.matmul_qk.b_quant, attn.matmul_av.b_quant):
-        t.head_axis = 1
     attn.softmax_in = nn.Identity()
 
 
@@ -123,7 +120,6 @@ class ViTAdapter(Adapter):
                 morph(m, QuantViTBlock)
             if isinstance(m, QuantViTAttention):
                 m.softmax_in = TensorQuantizer(f"{names[m]}.softmax", "input", PLACEHOLDER)
-                m.softmax_in.head_axis = 1  # logits (B, heads, N, N): QuantConfig.head_grids
         # GELU inputs (fc1 outputs) and the final norms; norm1/norm2 inputs are the residual stream above.
         quantize_inputs_of(model, names, (nn.GELU,))
         for norm in (model.norm, getattr(model, "fc_norm", None)):

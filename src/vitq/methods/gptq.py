@@ -14,7 +14,6 @@ the block inputs are cached, so each layer costs one partial pass through its ow
 """
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 
@@ -26,7 +25,7 @@ from tqdm import tqdm
 
 from ..adapters import adapter_for
 from ..quant import quantizers as Q
-from ..quant.engine import all_quantizers, weight_layers
+from ..quant.engine import weight_layers
 from ..quant.layers import QuantConv2d, QuantLinear
 from .token_scale import row_factor
 
@@ -37,9 +36,6 @@ class GPTQLayer:
     rows: int  # input rows (tokens or conv positions) in the Hessian
     err_rtn: float  # ||X W^T - X RTN(W)^T||^2 / ||X W^T||^2 on the same rows, round to nearest
     err_gptq: float  # the same with the GPTQ weights
-    # with asymmetric calibration: both errors against the float path's output X_f W^T (None without it)
-    err_rtn_fp: float | None = None
-    err_gptq_fp: float | None = None
 
 
 @dataclass
@@ -84,8 +80,7 @@ def _as_rows(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, quant, damp: float = 0.01, act_order: bool = True,
-                  block: int = 128, keep_last: bool = False, dxx: torch.Tensor | None = None,
-                  asym: float = 0.0) -> torch.Tensor:
+                  block: int = 128, keep_last: bool = False) -> torch.Tensor:
     """GPTQ on one weight matrix.
 
     Args:
@@ -97,10 +92,6 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, quant, damp: float = 0.01, a
         block: columns updated together (speed only; the result is the same up to rounding).
         keep_last: the last column is a bias (its input is all ones): processed last and never quantized,
             so it takes the compensation of every other column's error.
-        dxx: ``[in, in]`` ``(X_f - X)ᵀ X`` for asymmetric calibration: ``X_f`` the layer's float-path input,
-            ``X`` its quantized input (the one ``h`` is built from).
-        asym: the strength ``alpha`` of the asymmetric term (GPTAQ's causal form, docs/methods.md); 0 (or
-            no ``dxx``) is plain GPTQ, bit for bit.
 
     Returns:
         The quantized weights ``[out, in]`` (on the grid), in the original column order.
@@ -119,35 +110,21 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, quant, damp: float = 0.01, a
     # Damping relative to the inputs' own scale: a bias column (all ones) must not set it.
     h += torch.eye(h.shape[0], dtype=h.dtype) * damp * torch.diag(h)[:n_q].mean()
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    p = None
-    if dxx is not None and asym:
-        # Each column, when rounded, also moves the later columns by w_i P_i so that they answer for the
-        # float path's input (GPTAQ's causal form of W + W dXX H^-1); P is strictly upper triangular.
-        d = dxx.double()[perm][:, perm]
-        p = asym * torch.triu(d @ hinv.T, diagonal=1) @ hinv
     out = torch.zeros_like(w)
     n = w.shape[1]
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
-        pre1 = torch.zeros_like(w1) if p is not None else None  # each column just before it is rounded
         hinv1 = hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = w1[:, i:i + 1]
             q = col if i1 + i >= n_q else quant(col.float()).double()
             out[:, i1 + i] = q[:, 0]
             e = (col - q) / hinv1[i, i]
-            if p is None:
-                w1[:, i:] -= e @ hinv1[i:i + 1, i:]
-            else:
-                pre1[:, i:i + 1] = col
-                w1[:, i:] -= e @ hinv1[i:i + 1, i:] - pre1[:, i:i + 1] @ p[i1 + i:i1 + i + 1, i1 + i:i2]
+            w1[:, i:] -= e @ hinv1[i:i + 1, i:]
             err1[:, i:i + 1] = e
-        if p is None:
-            w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-        else:
-            w[:, i2:] -= err1 @ hinv[i1:i2, i2:] - pre1 @ p[i1:i2, i2:]
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     inv = torch.argsort(perm)
     return out[:, inv]
 
@@ -204,8 +181,7 @@ def _rel_err(ref: torch.Tensor, out: torch.Tensor) -> float:
 @torch.no_grad()
 def apply_gptq(model: nn.Module, calib: torch.Tensor, n_images: int = 32, damp: float = 0.01,
                act_order: bool = True, fit_bias: str = "norm_fed", min_rows_per_input: float = 4.0,
-               max_bits: int = 8, clip_search: bool = True, asym: float = 0.0,
-               progress: bool = True) -> GPTQResult:
+               max_bits: int = 8, clip_search: bool = True, progress: bool = True) -> GPTQResult:
     """Re-round every supported weight of a calibrated model with GPTQ (in place).
 
     Args:
@@ -219,9 +195,6 @@ def apply_gptq(model: nn.Module, calib: torch.Tensor, n_images: int = 32, damp: 
         min_rows_per_input: layers with fewer Hessian rows per input column keep round-to-nearest.
         max_bits: layers with wider weights keep round-to-nearest (not listed as skipped).
         clip_search: first re-choose the grid's clip range on the output error (:func:`hessian_clip`).
-        asym: asymmetric calibration strength ``alpha`` (0: off): each layer is fitted to the output of its
-            float-path input ``X_f`` (this model with every quantizer off and its weights as they are now)
-            instead of ``X W^T`` (:func:`gptq_quantize`, docs/methods.md "GPTQ weight rounding").
 
     Returns:
         Per layer, the relative output error with round-to-nearest and with GPTQ on its Hessian rows.
@@ -245,20 +218,6 @@ def apply_gptq(model: nn.Module, calib: torch.Tensor, n_images: int = 32, damp: 
     bias_fit_ids = {id(lin) for _, lin in adapter.norm_linear_pairs(model)} if fit_bias == "norm_fed" else set()
     trunk = adapter.trunk(model)
     stages = [model] if trunk is None else [trunk[0], *trunk[1], trunk[2]]
-    # Asymmetric calibration's float path: a copy taken before any weight is re-rounded, every quantizer off,
-    # run stage by stage beside the quantized model (one stage's layer inputs held at a time).
-    ref_stages: list = [None] * len(stages)
-    ref_of: dict[int, nn.Module] = {}  # id(in_quant of a layer to do) -> the copy's layer
-    if asym:
-        fp_path = copy.deepcopy(model)
-        for q in all_quantizers(fp_path):
-            q.mode = "off"
-        fp_trunk = adapter.trunk(fp_path)
-        ref_stages = [fp_path] if fp_trunk is None else [fp_trunk[0], *fp_trunk[1], fp_trunk[2]]
-        to_do = {id(m) for m in todo}
-        ref_of = {id(m.in_quant): r for m, r in zip(layers, weight_layers(fp_path)) if id(m) in to_do}
-    x_f = x
-    float_in: dict[int, torch.Tensor] = {}
     done: set[int] = set()
     captured: dict = {}
 
@@ -282,9 +241,7 @@ def apply_gptq(model: nn.Module, calib: torch.Tensor, n_images: int = 32, damp: 
     bar = tqdm(total=len(todo), desc="GPTQ", disable=None if progress else True, leave=False)
     try:
         model.eval()
-        for stage, ref_stage in zip(stages, ref_stages):
-            if ref_stage is not None:
-                x_f = _float_inputs(ref_stage, x_f, ref_of, float_in)
+        for stage in stages:
             while True:
                 m, xq = run(stage, x)
                 if m is None:  # this stage has no layer left: its output feeds the next stage
@@ -305,34 +262,22 @@ def apply_gptq(model: nn.Module, calib: torch.Tensor, n_images: int = 32, damp: 
                 bias = m.bias.detach().double() if m.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
                 ref = rows @ w.T + bias
                 fb = fit_bias == "all" or id(m) in bias_fit_ids
-                rows_f = None
-                if asym:
-                    rows_f = _as_rows(ref_of[id(m.in_quant)], float_in.pop(id(m.in_quant))).double()
                 if fb:
                     # The bias is one more input column (all ones) that is never quantized: quantized last,
                     # it receives the compensation of every column's error, i.e. an optimal bias correction.
                     rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], 1)
-                    if rows_f is not None:
-                        rows_f = torch.cat([rows_f, torch.ones(rows_f.shape[0], 1, dtype=rows_f.dtype)], 1)
                     w_aug = torch.cat([w, bias[:, None]], 1)
                 else:
                     w_aug = w
                 h = rows.T @ rows
-                dxx = None if rows_f is None else (rows_f - rows).T @ rows
                 # the weight quantizer takes a [out, 1] column as it takes the weight: per-row scales broadcast
-                qw = gptq_quantize(w_aug, h, m.w_quant.fake_quant, damp=damp, act_order=act_order,
-                                   keep_last=fb, dxx=dxx, asym=asym)
+                qw = gptq_quantize(w_aug, h, m.w_quant.fake_quant, damp=damp, act_order=act_order, keep_last=fb)
                 rtn = m.w_quant.fake_quant(m.weight.detach()).reshape(w.shape).double()
                 sel = slice(None, None, max(1, rows.shape[0] // 8192))
                 base = ref[sel]
                 err_rtn = _rel_err(base, rows[sel, : w.shape[1]] @ rtn.T + bias)
                 err_new = _rel_err(base, rows[sel] @ qw.T + (0 if fb else bias))
-                layer = GPTQLayer(m.layer_name, int(rows.shape[0]), err_rtn, err_new)
-                if rows_f is not None:
-                    base_fp = rows_f[sel, : w.shape[1]] @ w.T + bias
-                    layer.err_rtn_fp = _rel_err(base_fp, rows[sel, : w.shape[1]] @ rtn.T + bias)
-                    layer.err_gptq_fp = _rel_err(base_fp, rows[sel] @ qw.T + (0 if fb else bias))
-                result.layers.append(layer)
+                result.layers.append(GPTQLayer(m.layer_name, int(rows.shape[0]), err_rtn, err_new))
                 m.weight.copy_(qw[:, : w.shape[1]].reshape(m.weight.shape).to(m.weight.dtype))
                 if fb:
                     if m.bias is None:
@@ -349,24 +294,6 @@ def apply_gptq(model: nn.Module, calib: torch.Tensor, n_images: int = 32, damp: 
     result.skipped += missed  # layers the forward pass never reached (unused heads)
     result.seconds = time.perf_counter() - t0
     return result
-
-
-def _float_inputs(stage: nn.Module, x: torch.Tensor, layers: dict[int, nn.Module],
-                  out: dict[int, torch.Tensor]) -> torch.Tensor:
-    """Run one stage of the float-path copy; store in ``out`` (keyed like ``layers``, by the *quantized*
-    model's ``id(in_quant)``) the input of each of its layers in ``layers`` at its first call. Returns the
-    stage's output."""
-    owner = {id(r.in_quant): k for k, r in layers.items()}
-
-    def hook(mod, args, y):
-        out.setdefault(owner[id(mod)], y.detach())  # quantizers off: the input itself
-
-    handles = [r.in_quant.register_forward_hook(hook) for r in layers.values()]
-    try:
-        return stage(x)
-    finally:
-        for hd_ in handles:
-            hd_.remove()
 
 
 @torch.no_grad()

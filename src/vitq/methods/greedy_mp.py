@@ -9,8 +9,7 @@
    layer's activations) is the increase of the KL divergence of the final logits from FP, on
    calibration images only, when that item is lowered one step.
 3. Repeatedly lower the items with the smallest loss per average bit saved (``lower_per_step`` of
-   them per step), re-measure their next step, until the budget holds. Optionally re-measure every
-   item every ``remeasure_every`` steps.
+   them per step), re-measure their next step, until the budget holds.
 
 Speed: for families whose adapter exposes a sequential trunk (ViT/DeiT, Swin, EfficientViT), the input of every block
 under the current assignment is cached; probing a layer of block ``k`` runs only blocks ``k..end``.
@@ -31,31 +30,19 @@ from ..evaluation import kl_from_reference
 from ..quant.config import ConfigError, LayerRule, QuantConfig
 from ..quant.engine import all_quantizers, compute_layers, model_stats, weight_layers
 from ..quant.layers import QuantMatMul
-from .attn_smooth import apply_attn_smooth
 from .gptq import _supported as gptq_supported, apply_gptq, gptq_rounded, input_hessians
 from .recon import apply_block_recon
 from .rotation import apply_rotation
 from .token_scale import apply_token_scale
 from .mp_knapsack import solve as solve_knapsack
-from .mp_superpose import refine as refine_superposed
 from .mptq import MethodOptions, run_pipeline
 from .sqb import apply_sqb
 
 # How the assignment is searched (docs/methods.md "Greedy MP"). "greedy": the paper's loop, lowering from
 # the highest candidate. "knapsack": vitq's addition, every item's loss measured at each candidate with only
 # that item quantized (everything else in float), then a multiple-choice knapsack on those losses.
-# "superposed": the knapsack's assignment refined by a local search on the sum of the items' logit errors
-# (methods/mp_superpose.py), which keeps the cross terms the summed losses drop. "calibrated": the knapsack
-# re-solved with each block's activation losses scaled by how much that block's activations cost in the
-# found model, measured in place (_calibrate_blocks).
-SEARCHES = ("greedy", "knapsack", "superposed", "calibrated")
+SEARCHES = ("greedy", "knapsack")
 DEFAULT_CANDIDATES = (4, 5, 6, 8)  # candidate bit-widths for weights and for activations
-
-# The calibrated search: re-solve rounds, and the range of the per-block factors (a probe of a block whose
-# isolated losses are tiny can give an extreme ratio, which one noisy probe should not turn into a veto).
-CALIBRATE_ROUNDS = 2
-CALIBRATE_RATIO = (0.25, 8.0)
-
 
 def default_probe_images(search: str) -> int:
     """Probe images a search measures on unless told: 16 for the knapsack's one pass of isolated losses
@@ -65,7 +52,7 @@ def default_probe_images(search: str) -> int:
 
 def default_gptq_losses(search: str, options: MethodOptions) -> bool:
     """Whether the CLI and the benchmarks measure GPTQ-aware W losses unless told: wherever they apply (the
-    knapsack and superposed searches, with GPTQ on), since rule R17 (docs/methods.md). The Python entry
+    knapsack search, with GPTQ on), since rule R17 (docs/methods.md). The Python entry
     ``greedy_mp(gptq_losses=False)`` keeps round-to-nearest losses as its default."""
     return search != "greedy" and options.gptq
 
@@ -117,7 +104,7 @@ class GreedyResult:
     recon: dict | None = None  # block reconstruction on the final assignment, after GPTQ (options.recon)
     rotation: list | None = None  # options.rotate: each layer's choice, made once on the float model
     token_scale: list | None = None  # options.token_scale: likewise
-    # search="knapsack"/"superposed": each searched tensor's isolated loss, {"layer", "kind", "elements", "kl": {bits: KL}},
+    # search="knapsack": each searched tensor's isolated loss, {"layer", "kind", "elements", "kl": {bits: KL}},
     # the probe KL with only that tensor quantized at those bits: a per-layer sensitivity report
     sensitivity: list[dict] = field(default_factory=list)
 
@@ -158,7 +145,7 @@ class _GPTQLosses:
     """The knapsack's isolated W losses with the weights GPTQ would give, not round-to-nearest.
 
     The final model gets GPTQ on its <= ``max_bits`` layers (``MethodOptions.gptq``), which makes narrow
-    weights much cheaper than round-to-nearest suggests (DeiT-Tiny W4A8: drop 4.75 -> 1.96, docs/results.md).
+    weights much cheaper than round-to-nearest suggests (DeiT-Tiny W4A8: drop 4.75 -> 1.96, docs/lab/results-log.md).
     In an isolated probe every other tensor is float, so the layer's GPTQ Hessian is that of its float
     inputs, taken once on the calibration images; each (layer, width) is then rounded as apply_gptq would
     (same clip search, same bias fitting on LayerNorm-fed Linears, same rows-per-input floor) for the
@@ -168,7 +155,7 @@ class _GPTQLosses:
     def __init__(self, model: nn.Module, calib: torch.Tensor, max_bits: int, min_rows_per_input: float = 4.0,
                  damp: float = 0.01):
         self.model, self.calib, self.max_bits, self.min_rows = model, calib, max_bits, min_rows_per_input
-        self.damp = damp  # as the final GPTQ's (MethodOptions.gptq_damp)
+        self.damp = damp  # as the final GPTQ's (apply_gptq's default)
         self.owner = {id(m.w_quant): m for m in weight_layers(model)}
         self.fit_bias = {id(lin) for _, lin in adapter_for(model).norm_linear_pairs(model)}
         self.hess: dict | None = None
@@ -255,13 +242,12 @@ class _Prober:
 
 def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, options: MethodOptions, budget: Budget,
               w_candidates=DEFAULT_CANDIDATES, a_candidates=DEFAULT_CANDIDATES, n_probe: int = 8,
-              remeasure_every: int = 0, lower_per_step: int = 4, progress: bool = True,
+              lower_per_step: int = 4, progress: bool = True,
               bank_config: Callable[[int], QuantConfig] | None = None,
               cost: Callable[[dict[str, dict[str, int]]], float] | None = None,
               snapshots: tuple[float, ...] = (), best_effort: bool = False,
               uniform_fallback: bool = True, search: str = "greedy",
-              gptq_losses: bool = False, fallback_gptq: bool = False,
-              estimate_top: bool = False) -> tuple[nn.Module, GreedyResult]:
+              gptq_losses: bool = False) -> tuple[nn.Module, GreedyResult]:
     """Search per-layer W/A bit-widths under ``budget``; returns the mixed model and the search result.
 
     Args:
@@ -272,7 +258,6 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
         budget: the targets.
         w_candidates / a_candidates: candidate bit-widths.
         n_probe: calibration images on which sensitivities are measured (the first ``n_probe``).
-        remeasure_every: re-measure every item's sensitivity every k steps (0 = never).
         lower_per_step: items lowered per greedy step before the model is re-run (1 = the classic
             one-at-a-time greedy; 4 cuts the number of full re-runs by 4 at a small loss in
             precision of the ranking, see docs/methods.md).
@@ -289,24 +274,13 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
             ``GreedyResult.uniform_fallback`` then holds ``b`` (else None).
         search: one of :data:`SEARCHES`. ``"knapsack"`` measures each item's probe KL with only that item
             quantized, at each candidate, and solves a multiple-choice knapsack per kind on those losses
-            (:func:`vitq.methods.mp_knapsack.solve`). ``"superposed"`` then refines that assignment on the
-            superposed logit errors (:func:`vitq.methods.mp_superpose.refine`) and keeps the refined one
-            when its true probe KL is lower. ``"calibrated"`` re-solves the knapsack with each block's
-            activation losses scaled by their cost in place (:func:`_calibrate_blocks`; measured worse by
-            rule R35, docs/methods.md). All three take average-bit and size budgets only.
-        gptq_losses: (knapsack and superposed, with ``options.gptq``) measure a W item's loss at a GPTQ
+            (:func:`vitq.methods.mp_knapsack.solve`); it takes average-bit and size budgets only.
+        gptq_losses: (knapsack, with ``options.gptq``) measure a W item's loss at a GPTQ
             width with the weights GPTQ would give it on float inputs, not round-to-nearest; rule R16,
             docs/methods.md.
-        fallback_gptq: (with ``uniform_fallback`` and ``options.gptq``) score the searched assignment and
-            the widest uniform width meeting the budget on the model GPTQ makes of each (on a copy), not on
-            round-to-nearest weights, and return the winner already GPTQ'd; rule R25, docs/methods.md.
-        estimate_top: (knapsack searches) do not probe an item at its highest candidate width; estimate that
-            loss from the next lower width's as ``loss * 4^-(b_top - b_next)`` (the quantization noise power
-            falls fourfold per bit) and its logit error as ``error * 2^-(b_top - b_next)``. Saves a quarter
-            of the probes with the default candidates; off by default (rule R43 failed, docs/methods.md).
 
     Note:
-        ``lower_per_step``, ``remeasure_every``, ``cost`` and ``snapshots`` are greedy-only.
+        ``lower_per_step``, ``cost`` and ``snapshots`` are greedy-only.
 
     Raises:
         ConfigError: bad candidates or an unreachable budget.
@@ -316,18 +290,13 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
     for b in w_c + a_c:
         if not 2 <= b <= 8:
             raise ConfigError(f"candidate bit-width {b} out of range 2..8")
-    if estimate_top and search == "greedy":
-        raise ConfigError("estimate_top estimates the knapsack's isolated losses: use a knapsack search")
     if n_probe < 1 or lower_per_step < 1:
         raise ConfigError(f"n_probe ({n_probe}) and lower_per_step ({lower_per_step}) must be at least 1")
     if search not in SEARCHES:
         raise ConfigError(f"unknown mixed-precision search {search!r}; choose one of {list(SEARCHES)}")
     if gptq_losses and (search == "greedy" or not options.gptq):
-        raise ConfigError("GPTQ-aware losses (--mp-gptq-losses) need the knapsack or superposed search and GPTQ "
+        raise ConfigError("GPTQ-aware losses (--mp-gptq-losses) need the knapsack search and GPTQ "
                           f"(--gptq or --method mptq); got search {search!r}, gptq {options.gptq}")
-    if fallback_gptq and not (uniform_fallback and options.gptq):
-        raise ConfigError("the GPTQ-scored uniform fallback (--fallback-gptq) needs the uniform fallback and GPTQ "
-                          f"(--gptq or --method mptq); got uniform_fallback {uniform_fallback}, gptq {options.gptq}")
     if search != "greedy" and (budget.gbops is not None or budget.cost is not None or cost is not None):
         raise ConfigError(f"the {search} search takes average-bit and size budgets only "
                           "(--budget-w, --budget-a, --budget-mb), not --budget-gbops or a cost budget")
@@ -342,10 +311,7 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
     float_model = copy.deepcopy(fp_model)
     if options.sq_b:  # once, at the base bits: every bank shares the same smoothed float model
         apply_sqb(float_model, calib, QuantConfig(w_bits=base.w_bits, a_bits=base.a_bits), progress=progress,
-                  unnormed=options.sq_b_unnormed, post_gelu=options.sq_b_gelu)
-    if options.attn_smooth:  # likewise once, at the base bits
-        apply_attn_smooth(float_model, calib, QuantConfig(w_bits=base.w_bits, a_bits=base.a_bits), progress=progress,
-                          parts=options.attn_smooth_parts)
+                  unnormed=options.sq_b_unnormed)
     rotation = None
     if options.rotate:  # likewise once, at the base bits
         rotation = apply_rotation(float_model, calib, QuantConfig(w_bits=base.w_bits, a_bits=base.a_bits),
@@ -357,10 +323,8 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
     done("float_methods")
     # GPTQ runs once on the final assignment (below), not per bank: its weights depend on the upstream
     # layers' widths, and a bank must not.
-    stage = MethodOptions(sq_b=False, opt_m=options.opt_m, m_max=options.m_max, optm_grid=options.optm_grid,
-                          optm_ptf=options.optm_ptf, optm_ptf_objective=options.optm_ptf_objective,
-                          optm_nonlin_objective=options.optm_nonlin_objective, optm_log2=options.optm_log2,
-                          optm_softmax_objective=options.optm_softmax_objective)
+    stage = MethodOptions(sq_b=False, opt_m=options.opt_m, m_max=options.m_max,
+                          optm_ptf=options.optm_ptf, optm_ptf_objective=options.optm_ptf_objective)
     banks: dict[int, dict] = {}
     model = None
     for b in tqdm(sorted(set(w_c + a_c), reverse=True), desc="calibrate candidates", disable=None if progress else True, leave=False):
@@ -489,17 +453,10 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
 
     result = GreedyResult(config=base, rotation=rotation, token_scale=token_scale)
     if search != "greedy":
-        holdout = None
-        if search in ("superposed", "calibrated") and len(calib) > n_probe:
-            # the calibration images the probes do not use: the refinement must also help on these
-            with torch.inference_mode():
-                holdout = _Prober(model, calib[n_probe:], fp_model(calib[n_probe:]))
-        w_losses = (_GPTQLosses(model, calib, options.gptq_max_bits, damp=options.gptq_damp)
+        w_losses = (_GPTQLosses(model, calib, options.gptq_max_bits)
                     if gptq_losses and options.gptq else None)
         current = _knapsack_search(model, items, set_level, prober, budget, w_total, a_total, size_const_bits,
-                                   best_effort, result, progress, refine=search == "superposed", holdout=holdout,
-                                   calibrate=search == "calibrated", gptq_losses=w_losses,
-                                   estimate_top=estimate_top)
+                                   best_effort, result, progress, gptq_losses=w_losses)
     else:
         for item in tqdm(items, desc="sensitivity", disable=None if progress else True, leave=False):
             measure(item)
@@ -542,9 +499,6 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
                                    "kl": current, "avg_w": avg_w(), "avg_a": avg_a()})
             for i in lowered:
                 measure(i)
-            if remeasure_every and result.steps % remeasure_every == 0:
-                for i in items:
-                    measure(i)
             bar.update(1)
         bar.close()
 
@@ -555,40 +509,22 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
         # lowering ranks items by one-step sensitivities measured around the current state, which add
         # up poorly when many tensors move (docs/methods.md); so compare the result with those uniform
         # assignments on the same probe KL and keep the best. The greedy result wins ties.
-        greedy_levels = [i.level for i in items]
-        if fallback_gptq:
-            # Score the models GPTQ will make of them (rule R25): the searched assignment's narrow weights
-            # were chosen on GPTQ'd losses, so round-to-nearest scoring would penalise them.
-            gptqd = _after_gptq(model, calib, options, prober, progress)
-            chosen = (gptqd[0], greedy_levels, None, gptqd)
-        else:
-            chosen = (current, greedy_levels, None, None)
-        scores = result.fallback_scores = {"after_gptq": fallback_gptq, "searched": chosen[0], "uniform": {}}
+        chosen = (current, [i.level for i in items], None)
+        scores = result.fallback_scores = {"searched": chosen[0], "uniform": {}}
         for b in sorted(set(w_c) & set(a_c), reverse=True):
-            if fallback_gptq and scores["uniform"]:
-                # after GPTQ, only the widest uniform width that meets the budget: a narrower one rounds
-                # every tensor more coarsely, and each candidate costs a GPTQ pass
-                break
             for i in items:
                 set_level(i, i.choices.index(b))
             now = current_cost()
             if need("W", now) or need("A", now):
                 continue
-            if fallback_gptq:
-                cand = _after_gptq(model, calib, options, prober, progress)
-                kl_b = cand[0]
-            else:
-                cand = None
-                prober.refresh()  # runs the blocks once and caches their output ...
-                kl_b = prober.kl(n_blocks)  # ... so only the head runs again here
+            prober.refresh()  # runs the blocks once and caches their output ...
+            kl_b = prober.kl(n_blocks)  # ... so only the head runs again here
             scores["uniform"][b] = kl_b
             if kl_b < chosen[0]:
-                chosen = (kl_b, [i.level for i in items], b, cand)
+                chosen = (kl_b, [i.level for i in items], b)
         for i, level in zip(items, chosen[1]):
             set_level(i, level)
         current, result.uniform_fallback = chosen[0], chosen[2]
-        if chosen[3] is not None:  # the winner, already GPTQ'd: it replaces the model (same levels)
-            _, model, result.gptq = chosen[3]
 
         done("fallback")
     w_bits = {i.layer: i.bits for i in items if i.kind == "W"}
@@ -605,8 +541,7 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
         # (block reconstruction below, or a user's fine-tuning) cannot save; drop them.
         m.refresh()
     if options.gptq and result.gptq is None:
-        result.gptq = apply_gptq(model, calib, max_bits=options.gptq_max_bits, asym=options.gptq_asym,
-                                 damp=options.gptq_damp, progress=progress).to_dict()
+        result.gptq = apply_gptq(model, calib, max_bits=options.gptq_max_bits, progress=progress).to_dict()
         done("gptq")
     if options.recon_applies(base):
         result.recon = apply_block_recon(model, fp_model, calib, progress=progress, seed=base.seed,
@@ -617,34 +552,11 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
     return model, result
 
 
-def _after_gptq(model: nn.Module, calib: torch.Tensor, options: MethodOptions, prober: _Prober,
-                progress: bool) -> tuple[float, nn.Module, dict]:
-    """GPTQ on a copy of ``model`` at its current widths, as the returned model would get it.
-
-    Returns:
-        The copy's probe KL (the prober's images and reference), the copy, and its GPTQ result.
-    """
-    for m in weight_layers(model):
-        m.refresh()  # drop the inference-mode weight caches before copying (see the end of greedy_mp)
-    trial = copy.deepcopy(model)
-    res = apply_gptq(trial, calib, max_bits=options.gptq_max_bits, asym=options.gptq_asym,
-                     damp=options.gptq_damp, progress=progress).to_dict()
-    kl = _Prober(trial, prober.images, prober.ref).kl()
-    prober.count += 1
-    return kl, trial, res
-
-
 def _knapsack_search(model: nn.Module, items: list[_Item], set_level, prober: _Prober, budget: Budget,
                      w_total: int, a_total: int, size_const_bits: float, best_effort: bool, result: GreedyResult,
-                     progress: bool, refine: bool = False, holdout: _Prober | None = None,
-                     gptq_losses: _GPTQLosses | None = None, calibrate: bool = False,
-                     estimate_top: bool = False) -> float:
+                     progress: bool, gptq_losses: _GPTQLosses | None = None) -> float:
     """``search="knapsack"``: set every item's level by a multiple-choice knapsack; returns the probe KL.
 
-    With ``refine`` (``search="superposed"``) the knapsack's levels are then refined on the superposed logit
-    errors and kept only if the true probe KL, and the KL on ``holdout`` when given, are lower. With
-    ``calibrate`` (``search="calibrated"``) the activation losses are rescaled per block and the knapsack
-    re-solved (:func:`_calibrate_blocks`), under the same keep-only-if-lower rule.
 
     An item's loss at a width is the probe KL of the model with *only that item* quantized, at that width,
     and every other tensor in float. Errors of different tensors are then roughly independent, and for
@@ -682,12 +594,6 @@ def _knapsack_search(model: nn.Module, items: list[_Item], set_level, prober: _P
                 q.mode = modes[id(q)]
             row, drift = [], []
             for j in range(len(i.choices)):
-                if estimate_top and j == len(i.choices) - 1 and j > 0:
-                    # not probed: the noise power of a grid falls fourfold per bit, its amplitude twofold
-                    step = i.choices[j] - i.choices[j - 1]
-                    row.append(row[-1] * 4.0 ** -step)
-                    drift.append(drift[-1] * 2.0 ** -step)
-                    continue
                 set_level(i, j)
                 layer = gptq_losses.layer(i) if gptq_losses is not None else None
                 if layer is None:
@@ -700,8 +606,7 @@ def _knapsack_search(model: nn.Module, items: list[_Item], set_level, prober: _P
                 q.mode = "off"
             loss[id(i)], logit_drift[id(i)] = row, drift
             result.sensitivity.append({"layer": i.layer, "kind": i.kind, "elements": i.size,
-                                       "kl": {str(b): v for b, v in zip(i.choices, row)},
-                                       **({"estimated": i.choices[-1]} if estimate_top and len(row) > 1 else {})})
+                                       "kl": {str(b): v for b, v in zip(i.choices, row)}})
     finally:
         for q in quantizers:
             q.mode = modes[id(q)]
@@ -730,32 +635,7 @@ def _knapsack_search(model: nn.Module, items: list[_Item], set_level, prober: _P
     current = prober.kl()
     # kl_predicted: the sum of the chosen items' isolated losses (the additive model's estimate of kl for
     # the searched tensors; tensors outside the search add to the true kl)
-    entry = {"step": 1, "search": "superposed" if refine else "calibrated" if calibrate else "knapsack",
-             "kl_predicted": predicted,
-             "kl_superposed": kl_superposed}
-    if refine and chosen:
-        start = [i.level for i in chosen]
-        kl_holdout = holdout.kl() if holdout is not None else None  # the knapsack's assignment
-        group = [0 if i.kind == "W" else 1 for i in chosen]
-        cost = [[i.size * b for b in i.choices] for i in chosen]
-        spent = [sum(c[j] for c, j, g in zip(cost, start, group) if g == k) for k in (0, 1)]
-        # a kind without a cap has no items here; best_effort may have left a kind above its cap
-        cap = [max(spent[k], caps[kind] if caps[kind] is not None else 0.0) for k, kind in enumerate("WA")]
-        levels, kl_refined = refine_superposed(prober.ref, base_out, [logit_drift[id(i)] for i in chosen], cost,
-                                               group, cap, start)
-        # Keep the refinement only when the model itself agrees (the superposition is a model of the KL),
-        # and, when calibration images are left over, on those too: a search over the probe images' logits
-        # can fit those images (rule R12's DeiT-Tiny 6-bit cell).
-        refined, held, kept = _try_levels(chosen, start, levels, set_level, prober, holdout, current, kl_holdout)
-        entry.update({"kl_knapsack": current, "kl_superposed_refined": kl_refined, "kl_refined": refined,
-                      "refined_items": sum(a != b for a, b in zip(start, levels))})
-        if holdout is not None:
-            entry["kl_holdout_knapsack"], entry["kl_holdout_refined"] = kl_holdout, held
-        if kept:
-            current = refined
-    if calibrate and caps["A"] is not None:
-        current = _calibrate_blocks([i for i in chosen if i.kind == "A"], loss, set_level, prober, caps["A"],
-                                    holdout, entry, current)
+    entry = {"step": 1, "search": "knapsack", "kl_predicted": predicted, "kl_superposed": kl_superposed}
     w_sum = sum(i.size * i.bits for i in items if i.kind == "W")
     a_sum = sum(i.size * i.bits for i in items if i.kind == "A")
     result.steps = 1
@@ -763,81 +643,6 @@ def _knapsack_search(model: nn.Module, items: list[_Item], set_level, prober: _P
                   "kl": current, "avg_w": w_sum / max(1, w_total), "avg_a": a_sum / max(1, a_total)})
     result.history.append(entry)
     return current
-
-
-def _calibrate_blocks(group: list[_Item], loss: dict[int, list[float]], set_level, prober: _Prober, cap: float,
-                      holdout: _Prober | None, entry: dict, current: float) -> float:
-    """Re-solve the activation knapsack with each block's isolated losses scaled to what they cost in place.
-
-    The isolated losses (every other tensor in float) add up to far less than the probe KL of the
-    assignment they choose (DeiT-Tiny full 5-bit: 0.1065 against 0.2869; ViT-Tiny 4-bit: 1.01 against
-    5.94, docs/results.md), and not by the same factor everywhere: an error compounds through the
-    quantized blocks after it. So, around the knapsack's assignment, each block's activations are put
-    back at their highest candidate together (one probe from that block on), and the KL this removes,
-    divided by the sum of the isolated losses those activations were charged, gives the block's factor
-    (clamped to :data:`CALIBRATE_RATIO`; 1 where nothing was lowered). Every loss of the block's A items is
-    multiplied by it and the knapsack re-solved within the same cap. A new assignment is kept only if its
-    probe KL, and the KL on ``holdout`` when given, are lower; up to :data:`CALIBRATE_ROUNDS` rounds, each
-    measured around the last kept assignment. Weights keep their isolated losses: with GPTQ-aware losses
-    they were measured on GPTQ's weights, which the in-place probes (round-to-nearest) do not have.
-    Returns the probe KL of the assignment left set, whose caches ``prober`` holds.
-    """
-    top = [len(i.choices) - 1 for i in group]
-    best = [i.level for i in group]
-    best_holdout = holdout.kl() if holdout is not None else None
-    entry.update({"kl_knapsack": current, "kl_holdout_knapsack": best_holdout, "calibration": []})
-    blocks = sorted({i.block for i in group})
-    lo, hi = CALIBRATE_RATIO
-    for _ in range(CALIBRATE_ROUNDS):
-        ratio = {}
-        for k in blocks:
-            members = [n for n, i in enumerate(group) if i.block == k and i.level < top[n]]
-            charged = sum(loss[id(group[n])][group[n].level] - loss[id(group[n])][top[n]] for n in members)
-            if not members or charged <= 1e-12:
-                ratio[k] = 1.0
-                continue
-            for n in members:
-                set_level(group[n], top[n])
-            # the caches hold the block inputs of the current assignment; a block-k change reaches blocks k..
-            freed = current - prober.kl(k)
-            for n in members:
-                set_level(group[n], best[n])
-            ratio[k] = min(hi, max(lo, freed / charged))
-        levels = solve_knapsack([[ratio[i.block] * v for v in loss[id(i)]] for i in group],
-                                [[i.size * b for b in i.choices] for i in group], cap)
-        record = {"ratios": {str(k): round(r, 4) for k, r in ratio.items()}, "kept": False,
-                  "items_changed": 0 if levels is None else sum(a != b for a, b in zip(levels, best))}
-        entry["calibration"].append(record)
-        if levels is None or record["items_changed"] == 0:
-            break
-        record["kl"], held, kept = _try_levels(group, best, levels, set_level, prober, holdout, current,
-                                               best_holdout)
-        if holdout is not None:
-            record["kl_holdout"] = held
-        if not kept:
-            break
-        record["kept"] = True
-        current, best, best_holdout = record["kl"], levels, held
-    return current
-
-
-def _try_levels(group: list[_Item], start: list[int], levels: list[int], set_level, prober: _Prober,
-                holdout: _Prober | None, kl: float, kl_holdout: float | None) -> tuple[float, float | None, bool]:
-    """Set ``levels`` and keep them only if the probe KL, and the KL on ``holdout`` when given, fall below
-    ``kl`` and ``kl_holdout`` (the assignment ``start``'s); else put ``start`` back. Returns the new
-    assignment's probe KL and held-out KL (None without ``holdout``) and whether it was kept; ``prober``'s
-    caches then hold the assignment left set."""
-    for i, j in zip(group, levels):
-        set_level(i, j)
-    prober.refresh()
-    new = prober.kl()
-    held = holdout.kl() if holdout is not None else None
-    kept = new < kl and (held is None or held < kl_holdout)
-    if not kept:
-        for i, j in zip(group, start):
-            set_level(i, j)
-        prober.refresh()
-    return new, held, kept
 
 
 def _after_blocks(model: nn.Module, qs, trunk) -> bool:

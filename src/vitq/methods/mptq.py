@@ -11,7 +11,6 @@ from torch import nn
 
 from ..quant.config import QuantConfig
 from ..quant.engine import calibrate, prepare
-from .attn_smooth import apply_attn_smooth
 from .gptq import apply_gptq
 from .optm import apply_optm
 from .recon import apply_block_recon
@@ -28,7 +27,6 @@ class MethodOptions:
     sq_b: bool | None = None
     opt_m: bool | None = None
     m_max: int | None = None  # None: max(4, bits - 1) per tensor (optm.default_m_max)
-    optm_grid: str = "standard"  # OPT-m's two-region candidates: a key of optm.GRIDS
     # OPT-m also searches the full protocol's PTF residual-stream steps (optm.search_ptf): on since session
     # 11, chosen on held-out calibration folds by rule R9, written before its run (docs/methods.md, OPT-m).
     optm_ptf: bool = True
@@ -36,22 +34,7 @@ class MethodOptions:
     # LayerNorm sees it, to first order) since session 12, by rule R10 on held-out calibration folds,
     # written before its run (docs/methods.md, OPT-m); "tensor" is the grid's own squared error.
     optm_ptf_objective: str = "normalized"
-    # Full protocol: how OPT-m clips GELU inputs, a name in optm.NONLIN_OBJECTIVES: "tensor" (r·[min, max]
-    # on their own error) or "output" (both ends searched apart on the GELU output's error; session 16,
-    # rule R19 in docs/methods.md decides the default)
-    optm_nonlin_objective: str = "tensor"
-    # Full protocol: how OPT-m clips softmax inputs, a name in optm.NONLIN_OBJECTIVES: "tensor" (their own
-    # error) or "output" (the softmax output's error; session 31, rule R45 in docs/methods.md decides)
-    optm_softmax_objective: str = "tensor"
-    # OPT-m also tries the log2 grid on post-softmax values (optm.search_log2) and keeps it where its output
-    # error is lower (vitq's addition, session 21); rule R28 in docs/methods.md decides the default
-    optm_log2: bool = False
     sq_b_unnormed: bool = False  # SQ-b also on proj/fc2, as an explicit per-channel operation
-    sq_b_gelu: bool = False  # SQ-b's scale-only form on fc2's post-GELU input (explicit per-channel scale)
-    # vitq's addition: float-exact smoothing of q/k and v/proj inside attention, folded into qkv and proj
-    # (methods/attn_smooth.py); decided by rule R18 on held-out calibration folds (docs/methods.md)
-    attn_smooth: bool = False
-    attn_smooth_parts: tuple = ("qk", "v")  # which of its two transforms run (a diagnostic)
     # vitq's addition: Hadamard rotations of fc2's input (online), of v/proj and of q/k (folded), kept per
     # layer where they lower its quantized output error (methods/rotation.py). Off in a bare MethodOptions;
     # the mptq recipe turns it on where rule R30 adopted it (vitq.recipes.DEFAULTS).
@@ -64,15 +47,10 @@ class MethodOptions:
     token_scale: bool | None = None
     gptq: bool | None = None  # GPTQ weight rounding after calibration (vitq's addition, not in the paper)
     gptq_max_bits: int = 5  # layers with wider weights keep round-to-nearest (docs/methods.md)
-    # asymmetric calibration strength (GPTAQ's alpha; 0 = plain GPTQ): fit each layer to its float path's
-    # output (gptq.apply_gptq); off: rules R39 and R42 in docs/methods.md found no gain
-    gptq_asym: float = 0.0
-    # GPTQ's diagonal damping as a fraction of mean(diag(H)); 0.1 and 0.001 failed rules R40 and R41
-    gptq_damp: float = 0.01
     recon: bool | None = None  # block reconstruction of step sizes after GPTQ (vitq's addition)
     # It runs only when the config's default activation bits are at most this: 6 since session 8, chosen on
     # held-out calibration folds by a rule fixed before measuring; on eval968 it then lowered KL everywhere
-    # but cost standard-protocol top-1 at W6A6 (docs/methods.md "Block reconstruction", docs/results.md).
+    # but cost standard-protocol top-1 at W6A6 (docs/lab/results-log.md).
     recon_max_bits: int = 6
     # Adam steps per stage and QDrop probability: the best held-out-calibration KL among the settings
     # that keep the Greedy MP pipeline under 5 minutes (benchmarks/recon_holdout.py; how it was chosen,
@@ -101,7 +79,6 @@ class PipelineResult:
     optm: list | None = None
     gptq: dict | None = None
     recon: dict | None = None
-    attn_smooth: list | None = None
     rotation: list | None = None
     token_scale: list | None = None
 
@@ -121,14 +98,8 @@ def run_pipeline(fp_model: nn.Module, calib: torch.Tensor, config: QuantConfig, 
         t = time.perf_counter()
         uniform = QuantConfig(w_bits=config.w_bits, a_bits=config.a_bits)
         sqb = apply_sqb(model, calib, uniform, progress=progress, unnormed=options.sq_b_unnormed,
-                         post_gelu=options.sq_b_gelu).to_dict()
+                         ).to_dict()
         timing["sqb_s"] = time.perf_counter() - t
-    attn = None
-    if options.attn_smooth:
-        t = time.perf_counter()
-        attn = apply_attn_smooth(model, calib, QuantConfig(w_bits=config.w_bits, a_bits=config.a_bits),
-                                 progress=progress, parts=options.attn_smooth_parts).to_dict()
-        timing["attn_smooth_s"] = time.perf_counter() - t
     rotation = None
     if options.rotate:
         t = time.perf_counter()
@@ -147,16 +118,13 @@ def run_pipeline(fp_model: nn.Module, calib: torch.Tensor, config: QuantConfig, 
     timing["calibrate_s"] = time.perf_counter() - t
     if options.opt_m:
         t = time.perf_counter()
-        optm = apply_optm(q, calib, m_max=options.m_max, progress=progress, grid=options.optm_grid,
-                          ptf=options.optm_ptf, ptf_objective=options.optm_ptf_objective,
-                          nonlin_objective=options.optm_nonlin_objective, log2=options.optm_log2,
-                          softmax_objective=options.optm_softmax_objective).to_dict()
+        optm = apply_optm(q, calib, m_max=options.m_max, progress=progress,
+                          ptf=options.optm_ptf, ptf_objective=options.optm_ptf_objective).to_dict()
         timing["optm_s"] = time.perf_counter() - t
     gptq = None
     if options.gptq:
         t = time.perf_counter()
-        gptq = apply_gptq(q, calib, max_bits=options.gptq_max_bits, asym=options.gptq_asym,
-                          damp=options.gptq_damp, progress=progress).to_dict()
+        gptq = apply_gptq(q, calib, max_bits=options.gptq_max_bits, progress=progress).to_dict()
         timing["gptq_s"] = time.perf_counter() - t
     recon = None
     if options.recon_applies(config):
@@ -165,4 +133,4 @@ def run_pipeline(fp_model: nn.Module, calib: torch.Tensor, config: QuantConfig, 
         recon = apply_block_recon(q, fp_model, calib, progress=progress, seed=config.seed,
                                   **options.recon_kwargs()).to_dict()
         timing["recon_s"] = time.perf_counter() - t
-    return PipelineResult(q, timing, sqb, optm, gptq, recon, attn, rotation, token_scale)
+    return PipelineResult(q, timing, sqb, optm, gptq, recon, rotation, token_scale)

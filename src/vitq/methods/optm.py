@@ -17,19 +17,16 @@ residual stream get their base step and per-channel shifts from the same kind of
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from tqdm import tqdm
 
 from ..adapters import adapter_for
 from ..quant import quantizers as Q
 from ..quant.engine import all_quantizers
 from ..quant.layers import QuantLinear, QuantMatMul
-from ..quant.observers import minmax_range
 
 # Clip ratios 0.30 .. 0.90 in steps of 0.05, then 0.90 .. 1.00 in steps of 0.01: at 8 bits the rounding
 # error is small, so the best clip lies close to the max and a 0.05 step is too coarse there.
@@ -51,20 +48,14 @@ class TwoRegionGrid:
 
 # The default since session 2: 7 x 3 candidates per m.
 STANDARD_GRID = TwoRegionGrid(deltas=tuple(round(0.4 + 0.1 * i, 1) for i in range(7)), boundaries=(0.25, 0.5, 1.0))
-# Reaches below the standard floor r = 0.4, where ViT-Tiny's blocks 0 and 6 sit (docs/results.md, session
-# 10, benchmarks/optm_grid_edge.py), and adds a 0.75 boundary: 9 x 4 candidates per m, about 1.7x the time.
-WIDE_GRID = TwoRegionGrid(deltas=tuple(round(0.2 + 0.1 * i, 1) for i in range(9)), boundaries=(0.25, 0.5, 0.75, 1.0))
-GRIDS = {"standard": STANDARD_GRID, "wide": WIDE_GRID}
 
 
 @dataclass
 class OptMChoice:
     name: str
-    scheme: str  # uniform (m = 0), two_region, log2 (m unused), ptf (a searched PTF grid; m unused), gelu_clip
-    # or head_clip (a per-head grid, QuantConfig.head_grids or qkv_head_grids; m unused)
+    scheme: str  # uniform (m = 0), two_region, or ptf (a searched PTF grid; m unused)
     m: int
-    # best output error with m = 0 (uniform); for ptf: the min-max PTF grid's error; for gelu_clip: the
-    # symmetric r·[min, max] clip's GELU-output error; for head_clip: the best per-tensor clip's error
+    # best output error with m = 0 (uniform); for ptf: the min-max PTF grid's error
     error_m0: float
     error: float  # best output error overall (<= error_m0)
 
@@ -134,9 +125,6 @@ def _capture(model: nn.Module, calib: torch.Tensor, max_rows: int,
         idx = pick(x)  # drawn even when already captured, so every other sample stays as it was
         if id(mod) in found:
             return
-        if mod.spec.granularity == "per_head":
-            found[id(mod)] = (x, None)  # whole tensors: the rows must keep their heads
-            return
         f = mod.token_factor(x)  # None unless the grid has token shifts
         found[id(mod)] = (rows(x if f is None else x / f, idx), None)
         if f is not None and token_weights is not None:
@@ -191,96 +179,6 @@ def search_uniform_clip(x: torch.Tensor, bits: int, out_fn=None, ref: torch.Tens
     return best
 
 
-def _softmax_rows(v: torch.Tensor) -> torch.Tensor:
-    """The softmax over the last axis: what a softmax input's error is measured on with ``softmax_objective="output"``."""
-    return v.softmax(-1)
-
-
-def search_head_clip(x: torch.Tensor, bits: int, axis: int, out_fn=None) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """Per head (index along ``axis``), the best asymmetric uniform clip of a per-head grid.
-
-    Args:
-        x: whole captured tensors (the head axis kept), e.g. softmax inputs ``(B, heads, N, N)``.
-        bits: the grid's bit-width.
-        axis: the head axis.
-        out_fn: the error is measured on ``out_fn`` of the tensor (the softmax over the last axis for
-            ``softmax_objective="output"``; for q, k and v their matmul with the other operand, whose output
-            keeps the head axis); None: on the tensor itself.
-
-    Each head tries ``r·[min_h, max_h]`` (its own range) and ``r·[min, max]`` (the whole tensor's) for every
-    ``r`` in :data:`CLIP_GRID`. The heads' errors add up, so the result is never worse than the best
-    per-tensor clip, which is one of the candidates for every head at once.
-
-    Returns:
-        ``(lo, hi, error, error_per_tensor)``: per-head clip ranges, and the mean squared errors of the
-        chosen per-head grids and of the best per-tensor clip.
-    """
-    x = x.float()
-    ref = out_fn(x) if out_fn is not None else None
-    dims = Q.reduce_dims(x, axis)
-    shape = [1] * x.dim()
-    shape[axis % x.dim()] = -1
-    qmin, qmax = Q.int_range(bits, False)
-    own = minmax_range(x, axis)
-    whole = (x.min().expand_as(own[0]), x.max().expand_as(own[0]))
-    best_err = torch.full_like(own[0], float("inf"))
-    best_lo, best_hi = own[0].clone(), own[1].clone()
-    tensor_best = float("inf")
-    for r in CLIP_GRID:
-        for i, (lo0, hi0) in enumerate((own, whole)):
-            lo, hi = lo0 * r, hi0 * r
-            s, z = Q.uniform_params(lo, hi, bits, False)
-            xq = Q.fake_quant_uniform(x, s.reshape(shape), z.reshape(shape), qmin, qmax)
-            err = ((out_fn(xq) - ref) if out_fn is not None else (xq - x)).pow(2).mean(dim=dims)
-            if i == 1:  # the per-tensor grid at this clip: every head uses it
-                tensor_best = min(tensor_best, err.mean().item())
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
-    return best_lo, best_hi, best_err.mean().item(), tensor_best
-
-
-# Lower-end clip ratios of the GELU-input search (``search_gelu_clip``): GELU is flat below about -4, so
-# the best lower end can sit far inside a tensor whose minimum is -13 (ViT-Tiny's fc1 outputs).
-LOW_CLIP_GRID = tuple(round(0.05 * i, 2) for i in range(1, 21))
-NONLIN_OBJECTIVES = ("tensor", "output")
-GELU_ROWS = 1024  # rows of the GELU-input search (a strided subset of OPT-m's sample)
-
-
-def search_gelu_clip(x: torch.Tensor, bits: int, gelu: Callable[[torch.Tensor], torch.Tensor], rounds: int = 1) -> tuple[float, float, float, float]:
-    """Asymmetric uniform clip ``[lo, hi]`` of a GELU's input, on the error of the GELU's output.
-
-    The two ends are searched separately (``lo = r_lo·min`` over :data:`LOW_CLIP_GRID`, ``hi = r_hi·max``
-    over :data:`CLIP_GRID`), by coordinate descent from the best symmetric ``r·[min, max]`` on the same
-    objective, so the result is never worse than that one (tested). Why: GELU maps everything below about
-    -4 to nearly 0, so the negative tail of fc1's outputs (to -13 in ViT-Tiny) costs range but no output.
-
-    Returns:
-        ``(lo, hi, error, error_symmetric)``: the clip, its GELU-output MSE, and the symmetric search's.
-    """
-    ref = gelu(x)
-    lo, hi, best = search_uniform_clip(x, bits, gelu, ref=ref)  # the symmetric start, on this objective
-    symmetric = best
-    lo0, hi0 = x.min(), x.max()
-    qmin, qmax = Q.int_range(bits, False)
-
-    def err(lo, hi) -> float:
-        s, z = Q.uniform_params(lo, hi, bits, False)
-        return (gelu(Q.fake_quant_uniform(x, s, z, qmin, qmax)) - ref).pow(2).mean().item()
-
-    if lo0 < 0:  # a tensor without negatives has nothing to clip below
-        for _ in range(rounds):
-            for r in LOW_CLIP_GRID:
-                e = err(lo0 * r, hi)
-                if e < best:
-                    best, lo = e, (lo0 * r).item()
-            for r in CLIP_GRID:
-                e = err(lo, hi0 * r)
-                if e < best:
-                    best, hi = e, (hi0 * r).item()
-    return lo, hi, best, symmetric
-
-
 def search_two_region(x: torch.Tensor, bits: int, m_max: int, signed_fine: bool, out_fn=None,
                       grid: TwoRegionGrid = STANDARD_GRID):
     """Best (delta, m, boundary) for m in 1..m_max over ``grid``. Returns (delta, m, boundary, error)."""
@@ -301,26 +199,6 @@ def search_two_region(x: torch.Tensor, bits: int, m_max: int, signed_fine: bool,
                 err = _error(out_fn, ref, xq)
                 if err < best[3]:
                     best = (delta.item(), m, boundary.item(), err)
-    return best
-
-
-# Top levels of the log2 search, as fractions of the tensor's maximum: eighths of an octave over two
-# octaves (below 0.5 the largest values are clipped by more than a level; post-softmax maxima are rare).
-LOG2_SCALE_GRID = tuple(2 ** (-j / 8) for j in range(16))
-
-
-def search_log2(x: torch.Tensor, bits: int, out_fn=None, ref: torch.Tensor | None = None) -> tuple[float, float]:
-    """Best top level ``s`` of the log2 grid (:func:`~vitq.quant.quantizers.fake_quant_log2`) for
-    non-negative ``x``, over ``max(x)·``:data:`LOG2_SCALE_GRID`, on the output objective (``out_fn`` as in
-    :func:`search_uniform_clip`). Returns ``(scale, error)``."""
-    if ref is None:
-        ref = out_fn(x) if out_fn is not None else x
-    top = x.max().clamp_min(1e-8)
-    best = (top.item(), float("inf"))
-    for r in LOG2_SCALE_GRID:
-        err = _error(out_fn, ref, Q.fake_quant_log2(x, top * r, bits))
-        if err < best[1]:
-            best = ((top * r).item(), err)
     return best
 
 
@@ -396,15 +274,14 @@ def default_m_max(bits: int) -> int:
 
     With ``b - 1`` code bits per region, ``m = b - 1`` puts the fine region's reach at about one coarse
     step. A fixed limit of 4 cost accuracy at 6 and 8 bits: ViT-Tiny W6A6/W8A8 with SQ-b + OPT-m gained
-    when the limit was raised (docs/results.md, MPTQ-ViT ablation).
+    when the limit was raised (docs/lab/results-log.md, MPTQ-ViT ablation).
     """
     return max(4, bits - 1)
 
 
 def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int | None = None, max_rows: int = 4096,
-               n_images: int = 8, progress: bool = True, grid: str = "standard", ptf: bool = True,
-               ptf_objective: str = "normalized", nonlin_objective: str = "tensor", log2: bool = False,
-               softmax_objective: str = "tensor") -> OptMResult:
+               n_images: int = 8, progress: bool = True, ptf: bool = True,
+               ptf_objective: str = "normalized") -> OptMResult:
     """Run OPT-m on a calibrated model (in place).
 
     Args:
@@ -413,47 +290,26 @@ def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int | None = None, 
         m_max: largest ratio exponent tried for the two-region tensors; ``None`` means
             :func:`default_m_max` of each tensor's bit-width; ``0`` keeps every tensor uniform (only the
             clip search runs), which is what an integer runtime without two-region kernels can execute.
-        grid: name of the two-region candidate grid in :data:`GRIDS` ("standard" or "wide").
         ptf: also search the steps of the full protocol's PTF residual-stream grids (:func:`search_ptf`;
             on by default since session 11); off: they keep their min-max calibration.
         ptf_objective: what that search minimizes, one of :data:`PTF_OBJECTIVES`.
-        nonlin_objective: full protocol, GELU inputs: ``"tensor"`` clips them like every other tensor
-            that feeds no Linear or matmul (``r·[min, max]`` on their own error); ``"output"`` searches
-            the two ends separately on the GELU output's error (:func:`search_gelu_clip`).
-        softmax_objective: full protocol, softmax inputs: ``"tensor"`` clips them on their own error;
-            ``"output"`` on the error of the softmax's output (each row's probabilities), where the clip of
-            the very negative logits, whose probabilities are about 0, costs nothing (session 31).
-        log2: also try the log2 grid (:func:`search_log2`) on the non-negative two-region tensors (the
-            post-softmax operand of attn·v; ``signed_fine`` False) and keep it where its output error is
-            lower than the best uniform or two-region grid's (vitq's addition, docs/methods.md).
 
     Returns:
         Per two-region tensor, the chosen ``m`` and the errors with ``m = 0`` and overall; per searched PTF
         grid, its error before and after the search.
     """
-    if grid not in GRIDS:
-        raise ValueError(f"unknown OPT-m grid {grid!r}; choose one of {sorted(GRIDS)}")
     if ptf_objective not in PTF_OBJECTIVES:
         raise ValueError(f"unknown PTF search objective {ptf_objective!r}; choose one of {list(PTF_OBJECTIVES)}")
-    if softmax_objective not in NONLIN_OBJECTIVES:
-        raise ValueError(f"unknown OPT-m softmax objective {softmax_objective!r}; choose one of {list(NONLIN_OBJECTIVES)}")
-    if nonlin_objective not in NONLIN_OBJECTIVES:
-        raise ValueError(f"unknown OPT-m nonlinearity objective {nonlin_objective!r}; choose one of {list(NONLIN_OBJECTIVES)}")
     adapter = adapter_for(model)
     targets = {id(q): signed for q, signed in adapter.two_region_targets(model)}
-    gelus = {id(q): g for q, g in adapter.gelu_inputs(model)} if nonlin_objective == "output" else {}
-    softmaxes = ({id(q): _softmax_rows for q in adapter.softmax_inputs(model)}
-                 if softmax_objective == "output" else {})
     row_weights: dict[int, torch.Tensor] | None = {} if ptf_objective == "normalized" else None
     token_weights: dict[int, torch.Tensor] = {}
     found = _capture(model, calib[:n_images], max_rows, row_weights, token_weights)
     result = OptMResult()
     acts = [q for q in all_quantizers(model) if not q.is_weight and id(q) in found]
     for q in tqdm(acts, desc="OPT-m", disable=None if progress else True, leave=False):
+        # the output each clip is scored on: a Linear's or matmul's (q, k, v) from the capture
         x, out_fn = found[id(q)]
-        # the output each clip is scored on: a Linear's or matmul's (q, k, v) from the capture; a softmax
-        # input's is the softmax of its rows (whole softmax rows) with softmax_objective="output"
-        out_fn = softmaxes.get(id(q), out_fn)
         # the samples are channel-last rows, so only grids whose channels are the last axis are searched
         if ptf and q.spec.granularity == "ptf" and q.spec.scheme == "uniform" and q.ptf_axis == -1:
             weight = None if row_weights is None else row_weights[id(q)]
@@ -463,41 +319,19 @@ def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int | None = None, 
             q.set_ptf(scale, zp)
             result.choices.append(OptMChoice(q.name, "ptf", 0, err0, err))
             continue
-        if q.spec.granularity == "per_head" and q.spec.scheme == "uniform":
-            lo, hi, err, err0 = search_head_clip(x, q.spec.bits, q.head_axis, out_fn)
-            q.set_range(lo, hi)
-            result.choices.append(OptMChoice(q.name, "head_clip", 0, err0, err))
-            continue
         if q.spec.scheme != "uniform" or q.spec.granularity != "per_tensor":
             continue  # PoT, two-region and (with ptf=False) PTF residual grids keep their own calibration
         if q.layer in getattr(model, "vitq_first_layers", []) and q.role == "input":
             continue  # the 8-bit image input keeps its min-max range
-        if id(q) in gelus:
-            g = gelus[id(q)]
-            # At most about GELU_ROWS rows (a stride over the up to 4096 sampled ones): the search evaluates
-            # ~66 candidates and Greedy MP runs it once per candidate width. With OPT-m's 8 images ViT/DeiT
-            # give 1576 rows, which are all kept (about 0.45 s per ViT-Tiny tensor,
-            # benchmarks/gelu_input_range.py); larger token counts are strided down.
-            xs = x[:: max(1, x.shape[0] // GELU_ROWS)]
-            # the GELU's own function in float: its forward is wrapped to quantize its input
-            lo, hi, err, err_sym = search_gelu_clip(xs, q.spec.bits, lambda v, a=g.approximate: F.gelu(v, approximate=a))
-            q.set_range(torch.tensor(lo), torch.tensor(hi))
-            result.choices.append(OptMChoice(q.name, "gelu_clip", 0, err_sym, err))
-            continue
         lo, hi, err0 = search_uniform_clip(x, q.spec.bits, out_fn)
         q.set_range(torch.tensor(lo), torch.tensor(hi))
         top_m = default_m_max(q.spec.bits) if m_max is None else m_max
         if id(q) in targets and top_m > 0:
-            delta, m, boundary, err = search_two_region(x, q.spec.bits, top_m, targets[id(q)], out_fn, GRIDS[grid])
+            delta, m, boundary, err = search_two_region(x, q.spec.bits, top_m, targets[id(q)], out_fn)
             choice = OptMChoice(q.name, "two_region", m, err0, err) if err < err0 else OptMChoice(
                 q.name, "uniform", 0, err0, err0)
             if err < err0:
                 q.set_two_region(delta, m, boundary, targets[id(q)])
-            if log2 and not targets[id(q)] and bool((x >= 0).all()):
-                scale, err_log2 = search_log2(x, q.spec.bits, out_fn)
-                if err_log2 < choice.error:
-                    q.set_log2(scale)
-                    choice = OptMChoice(q.name, "log2", 0, err0, err_log2)
             result.choices.append(choice)
     return result
 

@@ -6,7 +6,7 @@ per-output-channel weight grid both lose less (the incoherence argument of QuIP 
 a block-diagonal Hadamard matrix with random signs, ``R = diag(s) blockdiag(H_b, ..., H_b) / sqrt(b)``
 (``b`` the largest power of two dividing the width): ``O(n log b)`` additions per token in hardware.
 
-* **fc2** (the post-GELU input, the costliest tensor at W4A4 in docs/results.md session 9): GELU is not
+* **fc2** (the post-GELU input, the costliest tensor at W4A4 in docs/lab/results-log.md session 9): GELU is not
   linear, so ``R`` cannot be folded into fc1; it runs online, as a forward pre-hook on fc2 in front of
   its input quantizer (``x -> x R``), and ``W_fc2`` becomes ``W_fc2 R``. In integer hardware this is a
   butterfly of additions and subtractions on GELU's output before it is requantized to fc2's width:
@@ -26,7 +26,7 @@ min-max weights at the config's ``w_bits``; activations at ``a_bits`` with the b
 and for fc2 also OPT-m's two-region grid, as OPT-m will choose later). For q/k the error is that of the
 attention logits of every pair of sampled tokens, head by head, ``||Q(q R) Q(k R)^T - q k^T||^2``, each
 operand per tensor at ``a_bits`` with its best clip of OPT-m's grid on its own error. Layers with an explicit SQ-b
-operation in front (``--sq-b-unnormed`` / ``--sq-b-gelu``) are left alone: the rotation would have to pass
+operation in front (``--sq-b-unnormed``) are left alone: the rotation would have to pass
 through it. Needs widths with a power-of-two factor of at least :data:`MIN_BLOCK`.
 """
 from __future__ import annotations
@@ -75,7 +75,7 @@ def hadamard_transform(x: torch.Tensor, signs: torch.Tensor, block: int) -> torc
     H_(2^b)`` (``a + b = k``), each block of ``x`` is reshaped to a ``2^a x 2^b`` matrix ``X`` and mapped to
     ``H_(2^a) X H_(2^b)``: two matrix products, which a CPU runs faster than the ``log2(block)``-stage
     butterfly of additions that hardware would run (the same values up to float rounding; the W4A4 builds
-    of docs/results.md session 19 took 166-168 s with this form, 180-187 s with the butterfly).
+    of docs/lab/results-log.md session 19 took 166-168 s with this form, 180-187 s with the butterfly).
     """
     # Shapes are traced values while ONNX export traces the model (which ran untraced before), so the check
     # runs outside tracing only.

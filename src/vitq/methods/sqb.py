@@ -12,13 +12,6 @@ For a Linear fed by a LayerNorm, with calibration inputs ``X`` (tokens x channel
 calibration data at the configured bit-widths. A channel whose calibration range is zero (a LayerNorm
 channel with gamma = 0 outputs the constant beta) gets ``s_j = 1``: after centring it is exactly 0, so
 any scale is exact, and dividing by its zero range would produce inf.
-
-Optional, off by default: ``post_gelu`` (``--sq-b-gelu``) gives the Linears fed by a GELU (MLP fc2) a
-*scale-only* form, ``x' = x / s`` as an explicit per-channel operation before the input quantizer and
-``W' = W diag(s)``, with ``s_j = max_t |X_tj|^alpha / max_k |W_kj|^(1-alpha)``. There is no shift, so
-the skewed post-GELU distribution keeps the shape OPT-m's two-region grid is for, and alpha is scored
-with that grid (``search_two_region``) rather than the plain uniform one; "no scaling" is one of the
-candidates, so a layer is only changed when the scaling lowers its quantized-output MSE.
 """
 from __future__ import annotations
 
@@ -34,11 +27,6 @@ from ..quant.config import QuantConfig
 from .optm import default_m_max, search_two_region
 
 DEFAULT_ALPHAS = tuple(round(0.2 + 0.05 * i, 2) for i in range(16))  # 0.20 .. 0.95
-# The post-GELU search scores each alpha with a full two-region search (84 grids at 4 bits), so its grid is
-# coarser and it uses fewer rows (an uncommitted layer-level probe on DeiT-/ViT-Tiny fc2 found the best alpha
-# between 0.3 and 0.5 on most layers).
-POST_GELU_ALPHAS = (0.2, 0.3, 0.4, 0.5, 0.6)
-POST_GELU_ROWS = 2048
 
 
 @dataclass
@@ -46,7 +34,7 @@ class SQBLayer:
     """What SQ-b chose for one Linear."""
 
     name: str
-    alpha: float | None  # None: a post-GELU layer left unscaled (no alpha lowered its error)
+    alpha: float
     mse_before: float  # quantized-output MSE without SQ-b (alpha = none)
     mse_after: float
 
@@ -167,8 +155,7 @@ def restore_channel_affines(model: nn.Module, state: dict[str, torch.Tensor]) ->
 
 
 def apply_sqb(model: nn.Module, calib: torch.Tensor, config: QuantConfig, alphas=DEFAULT_ALPHAS,
-              max_rows: int = 4096, progress: bool = True, unnormed: bool = False,
-              post_gelu: bool = False) -> SQBResult:
+              max_rows: int = 4096, progress: bool = True, unnormed: bool = False) -> SQBResult:
     """Apply SQ-b in place to every LayerNorm -> Linear pair the family adapter names.
 
     Args:
@@ -179,30 +166,18 @@ def apply_sqb(model: nn.Module, calib: torch.Tensor, config: QuantConfig, alphas
         max_rows: tokens per layer used by the search.
         unnormed: also treat the Linears not fed by a LayerNorm (``Adapter.unnormed_linears``: attention
             proj, MLP fc2) with an explicit per-channel shift and scale before their input quantizer.
-        post_gelu: also give the Linears fed by a GELU (``Adapter.post_gelu_linears``: MLP fc2) an explicit
-            per-channel scale (no shift), alpha scored with the two-region grid; layers where no alpha
-            lowers the error are left unchanged (reported with ``alpha = None``).
 
     Returns:
         The chosen alpha and quantized-output MSE before/after, per layer.
-
-    Raises:
-        ValueError: ``unnormed`` and ``post_gelu`` together (both would transform fc2).
     """
-    if unnormed and post_gelu:
-        raise ValueError("SQ-b: unnormed and post_gelu both transform fc2's input; choose one")
     adapter = adapter_for(model)
     pairs = list(adapter.norm_linear_pairs(model))
     if unnormed:
         pairs += [(None, lin) for lin in adapter.unnormed_linears(model)]
-    gelu = adapter.post_gelu_linears(model) if post_gelu else []
     names = {m: n for n, m in model.named_modules()}
     linears = [lin for _, lin in pairs]
-    inputs = _collect_inputs(model, linears + gelu, calib, max_rows)
+    inputs = _collect_inputs(model, linears, calib, max_rows)
     result = SQBResult()
-    for lin, x in tqdm(list(zip(gelu, inputs[len(pairs):])), desc="SQ-b (post-GELU)", disable=None if progress else True,
-                       leave=False):
-        result.layers.append(_smooth_post_gelu(lin, names[lin], x[:POST_GELU_ROWS], config))
     for (norm, lin), x in tqdm(list(zip(pairs, inputs)), desc="SQ-b", disable=None if progress else True, leave=False):
         name = names[lin]
         bits = config.layer_settings(name)
@@ -226,21 +201,3 @@ def apply_sqb(model: nn.Module, calib: torch.Tensor, config: QuantConfig, alphas
             fold(norm, lin, b, best[2])
         result.layers.append(SQBLayer(name, best[1], before, best[0]))
     return result
-
-
-def _smooth_post_gelu(lin: nn.Linear, name: str, x: torch.Tensor, config: QuantConfig) -> SQBLayer:
-    """Scale-only SQ-b for one post-GELU Linear (see the module docstring); in place."""
-    bits = config.layer_settings(name)
-    w = lin.weight.detach().float()
-    ref = x @ w.T
-    before = _two_region_output_mse(x, w, ref, bits["a_bits"], bits["w_bits"])
-    best = (before, None, None)
-    x_absmax, w_absmax = x.abs().amax(0), w.abs().amax(dim=0)
-    for alpha in POST_GELU_ALPHAS:
-        s = smoothing_factors(x_absmax, w_absmax, alpha)
-        err = _two_region_output_mse(x / s, w * s[None, :], ref, bits["a_bits"], bits["w_bits"])
-        if err < best[0]:
-            best = (err, alpha, s)
-    if best[2] is not None:
-        attach_channel_affine(lin, torch.zeros_like(best[2]), best[2])
-    return SQBLayer(name, best[1], before, best[0])

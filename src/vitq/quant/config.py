@@ -16,10 +16,11 @@ from pathlib import Path
 from .observers import OBSERVERS
 
 PROTOCOLS = ("standard", "full")
-SCHEMES = ("uniform", "pot")  # weight schemes; activations are uniform or (after OPT-m) two_region or log2
-# weights; residual-stream activations may be "ptf", and softmax inputs (QuantConfig.head_grids) and q, k, v
-# (QuantConfig.qkv_head_grids) "per_head"
+SCHEMES = ("uniform", "pot")  # weight schemes; activations are uniform or (after OPT-m) two_region
+# weights; residual-stream activations may be "ptf"
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+# Config keys of deleted options, with the value that meant "off".
+RETIRED = {"head_grids": False, "qkv_head_grids": False}
 
 
 class ConfigError(ValueError):
@@ -77,18 +78,6 @@ class QuantConfig:
             activations there: four positions reach +215 where no other exceeds 5.2. None (the default):
             off in the engine, and the recipe decides in ``vitq.quantize`` (the mptq recipe turns it on in the
             full protocol: rules R33 and R47, ``vitq.recipes.DEFAULTS``).
-        head_grids: full protocol: each softmax input (ViT/DeiT attention logits) gets one uniform step and
-            zero point per attention head instead of one per tensor. Each head's softmax and q @ k^T are
-            separate, so an integer kernel simply requantizes each head with its own scale. The heads'
-            logit ranges differ by up to 4-5x in the first blocks (``benchmarks/head_ranges.py``). The clip
-            of each head comes from OPT-m's search; without OPT-m it is the head's min-max range. Off by
-            default (vitq's addition, session 31; docs/methods.md, "Softmax inputs: clip objective and
-            per-head grids").
-        qkv_head_grids: each attention matmul operand q, k and v (ViT/DeiT, both protocols) gets one uniform
-            step and zero point per head, as ``head_grids`` gives the softmax inputs: each head's q @ k^T and
-            attn @ v is its own matmul, so an integer kernel takes each head's scale as it takes a tensor's.
-            The clip of each head comes from OPT-m's search on that matmul's output error; without OPT-m it is
-            the head's min-max range. Off by default (vitq's addition, session 32; docs/methods.md, rule R48).
         rules: per-layer overrides, applied in order (later rules win).
         seed: seed of every random choice (observer sampling; block reconstruction's batch order and QDrop).
     """
@@ -106,8 +95,6 @@ class QuantConfig:
     residual_ptf: bool = True
     residual_token_shift: bool = True
     gelu_token_shift: bool | None = None
-    head_grids: bool = False
-    qkv_head_grids: bool = False
     rules: list[LayerRule] = field(default_factory=list)
     seed: int = 0
 
@@ -177,6 +164,15 @@ class QuantConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "QuantConfig":
+        # options deleted after they measured worse (docs/lab/decisions.md): artifacts written before
+        # carry them at their off value, which means nothing now; any other value cannot be rebuilt
+        d = dict(d)
+        for key, off in RETIRED.items():
+            if key in d:
+                if d[key] != off:
+                    raise ConfigError(f"{key}={d[key]!r} was an option of an earlier vitq, removed after it "
+                                      "measured worse (docs/lab/decisions.md); this config cannot be rebuilt")
+                del d[key]
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

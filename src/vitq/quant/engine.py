@@ -22,11 +22,6 @@ from ..adapters import adapter_for
 from .config import ConfigError, QuantConfig, TensorSpec
 from .layers import QuantConv2d, QuantLinear, QuantMatMul, TensorQuantizer, to_quant_conv, to_quant_linear
 
-# Roles of the attention matmul operands that QuantConfig.qkv_head_grids gives per-head grids (the adapter sets
-# their head axis; the post-softmax operand keeps its two-region grid).
-QKV_ROLES = ("q", "k", "v")
-
-
 @dataclass
 class QuantizedTensor:
     """One row of the per-tensor table."""
@@ -132,9 +127,6 @@ def apply_config(model: nn.Module, config: QuantConfig) -> None:
             bits = config.first_layer_a_bits if (q.layer in first and q.role == "input") else s["a_bits"]
             if q.ptf_axis is not None and config.residual_ptf:
                 gran = "ptf"
-            elif q.head_axis is not None and (config.qkv_head_grids if q.role in QKV_ROLES
-                                              else config.head_grids and config.protocol == "full"):
-                gran = "per_head"
             else:
                 gran = "per_tensor"
             q.spec = TensorSpec(bits=bits, scheme="uniform", symmetric=False, granularity=gran)

@@ -41,10 +41,6 @@ class TensorQuantizer(nn.Module):
         # Channel axis of a residual-stream tensor (ViT/Swin LayerNorm inputs, residual additions): such
         # tensors get a power-of-two-factor per-channel grid in the full protocol (see ptf_params).
         self.ptf_axis: int | None = None
-        # Head axis of an attention tensor (the ViT softmax input; q, k and v): with QuantConfig.head_grids
-        # (softmax inputs) or qkv_head_grids (q, k, v) such a tensor gets granularity "per_head", one uniform
-        # step and zero point per head.
-        self.head_axis: int | None = None
         # Full protocol, QuantConfig.residual_token_shift: a PTF grid also gets a static power-of-two factor
         # per token position (buffer ``token_shift``, registered at calibration; quantizers.token_shift_params);
         # QuantConfig.gelu_token_shift does the same for a per-tensor uniform GELU-input grid
@@ -70,10 +66,8 @@ class TensorQuantizer(nn.Module):
 
     @property
     def channel_axis(self) -> int | None:
-        """The axis along which this grid has one step per index (PTF channels, heads), or None per tensor."""
-        if self.spec.granularity == "ptf":
-            return self.ptf_axis
-        return self.head_axis if self.spec.granularity == "per_head" else None
+        """The axis along which this grid has one step per index (PTF channels), or None per tensor."""
+        return self.ptf_axis if self.spec.granularity == "ptf" else None
 
     # ---- calibration
     def start_observing(self, method: str, seed: int) -> None:
@@ -210,8 +204,6 @@ class TensorQuantizer(nn.Module):
         if self.spec.scheme == "two_region":
             return Q.fake_quant_two_region(x, self.scale, int(self.region_m), self.boundary, self.spec.bits,
                                            signed_fine=self.spec.symmetric)
-        if self.spec.scheme == "log2":
-            return Q.fake_quant_log2(x, self.scale, self.spec.bits)
         qmin, qmax = self._qrange()
         axis = self.channel_axis
         f = self.token_factor(x)
@@ -230,29 +222,20 @@ class TensorQuantizer(nn.Module):
         self.boundary = torch.tensor(float(boundary))
         self.mode = "quant"
 
-    def set_log2(self, scale: float) -> None:
-        """Switch a non-negative activation to the log2 scheme with top level ``scale`` (OPT-m's choice for
-        post-softmax values where it beats the two-region grid, ``apply_optm(log2=True)``)."""
-        from dataclasses import replace
-
-        self.spec = replace(self.spec, scheme="log2", symmetric=False)
-        self.scale = torch.tensor(float(scale))
-        self.zero_point = torch.zeros(())
-        self.range_min, self.range_max = torch.zeros(()), torch.tensor(float(scale))
         self.mode = "quant"
 
     # ---- step-size learning (block reconstruction)
     @property
     def scale_learnable(self) -> bool:
-        """Per-tensor uniform, two-region and log2 activation grids can learn their step size (log2: its
-        top level), and PTF and per-head grids one multiplier of all their steps (the steps' ratios stay); PoT
-        grids keep their power-of-two scale, and weights are handled by their layer."""
+        """Per-tensor uniform and two-region activation grids can learn their step size, and PTF grids one
+        multiplier of all their steps (the steps' ratios stay); PoT grids keep their power-of-two scale, and
+        weights are handled by their layer."""
         s = self.spec
         if self.is_weight or self.mode != "quant":
             return False
-        if s.granularity in ("ptf", "per_head"):
+        if s.granularity == "ptf":
             return s.scheme == "uniform"
-        return self.scale.numel() == 1 and s.scheme in ("uniform", "two_region", "log2")
+        return self.scale.numel() == 1 and s.scheme in ("uniform", "two_region")
 
     def begin_scale_learning(self) -> torch.Tensor:
         """Make the step size a learnable log-scale (returned, for the optimizer).
@@ -285,8 +268,6 @@ class TensorQuantizer(nn.Module):
             # the boundary was chosen relative to the fine region's reach, which scales with the step
             self.boundary = self.boundary * (new / self.scale)
             self.scale = new
-        elif self.spec.scheme == "log2":
-            self.set_log2(float(new))
         else:
             self.set_uniform_scale(new)
         self.log_scale = None
@@ -315,16 +296,13 @@ class TensorQuantizer(nn.Module):
         if self.log_scale is None:
             xd = x.detach()
             out = x + (self.fake_quant(xd) - xd)
-        elif self.spec.scheme in ("two_region", "log2"):
+        elif self.spec.scheme == "two_region":
             scale = self.log_scale.exp()
-            if self.spec.scheme == "two_region":
-                boundary = self.boundary * (scale.detach() / self.scale)
-                out = Q.fake_quant_two_region_ste(x, scale, int(self.region_m), boundary, self.spec.bits,
-                                                  signed_fine=self.spec.symmetric)
-            else:
-                out = Q.fake_quant_log2_ste(x, scale, self.spec.bits)
+            boundary = self.boundary * (scale.detach() / self.scale)
+            out = Q.fake_quant_two_region_ste(x, scale, int(self.region_m), boundary, self.spec.bits,
+                                              signed_fine=self.spec.symmetric)
         else:
-            # uniform, per tensor, PTF or per head (whose learned scale multiplies every step); token shifts
+            # uniform, per tensor or PTF (whose learned scale multiplies every step); token shifts
             # (PTF grids, GELU inputs) divide the rows first and multiply them back
             axis = self.channel_axis
             scale = self.scale * self.log_scale.exp() if axis is not None else self.log_scale.exp()

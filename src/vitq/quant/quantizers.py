@@ -13,9 +13,6 @@ Conventions
   so a product with an integer activation ``a`` is ``a << (p0 - k)``: decoding is exactly a shift.
 * Two-region: one ``b``-bit format whose top bit selects the region; values below ``boundary`` use
   scale ``delta / 2^m`` and values at or above it use ``delta`` (see :func:`fake_quant_two_region`).
-* Log2 (non-negative activations, e.g. post-softmax): the unsigned PoT levels times a real per-tensor
-  scale ``s``: 0 or ``s·2^-k``, ``k = 0 .. 2^b-2`` (see :func:`fake_quant_log2`). The product with an
-  integer operand is a shift; ``s`` is applied once, at requantization, like a uniform scale.
 
 Scales and zero points broadcast against ``x``: pass scalars (0-d tensors) for per-tensor
 quantization, or tensors shaped like ``x`` reduced on all but the channel axis for per-channel.
@@ -246,19 +243,6 @@ def pot_shift_product(a: torch.Tensor, sign: torch.Tensor, code: torch.Tensor, b
     return torch.where(code == 0, torch.zeros_like(prod), prod * sign.to(torch.int64))
 
 
-def fake_quant_log2(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """Quantize-dequantize non-negative ``x`` onto ``{0} ∪ {scale·2^-k : k = 0 .. 2^b-2}``.
-
-    The unsigned PoT grid (:func:`quantize_pot`, rounding to the nearest level in the linear domain) of
-    ``x / scale``, times ``scale``. Unlike a PoT weight grid the scale need not be a power of two: it is a
-    per-tensor factor applied once when the accumulator is requantized, so a searched clip is allowed.
-
-    Raises:
-        ValueError: negative inputs (the grid has no sign).
-    """
-    return scale * fake_quant_pot(x / scale, torch.zeros(()), bits, signed=False)
-
-
 # ----------------------------------------------------------------------------------------- two-region
 
 
@@ -364,12 +348,3 @@ def fake_quant_two_region_ste(x: torch.Tensor, delta: torch.Tensor, m: int, boun
     n, fine, fmin, fmax = _two_region_grid(delta, m, bits, signed_fine)
     coarse = torch.clamp(round_ste(x / delta), 0, n - 1) * delta
     return torch.where(x >= boundary, coarse, torch.clamp(round_ste(x / fine), fmin, fmax) * fine)
-
-
-def fake_quant_log2_ste(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
-    """:func:`fake_quant_log2` with LSQ-style gradients: ``x`` gets the straight-through gradient below the
-    top level and none above it; ``scale`` gets ``level - x/s`` below and the top level (1) above. The
-    forward value equals :func:`fake_quant_log2` up to float rounding."""
-    r = torch.clamp(x / scale, max=1.0)  # above the top level: clipped, no gradient to x
-    level = fake_quant_pot(r.detach(), torch.zeros(()), bits, signed=False)
-    return scale * (r + (level - r).detach())

@@ -1,0 +1,84 @@
+"""vitq.quantize: one API behind the command line; recipes fill only what the caller left open."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import vitq
+from vitq.api import SearchOptions, calibration_tensor, plan
+from vitq.cli import main
+from vitq.data import load_tensors, make_dataset
+from vitq.methods.greedy_mp import Budget
+from vitq.methods.mptq import MethodOptions
+from vitq.quant import QuantConfig
+from vitq.quant.config import ConfigError
+from vitq.recipes import DEFAULTS, defaults_table, resolve
+from vitq.zoo import load_model
+
+from conftest import tiny_images, tiny_model, write_images
+
+SYN = ["n01440764", "n01443537", "n01484850", "n15075141"]
+
+
+def test_python_and_cli_give_bit_identical_models_and_equal_reports(tmp_path):
+    names = write_images(tmp_path / "img", SYN, size=48)
+    (tmp_path / "calib.txt").write_text("\n".join(names[:2]))
+    (tmp_path / "eval.txt").write_text("\n".join(names[2:]))
+    out = tmp_path / "q"
+    assert main(["quantize", "deit_tiny", "--random-init", "--calib", str(tmp_path / "img"), "--calib-list",
+                 str(tmp_path / "calib.txt"), "--eval", str(tmp_path / "img"), "--eval-list",
+                 str(tmp_path / "eval.txt"), "--w-bits", "8", "--a-bits", "8", "--workers", "0", "--quiet",
+                 "--out", str(out)]) == 0  # no --method: the mptq recipe
+    report = json.loads((out / "report.json").read_text())
+    loaded = load_model("deit_tiny", random_init=True)
+    calib, _ = load_tensors(make_dataset(tmp_path / "img", loaded.entry.transform, tmp_path / "calib.txt"), workers=0)
+    res = vitq.quantize(loaded.model, calib, QuantConfig(w_bits=8, a_bits=8), progress=False)
+    cli_state = load_file(str(out / "model.safetensors"))
+    api_state = res.model.state_dict()
+    assert set(cli_state) == set(api_state)
+    assert all(torch.equal(cli_state[k], api_state[k].contiguous()) for k in cli_state)
+    assert report["recipe"] == res.report["recipe"] == "mptq"
+    assert report["methods"] == json.loads(json.dumps(vars(res.options)))
+    assert report["methods"]["sq_b"] is True and report["methods"]["opt_m"] is True
+    for key in ("sqb", "optm"):
+        assert report[key] == json.loads(json.dumps(res.report[key]))
+
+
+def test_calibration_may_be_a_tensor_a_list_or_batches():
+    x = tiny_images(32, n=4)
+    forms = [x, [x[:2], x[2:]], [(x[:2], torch.zeros(2)), (x[2:], torch.zeros(2))]]
+    assert all(torch.equal(calibration_tensor(f), x) for f in forms)
+    model, _ = tiny_model("deit")
+    a = vitq.quantize(model, forms[0], QuantConfig(w_bits=6, a_bits=6), recipe="minmax", progress=False).model
+    b = vitq.quantize(model, forms[2], QuantConfig(w_bits=6, a_bits=6), recipe="minmax", progress=False).model
+    with torch.inference_mode():
+        assert torch.equal(a(x), b(x))
+
+
+def test_recipes_fill_only_what_the_caller_left_open():
+    cfg = QuantConfig(w_bits=4, a_bits=4)
+    c, o = resolve("mptq", cfg, MethodOptions(), mixed=False)
+    assert (o.sq_b, o.opt_m, o.gptq, o.recon, o.rotate, o.token_scale) == (True,) * 6
+    _, o = resolve("mptq", cfg, MethodOptions(gptq=False, rotate=False), mixed=False)
+    assert o.gptq is False and o.rotate is False and o.sq_b is True
+    _, o = resolve("minmax", cfg, MethodOptions(opt_m=True), mixed=False)
+    assert o.opt_m is True and not any((o.sq_b, o.gptq, o.recon, o.rotate, o.token_scale))
+    c, o = resolve("mptq", QuantConfig(w_bits=8, a_bits=8, protocol="full"), MethodOptions(), mixed=False)
+    assert c.gelu_token_shift is True and o.token_scale is True and o.rotate is False  # R33/R47; R30
+    with pytest.raises(ConfigError, match="m2q recipe does not take sq_b"):
+        resolve("m2q", cfg, MethodOptions(sq_b=True), mixed=False)
+    with pytest.raises(ConfigError, match="unknown recipe"):
+        resolve("fast", cfg, MethodOptions(), mixed=False)
+    table = defaults_table()
+    assert all(f"`{d.option}`" in table for d in DEFAULTS)
+
+
+def test_plan_checks_budgets_and_searches_before_any_model():
+    config, options, search, budget = plan(None, "mptq", Budget(w_bits=5, a_bits=5))
+    assert (config.w_bits, config.a_bits) == (5, 5) and search.search == "knapsack" and search.probe_images == 16
+    assert search.uniform_fallback is False  # R37: standard Greedy MP at <= 6 bits keeps its assignment
+    with pytest.raises(ConfigError, match="--budget-w must be a positive finite number"):
+        plan(None, "mptq", Budget(w_bits=float("nan")))
+    with pytest.raises(ConfigError, match="give a budget"):
+        plan(None, "mptq", None, search=SearchOptions(search="greedy"))
