@@ -27,7 +27,7 @@ from ..adapters import adapter_for
 from ..quant import quantizers as Q
 from ..quant.engine import weight_layers
 from ..quant.layers import QuantConv2d, QuantLinear
-from .token_scale import row_factor
+from .capture import row_factor
 
 
 @dataclass

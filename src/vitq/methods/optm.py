@@ -27,6 +27,7 @@ from ..adapters import adapter_for
 from ..quant import quantizers as Q
 from ..quant.engine import all_quantizers
 from ..quant.layers import QuantLinear, QuantMatMul
+from .capture import row_factor
 
 # Clip ratios 0.30 .. 0.90 in steps of 0.05, then 0.90 .. 1.00 in steps of 0.01: at 8 bits the rounding
 # error is small, so the best clip lies close to the max and a 0.05 step is too coarse there.
@@ -84,8 +85,6 @@ def _capture(model: nn.Module, calib: torch.Tensor, max_rows: int,
 
     Returns ``id(quantizer) -> (sample, output_fn or None)``.
     """
-    from .token_scale import row_factor  # here: token_scale's search imports this module
-
     saved_modes = {q: q.mode for q in all_quantizers(model)}
     for q in saved_modes:
         q.mode = "off"

@@ -43,7 +43,8 @@ from ..adapters import adapter_for
 from ..quant import quantizers as Q
 from ..quant.config import QuantConfig
 from .optm import search_uniform_clip
-from .sqb import _collect_inputs, _output_fn, _quant_weight, _two_region_output_mse
+from .capture import collect_inputs, output_fn, quant_weight
+from .sqb import _two_region_output_mse
 
 MIN_BLOCK = 16  # a Hadamard block narrower than this spreads too little to be worth a transform
 
@@ -189,7 +190,7 @@ def _output_mse(x: torch.Tensor, w: torch.Tensor, ref: torch.Tensor, a_bits: int
     """Least ``||Q(x) Q(w)^T - ref||^2`` over OPT-m's uniform clips (and its two-region grids); with ``factor``
     (a ``[rows, 1]`` column, token scaling's) each row of ``Q(x) Q(w)^T`` is multiplied by it first."""
     # each clip scored against the float output
-    best = search_uniform_clip(x, a_bits, _output_fn(_quant_weight(w, w_bits), factor), ref=ref)[2]
+    best = search_uniform_clip(x, a_bits, output_fn(quant_weight(w, w_bits), factor), ref=ref)[2]
     if two_region:
         best = min(best, _two_region_output_mse(x, w, ref, a_bits, w_bits, factor))
     return best
@@ -258,7 +259,7 @@ def apply_rotation(model: nn.Module, calib: torch.Tensor, config: QuantConfig, m
     result = RotationResult()
     if not todo:
         return result
-    inputs = _collect_inputs(model, [lin for _, _, lin, _ in todo], calib[:max_images], max_rows)
+    inputs = collect_inputs(model, [lin for _, _, lin, _ in todo], calib[:max_images], max_rows)
     for k, ((kind, owner, lin, block), x) in enumerate(tqdm(list(zip(todo, inputs)), desc="rotation search",
                                                               disable=None if progress else True, leave=False)):
         w = lin.weight.detach().float()

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from ..adapters import adapter_for
 from ..quant import quantizers as Q
 from ..quant.config import QuantConfig
+from .capture import collect_inputs, output_fn, quant_weight
 from .optm import default_m_max, search_two_region
 
 DEFAULT_ALPHAS = tuple(round(0.2 + 0.05 * i, 2) for i in range(16))  # 0.20 .. 0.95
@@ -47,31 +48,6 @@ class SQBResult:
         return [vars(layer) for layer in self.layers]
 
 
-def _collect_inputs(model: nn.Module, linears: list[nn.Linear], calib: torch.Tensor, max_rows: int) -> list[torch.Tensor]:
-    """Inputs (rows = tokens) of each Linear on the calibration images, one float pass."""
-    store: list[list[torch.Tensor]] = [[] for _ in linears]
-    hooks = []
-    for i, lin in enumerate(linears):
-        def hook(mod, args, i=i):
-            store[i].append(args[0].detach().reshape(-1, args[0].shape[-1]))
-        hooks.append(lin.register_forward_pre_hook(hook))
-    try:
-        with torch.inference_mode():
-            for b in calib.split(32):
-                model(b)
-    finally:
-        for h in hooks:
-            h.remove()
-    out = []
-    g = torch.Generator().manual_seed(0)
-    for rows in store:
-        x = torch.cat(rows)
-        if x.shape[0] > max_rows:  # a seeded subset keeps the search fast (the ranges come from it too)
-            x = x[torch.randperm(x.shape[0], generator=g)[:max_rows].sort().values]
-        out.append(x)
-    return out
-
-
 def smoothing_factors(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
     """``s_j = a_j^alpha / w_j^(1-alpha)``, with ``s_j = 1`` where either range is zero."""
     ok = (x_absmax > 0) & (w_absmax > 0)
@@ -79,23 +55,12 @@ def smoothing_factors(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: flo
     return torch.where(ok, s, torch.ones_like(s))
 
 
-def _quant_weight(w: torch.Tensor, w_bits: int) -> torch.Tensor:
-    amax = w.abs().amax(dim=1)
-    sw, zw = Q.uniform_params(-amax, amax, w_bits, symmetric=True)
-    return Q.fake_quant_uniform(w, sw, zw, *Q.int_range(w_bits, True), axis=0)
-
-
-def _output_fn(wq: torch.Tensor, factor: torch.Tensor | None):
-    """``v -> v wq^T``, each row multiplied by ``factor`` when given (token scaling's rows, methods/token_scale.py)."""
-    return (lambda v: v @ wq.T) if factor is None else (lambda v: (v @ wq.T) * factor)
-
-
 def _two_region_output_mse(x: torch.Tensor, w: torch.Tensor, ref: torch.Tensor, a_bits: int, w_bits: int,
                            factor: torch.Tensor | None = None) -> float:
     """MSE of ``Q2(x) Q(w)^T`` against the float output ``ref``, ``Q2`` the best two-region grid for ``x``
     (signed fine region: GELU dips below zero) chosen the way OPT-m chooses it, through ``Q(w)``; with
     ``factor`` (a ``[rows, 1]`` column) each output row is multiplied by it first."""
-    out = _output_fn(_quant_weight(w, w_bits), factor)
+    out = output_fn(quant_weight(w, w_bits), factor)
     delta, m, boundary, _ = search_two_region(x, a_bits, default_m_max(a_bits), True, out)
     xq = Q.fake_quant_two_region(x, torch.tensor(delta), m, torch.tensor(boundary), a_bits, True)
     return (out(xq) - ref).pow(2).mean().item()
@@ -105,7 +70,7 @@ def _quant_output_mse(x: torch.Tensor, w: torch.Tensor, ref: torch.Tensor, a_bit
     """MSE of ``Q(x) Q(w)^T`` against the float output (min-max grids: per-tensor x, per-channel w)."""
     sx, zx = Q.uniform_params(x.min(), x.max(), a_bits, symmetric=False)
     xq = Q.fake_quant_uniform(x, sx, zx, *Q.int_range(a_bits, False))
-    return (xq @ _quant_weight(w, w_bits).T - ref).pow(2).mean().item()
+    return (xq @ quant_weight(w, w_bits).T - ref).pow(2).mean().item()
 
 
 @torch.no_grad()
@@ -176,7 +141,7 @@ def apply_sqb(model: nn.Module, calib: torch.Tensor, config: QuantConfig, alphas
         pairs += [(None, lin) for lin in adapter.unnormed_linears(model)]
     names = {m: n for n, m in model.named_modules()}
     linears = [lin for _, lin in pairs]
-    inputs = _collect_inputs(model, linears, calib, max_rows)
+    inputs = collect_inputs(model, linears, calib, max_rows)
     result = SQBResult()
     for (norm, lin), x in tqdm(list(zip(pairs, inputs)), desc="SQ-b", disable=None if progress else True, leave=False):
         name = names[lin]

@@ -33,28 +33,20 @@ from tqdm import tqdm
 from ..adapters import adapter_for
 from ..quant import quantizers as Q
 from ..quant.config import QuantConfig
+from .capture import TOKEN_SCALE_BUFFER, token_factor
 from .rotation import _output_mse
 
 MAX_SHIFT = 7
-BUFFER = "token_scale_shift"
-
-
-def _factor(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``2^shift`` per position, shaped ``[T, 1]`` to broadcast against ``x`` ``[..., T, C]``."""
-    shift = getattr(module, BUFFER)
-    if not torch.jit.is_tracing() and (x.dim() < 2 or x.shape[-2] != shift.shape[0]):
-        raise ValueError(f"token scaling of {getattr(module, 'layer_name', 'a Linear')} was calibrated for "
-                         f"{shift.shape[0]} token positions; got an input of shape {tuple(x.shape)}")
-    return torch.pow(2.0, shift).to(x.dtype).unsqueeze(-1)  # pow, not exp2: ONNX has no exp2
+BUFFER = TOKEN_SCALE_BUFFER
 
 
 def _scale_input(module: nn.Module, args):
     # runs before forward, so before QuantLinear's input quantizer: the quantizer sees x_t / 2^b_t
-    return (args[0] / _factor(module, args[0]),) + tuple(args[1:])
+    return (args[0] / token_factor(module, args[0]),) + tuple(args[1:])
 
 
 def _scale_output(module: nn.Module, args, out):
-    f = _factor(module, out)
+    f = token_factor(module, out)
     return out * f if module.bias is None else (out - module.bias) * f + module.bias
 
 
@@ -73,14 +65,6 @@ def restore_token_scales(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     for key in state:
         if key.endswith(suffix):
             attach_token_scale(modules[key[: -len(suffix)]], state[key])
-
-
-def row_factor(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """For a token-scaled layer, ``2^b_t`` for each row of ``x.reshape(-1, C)`` as a ``[rows, 1]`` column
-    (None otherwise): what turns the quantizer's divided rows back into the layer's true input scale."""
-    if getattr(module, BUFFER, None) is None:
-        return None
-    return _factor(module, x).expand(*x.shape[:-1], 1).reshape(-1, 1)
 
 
 @dataclass
