@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from vitq.adapters import adapter_for
-from vitq.cli import parse_bits_list
+from vitq.commands import parse_bits_list
 from vitq.data import make_dataset, make_loader
 from vitq.evaluation import evaluate_many
 from vitq.io import atomic_write_json

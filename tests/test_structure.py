@@ -49,3 +49,13 @@ def test_no_import_circles():
         if m not in state:
             visit(m)
     assert "vitq.methods.capture" in graph and graph["vitq.cli"]  # the graph was really built
+
+
+def test_the_command_line_parses_without_importing_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, vitq.cli; vitq.cli.build_parser().parse_args(['quantize', 'deit_tiny', '--calib', 'a', "
+            "'--eval', 'b', '--out', 'c']); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"  # `vitq --help` answers without torch's seconds of start-up

@@ -41,6 +41,23 @@ class Terminated(BaseException):
 
 
 @contextmanager
+def deferred_signals() -> Iterator[list[int]]:
+    """Within the block, Ctrl-C and SIGTERM are noted (in the yielded list) instead of raised: for imports
+    such as torch's, where an exception inside its C++ initialisation would abort the process."""
+    seen: list[int] = []
+
+    def note(signum, frame):
+        seen.append(signum)
+
+    previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield seen
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextmanager
 def raise_on_signals() -> Iterator[None]:
     """Within the block, SIGTERM and SIGHUP raise :class:`Terminated` (main thread only), so every
     ``finally`` runs and temporaries are removed; the previous handlers come back afterwards."""

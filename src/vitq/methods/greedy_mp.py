@@ -36,12 +36,13 @@ from .rotation import apply_rotation
 from .token_scale import apply_token_scale
 from .mp_knapsack import solve as solve_knapsack
 from .mptq import MethodOptions, run_pipeline
+from .options import SEARCHES as _SEARCHES
 from .sqb import apply_sqb
 
 # How the assignment is searched (docs/methods.md "Greedy MP"). "greedy": the paper's loop, lowering from
 # the highest candidate. "knapsack": vitq's addition, every item's loss measured at each candidate with only
 # that item quantized (everything else in float), then a multiple-choice knapsack on those losses.
-SEARCHES = ("greedy", "knapsack")
+SEARCHES = _SEARCHES
 DEFAULT_CANDIDATES = (4, 5, 6, 8)  # candidate bit-widths for weights and for activations
 
 def default_probe_images(search: str) -> int:

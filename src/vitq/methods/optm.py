@@ -28,6 +28,7 @@ from ..quant import quantizers as Q
 from ..quant.engine import all_quantizers
 from ..quant.layers import QuantLinear, QuantMatMul
 from .capture import row_factor
+from .options import PTF_OBJECTIVES as _PTF_OBJECTIVES
 
 # Clip ratios 0.30 .. 0.90 in steps of 0.05, then 0.90 .. 1.00 in steps of 0.01: at 8 bits the rounding
 # error is small, so the best clip lies close to the max and a 0.05 step is too coarse there.
@@ -265,7 +266,7 @@ def search_ptf(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, m
 # LayerNorm's output sees, up to its per-channel gain, which does not change any channel's best shift.
 # Tokens that carry massive activations have a large variance, so their errors count for less.
 # The default since session 12 (rule R10, docs/methods.md).
-PTF_OBJECTIVES = ("tensor", "normalized")
+PTF_OBJECTIVES = _PTF_OBJECTIVES
 
 
 def default_m_max(bits: int) -> int:

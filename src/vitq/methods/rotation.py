@@ -44,6 +44,7 @@ from ..quant import quantizers as Q
 from ..quant.config import QuantConfig
 from .optm import search_uniform_clip
 from .capture import collect_inputs, output_fn, quant_weight
+from .options import ROTATION_PARTS
 from .sqb import _two_region_output_mse
 
 MIN_BLOCK = 16  # a Hadamard block narrower than this spreads too little to be worth a transform
@@ -217,7 +218,7 @@ def _logit_mse(x: torch.Tensor, w_qk: torch.Tensor, b_qk: torch.Tensor | None, h
     return err / heads
 
 
-PARTS = ("fc2", "v", "qk")
+PARTS = ROTATION_PARTS
 
 
 def apply_rotation(model: nn.Module, calib: torch.Tensor, config: QuantConfig, max_images: int = 8,
