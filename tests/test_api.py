@@ -75,10 +75,10 @@ def test_recipes_fill_only_what_the_caller_left_open():
 
 
 def test_plan_checks_budgets_and_searches_before_any_model():
-    config, options, search, budget = plan(None, "mptq", Budget(w_bits=5, a_bits=5))
-    assert (config.w_bits, config.a_bits) == (5, 5) and search.search == "knapsack" and search.probe_images == 16
-    assert search.uniform_fallback is False  # R37: standard Greedy MP at <= 6 bits keeps its assignment
+    p = plan(None, "mptq", Budget(w_bits=5, a_bits=5))
+    assert (p.config.w_bits, p.config.a_bits) == (5, 5) and p.search.search == "knapsack" and p.search.probe_images == 16
+    assert p.search.uniform_fallback is False  # R37: standard Greedy MP at <= 6 bits keeps its assignment
     with pytest.raises(ConfigError, match="--budget-w must be a positive finite number"):
-        plan(None, "mptq", Budget(w_bits=float("nan")))
+        Budget(w_bits=float("nan"))  # a budget checks its own values, so Python and the CLI refuse alike
     with pytest.raises(ConfigError, match="give a budget"):
         plan(None, "mptq", None, search=SearchOptions(search="greedy"))

@@ -5,7 +5,7 @@ wait for torch.
 """
 from __future__ import annotations
 
-import importlib
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 _LAZY = {"EvalResult": ".evaluation", "evaluate": ".evaluation", "LayerRule": ".quant", "QuantConfig": ".quant",
@@ -14,10 +14,4 @@ _LAZY = {"EvalResult": ".evaluation", "evaluate": ".evaluation", "LayerRule": ".
 __all__ = ["Budget", "CostBudget", "EvalResult", "LayerRule", "MethodOptions", "QuantConfig", "QuantizeResult",
            "SearchOptions", "evaluate", "load_model", "quantize", "__version__"]
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'vitq' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

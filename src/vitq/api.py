@@ -37,6 +37,11 @@ class CostBudget:
     fraction: float = 1.0
     hardware: object | None = None
 
+    def __post_init__(self):
+        if self.metric not in COST_METRICS:
+            raise ConfigError(f"cost budget metric must be one of {', '.join(COST_METRICS)}, got {self.metric!r}")
+        check_budget_values(**{self.metric: self.fraction})
+
 
 @dataclass
 class SearchOptions:
@@ -63,6 +68,27 @@ class QuantizeResult:
     search: SearchOptions
     report: dict = field(default_factory=dict)
     seconds: float = 0.0
+
+
+@dataclass
+class Plan:
+    """What :func:`run` runs: the recipe, and the config, options, search and budget with every recipe default
+    filled in and checked (:func:`plan`)."""
+
+    recipe: str
+    config: QuantConfig
+    options: MethodOptions
+    search: SearchOptions
+    budget: Budget | CostBudget | None = None
+
+    def describe(self) -> str:
+        """The one-line summary of the methods this plan runs."""
+        o, c = self.options, self.config
+        return (f"methods: sq_b={bool(o.sq_b)} opt_m={bool(o.opt_m)} gptq={bool(o.gptq)} "
+                f"recon={o.recon_applies(c)} mixed={isinstance(self.budget, Budget)}"
+                + (f" rotate={','.join(o.rotate_parts)}" if o.rotate else "")
+                + (" token_scale=True" if o.token_scale else "")
+                + (" gelu_token_shift=True" if c.protocol == "full" and c.gelu_token_shift else ""))
 
 
 def base_widths(budget: Budget) -> dict[str, int]:
@@ -95,9 +121,14 @@ def calibration_tensor(calibration) -> torch.Tensor:
 
 
 def plan(config: QuantConfig | None = None, recipe: str = "mptq", budget: Budget | CostBudget | None = None,
-         options: MethodOptions | None = None, search: SearchOptions | None = None
-         ) -> tuple[QuantConfig, MethodOptions, SearchOptions, Budget | CostBudget | None]:
-    """What :func:`quantize` will run: every recipe default filled in, every option checked. No model needed.
+         options: MethodOptions | None = None, search: SearchOptions | None = None,
+         model: nn.Module | None = None) -> Plan:
+    """What :func:`quantize` will run: every recipe default filled in, every option checked, before any work.
+
+    Args:
+        config, recipe, budget, options, search: as for :func:`quantize`.
+        model: when given, a bit or size budget is also checked against it (the smallest size its
+            candidates reach); without it, only what needs no model is checked.
 
     Raises:
         ConfigError: naming the option.
@@ -109,13 +140,9 @@ def plan(config: QuantConfig | None = None, recipe: str = "mptq", budget: Budget
     if isinstance(budget, CostBudget):
         if recipe != "m2q":
             raise ConfigError(f"a cost budget ({budget.metric}) needs the m2q recipe")
-        if budget.metric not in COST_METRICS:
-            raise ConfigError(f"cost budget metric must be one of {', '.join(COST_METRICS)}, got {budget.metric!r}")
-        check_budget_values(**{budget.metric: budget.fraction})
     elif isinstance(budget, Budget):
         if recipe == "m2q":
             raise ConfigError("the m2q recipe takes a cost budget (--budget-edp/-energy/-latency), not a bit budget")
-        check_budget_values(w=budget.w_bits, a=budget.a_bits, mb=budget.size_mb, gbops=budget.gbops)
     elif budget is not None:
         raise ConfigError(f"budget must be a Budget or a CostBudget, got {type(budget).__name__}")
     if config is None:
@@ -150,7 +177,10 @@ def plan(config: QuantConfig | None = None, recipe: str = "mptq", budget: Budget
     search = dataclasses.replace(search, w_candidates=tuple(w_c), a_candidates=tuple(a_c),
                                  search=name if bit_budget is not None else None,
                                  uniform_fallback=fallback, gptq_losses=gptq_losses, probe_images=probe)
-    return config, options, search, budget
+    if model is not None and bit_budget is not None:
+        check_budget_reachable(model, config, search.w_candidates, search.a_candidates, w_bits=bit_budget.w_bits,
+                               a_bits=bit_budget.a_bits, size_mb=bit_budget.size_mb)
+    return Plan(recipe, config, options, search, budget)
 
 
 def _check_options(o: MethodOptions) -> None:
@@ -165,14 +195,6 @@ def _check_options(o: MethodOptions) -> None:
     if o.sq_b_unnormed and not o.sq_b:
         raise ConfigError("--sq-b-unnormed extends SQ-b: give it with --sq-b or --method mptq")
 
-
-def describe(config: QuantConfig, options: MethodOptions, budget) -> str:
-    """The one-line summary of the methods a plan runs."""
-    return (f"methods: sq_b={bool(options.sq_b)} opt_m={bool(options.opt_m)} gptq={bool(options.gptq)} "
-            f"recon={options.recon_applies(config)} mixed={isinstance(budget, Budget)}"
-            + (f" rotate={','.join(options.rotate_parts)}" if options.rotate else "")
-            + (" token_scale=True" if options.token_scale else "")
-            + (" gelu_token_shift=True" if config.protocol == "full" and config.gelu_token_shift else ""))
 
 
 def quantize(model: nn.Module, calibration, config: QuantConfig | None = None, recipe: str = "mptq",
@@ -200,14 +222,21 @@ def quantize(model: nn.Module, calibration, config: QuantConfig | None = None, r
         ConfigError: a bad option, or a budget the candidates cannot reach (before any calibration).
         NonFiniteError: the float or the quantized model produces NaN or infinity, naming the layer.
     """
-    config, options, search, budget = plan(config, recipe, budget, options, search)
-    if isinstance(budget, Budget):
-        check_budget_reachable(model, config, search.w_candidates, search.a_candidates, w_bits=budget.w_bits,
-                               a_bits=budget.a_bits, size_mb=budget.size_mb)
+    return run(model, calibration, plan(config, recipe, budget, options, search, model=model), progress)
+
+
+def run(model: nn.Module, calibration, p: Plan, progress: bool = True) -> QuantizeResult:
+    """Run a :class:`Plan` (from :func:`plan`, given the model) on ``model``: what :func:`quantize` does after
+    planning. The command line plans first, says what will run, then loads the images and runs.
+
+    Raises:
+        NonFiniteError: the float or the quantized model produces NaN or infinity, naming the layer.
+    """
+    config, options, search, budget = p.config, p.options, p.search, p.budget
     calib = calibration_tensor(calibration)
     t0 = time.perf_counter()
     check_forward_finite(model, calib[:8], "the float model")
-    report: dict = {"recipe": recipe, "methods": {k: v for k, v in vars(options).items()}}
+    report: dict = {"recipe": p.recipe, "methods": {k: v for k, v in vars(options).items()}}
     if isinstance(budget, CostBudget):
         qmodel, config = _m2q(model, calib, config, budget, search, progress, report)
     elif isinstance(budget, Budget):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .api import CostBudget, SearchOptions, base_widths, describe, plan, quantize
+from .api import CostBudget, SearchOptions, base_widths, plan, run
 from .artifact import ArtifactError, is_artifact, load_artifact, save_artifact
 from .data import DataError, calibration_subset, load_tensors, make_dataset, make_loader, read_list
 from .evaluation import evaluate, evaluate_many
@@ -17,7 +17,6 @@ from .hardware import estimate, extract_workloads, int8_baseline, load_hardware
 from .io import dumps, is_output_json, output_json
 from .methods.greedy_mp import Budget, plot_bits
 from .methods.m2q import plot_m2q
-from .methods.mp_budget import check_budget_reachable, check_budget_values
 from .methods.options import MethodOptions
 from .methods.rotation import PARTS as ROTATION_PARTS
 from .output import destination
@@ -250,7 +249,6 @@ def _quantize(args, folder: Path) -> tuple[dict, float, float]:
         metric, fraction = cost[0] if cost else ("edp", 1.0)
         budget = CostBudget(metric, fraction, load_hardware(args.hw))
     elif args.mixed or (recipe == "mptq" and bits_given):
-        check_budget_values(w=args.budget_w, a=args.budget_a, mb=args.budget_mb, gbops=args.budget_gbops)
         budget = Budget(args.budget_w, args.budget_a, args.budget_mb, args.budget_gbops)
         if not args.config:
             base = {k: v for k, v in base_widths(budget).items() if getattr(args, k) is None}
@@ -263,16 +261,14 @@ def _quantize(args, folder: Path) -> tuple[dict, float, float]:
                            a_candidates=parse_bits_list(args.a_candidates) if args.a_candidates else None,
                            search=args.mp_search, probe_images=args.probe_images, lower_per_step=args.lower_per_step,
                            uniform_fallback=args.uniform_fallback, gptq_losses=args.mp_gptq_losses)
-    config, options, search, budget = plan(config, recipe, budget, options, search)
-    if isinstance(budget, Budget):
-        check_budget_reachable(loaded.model, config, search.w_candidates, search.a_candidates,
-                               w_bits=budget.w_bits, a_bits=budget.a_bits, size_mb=budget.size_mb)
-    print(describe(config, options, budget), flush=True)
+    planned = plan(config, recipe, budget, options, search, model=loaded.model)
+    options, search, budget = planned.options, planned.search, planned.budget
+    print(planned.describe(), flush=True)
 
     t0 = time.perf_counter()
     calib_images, _ = load_tensors(calib_ds, args.batch_size, args.workers)
     _print_skipped(calib_ds, "calibration")
-    res = quantize(loaded.model, calib_images, config, recipe, budget, options, search, progress=True)
+    res = run(loaded.model, calib_images, planned, progress=True)
     qmodel, config, extra = res.model, res.config, dict(res.report)
     extra.pop("recipe", None)
     extra.pop("methods", None)

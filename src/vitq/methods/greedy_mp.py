@@ -34,6 +34,7 @@ from .gptq import _supported as gptq_supported, apply_gptq, gptq_rounded, input_
 from .recon import apply_block_recon
 from .rotation import apply_rotation
 from .token_scale import apply_token_scale
+from .mp_budget import check_budget_values
 from .mp_knapsack import solve as solve_knapsack
 from .mptq import MethodOptions, run_pipeline
 from .options import SEARCHES as _SEARCHES
@@ -77,6 +78,7 @@ class Budget:
     def __post_init__(self):
         if all(v is None for v in (self.w_bits, self.a_bits, self.size_mb, self.gbops, self.cost)):
             raise ConfigError("a mixed-precision budget needs --budget-w, --budget-a, --budget-mb or --budget-gbops")
+        check_budget_values(w=self.w_bits, a=self.a_bits, mb=self.size_mb, gbops=self.gbops)
 
 
 @dataclass

@@ -5,7 +5,7 @@ engine, which imports the adapters.
 """
 from __future__ import annotations
 
-import importlib
+from .._lazy import lazy_exports
 
 _LAZY = {"ConfigError": ".config", "LayerRule": ".config", "QuantConfig": ".config", "TensorSpec": ".config",
          **{n: ".engine" for n in ("apply_config", "calibrate", "model_stats", "all_quantizers", "prepare",
@@ -13,10 +13,4 @@ _LAZY = {"ConfigError": ".config", "LayerRule": ".config", "QuantConfig": ".conf
 __all__ = ["ConfigError", "LayerRule", "QuantConfig", "TensorSpec", "apply_config", "calibrate",
            "model_stats", "prepare", "quantize", "all_quantizers", "tensor_table"]
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'vitq.quant' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)
