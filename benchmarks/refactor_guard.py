@@ -19,6 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from vitq.io import dumps, is_output_json, output_json
+from vitq.output import destination
+
 REPO = Path(__file__).resolve().parents[1]
 CASES = {
     "demo W4A4 deit": ["deit_tiny", "--w-bits", "4", "--a-bits", "4"],
@@ -74,8 +77,9 @@ def main() -> int:
             rows[name] = run(Path(args.src), assets, name, argv, "m2q" if name in M2Q else "mptq", Path(d))
             print(f"{name}: {rows[name]}", file=sys.stderr, flush=True)
     result = {"commit": commit, "cpu_flags": cpu_flags(), "rows": rows}
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
+    if args.out:  # a new file, or an earlier result of this script: nothing else is replaced
+        with destination(args.out, kind="file", overwrite=True, is_ours=is_output_json) as tmp:
+            tmp.write_text(dumps(output_json(result, "refactor-guard")))
     other = json.loads(Path(args.compare).read_text()) if args.compare else None
     print(f"# refactor guard, cpu flags: {result['cpu_flags']}")
     head = f"| case | top-1 / agreement / KL at {commit} |"
