@@ -24,7 +24,7 @@ demo: venv
 	@test -n "$(VITQ_ASSETS)" || { echo "demo needs ../shared/assets or VITQ_ASSETS=/path/to/assets" >&2; exit 2; }
 	$(VENV)/bin/vitq quantize deit_tiny --calib $(VITQ_ASSETS)/imagenet-sample --calib-list $(VITQ_ASSETS)/calib32.txt \
 	  --eval $(VITQ_ASSETS)/imagenet-sample --eval-list $(VITQ_ASSETS)/eval968.txt \
-	  --w-bits 4 --a-bits 4 --observer mse --method mptq --quiet --overwrite --out $(DEMO_OUT)
+	  --w-bits 4 --a-bits 4 --overwrite --out $(DEMO_OUT)
 
 test: venv
 	$(PY) -m pytest -q

@@ -21,7 +21,8 @@ import torch
 
 from vitq.adapters import adapter_for
 from vitq.evaluation import kl_from_reference
-from vitq.methods.mptq import MethodOptions, run_pipeline
+import vitq
+from vitq.methods.mptq import MethodOptions
 from vitq.methods.recon import stage_loss
 from vitq.quant import QuantConfig
 from vitq.quant.engine import all_quantizers, left_in_float
@@ -43,7 +44,7 @@ def main() -> int:
     calib = load_calib32(assets, loaded.entry.transform)
     cfg = QuantConfig(w_bits=args.bits, a_bits=args.bits, observer="mse")
     opts = MethodOptions(sq_b=True, opt_m=True, gptq=True, recon=not args.no_recon)
-    q = run_pipeline(loaded.model, calib, cfg, opts).model
+    q = vitq.quantize(loaded.model, calib, cfg, recipe="minmax", options=opts, progress=False).model
     trunk_q, trunk_f = adapter_for(q).trunk(q), adapter_for(loaded.model).trunk(loaded.model)
     if trunk_q is None:
         print(f"{args.model}: no plain block sequence", file=sys.stderr)

@@ -22,7 +22,8 @@ from vitq.data import make_dataset, make_loader
 from vitq.evaluation import evaluate_many, kl_from_reference
 from vitq.io import atomic_write_json
 from vitq.methods.gptq import FIT_BIAS, apply_gptq
-from vitq.methods.mptq import MethodOptions, run_pipeline
+import vitq
+from vitq.methods.mptq import MethodOptions
 from vitq.quant import QuantConfig
 from vitq.zoo import load_model
 
@@ -53,7 +54,7 @@ def main() -> int:
         for pair in args.bits:
             wb, ab = (int(v) for v in pair.split("/"))
             cfg = QuantConfig(w_bits=wb, a_bits=ab, observer="mse")
-            base = run_pipeline(loaded.model, calib, cfg, MethodOptions(sq_b=True, opt_m=True)).model
+            base = vitq.quantize(loaded.model, calib, cfg, recipe="minmax", options=MethodOptions(sq_b=True, opt_m=True), progress=False).model
             for var in args.variants:
                 q = copy.deepcopy(base)
                 t0 = time.perf_counter()

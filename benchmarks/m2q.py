@@ -26,7 +26,8 @@ from vitq.evaluation import evaluate_many
 from vitq.hardware import estimate, extract_workloads, int8_baseline, load_hardware
 from vitq.io import atomic_write_json
 from vitq.methods.m2q import fixed_scheme_config, m2q
-from vitq.methods.mptq import MethodOptions, run_pipeline
+import vitq
+from vitq.methods.mptq import MethodOptions
 from vitq.quant import QuantConfig, model_stats
 
 from _models import load_calib32, load_or_random_init
@@ -61,11 +62,11 @@ def main() -> int:
         base = QuantConfig(w_bits=8, a_bits=8, observer="mse")
         built: dict[str, tuple[torch.nn.Module, dict]] = {}
         t = time.perf_counter()
-        built["INT8 (MAC engine)"] = (run_pipeline(loaded.model, calib, base, MethodOptions()).model,
+        built["INT8 (MAC engine)"] = (vitq.quantize(loaded.model, calib, base, recipe="minmax", options=MethodOptions(), progress=False).model,
                                       dict(budget=None, search_s=time.perf_counter() - t))
         t = time.perf_counter()
         pot_cfg = fixed_scheme_config(loaded.model, base, size)
-        built["PoT only (W4 PoT where eligible)"] = (run_pipeline(loaded.model, calib, pot_cfg, MethodOptions()).model,
+        built["PoT only (W4 PoT where eligible)"] = (vitq.quantize(loaded.model, calib, pot_cfg, recipe="minmax", options=MethodOptions(), progress=False).model,
                                                      dict(budget=None, search_s=time.perf_counter() - t))
         for label, allow_pot in (("uniform MP", False), ("M2Q", True)):
             t = time.perf_counter()
@@ -77,7 +78,7 @@ def main() -> int:
             for f in budgets:
                 if f not in configs:
                     continue
-                m = q if f == budgets[-1] else run_pipeline(loaded.model, calib, configs[f], MethodOptions()).model
+                m = q if f == budgets[-1] else vitq.quantize(loaded.model, calib, configs[f], recipe="minmax", options=MethodOptions(), progress=False).model
                 built[f"{label} @ {f:g}"] = (m, dict(budget=f, search_s=search_s))
         results = {}
         if not loaded.random_init:

@@ -34,7 +34,8 @@ import torch
 from vitq.data import load_tensors, make_dataset
 from vitq.export.onnx import export_onnx
 from vitq.io import atomic_write_json
-from vitq.methods.mptq import MethodOptions, run_pipeline
+import vitq
+from vitq.methods.mptq import MethodOptions
 from vitq.quant import QuantConfig
 from vitq.quant.engine import quantize
 from vitq.zoo import load_model
@@ -49,7 +50,7 @@ def build(name: str, fp: torch.nn.Module, calib: torch.Tensor) -> torch.nn.Modul
         return quantize(fp, calib, QuantConfig(w_bits=8, a_bits=8, observer="minmax"))
     if name in ("sqb-clip", "sqb-clip-w7"):  # m_max=0: OPT-m's clip search only, every tensor stays uniform
         cfg = QuantConfig(w_bits=7 if name.endswith("w7") else 8, a_bits=8, observer="mse")
-        return run_pipeline(fp, calib, cfg, MethodOptions(sq_b=True, opt_m=True, m_max=0)).model
+        return vitq.quantize(fp, calib, cfg, recipe="minmax", options=MethodOptions(sq_b=True, opt_m=True, m_max=0), progress=False).model
     raise ValueError(f"unknown configuration {name!r}; choose from {CONFIGS}")
 
 

@@ -41,18 +41,17 @@ import torch
 from vitq.data import load_tensors, make_dataset
 from vitq.evaluation import evaluate, kl_from_reference
 from vitq.io import atomic_write_json
-from vitq.methods.mptq import MethodOptions, run_pipeline
+import vitq
+from vitq.methods.mptq import MethodOptions
 from vitq.methods.recon import apply_block_recon
 from vitq.quant import QuantConfig
 from vitq.recipes import mptq_gelu_token_shifts, mptq_rotates, mptq_token_scales
 from vitq.zoo import load_model
 
 # setting key -> (apply_block_recon argument, type); keys left out keep apply_block_recon's defaults
-KEYS = {"iters": ("iters", int), "lr": ("lr", float), "drop": ("drop_prob", float), "batch": ("batch", int),
-        "ptf": ("ptf_scales", lambda v: bool(int(v))), "wsbits": ("weight_scale_max_bits", int)}
+KEYS = {"iters": ("iters", int), "lr": ("lr", float), "drop": ("drop_prob", float), "batch": ("batch", int)}
 # setting key -> (MethodOptions field, type): these change the pipeline that runs before reconstruction
 PIPELINE_KEYS = {"mmax": ("m_max", int),
-                 "ptfclip": ("optm_ptf", lambda v: bool(int(v))), "ptfobj": ("optm_ptf_objective", str),
                  "tokshift": ("cfg:residual_token_shift", lambda v: bool(int(v))),
                  "gptqmax": ("gptq_max_bits", int),
                  "rot": ("rotate", lambda v: bool(int(v))),
@@ -66,7 +65,7 @@ def pipeline_run(model, fit, cfg: QuantConfig, opts: MethodOptions, pipe: tuple)
     """The pipeline before reconstruction with a setting's pipeline keys applied."""
     over_cfg = {k[4:]: v for k, v in pipe if k.startswith("cfg:")}
     over_opts = {k: v for k, v in pipe if not k.startswith("cfg:")}
-    return run_pipeline(model, fit, replace(cfg, **over_cfg), replace(opts, **over_opts)).model
+    return vitq.quantize(model, fit, replace(cfg, **over_cfg), recipe="minmax", options=replace(opts, **over_opts), progress=False).model
 
 
 def parse_setting(text: str) -> tuple[tuple, dict | None]:

@@ -6,7 +6,9 @@
 
 The cases: the demo (W4A4 mptq, DeiT-Tiny), W6A6 and W8A8 mptq on DeiT-Tiny and ViT-Tiny, Greedy MP at a
 5-bit budget in both protocols on DeiT-Tiny, and m2q at half the INT8 EDP on DeiT-Tiny; calib32 / eval968,
-observer mse. Needs ../shared/assets (or VITQ_ASSETS).
+the recipes' defaults (the ``mse`` observer). ``--legacy`` gives the options of the code before issue 41's
+small CLI (``--observer mse --quiet``), for ``--src`` checkouts of that time. Needs ../shared/assets (or
+VITQ_ASSETS).
 """
 from __future__ import annotations
 
@@ -43,20 +45,24 @@ def cpu_flags() -> str:
     return " ".join(f for f in ("avx2", "avx512f", "avx512_vnni") if f in flags)
 
 
-def run(src: Path, assets: Path, name: str, argv: list[str], method: str, work: Path) -> dict:
+def run(src: Path, assets: Path, name: str, argv: list[str], method: str, work: Path, legacy: bool) -> dict:
     out = work / name.replace(" ", "_")
-    cmd = [sys.executable, "-m", "vitq.cli", "quantize", *argv, "--method", method, "--observer", "mse",
+    cmd = [sys.executable, "-m", "vitq.cli", "quantize", *argv, "--method", method,
            "--calib", str(assets / "imagenet-sample"), "--calib-list", str(assets / "calib32.txt"),
            "--eval", str(assets / "imagenet-sample"), "--eval-list", str(assets / "eval968.txt"),
-           "--quiet", "--out", str(out)]
+           *(["--observer", "mse", "--quiet"] if legacy else ["-q"]), "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(src), "VITQ_ASSETS": str(assets), "HF_HUB_OFFLINE": "1",
            "TQDM_DISABLE": "1"}
     t = time.perf_counter()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"{name}: exit {r.returncode}: {r.stderr.strip().splitlines()[-1:]}")
-    q = json.loads((out / "report.json").read_text())["quantized"]
-    return {"top1": q["top1"], "agreement": q["agreement"], "kl": q["kl"], "seconds": time.perf_counter() - t}
+    report = json.loads((out / "report.json").read_text())
+    q = report["quantized"]
+    return {"top1": q["top1"], "agreement": q["agreement"], "kl": q["kl"], "seconds": time.perf_counter() - t,
+            "fp_top1": report["fp"]["top1"], "top1_delta_se": q.get("top1_delta_se"),
+            "agreement_se": q.get("agreement_se"), "kl_se": q.get("kl_se"),
+            "avg_w_bits": report["avg_w_bits"], "avg_a_bits": report["avg_a_bits"], "size_mb": report["size_bytes"] / 1e6}
 
 
 def main() -> int:
@@ -65,6 +71,7 @@ def main() -> int:
     ap.add_argument("--out", help="write the results as JSON")
     ap.add_argument("--compare", help="a JSON written by an earlier run: print both and whether they are equal")
     ap.add_argument("--only", nargs="*", help="run only these cases")
+    ap.add_argument("--legacy", action="store_true", help="the command-line options of code before the small CLI")
     args = ap.parse_args()
     assets = Path(os.environ.get("VITQ_ASSETS", REPO.parent / "shared" / "assets"))
     commit = subprocess.run(["git", "-C", str(Path(args.src).parent), "rev-parse", "--short", "HEAD"],
@@ -74,7 +81,7 @@ def main() -> int:
         for name, argv in [*CASES.items(), *M2Q.items()]:
             if args.only and name not in args.only:
                 continue
-            rows[name] = run(Path(args.src), assets, name, argv, "m2q" if name in M2Q else "mptq", Path(d))
+            rows[name] = run(Path(args.src), assets, name, argv, "m2q" if name in M2Q else "mptq", Path(d), args.legacy)
             print(f"{name}: {rows[name]}", file=sys.stderr, flush=True)
     result = {"commit": commit, "cpu_flags": cpu_flags(), "rows": rows}
     if args.out:  # a new file, or an earlier result of this script: nothing else is replaced

@@ -27,7 +27,7 @@ def main() -> int:
     ap.add_argument("model")
     ap.add_argument("--assets", default=os.environ.get("VITQ_ASSETS", "../shared/assets"))
     ap.add_argument("--bits", type=int, default=4, help="weight and activation width of the scoring")
-    ap.add_argument("--parts", default="fc2,v", help="rotations searched: fc2, v, qk (vitq quantize --rotate-parts)")
+    ap.add_argument("--parts", default="fc2,v", help="rotations searched: fc2, v, qk (vitq quantize --set rotation.parts=...)")
     args = ap.parse_args()
     loaded = load_model(args.model)
     calib = load_calib32(Path(args.assets), loaded.entry.transform)

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from vitq.evaluation import kl_from_reference
-from vitq.methods.mptq import MethodOptions, run_pipeline
+import vitq
+from vitq.methods.mptq import MethodOptions
 from vitq.quant import QuantConfig, calibrate, prepare
 from vitq.quant.engine import all_quantizers, left_in_float
 from vitq.zoo import load_model
@@ -38,7 +39,6 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=16)
     ap.add_argument("--by", choices=["role", "role-bits", "layer"], default="role")
     ap.add_argument("--artifact", help="a folder written by `vitq quantize --out` to measure instead of building one")
-    ap.add_argument("--sq-b-unnormed", action="store_true", help="with --method mptq: SQ-b on proj/fc2 too")
     ap.add_argument("--method", choices=["none", "mptq", "mptq-all"], default="none",
                     help="mptq: SQ-b + OPT-m before measuring (what is left after the paper's methods); "
                          "mptq-all: what `vitq quantize --method mptq` runs now (adds GPTQ and reconstruction)")
@@ -53,8 +53,8 @@ def main() -> int:
         q, _ = load_artifact(args.artifact)
     elif args.method != "none":
         full = args.method == "mptq-all"
-        opts = MethodOptions(sq_b=True, opt_m=True, sq_b_unnormed=args.sq_b_unnormed, gptq=full, recon=full)
-        q = run_pipeline(loaded.model, calib, cfg, opts).model
+        opts = MethodOptions(sq_b=True, opt_m=True, gptq=full, recon=full)
+        q = vitq.quantize(loaded.model, calib, cfg, recipe="minmax", options=opts, progress=False).model
     else:
         q = prepare(loaded.model, cfg)
         calibrate(q, cfg, calib, progress=False)

@@ -1,5 +1,6 @@
 """vitq.quantize: one API behind the command line; recipes fill only what the caller left open."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,8 @@ from vitq.methods.greedy_mp import Budget
 from vitq.methods.mptq import MethodOptions
 from vitq.quant import QuantConfig
 from vitq.quant.config import ConfigError
-from vitq.recipes import DEFAULTS, defaults_table, resolve
+from vitq.recipes import DEFAULTS, resolve
+from vitq.settings import defaults_table, settings_key
 from vitq.zoo import load_model
 
 from conftest import tiny_images, tiny_model, write_images
@@ -28,7 +30,7 @@ def test_python_and_cli_give_bit_identical_models_and_equal_reports(tmp_path):
     out = tmp_path / "q"
     assert main(["quantize", "deit_tiny", "--random-init", "--calib", str(tmp_path / "img"), "--calib-list",
                  str(tmp_path / "calib.txt"), "--eval", str(tmp_path / "img"), "--eval-list",
-                 str(tmp_path / "eval.txt"), "--w-bits", "8", "--a-bits", "8", "--workers", "0", "--quiet",
+                 str(tmp_path / "eval.txt"), "--w-bits", "8", "--a-bits", "8", "--workers", "0", "-q",
                  "--out", str(out)]) == 0  # no --method: the mptq recipe
     report = json.loads((out / "report.json").read_text())
     loaded = load_model("deit_tiny", random_init=True)
@@ -71,7 +73,10 @@ def test_recipes_fill_only_what_the_caller_left_open():
     with pytest.raises(ConfigError, match="unknown recipe"):
         resolve("fast", cfg, MethodOptions(), mixed=False)
     table = defaults_table()
-    assert all(f"`{d.option}`" in table for d in DEFAULTS)
+    assert all(f"`{settings_key(d.option)}`" in table for d in DEFAULTS)
+    assert "`sqb.enabled`" in table and "`quant.observer`" in table
+    for doc in ("docs/usage.md", "docs/methods.md"):  # the docs show the table the code has
+        assert table in (Path(__file__).parents[1] / doc).read_text(), doc
 
 
 def test_plan_checks_budgets_and_searches_before_any_model():

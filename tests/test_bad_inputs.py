@@ -52,7 +52,7 @@ class Case:
 
 def _q(ws: Path, *extra: str) -> list[str]:
     return ["quantize", "deit_tiny", "--random-init", "--method", "minmax", "--calib", "img", "--calib-list", "calib.txt", "--eval", "img",
-            "--eval-list", "eval.txt", "--workers", "0", "--quiet", *extra]
+            "--eval-list", "eval.txt", "--workers", "0", "-q", *extra]
 
 
 def make_workspace(ws: Path) -> None:
@@ -175,6 +175,7 @@ def _env() -> dict:
 
 
 def _signal_at_start(ws: Path, argv: list[str]) -> tuple[int, str, str]:
+    argv = [a for a in argv if a != "-q"]  # the plan's "methods:" line marks the start of the work
     p = subprocess.Popen([sys.executable, "-m", "vitq", *argv], cwd=ws, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env=_env())
     time.sleep(0.5)  # python is up, torch is still importing
@@ -184,6 +185,7 @@ def _signal_at_start(ws: Path, argv: list[str]) -> tuple[int, str, str]:
 
 
 def _sigterm_mid_run(ws: Path, argv: list[str]) -> tuple[int, str, str]:
+    argv = [a for a in argv if a != "-q"]  # the plan's "methods:" line marks the start of the work
     p = subprocess.Popen([sys.executable, "-m", "vitq", *argv], cwd=ws, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env=_env())
     out = ""
@@ -293,7 +295,7 @@ CASES = [
     Case("unreadable calibration image with --skip-bad-images",
          lambda ws: (_bad_image(ws, "img_bad1"), ["quantize", "deit_tiny", "--random-init", "--method", "minmax", "--calib", "img_bad1",
                      "--calib-list", _list_with(ws, "cbad.txt", [*_lines(ws, "calib.txt"), "n01443537_broken.JPEG"]),
-                     "--eval", "img", "--eval-list", "eval.txt", "--workers", "0", "--quiet", "--skip-bad-images",
+                     "--eval", "img", "--eval-list", "eval.txt", "--workers", "0", "-q", "--skip-bad-images",
                      "--out", "q_skip"])[1],
          0, "", early=False, check=_says("skipped 1 unreadable calibration image(s)")),
     Case("unreadable evaluation image with --skip-bad-images",
@@ -305,15 +307,15 @@ CASES = [
                                                   "--workers", "2"])[1],
          2, "cannot read image", early=False, process=_workers),
     # 8. refused at once, interrupted cleanly
-    Case("--budget-w 2 with candidates 4..8", lambda ws: _q(ws, "--out", "q", "--mixed", "--budget-w", "2"), 2,
+    Case("--budget-w 2 with candidates 4..8", lambda ws: _q(ws, "--out", "q", "--budget-w", "2"), 2,
          "--budget-w 2.0 is unreachable: the weight candidates (4, 5, 6, 8) average at least 4 bits"),
-    Case("--budget-mb 0", lambda ws: _q(ws, "--out", "q", "--mixed", "--budget-mb", "0"), 2,
+    Case("--budget-mb 0", lambda ws: _q(ws, "--out", "q", "--budget-mb", "0"), 2,
          "--budget-mb must be a positive finite number, got 0.0"),
-    Case("--budget-mb -1", lambda ws: _q(ws, "--out", "q", "--mixed", "--budget-mb", "-1"), 2,
+    Case("--budget-mb -1", lambda ws: _q(ws, "--out", "q", "--budget-mb", "-1"), 2,
          "--budget-mb must be a positive finite number"),
-    Case("--budget-mb nan", lambda ws: _q(ws, "--out", "q", "--mixed", "--budget-mb", "nan"), 2,
+    Case("--budget-mb nan", lambda ws: _q(ws, "--out", "q", "--budget-mb", "nan"), 2,
          "--budget-mb must be a positive finite number, got nan"),
-    Case("--budget-mb below what 4 bits give", lambda ws: _q(ws, "--out", "q", "--mixed", "--budget-mb", "1"), 2,
+    Case("--budget-mb below what 4 bits give", lambda ws: _q(ws, "--out", "q", "--budget-mb", "1"), 2,
          "--budget-mb 1.0 is unreachable: with every weight at 4 bits the model takes"),
     Case("Ctrl-C during start-up", lambda ws: ["models"], 130, "interrupted while starting", process=_signal_at_start),
     Case("SIGTERM during a run",

@@ -62,11 +62,11 @@ def test_eval_writes_json(tmp_path, images, capsys):
 
 def test_quantize_then_eval_artifact_gives_identical_result(tmp_path, images, capsys):
     out = tmp_path / "q"
-    args = [*_quantize_args(images, 2), "--w-bits", "4", "--a-bits", "4", "--observer", "percentile",
-            "--out", str(out), "--protocol", "full"]
+    args = [*_quantize_args(images, 2), "--w-bits", "4", "--a-bits", "4", "--set", "quant.observer=percentile",
+            "--out", str(out), "--protocol", "full", "-v"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "blocks.0.attn.matmul_qk.q" in printed and "protocol=full" in printed
+    assert "blocks.0.attn.matmul_qk.q" in printed and "protocol=full" in printed  # -v: the per-tensor table
     report = json.loads((out / "report.json").read_text())
     for key in ("model", "protocol", "avg_w_bits", "avg_a_bits", "size_bytes", "bops", "layers", "timing"):
         assert key in report
@@ -76,6 +76,12 @@ def test_quantize_then_eval_artifact_gives_identical_result(tmp_path, images, ca
     assert "top1" in report["fp"] and "calibrate_s" in report["timing"] and "eval_s" in report["timing"]
     assert report["random_init"] and report["avg_w_bits"] == 4.0 and report["protocol"] == "full"
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    assert report["command"][:2] == ["vitq", "quantize"] and report["versions"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    page = (out / "report.html").read_text()
+    # self-contained: plots embedded, nothing fetched
+    assert page.count("data:image/png;base64,") >= 2 and "http://" not in page and "https://" not in page
+    assert f"{report['quantized']['top1']:.2f}" in page and "Random-init weights" in page
+    assert "blocks.11.mlp.fc2" in page and (out / "bits.png").read_bytes()[:4] == b"\x89PNG"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary leftovers
     res = tmp_path / "e.json"
     assert main(["eval", str(out), "--data", str(images), "--workers", "0", "--out", str(res)]) == 0
@@ -107,10 +113,10 @@ def test_config_pattern_error_names_pattern(tmp_path, images, capsys):
 def test_mixed_precision_search_then_config_reuse_gives_same_bits_and_result(tmp_path, images12, capsys):
     images = images12
     common = ["deit_tiny", "--random-init", "--method", "minmax", "--calib", str(images), "--calib-size", "10", "--eval", str(images), "--allow-overlap", "--limit", "4",
-              "--w-bits", "6", "--a-bits", "6", "--workers", "0", "--quiet"]
+              "--w-bits", "6", "--a-bits", "6", "--workers", "0", "-q"]
     out = tmp_path / "mp"
-    assert main(["quantize", *common, "--mixed", "--budget-w", "7", "--budget-a", "7",
-                 "--w-candidates", "6,8", "--a-candidates", "6,8", "--out", str(out)]) == 0
+    assert main(["quantize", *common, "--budget-w", "7", "--budget-a", "7",
+                 "--set", "search.w_candidates=6,8", "--set", "search.a_candidates=6,8", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     # the A budget leaves out the 8-bit image input (2 % of DeiT-Tiny's activation values); the report counts it
     assert report["avg_w_bits"] <= 7 and report["avg_a_bits"] <= 7.05 and report["mixed"]["search_s"] > 0
@@ -125,17 +131,31 @@ def test_mixed_precision_search_then_config_reuse_gives_same_bits_and_result(tmp
     bits = lambda r: [(row["name"], row["bits"], row["scheme"]) for row in r["layers"]]  # noqa: E731
     assert bits(r2) == bits(report)
     assert r2["quantized"] == {**report["quantized"], "images_per_s": r2["quantized"]["images_per_s"]}
+    # config.yaml holds the recipe, the budget and every setting: the search runs again to the same model
+    rebuilt = tmp_path / "rebuilt"
+    data = common[:common.index("--w-bits")] + ["--workers", "0", "-q"]
+    data = [a for a in data if a not in ("--method", "minmax")]
+    assert main(["quantize", *data, "--config", str(out / "config.yaml"), "--out", str(rebuilt)]) == 0
+    assert (rebuilt / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    assert (rebuilt / "config.yaml").read_text() == (out / "config.yaml").read_text()
+    assert json.loads((rebuilt / "report.json").read_text())["mixed"]["search"] == "knapsack"
+    assert "sensitivity" in (rebuilt / "report.html").read_text()
 
 
 @pytest.mark.parametrize("extra,needle", [
-    (["--mp-search", "knapsack"], "--mp-search knapsack searches a mixed-precision assignment: give a budget"),
-    (["--method", "m2q", "--mp-search", "knapsack"], "--mp-search knapsack is for Greedy MP"),
-    (["--mixed", "--budget-gbops", "1", "--mp-search", "knapsack"], "average-bit and size budgets only"),
-    (["--method", "mptq", "--rotate-parts", "fc2,kq"], "--rotate-parts takes a comma-separated list"),
+    (["--set", "search.search=knapsack"], "search.search=knapsack searches a mixed-precision assignment: give a budget"),
+    (["--method", "m2q", "--set", "search.search=knapsack"], "search.search=knapsack is for Greedy MP"),
+    (["--budget-gbops", "1", "--set", "search.search=knapsack"], "average-bit and size budgets only"),
+    (["--method", "mptq", "--set", "rotation.parts=fc2,kq"], "rotation.parts takes a list of fc2, v, qk"),
+    (["--set", "search.serch=knapsack"], "'search.serch': unknown field"),
+    (["--set", "gptq.enabled=maybe"], "'gptq.enabled' must be bool"),
+    (["--set", "sqb"], "--set takes SECTION.FIELD=VALUE"),
+    (["--set", "rotations.enabled=true"], "give SECTION.FIELD with SECTION one of"),
+    (["--set", "quant.w_bits=9"], "w_bits must be"),
 ])
 def test_mp_search_errors(tmp_path, images, extra, needle, capsys):
     argv = ["quantize", "deit_tiny", "--random-init", "--method", "minmax", "--calib", str(images), "--calib-size", "2", "--eval",
-            str(images), "--allow-overlap", "--workers", "0", "--quiet", "--out", str(tmp_path / "o"), *extra]
+            str(images), "--allow-overlap", "--workers", "0", "-q", "--out", str(tmp_path / "o"), *extra]
     assert main(argv) == 2
     assert needle in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
@@ -144,9 +164,9 @@ def test_mp_search_errors(tmp_path, images, extra, needle, capsys):
 def test_knapsack_search_from_the_cli_meets_the_budget(tmp_path, images, capsys):
     out = tmp_path / "mp"
     assert main(["quantize", "deit_tiny", "--random-init", "--method", "minmax", "--calib", str(images), "--calib-size", "2", "--eval",
-                 str(images), "--allow-overlap", "--w-bits", "6", "--a-bits", "6", "--workers", "0", "--quiet", "--mixed",
-                 "--budget-w", "7", "--budget-a", "7", "--w-candidates", "6,8", "--a-candidates", "6,8",
-                 "--mp-search", "knapsack", "--no-uniform-fallback", "--out", str(out)]) == 0
+                 str(images), "--allow-overlap", "--w-bits", "6", "--a-bits", "6", "--workers", "0",
+                 "--budget-w", "7", "--budget-a", "7", "--set", "search.w_candidates=6,8", "--set", "search.a_candidates=6,8",
+                 "--set", "search.search=knapsack", "--set", "search.uniform_fallback=false", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["mixed"]["search"] == "knapsack" and report["avg_w_bits"] <= 7 and report["avg_a_bits"] <= 7.05
     assert {row["w_bits"] for row in report["mixed"]["layers"] if row["w_bits"]} == {6, 8}
@@ -159,21 +179,21 @@ def test_bit_budget_sets_the_base_widths_so_reconstruction_runs(tmp_path, images
     # Regression: without --w-bits/--a-bits the base widths stayed 8, so a 5-bit search skipped reconstruction
     out = tmp_path / "mp"
     assert main(["quantize", "deit_tiny", "--random-init", "--method", "minmax", "--calib", str(images), "--calib-size", "2", "--eval",
-                 str(images), "--allow-overlap", "--limit", "2", "--workers", "0", "--quiet", "--mixed", "--recon", "--recon-iters", "1",
-                 "--budget-w", "5", "--budget-a", "5", "--w-candidates", "4,6", "--a-candidates", "4,6",
+                 str(images), "--allow-overlap", "--limit", "2", "--workers", "0", "--set", "recon.enabled=true", "--set", "recon.iters=1",
+                 "--budget-w", "5", "--budget-a", "5", "--set", "search.w_candidates=4,6", "--set", "search.a_candidates=4,6",
                  "--out", str(out)]) == 0
-    assert "base widths from the budget: W5A5" in capsys.readouterr().out
+    assert "W5A5" in capsys.readouterr().out.splitlines()[0]  # the base widths come from the budget
     report = json.loads((out / "report.json").read_text())
     assert report["recon"]["settings"]["iters"] == 1 and report["recon"]["stages"] and report["avg_w_bits"] <= 5
 
 
-@pytest.mark.parametrize("flag,expected", [([], True), (["--no-mp-gptq-losses"], False)])
+@pytest.mark.parametrize("flag,expected", [([], True), (["--set", "search.gptq_losses=false"], False)])
 def test_gptq_aware_knapsack_losses_are_the_default_with_gptq(tmp_path, images, flag, expected):
     # rule R17 (docs/methods.md): on wherever it applies, i.e. the knapsack search with GPTQ on
     out = tmp_path / "mp"
     assert main(["quantize", "deit_tiny", "--random-init", "--method", "minmax", "--calib", str(images), "--calib-size", "2", "--eval",
-                 str(images), "--allow-overlap", "--limit", "2", "--workers", "0", "--quiet", "--mixed", "--gptq",
-                 "--budget-w", "5", "--budget-a", "8", "--w-candidates", "4,6", "--a-candidates", "8",
+                 str(images), "--allow-overlap", "--limit", "2", "--workers", "0", "-q", "--set", "gptq.enabled=true",
+                 "--budget-w", "5", "--budget-a", "8", "--set", "search.w_candidates=4,6", "--set", "search.a_candidates=8",
                  *flag, "--out", str(out)]) == 0
     mixed = json.loads((out / "report.json").read_text())["mixed"]
     assert mixed["search"] == "knapsack" and mixed["gptq_losses"] is expected
@@ -185,8 +205,8 @@ def test_bops_budget_defaults_to_the_greedy_search(tmp_path, images12, capsys):
     images = images12
     out = tmp_path / "mp"
     assert main(["quantize", "deit_tiny", "--random-init", "--method", "minmax", "--calib", str(images), "--calib-size", "10", "--eval",
-                 str(images), "--allow-overlap", "--limit", "2", "--w-bits", "6", "--a-bits", "6", "--workers", "0", "--quiet",
-                 "--mixed", "--budget-gbops", "1e6", "--w-candidates", "6,8", "--a-candidates", "6,8",
+                 str(images), "--allow-overlap", "--limit", "2", "--w-bits", "6", "--a-bits", "6", "--workers", "0", "-q",
+                 "--budget-gbops", "1e6", "--set", "search.w_candidates=6,8", "--set", "search.a_candidates=6,8",
                  "--out", str(out)]) == 0
     mixed = json.loads((out / "report.json").read_text())["mixed"]
     assert mixed["search"] == "greedy" and mixed["probe_images"] == 8  # the greedy loop keeps 8 probe images
@@ -215,7 +235,7 @@ def test_cost_command_json_and_errors(tmp_path, capsys):
 def test_m2q_quantize_writes_report_plot_and_config(tmp_path, images, capsys):
     out = tmp_path / "m2q"
     args = [*_quantize_args(images, 2, "efficientvit_b0"), "--method", "m2q", "--budget-edp", "0.7",
-            "--out", str(out), "--quiet"]
+            "--out", str(out), "-q"]
     assert main(args) == 0
     r = json.loads((out / "report.json").read_text())
     m = r["m2q"]
@@ -227,9 +247,9 @@ def test_m2q_quantize_writes_report_plot_and_config(tmp_path, images, capsys):
     # the artifact's cost is the one the search reported
     assert main(["cost", str(out), "--out", str(tmp_path / "c.json")]) == 0
     assert json.loads((tmp_path / "c.json").read_text())["edp"] == pytest.approx(m["cost"]["edp"])
-    two = [a for a in args if a != "--quiet"] + ["--budget-energy", "0.5", "--overwrite"]
+    two = [a for a in args if a != "-q"] + ["--set", "budget.energy=0.5", "--overwrite"]
     assert main(two) == 2
-    assert "only one of" in capsys.readouterr().err
+    assert "give one cost budget, not edp and energy" in capsys.readouterr().err
 
 
 def test_gptq_weights_are_saved_on_the_grid_and_reload(tmp_path, images, capsys):
@@ -237,8 +257,8 @@ def test_gptq_weights_are_saved_on_the_grid_and_reload(tmp_path, images, capsys)
     from vitq.quant.engine import weight_layers
 
     out = tmp_path / "g"
-    common = [*_quantize_args(images, 6), "--w-bits", "4", "--a-bits", "8", "--quiet"]
-    assert main([*common, "--gptq", "--out", str(out)]) == 0
+    common = [*_quantize_args(images, 6), "--w-bits", "4", "--a-bits", "8", "-q"]
+    assert main([*common, "--set", "gptq.enabled=true", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     done = {row["name"] for row in report["gptq"]["layers"]}  # 6 x 197 tokens: enough rows for qkv/proj/fc1
     assert report["methods"]["gptq"] and "blocks.0.attn.qkv" in done and "head" in report["gptq"]["skipped"]
@@ -248,17 +268,14 @@ def test_gptq_weights_are_saved_on_the_grid_and_reload(tmp_path, images, capsys)
         w = m.weight.detach()
         if m.layer_name in done:  # re-rounded weights lie on the grid and differ from the float ones
             assert torch.allclose(m.w_quant.fake_quant(w), w, atol=1e-6) and not torch.equal(w, original[m.layer_name + ".weight"])
-    capsys.readouterr()
-    assert main([*common, "--method", "mptq", "--no-gptq", "--gptq", "--out", str(tmp_path / "x")]) == 2
-    assert "--no-gptq" in capsys.readouterr().err
 
 
 def test_recon_runs_at_low_bits_is_reported_and_reloads(tmp_path, images, capsys):
     from vitq.artifact import load_artifact
 
     out = tmp_path / "r"
-    common = [*_quantize_args(images, 6), "--w-bits", "4", "--a-bits", "4", "--quiet"]
-    assert main([*common, "--recon", "--out", str(out)]) == 0
+    common = [*_quantize_args(images, 6), "--w-bits", "4", "--a-bits", "4", "-q"]
+    assert main([*common, "--set", "recon.enabled=true", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["methods"]["recon"] and [s["name"] for s in report["recon"]["stages"]][0] == "stem"
     assert report["recon"]["settings"]["iters"] == MethodOptions.recon_iters
@@ -266,46 +283,27 @@ def test_recon_runs_at_low_bits_is_reported_and_reloads(tmp_path, images, capsys
     for m in model.modules():  # learned scales come back as ordinary parameters, nothing left learnable
         assert getattr(m, "log_scale", None) is None and getattr(m, "w_log_scale", None) is None
     capsys.readouterr()
-    assert main([*common, "--recon", "--no-recon", "--out", str(tmp_path / "x")]) == 2
-    assert "--no-recon" in capsys.readouterr().err
-    assert main([*common, "--method", "m2q", "--recon", "--out", str(tmp_path / "y")]) == 2
-    assert "--recon" in capsys.readouterr().err
-    assert main([*common, "--recon", "--recon-drop", "1.5", "--out", str(tmp_path / "z")]) == 2
-    assert "--recon-drop" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exc:  # argparse rejects an unknown choice itself, naming the option
-        main([*common, "--opt-m-ptf-objective", "huge", "--opt-m", "--out", str(tmp_path / "z")])
-    assert exc.value.code == 2 and "--opt-m-ptf-objective" in capsys.readouterr().err
-    assert main([*common, "--opt-m-ptf", "--out", str(tmp_path / "z")]) == 2
-    assert "--opt-m-ptf" in capsys.readouterr().err
-    assert main([*common, "--opt-m-ptf-objective", "normalized", "--out", str(tmp_path / "z")]) == 2
-    assert "--opt-m-ptf-objective normalized" in capsys.readouterr().err
-    assert main([*common, "--opt-m", "--no-opt-m-ptf", "--opt-m-ptf-objective", "normalized",
-                 "--out", str(tmp_path / "z")]) == 2
-    assert "--no-opt-m-ptf" in capsys.readouterr().err
+    assert main([*common, "--method", "m2q", "--set", "recon.enabled=true", "--out", str(tmp_path / "y")]) == 2
+    assert "the m2q recipe does not take recon" in capsys.readouterr().err
+    assert main([*common, "--set", "recon.enabled=true", "--set", "recon.drop=1.5", "--out", str(tmp_path / "z")]) == 2
+    assert "recon.drop" in capsys.readouterr().err
     # token shifts refine the full protocol's residual-stream grids
-    assert main([*common, "--token-shift", "--out", str(tmp_path / "z")]) == 2
-    assert "--token-shift" in capsys.readouterr().err
-    assert main([*common, "--no-token-shift", "--out", str(tmp_path / "z")]) == 2
-    assert "--no-token-shift" in capsys.readouterr().err
-    assert main([*common, "--protocol", "full", "--no-token-shift", "--out", str(tmp_path / "t")]) == 0
+    assert main([*common, "--protocol", "full", "--set", "quant.residual_token_shift=false", "--out", str(tmp_path / "t")]) == 0
     assert json.loads((tmp_path / "t" / "report.json").read_text())["config"]["residual_token_shift"] is False
     # ... and --gelu-token-shift its GELU-input grids
-    assert main([*common, "--gelu-token-shift", "--out", str(tmp_path / "z")]) == 2
-    assert "--gelu-token-shift" in capsys.readouterr().err
-    assert main([*common, "--protocol", "full", "--gelu-token-shift", "--out", str(tmp_path / "u")]) == 0
+    assert main([*common, "--set", "quant.gelu_token_shift=true", "--out", str(tmp_path / "z")]) == 2
+    assert "quant.gelu_token_shift" in capsys.readouterr().err
+    assert main([*common, "--protocol", "full", "--set", "quant.gelu_token_shift=true", "--out", str(tmp_path / "u")]) == 0
     assert json.loads((tmp_path / "u" / "report.json").read_text())["config"]["gelu_token_shift"] is True
-    assert main([*common, "--recon", "--recon-iters", "0", "--out", str(tmp_path / "w")]) == 2
-    assert "--recon-iters" in capsys.readouterr().err
-    assert main([*common, "--recon", "--recon-max-bits", "9", "--out", str(tmp_path / "v")]) == 2
-    assert "--recon-max-bits" in capsys.readouterr().err
+    assert main([*common, "--set", "recon.enabled=true", "--set", "recon.iters=0", "--out", str(tmp_path / "w")]) == 2
+    assert "recon.iters" in capsys.readouterr().err
+    assert main([*common, "--set", "recon.enabled=true", "--set", "recon.max_bits=9", "--out", str(tmp_path / "v")]) == 2
+    assert "recon.max_bits" in capsys.readouterr().err
     assert not (tmp_path / "z").exists() and not (tmp_path / "w").exists() and not (tmp_path / "v").exists()
-    # at 6 bits reconstruction runs unless --recon-max-bits stops it
-    six = [*_quantize_args(images, 6), "--w-bits", "6", "--a-bits", "6", "--quiet", "--recon"]
-    assert main([*six, "--recon-max-bits", "5", "--out", str(tmp_path / "s5")]) == 0
+    # at 6 bits reconstruction runs unless recon.max_bits stops it
+    six = [*_quantize_args(images, 6), "--w-bits", "6", "--a-bits", "6", "-q", "--set", "recon.enabled=true"]
+    assert main([*six, "--set", "recon.max_bits=5", "--out", str(tmp_path / "s5")]) == 0
     assert "recon" not in json.loads((tmp_path / "s5" / "report.json").read_text())
-    assert main([*six, "--no-recon-ptf", "--out", str(tmp_path / "s6")]) == 0
-    settings = json.loads((tmp_path / "s6" / "report.json").read_text())["recon"]["settings"]
-    assert settings["ptf_scales"] is False
 
 
 def _quantize_args(images, calib_size: int, model: str = "deit_tiny") -> list[str]:
@@ -353,16 +351,16 @@ def _resolved_options(images, monkeypatch, tmp_path, extra: list[str]):
     (["--w-bits", "6", "--a-bits", "6"], True),
     (["--w-bits", "8", "--a-bits", "8"], False),
     (["--w-bits", "4", "--a-bits", "4", "--protocol", "full"], False),  # never decided in the full protocol
-    (["--w-bits", "4", "--a-bits", "4", "--no-rotate"], False),
+    (["--w-bits", "4", "--a-bits", "4", "--set", "rotation.enabled=false"], False),
     (["--budget-w", "5", "--budget-a", "5"], True),  # rule R37: standard Greedy MP, base widths <= 6
     (["--budget-w", "6", "--budget-a", "6"], True),
     (["--budget-w", "8", "--budget-a", "8"], False),
     (["--budget-w", "5", "--budget-a", "5", "--protocol", "full"], True),  # rule R38: full Greedy MP, base <= 5
     (["--budget-w", "6", "--budget-a", "6", "--protocol", "full"], False),
     (["--budget-w", "8", "--budget-a", "8", "--protocol", "full"], False),
-    (["--budget-w", "5", "--budget-a", "5", "--protocol", "full", "--no-rotate"], False),
-    (["--budget-w", "5", "--budget-a", "5", "--no-rotate"], False),
-    (["--w-bits", "8", "--a-bits", "8", "--rotate"], True),  # asked for
+    (["--budget-w", "5", "--budget-a", "5", "--protocol", "full", "--set", "rotation.enabled=false"], False),
+    (["--budget-w", "5", "--budget-a", "5", "--set", "rotation.enabled=false"], False),
+    (["--w-bits", "8", "--a-bits", "8", "--set", "rotation.enabled=true"], True),  # asked for
 ])
 def test_method_mptq_rotates_by_default_only_where_rules_r30_r37_r38_adopted_it(images, monkeypatch, tmp_path, extra, expect):
     options = _resolved_options(images, monkeypatch, tmp_path, extra)
@@ -377,8 +375,8 @@ def test_method_mptq_rotates_by_default_only_where_rules_r30_r37_r38_adopted_it(
     (["--budget-w", "5", "--budget-a", "5", "--protocol", "full"], False),  # rule R38: full Greedy MP, base <= 5
     (["--budget-w", "6", "--budget-a", "6", "--protocol", "full"], True),
     (["--budget-w", "8", "--budget-a", "8", "--protocol", "full"], True),
-    (["--budget-w", "5", "--budget-a", "5", "--uniform-fallback"], True),  # asked for
-    (["--budget-w", "8", "--budget-a", "8", "--no-uniform-fallback"], False),
+    (["--budget-w", "5", "--budget-a", "5", "--set", "search.uniform_fallback=true"], True),  # asked for
+    (["--budget-w", "8", "--budget-a", "8", "--set", "search.uniform_fallback=false"], False),
 ])
 def test_uniform_fallback_by_default_only_where_rules_r37_r38_left_it(images, monkeypatch, tmp_path, extra, expect):
     assert _resolved(images, monkeypatch, tmp_path, extra)["kwargs"]["uniform_fallback"] == expect
@@ -405,32 +403,26 @@ def test_a_saved_greedy_config_gets_the_options_its_search_had(images, monkeypat
     assert options.token_scale == searched["options"].token_scale == token_scale
 
 
-def test_no_rotate_with_rotate_parts_is_refused(images, tmp_path, capsys):
-    assert main([*_quantize_args(images, 2), "--method", "mptq", "--no-rotate", "--rotate-parts", "fc2",
-                 "--out", str(tmp_path / "q")]) == 2
-    assert "--rotate-parts" in capsys.readouterr().err
-
-
 @pytest.mark.parametrize("extra, expect", [
     (["--w-bits", "4", "--a-bits", "4"], True),  # rule R31: standard protocol, <= 6 activation bits
     (["--w-bits", "6", "--a-bits", "6"], True),
     (["--w-bits", "8", "--a-bits", "8"], False),
-    (["--w-bits", "4", "--a-bits", "4", "--no-token-scale"], False),
+    (["--w-bits", "4", "--a-bits", "4", "--set", "token_scale.enabled=false"], False),
     (["--budget-w", "5", "--budget-a", "5"], True),  # rule R37: standard Greedy MP, base widths <= 6
     (["--budget-w", "6", "--budget-a", "6"], True),
     (["--budget-w", "8", "--budget-a", "8"], False),
-    (["--budget-w", "5", "--budget-a", "5", "--no-token-scale"], False),
-    (["--budget-w", "8", "--budget-a", "8", "--token-scale"], True),  # asked for
-    (["--w-bits", "8", "--a-bits", "8", "--token-scale"], True),
+    (["--budget-w", "5", "--budget-a", "5", "--set", "token_scale.enabled=false"], False),
+    (["--budget-w", "8", "--budget-a", "8", "--set", "token_scale.enabled=true"], True),  # asked for
+    (["--w-bits", "8", "--a-bits", "8", "--set", "token_scale.enabled=true"], True),
     # rule R33: in the full protocol together with the GELU inputs' token shifts, with a budget too
     (["--w-bits", "4", "--a-bits", "4", "--protocol", "full"], True),
     (["--w-bits", "6", "--a-bits", "6", "--protocol", "full"], True),
     (["--w-bits", "8", "--a-bits", "8", "--protocol", "full"], True),  # rule R47: at every width
     (["--budget-w", "5", "--budget-a", "5", "--protocol", "full"], True),
     (["--budget-w", "8", "--budget-a", "8", "--protocol", "full"], True),
-    (["--w-bits", "4", "--a-bits", "4", "--protocol", "full", "--no-gelu-token-shift"], False),
-    (["--w-bits", "8", "--a-bits", "8", "--protocol", "full", "--no-gelu-token-shift"], False),
-    (["--w-bits", "4", "--a-bits", "4", "--protocol", "full", "--no-token-scale"], False),
+    (["--w-bits", "4", "--a-bits", "4", "--protocol", "full", "--set", "quant.gelu_token_shift=false"], False),
+    (["--w-bits", "8", "--a-bits", "8", "--protocol", "full", "--set", "quant.gelu_token_shift=false"], False),
+    (["--w-bits", "4", "--a-bits", "4", "--protocol", "full", "--set", "token_scale.enabled=false"], False),
 ])
 def test_token_scale_by_default_only_where_rules_adopted_it(images, monkeypatch, tmp_path, extra, expect):
     assert _resolved_options(images, monkeypatch, tmp_path, extra).token_scale == expect
@@ -445,13 +437,13 @@ def test_token_scale_by_default_only_where_rules_adopted_it(images, monkeypatch,
     (["--budget-w", "8", "--budget-a", "8", "--protocol", "full"], True),
     (["--w-bits", "4", "--a-bits", "4"], False),  # no GELU-input grid in the standard protocol
     (["--w-bits", "8", "--a-bits", "8"], False),
-    (["--w-bits", "4", "--a-bits", "4", "--protocol", "full", "--no-gelu-token-shift"], False),
-    (["--w-bits", "8", "--a-bits", "8", "--protocol", "full", "--no-gelu-token-shift"], False),
+    (["--w-bits", "4", "--a-bits", "4", "--protocol", "full", "--set", "quant.gelu_token_shift=false"], False),
+    (["--w-bits", "8", "--a-bits", "8", "--protocol", "full", "--set", "quant.gelu_token_shift=false"], False),
 ])
 def test_gelu_token_shift_by_default_only_where_rules_r33_r47_adopted_it(images, monkeypatch, tmp_path, extra, expect):
     assert _resolved(images, monkeypatch, tmp_path, extra)["config"].gelu_token_shift == expect
 
 
 def test_m2q_refuses_token_scale(images, tmp_path, capsys):
-    assert main([*_quantize_args(images, 2), "--method", "m2q", "--token-scale", "--out", str(tmp_path / "q")]) == 2
-    assert "--token-scale" in capsys.readouterr().err
+    assert main([*_quantize_args(images, 2), "--method", "m2q", "--set", "token_scale.enabled=true", "--out", str(tmp_path / "q")]) == 2
+    assert "the m2q recipe does not take token_scale" in capsys.readouterr().err

@@ -64,8 +64,7 @@ def test_readme_python_example_runs(assets, monkeypatch):
     assert scope["result"].agreement is not None and scope["result"].n_images == 16
 
 
-@pytest.mark.parametrize("unnormed", [False, True])
-def test_sqb_is_exact_in_float_on_real_deit_tiny(assets, monkeypatch, unnormed):
+def test_sqb_is_exact_in_float_on_real_deit_tiny(assets, monkeypatch):
     import copy
 
     from vitq.methods.sqb import apply_sqb
@@ -75,7 +74,7 @@ def test_sqb_is_exact_in_float_on_real_deit_tiny(assets, monkeypatch, unnormed):
     calib, _ = load_tensors(make_dataset(assets / "imagenet-sample", loaded.entry.transform,
                                          assets / "calib32.txt"), workers=0)
     smoothed = copy.deepcopy(loaded.model)
-    apply_sqb(smoothed, calib[:8], QuantConfig(w_bits=4, a_bits=4), progress=False, unnormed=unnormed)
+    apply_sqb(smoothed, calib[:8], QuantConfig(w_bits=4, a_bits=4), progress=False)
     with torch.inference_mode():
         assert (smoothed(calib) - loaded.model(calib)).abs().max() < 1e-4
 

@@ -59,3 +59,28 @@ def test_the_command_line_parses_without_importing_torch():
             "'--eval', 'b', '--out', 'c']); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"  # `vitq --help` answers without torch's seconds of start-up
+
+
+def import_table() -> str:
+    """Which vitq module imports which (deferred imports included; a package stands for its ``__init__``),
+    as the Markdown table docs/design.md holds."""
+    graph = _imports()
+    short = lambda m: m.removeprefix("vitq.") or "vitq"  # noqa: E731
+    rows = ["| module | imports |", "|---|---|"]
+    for m in sorted(graph):
+        rows.append(f"| `{short(m)}` | {', '.join(sorted(short(d) for d in graph[m])) or '-'} |")
+    return "\n".join(rows)
+
+
+def test_design_md_shows_the_imports_the_code_has():
+    design = (PKG.parents[1] / "docs" / "design.md").read_text()
+    assert import_table() in design, "docs/design.md's import table is stale: python tests/test_structure.py prints it"
+
+
+def test_no_module_is_over_500_lines():
+    long = {str(p.relative_to(PKG)): n for p in PKG.rglob("*.py") if (n := len(p.read_text().splitlines())) > 500}
+    assert not long, long
+
+
+if __name__ == "__main__":
+    print(import_table())

@@ -21,6 +21,7 @@ from .methods.greedy_mp import (DEFAULT_CANDIDATES, SEARCHES, Budget, default_gp
                                 greedy_mp)
 from .methods.mp_budget import check_budget_reachable, check_budget_values
 from .methods.mptq import MethodOptions, run_pipeline
+from .methods.options import ROTATION_PARTS
 from .quant.config import ConfigError, QuantConfig
 from .recipes import mptq_uniform_fallback, resolve
 
@@ -142,7 +143,7 @@ def plan(config: QuantConfig | None = None, recipe: str = "mptq", budget: Budget
             raise ConfigError(f"a cost budget ({budget.metric}) needs the m2q recipe")
     elif isinstance(budget, Budget):
         if recipe == "m2q":
-            raise ConfigError("the m2q recipe takes a cost budget (--budget-edp/-energy/-latency), not a bit budget")
+            raise ConfigError("the m2q recipe takes a cost budget (--budget-edp, budget.energy or budget.latency), not a bit budget")
     elif budget is not None:
         raise ConfigError(f"budget must be a Budget or a CostBudget, got {type(budget).__name__}")
     if config is None:
@@ -155,13 +156,13 @@ def plan(config: QuantConfig | None = None, recipe: str = "mptq", budget: Budget
     a_c = search.a_candidates or ((8,) if m2 else DEFAULT_CANDIDATES)
     for b in w_c + a_c:
         if not 2 <= b <= 8:
-            raise ConfigError(f"candidate bit-width {b} out of range 2..8 (--w-candidates/--a-candidates)")
+            raise ConfigError(f"candidate bit-width {b} out of range 2..8 (search.w_candidates/search.a_candidates)")
     bit_budget = budget if isinstance(budget, Budget) else None
     if search.search is not None and m2:
-        raise ConfigError(f"--mp-search {search.search} is for Greedy MP's average-bit/size budgets, not --method m2q")
+        raise ConfigError(f"search.search={search.search} is for Greedy MP's average-bit/size budgets, not the m2q recipe")
     if search.search is not None and bit_budget is None:
-        raise ConfigError(f"--mp-search {search.search} searches a mixed-precision assignment: give a budget "
-                          "(--budget-w/--budget-a/--budget-mb) with --mixed or --method mptq")
+        raise ConfigError(f"search.search={search.search} searches a mixed-precision assignment: give a budget "
+                          "(--budget-w, --budget-a, --budget-mb or --budget-gbops)")
     if search.search is not None and search.search not in SEARCHES:
         raise ConfigError(f"unknown mixed-precision search {search.search!r}; choose one of {', '.join(SEARCHES)}")
     name = search.search or ("greedy" if bit_budget is not None and bit_budget.gbops is not None else "knapsack")
@@ -185,15 +186,18 @@ def plan(config: QuantConfig | None = None, recipe: str = "mptq", budget: Budget
 
 def _check_options(o: MethodOptions) -> None:
     if o.recon_iters < 1:
-        raise ConfigError(f"--recon-iters must be at least 1, got {o.recon_iters}")
+        raise ConfigError(f"recon.iters must be at least 1, got {o.recon_iters}")
     if not 0.0 <= o.recon_drop < 1.0:
-        raise ConfigError(f"--recon-drop is a probability in [0, 1), got {o.recon_drop}")
+        raise ConfigError(f"recon.drop is a probability in [0, 1), got {o.recon_drop}")
     if not 2 <= o.recon_max_bits <= 8:
-        raise ConfigError(f"--recon-max-bits must be from 2 to 8, got {o.recon_max_bits}")
+        raise ConfigError(f"recon.max_bits must be from 2 to 8, got {o.recon_max_bits}")
     if not 2 <= o.gptq_max_bits <= 8:
-        raise ConfigError(f"--gptq-max-bits must be from 2 to 8, got {o.gptq_max_bits}")
-    if o.sq_b_unnormed and not o.sq_b:
-        raise ConfigError("--sq-b-unnormed extends SQ-b: give it with --sq-b or --method mptq")
+        raise ConfigError(f"gptq.max_bits must be from 2 to 8, got {o.gptq_max_bits}")
+    bad = [p for p in o.rotate_parts if p not in ROTATION_PARTS]
+    if bad or not o.rotate_parts:
+        raise ConfigError(f"rotation.parts takes a list of {', '.join(ROTATION_PARTS)}; got {list(o.rotate_parts)}")
+    if o.m_max is not None and not 0 <= o.m_max <= 7:
+        raise ConfigError(f"optm.m_max must be from 0 to 7 (or null: per tensor), got {o.m_max}")
 
 
 
@@ -296,6 +300,6 @@ def _greedy(model, calib, config, options, budget: Budget, search: SearchOptions
             report[key] = getattr(res, key)
     if res.uniform_fallback is not None:
         log.info("Greedy MP: uniform %d-bit has a lower calibration KL than the %s assignment and meets the "
-                 "budget; using it (--no-uniform-fallback to keep the searched one)", res.uniform_fallback,
+                 "budget; using it (--set search.uniform_fallback=false keeps the searched one)", res.uniform_fallback,
                  search.search)
     return qmodel, res.config

@@ -130,15 +130,12 @@ def rebuild(meta: dict, state: dict[str, torch.Tensor], cfg_path, st_path) -> tu
         raise ArtifactError(f"artifact {cfg_path}: quant_config: {exc}") from None
     # model_kwargs: timm constructor options the model was built with (e.g. num_classes, img_size).
     model = prepare(create_model(entry, **meta.get("model_kwargs", {})), config, inplace=True)
-    from .methods.sqb import restore_channel_affines
-
-    restore_channel_affines(model, state)  # SQ-b's explicit per-channel operations (--sq-b-unnormed)
     from .methods.rotation import restore_rotations
 
-    restore_rotations(model, state)  # online Hadamard rotations of fc2's input (--rotate)
+    restore_rotations(model, state)  # online Hadamard rotations of fc2's input (the rotation pass)
     from .methods.token_scale import restore_token_scales
 
-    restore_token_scales(model, state)  # static token-position factors on fc2's input (--token-scale)
+    restore_token_scales(model, state)  # static token-position factors on fc2's input (token scaling)
     modules = dict(model.named_modules())
     for key in state:  # SQ-b and GPTQ give bias-free Linears (Swin's patch merging) a bias
         owner = modules.get(key.rsplit(".", 1)[0]) if key.endswith(".bias") else None

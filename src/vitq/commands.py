@@ -3,27 +3,28 @@ calls the API and prints. Imported only when a command runs, so ``vitq --help`` 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import logging
 import time
 from pathlib import Path
 
 import torch
 
-from .api import CostBudget, SearchOptions, base_widths, plan, run
+from .api import run
 from .artifact import ArtifactError, is_artifact, load_artifact, save_artifact
 from .data import DataError, calibration_subset, load_tensors, make_dataset, make_loader, read_list
 from .evaluation import evaluate, evaluate_many
 from .hardware import estimate, extract_workloads, int8_baseline, load_hardware
 from .io import dumps, is_output_json, output_json
-from .methods.greedy_mp import Budget, plot_bits
-from .methods.m2q import plot_m2q
-from .methods.options import MethodOptions
-from .methods.rotation import PARTS as ROTATION_PARTS
+from .methods.greedy_mp import Budget
 from .output import destination
 from .quant.config import ConfigError, QuantConfig
 from .quant.engine import tensor_table
 from .report import build_report, format_table, sensitivity_csv, summary_line
+from .report_html import write_html
+from .settings import Settings, dump, plan_to_dict
 from .zoo import ZOO, load_model
+
+log = logging.getLogger("vitq")
 
 
 def cmd_models(args) -> int:
@@ -135,15 +136,22 @@ def _maybe_file(out, overwrite: bool, inputs):
         yield tmp
 
 
-def _config_from_args(args) -> QuantConfig:
-    base = QuantConfig.load(args.config).to_dict() if args.config else {}
-    # Command-line options given explicitly override the config file.
-    for key in ("w_bits", "a_bits", "protocol", "observer", "mse_objective", "seed", "w_granularity", "w_scheme",
-                "residual_token_shift", "gelu_token_shift"):
-        value = getattr(args, key, None)
+def _settings_from_args(args) -> Settings:
+    """The settings file (if any), then the explicit options, then each ``--set``, in that order."""
+    settings = Settings.load(args.config) if getattr(args, "config", None) else Settings()
+    given = [("recipe", getattr(args, "method", None))]
+    given += [(f"quant.{k}", getattr(args, k, None)) for k in ("w_bits", "a_bits", "protocol", "seed", "w_scheme")]
+    given += [(f"budget.{k}", getattr(args, f"budget_{o}", None))
+              for k, o in (("w_bits", "w"), ("a_bits", "a"), ("size_mb", "mb"), ("gbops", "gbops"), ("edp", "edp"))]
+    given.append(("budget.hardware", getattr(args, "hw", None)))
+    source, settings.source = settings.source, "the command line"
+    for key, value in given:
         if value is not None:
-            base[key] = value
-    return QuantConfig.from_dict(base)  # __post_init__ turns rule dicts into LayerRule
+            settings.set(key, value)
+    settings.source = source
+    for assignment in getattr(args, "settings", []):
+        settings.apply(assignment)
+    return settings
 
 
 def cmd_quantize(args) -> int:
@@ -153,27 +161,6 @@ def cmd_quantize(args) -> int:
     print(summary_line(report))
     print(f"calibrate_s={calibrate_s:.1f} eval_s={eval_s:.1f} -> {Path(args.out) / 'report.json'}")
     return 0
-
-
-def _on(flag: bool) -> bool | None:
-    """A method switch given on the command line (True), or None: the recipe decides."""
-    return True if flag else None
-
-
-def _check_opt_m_flags(args, config: QuantConfig) -> None:
-    """OPT-m's and the full protocol's flags need what they tune (checked before any work)."""
-    opt_m = args.opt_m or (args.method or "mptq") == "mptq"
-    if args.opt_m_ptf is not None and not opt_m:
-        raise ConfigError("--opt-m-ptf is part of OPT-m's search: give it with --opt-m or --method mptq")
-    if args.opt_m_ptf_objective is not None and not (opt_m and args.opt_m_ptf is not False):
-        raise ConfigError(f"--opt-m-ptf-objective {args.opt_m_ptf_objective} sets OPT-m's PTF search: give it with "
-                          "--opt-m or --method mptq, and without --no-opt-m-ptf")
-    if args.residual_token_shift is not None and not (config.protocol == "full" and config.residual_ptf):
-        flag = "--token-shift" if args.residual_token_shift else "--no-token-shift"
-        raise ConfigError(f"{flag} sets the full protocol's residual-stream (PTF) grids: give it with --protocol full")
-    if args.gelu_token_shift is not None and config.protocol != "full":
-        flag = "--gelu-token-shift" if args.gelu_token_shift else "--no-gelu-token-shift"
-        raise ConfigError(f"{flag} sets the full protocol's GELU-input grids: give it with --protocol full")
 
 
 def _overlap(a, b) -> list[str]:
@@ -189,10 +176,12 @@ def _print_skipped(ds, what: str) -> None:
 
 
 def _quantize(args, folder: Path) -> tuple[dict, float, float]:
-    config = _config_from_args(args)
-    torch.manual_seed(config.seed)
+    settings = _settings_from_args(args)
     if args.calib_size < 1:
         raise ConfigError(f"--calib-size must be at least 1, got {args.calib_size}")
+    planned = settings.plan()  # every option checked before the model and the images are read
+    config = planned.config
+    torch.manual_seed(config.seed)
     loaded = load_model(args.model, args.checkpoint, args.random_init)
     entry = loaded.entry
     eval_files = read_list(args.eval_list, args.eval) if args.eval_list else None
@@ -208,62 +197,15 @@ def _quantize(args, folder: Path) -> tuple[dict, float, float]:
         raise DataError(f"{len(overlap)} image(s) are in both the calibration and the evaluation set, first: "
                         f"{', '.join(overlap[:3])}; the evaluation would flatter the model (--allow-overlap to "
                         "run anyway)")
-    print(f"vitq quantize {entry.timm_name}: protocol={config.protocol} W{config.w_bits}A{config.a_bits} "
-          f"observer={config.observer} calib={len(calib_ds)} eval={len(eval_ds)} seed={config.seed}"
-          + (" RANDOM-INIT" if loaded.random_init else ""), flush=True)
+    planned = settings.plan(model=loaded.model)  # now also: is the budget reachable on this model
+    config, options, budget = planned.config, planned.options, planned.budget
+    log.info("vitq quantize %s: recipe=%s protocol=%s W%dA%d observer=%s calib=%d eval=%d seed=%d%s",
+             entry.timm_name, planned.recipe, config.protocol, config.w_bits, config.a_bits, config.observer,
+             len(calib_ds), len(eval_ds), config.seed, " RANDOM-INIT" if loaded.random_init else "")
     if overlap:
-        print(f"warning: {len(overlap)} calibration image(s) are also evaluated (--allow-overlap); the report "
-              "says so", flush=True)
-
-    if args.recon and args.no_recon:
-        raise ConfigError("give only one of --recon and --no-recon")
-    if args.gptq and args.no_gptq:
-        raise ConfigError("give only one of --gptq and --no-gptq")
-    if args.rotate is False and args.rotate_parts is not None:
-        raise ConfigError("--rotate-parts chooses what --rotate searches: give it without --no-rotate")
-    if args.method == "m2q" and (args.gptq or args.sq_b or args.opt_m or args.recon
-                                 or args.rotate or args.rotate_parts or args.token_scale):
-        raise ConfigError("--method m2q does not take --gptq, --sq-b, --opt-m, --recon, --rotate, "
-                          "--rotate-parts or --token-scale")
-    _check_opt_m_flags(args, config)
-    options = MethodOptions(sq_b=_on(args.sq_b), opt_m=_on(args.opt_m), m_max=args.m_max,
-                            optm_ptf=args.opt_m_ptf is not False,
-                            optm_ptf_objective=args.opt_m_ptf_objective or MethodOptions.optm_ptf_objective,
-                            sq_b_unnormed=args.sq_b_unnormed,
-                            rotate=True if args.rotate is None and args.rotate_parts is not None else args.rotate,
-                            rotate_parts=_rotate_parts(args.rotate_parts), token_scale=args.token_scale,
-                            gptq=False if args.no_gptq else _on(args.gptq), gptq_max_bits=args.gptq_max_bits,
-                            recon=False if args.no_recon else _on(args.recon), recon_iters=args.recon_iters,
-                            recon_drop=args.recon_drop, recon_max_bits=args.recon_max_bits,
-                            recon_ptf=not args.no_recon_ptf)
-    cost = [(k, v) for k, v in (("edp", args.budget_edp), ("energy", args.budget_energy),
-                                ("latency", args.budget_latency)) if v is not None]
-    if len(cost) > 1:
-        raise ConfigError("give only one of --budget-edp, --budget-energy, --budget-latency")
-    if cost and args.method != "m2q":
-        raise ConfigError(f"--budget-{cost[0][0]} needs --method m2q")
-    bits_given = any(v is not None for v in (args.budget_w, args.budget_a, args.budget_mb, args.budget_gbops))
-    recipe = args.method or "mptq"
-    budget = None
-    if cost or recipe == "m2q":
-        metric, fraction = cost[0] if cost else ("edp", 1.0)
-        budget = CostBudget(metric, fraction, load_hardware(args.hw))
-    elif args.mixed or (recipe == "mptq" and bits_given):
-        budget = Budget(args.budget_w, args.budget_a, args.budget_mb, args.budget_gbops)
-        if not args.config:
-            base = {k: v for k, v in base_widths(budget).items() if getattr(args, k) is None}
-            if base:
-                config = dataclasses.replace(config, **base)
-                print(f"base widths from the budget: W{config.w_bits}A{config.a_bits}", flush=True)
-    elif bits_given:
-        raise ConfigError("a bit or size budget (--budget-w/-a/-mb/-gbops) needs --mixed or --method mptq")
-    search = SearchOptions(w_candidates=parse_bits_list(args.w_candidates) if args.w_candidates else None,
-                           a_candidates=parse_bits_list(args.a_candidates) if args.a_candidates else None,
-                           search=args.mp_search, probe_images=args.probe_images, lower_per_step=args.lower_per_step,
-                           uniform_fallback=args.uniform_fallback, gptq_losses=args.mp_gptq_losses)
-    planned = plan(config, recipe, budget, options, search, model=loaded.model)
-    options, search, budget = planned.options, planned.search, planned.budget
-    print(planned.describe(), flush=True)
+        log.warning("warning: %d calibration image(s) are also evaluated (--allow-overlap); the report says so",
+                    len(overlap))
+    log.info(planned.describe())
 
     t0 = time.perf_counter()
     calib_images, _ = load_tensors(calib_ds, args.batch_size, args.workers)
@@ -273,8 +215,7 @@ def _quantize(args, folder: Path) -> tuple[dict, float, float]:
     extra.pop("recipe", None)
     extra.pop("methods", None)
     calibrate_s = time.perf_counter() - t0
-    if not args.quiet:
-        print(format_table(tensor_table(qmodel)))
+    log.debug(format_table(tensor_table(qmodel)))
 
     t1 = time.perf_counter()
     results = evaluate_many({"fp": loaded.model, "quantized": qmodel},
@@ -285,7 +226,8 @@ def _quantize(args, folder: Path) -> tuple[dict, float, float]:
         qmodel, model_name=entry.timm_name, checkpoint=loaded.checkpoint, random_init=loaded.random_init,
         fp=results["fp"], quantized=results["quantized"],
         timing={"calibrate_s": calibrate_s, "eval_s": eval_s, "calib_images": len(calib_images)},
-        extra={"calib_files": calib_ds.files[:1000], "recipe": recipe, "methods": vars(options),
+        extra={"calib_files": calib_ds.files[:1000], "recipe": planned.recipe, "methods": vars(options),
+               "settings": plan_to_dict(planned), "command": ["vitq", *args.argv],
                "data": {"calib_images": len(calib_images), "calib_skipped": calib_ds.skipped,
                         "eval_skipped": eval_ds.skipped, "overlap_allowed": bool(args.allow_overlap),
                         "overlap_images": len(overlap), "overlap_files": overlap[:1000]},
@@ -293,17 +235,16 @@ def _quantize(args, folder: Path) -> tuple[dict, float, float]:
     )
 
     def write(folder: Path) -> None:
-        if "m2q" in extra:
-            config.save(folder / "mixed_config.json")
-            plot_m2q(extra["m2q"]["layers"], folder / "m2q.png", f"{entry.short}: M2Q")
+        if "m2q" in extra or isinstance(budget, Budget):
+            config.save(folder / "mixed_config.json")  # the searched assignment
         if isinstance(budget, Budget):
-            config.save(folder / "mixed_config.json")
-            plot_bits(extra["mixed"]["layers"], folder / "bits.png", f"{entry.short}: Greedy MP ({search.search} search) {vars(budget)}")
             if "sensitivity" in extra["mixed"]:
                 (folder / "sensitivity.csv").write_text(sensitivity_csv(extra["mixed"]["sensitivity"]))
         save_artifact(qmodel, folder, {"model": entry.timm_name, "checkpoint": loaded.checkpoint,
                                        "random_init": loaded.random_init})
+        (folder / "config.yaml").write_text(dump(plan_to_dict(planned)))
         (folder / "report.json").write_text(dumps(report))
+        write_html(report, folder)
 
     write(folder)
     return report, calibrate_s, eval_s
@@ -325,7 +266,7 @@ def _cost(args, tmp: Path | None) -> int:
         entry, random_init = get_entry(meta["model"]), meta.get("random_init", False)
     else:
         loaded = load_model(args.model, args.checkpoint, args.random_init)
-        model = prepare(loaded.model, _config_from_args(args))
+        model = prepare(loaded.model, _settings_from_args(args).quant_config() or QuantConfig())
         entry, random_init = loaded.entry, loaded.random_init
     workloads = extract_workloads(model, entry.transform.input_size)
     report = estimate(workloads, hw)
@@ -350,25 +291,3 @@ def _cost(args, tmp: Path | None) -> int:
             out["warning"] = "random-init weights: structure and cost are real, accuracy is not measured"
         tmp.write_text(dumps(output_json(out, "cost")))
     return 0
-
-
-def parse_bits_list(text: str) -> tuple[int, ...]:
-    """Candidate bit-widths from ``--w-candidates`` / ``--a-candidates`` text such as ``"4,5,6,8"``.
-
-    Raises:
-        ConfigError: the text is not a comma-separated list of integers.
-    """
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise ConfigError(f"candidate bits must be a comma-separated list of integers, got '{text}'") from None
-
-
-def _rotate_parts(text: str | None) -> tuple[str, ...]:
-    if text is None:
-        return MethodOptions.rotate_parts
-    parts = tuple(p.strip() for p in text.split(",") if p.strip())
-    bad = [p for p in parts if p not in ROTATION_PARTS]
-    if bad or not parts:
-        raise ConfigError(f"--rotate-parts takes a comma-separated list of {', '.join(ROTATION_PARTS)}; got '{text}'")
-    return parts

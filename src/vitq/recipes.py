@@ -8,7 +8,8 @@ A recipe is what ``vitq.quantize(..., recipe=NAME)`` runs:
 * ``m2q``: M2-ViT's scheme (uniform / power-of-two) and precision search under an accelerator cost budget.
 
 Every default that depends on the protocol, the bit-widths or the budget is one row of :data:`DEFAULTS`,
-with its reason and the decision record (docs/methods.md) that chose it. An option the caller sets
+with its reason and the decision record (docs/methods.md) that chose it; ``vitq.settings.defaults_table()``
+prints them under their settings keys. An option the caller sets
 (not None) is never changed.
 """
 from __future__ import annotations
@@ -74,9 +75,13 @@ class Default:
     value: Callable[[QuantConfig, bool], Any]
     reason: str
     record: str
+    other: Any = False  # the value under the other recipes
 
 
 DEFAULTS: tuple[Default, ...] = (
+    Default("config.observer", ("mptq", "m2q"), lambda c, mixed: "mse",
+            "ranges by the least squared error (the engine alone: min-max)", "docs/methods.md, Observers",
+            other="minmax"),
     Default("options.sq_b", ("mptq",), lambda c, mixed: True,
             "SmoothQuant with bias shift, folded into LayerNorm: free at inference", "docs/methods.md, SQ-b"),
     Default("options.opt_m", ("mptq",), lambda c, mixed: True,
@@ -121,7 +126,7 @@ def resolve(recipe: str, config: QuantConfig, options: MethodOptions, mixed: boo
         target = cfg_changes if where == "config" else opt_changes
         # later rows see the earlier rows' values (token scaling follows the GELU token shifts)
         view = dataclasses.replace(config, **cfg_changes) if cfg_changes else config
-        target[name] = bool(d.value(view, mixed)) if recipe in d.recipes else False
+        target[name] = d.value(view, mixed) if recipe in d.recipes else d.other
     config = dataclasses.replace(config, **cfg_changes) if cfg_changes else config
     options = dataclasses.replace(options, **opt_changes) if opt_changes else options
     if recipe == "m2q":
@@ -130,10 +135,3 @@ def resolve(recipe: str, config: QuantConfig, options: MethodOptions, mixed: boo
             raise ConfigError(f"the m2q recipe does not take {', '.join(on)} (M2-ViT's search runs on the "
                               "engine's calibration)")
     return config, options
-
-
-def defaults_table() -> str:
-    """The defaults as a Markdown table (docs/usage.md prints it)."""
-    rows = ["| option | recipes | why | decided by |", "|---|---|---|---|"]
-    rows += [f"| `{d.option}` | {', '.join(d.recipes)} | {d.reason} | {d.record} |" for d in DEFAULTS]
-    return "\n".join(rows)

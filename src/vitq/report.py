@@ -34,12 +34,27 @@ def build_report(model: nn.Module, *, model_name: str, checkpoint: str | None, r
         **model_stats(model),
         "timing": timing,
         "layers": [asdict(r) for r in tensor_table(model)],
+        "versions": package_versions(),
     }
     if random_init:
         report["warning"] = "random-init weights: accuracy numbers are meaningless; structure and cost are real"
     if extra:
         report.update(extra)
     return report
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of Python and of the packages a result depends on."""
+    import platform
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for name in ("vitq", "torch", "timm", "numpy", "safetensors", "onnx", "onnxruntime"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
 
 
 def _acc(r: EvalResult | None) -> dict | None:

@@ -244,7 +244,7 @@ def _probe_kl(q, x):
 
 
 def test_banks_carry_their_token_shifts():
-    from vitq.methods.greedy_mp import _apply, _harvest
+    from vitq.methods.mp_probe import apply_state as _apply, harvest as _harvest
     from vitq.quant import quantize
 
     model, x = tiny_vit_with_massive_position(n=4)

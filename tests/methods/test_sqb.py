@@ -50,27 +50,3 @@ def test_search_lowers_the_quantized_output_error():
     res = apply_sqb(copy.deepcopy(model), tiny_images(size, n=6), QuantConfig(w_bits=4, a_bits=4), progress=False)
     first = res.layers[0]
     assert first.name == "blocks.0.attn.qkv" and first.mse_after < first.mse_before
-
-
-def test_unnormed_layers_get_an_explicit_exact_operation_that_survives_prepare_and_artifacts(tmp_path):
-    from vitq.artifact import load_artifact, save_artifact
-    from vitq.methods.mptq import MethodOptions, run_pipeline
-    from conftest import TINY
-
-    model, size = tiny_model("deit")
-    x = tiny_images(size, n=6)
-    smoothed = copy.deepcopy(model)
-    res = apply_sqb(smoothed, x, QuantConfig(w_bits=4, a_bits=4), progress=False, unnormed=True)
-    names = [layer.name for layer in res.layers]
-    assert "blocks.0.attn.proj" in names and "blocks.1.mlp.fc2" in names and len(names) == 4 * 2
-    proj = smoothed.blocks[0].attn.proj
-    assert hasattr(proj, "sqb_shift") and not torch.equal(proj.weight, model.blocks[0].attn.proj.weight)
-    with torch.inference_mode():
-        assert (smoothed(x) - model(x)).abs().max() < 1e-4
-    # quantized: the operation runs before the input quantizer, and an artifact reloads it
-    q = run_pipeline(model, x, QuantConfig(w_bits=4, a_bits=4),
-                     MethodOptions(sq_b=True, sq_b_unnormed=True)).model
-    save_artifact(q, tmp_path, {"model": TINY["deit"][0], "model_kwargs": TINY["deit"][1]})
-    again, _ = load_artifact(tmp_path)
-    with torch.inference_mode():
-        assert torch.equal(again(x), q(x))

@@ -83,10 +83,6 @@ class Adapter:
         """(LayerNorm, Linear) pairs where the Linear's only input is the norm's output (for SQ-b)."""
         return []
 
-    def unnormed_linears(self, model: nn.Module) -> list[nn.Linear]:
-        """Block Linears not fed by a LayerNorm (attention proj, MLP fc2): SQ-b's optional explicit form."""
-        return []
-
     def post_gelu_linears(self, model: nn.Module) -> list[nn.Linear]:
         """Linears whose input is a GELU output (MLP fc2): where rotation and token scaling act."""
         return []

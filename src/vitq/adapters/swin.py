@@ -88,9 +88,6 @@ class SwinAdapter(Adapter):
                 pairs.append((m.norm, m.reduction))
         return pairs
 
-    def unnormed_linears(self, model: nn.Module) -> list[nn.Linear]:
-        return [lin for b in model.modules() if isinstance(b, SwinTransformerBlock) for lin in (b.attn.proj, b.mlp.fc2)]
-
     def post_gelu_linears(self, model: nn.Module) -> list[nn.Linear]:
         return [b.mlp.fc2 for b in model.modules() if isinstance(b, SwinTransformerBlock)]
 

@@ -93,9 +93,6 @@ class ViTAdapter(Adapter):
         return [(p, layer) for b in model.modules() if isinstance(b, Block)
                 for p, layer in ((b.norm1, b.attn.qkv), (b.norm2, b.mlp.fc1))]
 
-    def unnormed_linears(self, model: nn.Module) -> list[nn.Linear]:
-        return [lin for b in model.modules() if isinstance(b, Block) for lin in (b.attn.proj, b.mlp.fc2)]
-
     def post_gelu_linears(self, model: nn.Module) -> list[nn.Linear]:
         return [b.mlp.fc2 for b in model.modules() if isinstance(b, Block)]
 

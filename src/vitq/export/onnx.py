@@ -15,8 +15,7 @@ What becomes what:
   vitq's codes + 8, vitq's group scales; its input stays float, after its own QDQ pair if 8-bit).
 * Every other quantizer (other widths, PoT, two-region, PTF, grids with token shifts) is left out: those tensors stay in float.
   Weights of such layers are the simulation's quantized values, in float.
-* SQ-b is already folded into the weights (and ``--sq-b-unnormed`` operations are exported as float
-  ``Sub``/``Mul``).
+* SQ-b is already folded into the weights.
 
 After writing, the file is loaded by ONNX Runtime (CPU provider, all graph optimizations) and each layer
 is reported as ``integer`` when an integer operator (``MatMulIntegerToFloat``, ``QLinearMatMul``,

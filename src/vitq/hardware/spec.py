@@ -2,6 +2,7 @@
 and optionally merged with a user's YAML file."""
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, fields
 from importlib import resources
 from pathlib import Path
@@ -75,15 +76,19 @@ def default_hardware_path() -> Path:
     return Path(str(resources.files("vitq.hardware") / "accelerator.yaml"))
 
 
-def load_hardware(path: str | Path | None = None) -> HardwareSpec:
-    """The default accelerator, with the values of ``path`` (a partial YAML file) merged over it.
+def load_hardware(path: str | Path | dict | None = None) -> HardwareSpec:
+    """The default accelerator, with the values of ``path`` (a partial YAML file, or the same as a mapping,
+    e.g. ``HardwareSpec.to_dict()``) merged over it.
 
     Raises:
         HardwareError: unreadable file, unknown section or key, or a value of the wrong type/range.
     """
     merged = _read_yaml(default_hardware_path())
     if path is not None:
-        for section, values in _read_yaml(path).items():
+        given = copy.deepcopy(path) if isinstance(path, dict) else _read_yaml(path)
+        if isinstance(path, dict):
+            path = "the settings' budget.hardware"
+        for section, values in given.items():
             if section == "schedule":
                 merged["schedule"] = values
                 continue

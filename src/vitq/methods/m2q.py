@@ -28,6 +28,7 @@ from timm.layers.padding import pad_same
 
 from ..quant.layers import QuantConv2d
 from .greedy_mp import Budget, greedy_mp
+from .mp_budget import budget_option
 from .mptq import MethodOptions
 
 
@@ -162,7 +163,7 @@ def m2q(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, hw: Hardwar
     if metric not in ("edp", "energy", "latency"):
         raise ConfigError(f"cost metric must be edp, energy or latency, got {metric!r}")
     if not 0 < budget <= 1:
-        raise ConfigError(f"--budget-{metric} is a fraction of the INT8 baseline in (0, 1], got {budget}")
+        raise ConfigError(f"{budget_option(metric)} is a fraction of the INT8 baseline in (0, 1], got {budget}")
     t0 = time.perf_counter()
     w_c = tuple(sorted(set(w_candidates)))
     schemes = {b: choose_schemes(fp_model, calib, base, b, input_size)
@@ -226,29 +227,3 @@ def fixed_scheme_config(fp_model: nn.Module, base: QuantConfig, input_size: tupl
     structure = prepare(fp_model, replace(base, rules=[]))
     names = [w.name for w in extract_workloads(structure, input_size) if w.pot_eligible]
     return replace(base, rules=[LayerRule(n, w_bits=pot_bits, w_scheme="pot") for n in names])
-
-
-def plot_m2q(layers: list[dict], path, title: str = "") -> None:
-    """Two panels per layer: weight bits coloured by engine (MAC / shift-add), and the EDP share."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..io import atomic_path
-
-    names = [r["layer"] for r in layers]
-    colours = ["tab:orange" if r["engine"] == "shift" else "tab:blue" for r in layers]
-    x = list(range(len(names)))
-    fig, (a1, a2) = plt.subplots(2, 1, figsize=(max(8, len(names) * 0.16), 6), sharex=True)
-    a1.bar(x, [r["w_bits"] or r["a_bits"] or 0 for r in layers], color=colours)
-    a1.set_ylabel("W bits (matmul: A bits)")
-    a1.set_title(title + "  (blue: MAC engine, orange: shift-add engine)")
-    a2.bar(x, [100 * r["edp_share"] for r in layers], color=colours)
-    a2.set_ylabel("EDP share %")
-    a2.set_xticks(x)
-    a2.set_xticklabels(names, rotation=90, fontsize=4)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)

@@ -46,8 +46,7 @@ def run_pipeline(fp_model: nn.Module, calib: torch.Tensor, config: QuantConfig, 
     if options.sq_b:
         t = time.perf_counter()
         uniform = QuantConfig(w_bits=config.w_bits, a_bits=config.a_bits)
-        sqb = apply_sqb(model, calib, uniform, progress=progress, unnormed=options.sq_b_unnormed,
-                         ).to_dict()
+        sqb = apply_sqb(model, calib, uniform, progress=progress).to_dict()
         timing["sqb_s"] = time.perf_counter() - t
     rotation = None
     if options.rotate:
@@ -67,8 +66,7 @@ def run_pipeline(fp_model: nn.Module, calib: torch.Tensor, config: QuantConfig, 
     timing["calibrate_s"] = time.perf_counter() - t
     if options.opt_m:
         t = time.perf_counter()
-        optm = apply_optm(q, calib, m_max=options.m_max, progress=progress,
-                          ptf=options.optm_ptf, ptf_objective=options.optm_ptf_objective).to_dict()
+        optm = apply_optm(q, calib, m_max=options.m_max, progress=progress).to_dict()
         timing["optm_s"] = time.perf_counter() - t
     gptq = None
     if options.gptq:

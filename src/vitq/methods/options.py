@@ -9,7 +9,6 @@ if TYPE_CHECKING:
     from ..quant.config import QuantConfig
 
 SEARCHES = ("greedy", "knapsack")  # Greedy MP's searches (methods/greedy_mp.py)
-PTF_OBJECTIVES = ("tensor", "normalized")  # what OPT-m's PTF search minimizes (methods/optm.py)
 ROTATION_PARTS = ("fc2", "v", "qk")  # the rotations the rotation pass can search (methods/rotation.py)
 
 
@@ -21,14 +20,6 @@ class MethodOptions:
     sq_b: bool | None = None
     opt_m: bool | None = None
     m_max: int | None = None  # None: max(4, bits - 1) per tensor (optm.default_m_max)
-    # OPT-m also searches the full protocol's PTF residual-stream steps (optm.search_ptf): on since session
-    # 11, chosen on held-out calibration folds by rule R9, written before its run (docs/methods.md, OPT-m).
-    optm_ptf: bool = True
-    # What that search minimizes, a name in optm.PTF_OBJECTIVES: "normalized" (the error as the next
-    # LayerNorm sees it, to first order) since session 12, by rule R10 on held-out calibration folds,
-    # written before its run (docs/methods.md, OPT-m); "tensor" is the grid's own squared error.
-    optm_ptf_objective: str = "normalized"
-    sq_b_unnormed: bool = False  # SQ-b also on proj/fc2, as an explicit per-channel operation
     # vitq's addition: Hadamard rotations of fc2's input (online), of v/proj and of q/k (folded), kept per
     # layer where they lower its quantized output error (methods/rotation.py). Off in a bare MethodOptions;
     # the mptq recipe turns it on where rule R30 adopted it (vitq.recipes.DEFAULTS).
@@ -51,15 +42,10 @@ class MethodOptions:
     # including what eval968 showed first: docs/methods.md "Block reconstruction").
     recon_iters: int = 50
     recon_drop: float = 0.0
-    recon_ptf: bool = True  # also learn the PTF grids' step multipliers (full protocol's residual stream)
-    # Only layers with at most this many weight bits learn their weight scales in reconstruction (8 = all);
-    # rule R23 in docs/methods.md decides the default.
-    recon_wscale_max_bits: int = 8
 
     def recon_applies(self, config: QuantConfig) -> bool:
         return bool(self.recon) and config.a_bits <= self.recon_max_bits
 
     def recon_kwargs(self) -> dict:
         """The :func:`apply_block_recon` settings these options choose (one place for every caller)."""
-        return {"iters": self.recon_iters, "drop_prob": self.recon_drop, "ptf_scales": self.recon_ptf,
-                "weight_scale_max_bits": self.recon_wscale_max_bits}
+        return {"iters": self.recon_iters, "drop_prob": self.recon_drop}

@@ -12,8 +12,7 @@ Every other activation quantizer gets its clip range from the same kind of searc
 ``r`` of ``r·[min, max]`` minimizing the error of the output of the layer it feeds; for tensors that
 feed no Linear or matmul, the tensor's own error). The full protocol's per-channel PTF grids on the
 residual stream get their base step and per-channel shifts from the same kind of search
-(:func:`search_ptf`, by default on the error as the next LayerNorm sees it to first order,
-``ptf_objective="normalized"``; ``"tensor"``: on the tensor's own error).
+(:func:`search_ptf`, on the error as the next LayerNorm sees it, to first order).
 """
 from __future__ import annotations
 
@@ -28,7 +27,6 @@ from ..quant import quantizers as Q
 from ..quant.engine import all_quantizers
 from ..quant.layers import QuantLinear, QuantMatMul
 from .capture import row_factor
-from .options import PTF_OBJECTIVES as _PTF_OBJECTIVES
 
 # Clip ratios 0.30 .. 0.90 in steps of 0.05, then 0.90 .. 1.00 in steps of 0.01: at 8 bits the rounding
 # error is small, so the best clip lies close to the max and a 0.05 step is too coarse there.
@@ -223,8 +221,8 @@ def search_ptf(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, m
     Args:
         x: samples, channels last (rows x channels).
         lo, hi: each channel's calibrated range.
-        row_weight: optional non-negative weight per row (``"normalized"`` objective: ``1 / var`` of the
-            residual stream at that token, see :data:`PTF_OBJECTIVES`).
+        row_weight: optional non-negative weight per row (:func:`apply_optm` gives ``1 / var`` of the
+            residual stream at that token).
 
     Returns:
         ``(scale, zero_point, error, error_minmax)``: one step and zero point per channel, the (weighted)
@@ -259,16 +257,6 @@ def search_ptf(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, m
     return best[0], best[1], best[2] / norm, err_minmax
 
 
-# What the PTF search minimizes. "tensor": the grid's own squared error (session 11's default).
-# "normalized": each token's error divided by the variance of the residual stream at that token. Every
-# use of the residual stream goes through a LayerNorm, which divides token t by its standard deviation,
-# so to first order (ignoring the shift of the norm's own mean and variance) this is the error the next
-# LayerNorm's output sees, up to its per-channel gain, which does not change any channel's best shift.
-# Tokens that carry massive activations have a large variance, so their errors count for less.
-# The default since session 12 (rule R10, docs/methods.md).
-PTF_OBJECTIVES = _PTF_OBJECTIVES
-
-
 def default_m_max(bits: int) -> int:
     """Largest ratio exponent searched at ``bits`` when none is given: ``max(4, bits - 1)``.
 
@@ -280,8 +268,7 @@ def default_m_max(bits: int) -> int:
 
 
 def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int | None = None, max_rows: int = 4096,
-               n_images: int = 8, progress: bool = True, ptf: bool = True,
-               ptf_objective: str = "normalized") -> OptMResult:
+               n_images: int = 8, progress: bool = True) -> OptMResult:
     """Run OPT-m on a calibrated model (in place).
 
     Args:
@@ -290,19 +277,18 @@ def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int | None = None, 
         m_max: largest ratio exponent tried for the two-region tensors; ``None`` means
             :func:`default_m_max` of each tensor's bit-width; ``0`` keeps every tensor uniform (only the
             clip search runs), which is what an integer runtime without two-region kernels can execute.
-        ptf: also search the steps of the full protocol's PTF residual-stream grids (:func:`search_ptf`;
-            on by default since session 11); off: they keep their min-max calibration.
-        ptf_objective: what that search minimizes, one of :data:`PTF_OBJECTIVES`.
 
     Returns:
         Per two-region tensor, the chosen ``m`` and the errors with ``m = 0`` and overall; per searched PTF
         grid, its error before and after the search.
     """
-    if ptf_objective not in PTF_OBJECTIVES:
-        raise ValueError(f"unknown PTF search objective {ptf_objective!r}; choose one of {list(PTF_OBJECTIVES)}")
     adapter = adapter_for(model)
     targets = {id(q): signed for q, signed in adapter.two_region_targets(model)}
-    row_weights: dict[int, torch.Tensor] | None = {} if ptf_objective == "normalized" else None
+    # The PTF grids' errors are weighted per token by 1 / var of the residual stream there: every use of
+    # the residual stream goes through a LayerNorm, which divides token t by its standard deviation, so to
+    # first order this is the error the next LayerNorm's output sees (tokens with massive activations count
+    # for less). The tensor's own error measured worse (docs/lab/decisions.md, R10).
+    row_weights: dict[int, torch.Tensor] = {}
     token_weights: dict[int, torch.Tensor] = {}
     found = _capture(model, calib[:n_images], max_rows, row_weights, token_weights)
     result = OptMResult()
@@ -311,16 +297,16 @@ def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int | None = None, 
         # the output each clip is scored on: a Linear's or matmul's (q, k, v) from the capture
         x, out_fn = found[id(q)]
         # the samples are channel-last rows, so only grids whose channels are the last axis are searched
-        if ptf and q.spec.granularity == "ptf" and q.spec.scheme == "uniform" and q.ptf_axis == -1:
-            weight = None if row_weights is None else row_weights[id(q)]
+        if q.spec.granularity == "ptf" and q.spec.scheme == "uniform" and q.ptf_axis == -1:
+            weight = row_weights[id(q)]
             if id(q) in token_weights:  # samples divided by their token factors: weigh errors back
-                weight = token_weights[id(q)] if weight is None else weight * token_weights[id(q)]
+                weight = weight * token_weights[id(q)]
             scale, zp, err, err0 = search_ptf(x, q.range_min, q.range_max, q.spec.bits, row_weight=weight)
             q.set_ptf(scale, zp)
             result.choices.append(OptMChoice(q.name, "ptf", 0, err0, err))
             continue
         if q.spec.scheme != "uniform" or q.spec.granularity != "per_tensor":
-            continue  # PoT, two-region and (with ptf=False) PTF residual grids keep their own calibration
+            continue  # PoT, two-region and other PTF grids keep their own calibration
         if q.layer in getattr(model, "vitq_first_layers", []) and q.role == "input":
             continue  # the 8-bit image input keeps its min-max range
         lo, hi, err0 = search_uniform_clip(x, q.spec.bits, out_fn)

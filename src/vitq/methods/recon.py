@@ -65,7 +65,7 @@ def _batched(fn, x: torch.Tensor, bs: int = 8) -> torch.Tensor:
 def apply_block_recon(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor, iters: int = 50,
                       batch: int = 8, lr: float = 4e-3, weight_scales: bool = True,
                       min_rows_per_channel: float = 4.0, drop_prob: float = 0.0, seed: int = 0,
-                      ptf_scales: bool = True, weight_scale_max_bits: int = 8, progress: bool = True) -> ReconResult:
+                      progress: bool = True) -> ReconResult:
     """Tune step sizes block by block so each quantized block reproduces the float block (in place).
 
     Args:
@@ -82,10 +82,6 @@ def apply_block_recon(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor
         drop_prob: QDrop; during training each activation element of the stage stays float with this
             probability (0 = always quantized). How the defaults were chosen: docs/methods.md.
         seed: seeds the mini-batch order and the QDrop draws.
-        ptf_scales: also learn one step multiplier per PTF grid (the full protocol's residual stream);
-            the channels' power-of-two shifts and zero points stay.
-        weight_scale_max_bits: with ``weight_scales``, only layers with at most this many weight bits learn
-            their scales (8, the default, means all); wider ones keep theirs, like GPTQ's ``max_bits``.
 
     Returns:
         Per stage, the number of learned scalars and :func:`stage_loss` before and after.
@@ -94,12 +90,9 @@ def apply_block_recon(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor
         raise ValueError(f"drop_prob is a probability in [0, 1), got {drop_prob}")
     if iters < 1 or batch < 1:
         raise ValueError(f"iters and batch must be at least 1, got iters={iters}, batch={batch}")
-    if not 2 <= weight_scale_max_bits <= 8:
-        raise ValueError(f"weight_scale_max_bits must be from 2 to 8, got {weight_scale_max_bits}")
     t0 = time.perf_counter()
     result = ReconResult(settings={"iters": iters, "batch": batch, "lr": lr, "weight_scales": weight_scales,
-                                   "drop_prob": drop_prob, "seed": seed, "ptf_scales": ptf_scales,
-                                   "weight_scale_max_bits": weight_scale_max_bits})
+                                   "drop_prob": drop_prob, "seed": seed})
     adapter = adapter_for(model)
     trunk_q, trunk_f = adapter.trunk(model), adapter_for(fp_model).trunk(fp_model)
     if trunk_q is None or trunk_f is None:
@@ -132,9 +125,9 @@ def apply_block_recon(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor
                 h.remove()
             # the stage's quantizers are the ones its forward pass called (no name matching)
             used = [q for q, c in zip(quantizers, calls) if q.calls > c]
-            act = [q for q in used if q.scale_learnable and (ptf_scales or q.spec.granularity != "ptf")]
+            act = [q for q in used if q.scale_learnable]
             eligible = _eligible_layers(layers_all, rows, {id(q) for q in used}, min_rows_per_channel)
-            layers = _up_to_bits(eligible, weight_scale_max_bits) if weight_scales else []
+            layers = eligible if weight_scales else []
             learned = _tune(fq, xq, target, act, layers, [q for q in used if not q.is_weight], iters, batch,
                             lr, drop_prob, gen)
             with torch.no_grad():
@@ -157,11 +150,6 @@ def _eligible_layers(layers_all: list[nn.Module], rows: dict[int, int], used_ids
     # per-class scales to the calibration images, so it keeps its weight scales.
     return [m for m in layers_all if id(m.in_quant) in used_ids
             and rows.get(id(m), 0) >= min_rows_per_channel * m.weight[0].numel()]
-
-
-def _up_to_bits(layers: list[nn.Module], max_bits: int) -> list[nn.Module]:
-    """The layers whose weights have at most ``max_bits`` bits (the ones that learn weight scales)."""
-    return [m for m in layers if m.w_quant.spec.bits <= max_bits]
 
 
 def _tune(fn, x: torch.Tensor, target: torch.Tensor, act: list, layers: list[nn.Module], acts_dropped: list,

@@ -25,9 +25,8 @@ calibration images, ``||Q(x R) Q(W R)^T - x W^T||^2`` against ``||Q(x) Q(W)^T - 
 min-max weights at the config's ``w_bits``; activations at ``a_bits`` with the best clip of OPT-m's grid,
 and for fc2 also OPT-m's two-region grid, as OPT-m will choose later). For q/k the error is that of the
 attention logits of every pair of sampled tokens, head by head, ``||Q(q R) Q(k R)^T - q k^T||^2``, each
-operand per tensor at ``a_bits`` with its best clip of OPT-m's grid on its own error. Layers with an explicit SQ-b
-operation in front (``--sq-b-unnormed``) are left alone: the rotation would have to pass
-through it. Needs widths with a power-of-two factor of at least :data:`MIN_BLOCK`.
+operand per tensor at ``a_bits`` with its best clip of OPT-m's grid on its own error.
+Needs widths with a power-of-two factor of at least :data:`MIN_BLOCK`.
 """
 from __future__ import annotations
 
@@ -250,12 +249,11 @@ def apply_rotation(model: nn.Module, calib: torch.Tensor, config: QuantConfig, m
     names = {m: n for n, m in model.named_modules()}
     # (kind, module named in the report, Linear whose input is collected, Hadamard block)
     todo = [("fc2", m, m, block_size(m.in_features)) for m in adapter.post_gelu_linears(model)
-            if "fc2" in parts and not hasattr(m, "sqb_shift") and not hasattr(m, "hadamard_signs")]
+            if "fc2" in parts and not hasattr(m, "hadamard_signs")]
     head_block = {a: block_size(a.qkv.weight.shape[0] // 3 // a.num_heads) for a in adapter.qkv_attentions(model)}
-    todo += [("v/proj", a, a.proj, b) for a, b in head_block.items()
-             if "v" in parts and not hasattr(a.proj, "sqb_shift")]
-    # q/k: the qkv input gives q and k (an explicit SQ-b operation on qkv would sit in front: skipped)
-    todo += [("q/k", a, a.qkv, b) for a, b in head_block.items() if "qk" in parts and not hasattr(a.qkv, "sqb_shift")]
+    todo += [("v/proj", a, a.proj, b) for a, b in head_block.items() if "v" in parts]
+    # q/k: the qkv input gives q and k
+    todo += [("q/k", a, a.qkv, b) for a, b in head_block.items() if "qk" in parts]
     todo = [t for t in todo if t[3] >= MIN_BLOCK]
     result = RotationResult()
     if not todo:

@@ -85,42 +85,8 @@ def fold(norm: nn.LayerNorm, linear: nn.Linear, b: torch.Tensor, s: torch.Tensor
     norm.bias.sub_(b).div_(s)
 
 
-def _channel_affine(module: nn.Module, args):
-    # x' = (x - b) * (1 / s), applied before the layer's own input quantizer (a forward pre-hook runs
-    # before forward, and QuantLinear quantizes inside forward).
-    return ((args[0] - module.sqb_shift) * module.sqb_inv_scale,) + tuple(args[1:])
-
-
-def attach_channel_affine(linear: nn.Linear, b: torch.Tensor, s: torch.Tensor) -> None:
-    """SQ-b without a LayerNorm to fold into: an explicit per-channel ``(x - b) / s`` before ``linear``,
-    with ``W' = W diag(s)`` and ``bias' = bias + W b`` (exact in real arithmetic)."""
-    with torch.no_grad():
-        w = linear.weight
-        if linear.bias is None:
-            linear.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype))
-        linear.bias.add_(w @ b)
-        w.mul_(s[None, :])
-    restore_channel_affine(linear, b, 1.0 / s)
-
-
-def restore_channel_affine(linear: nn.Module, shift: torch.Tensor, inv_scale: torch.Tensor) -> None:
-    """(Re)attach the explicit per-channel operation with saved buffers (artifact loading)."""
-    linear.register_buffer("sqb_shift", shift.clone())
-    linear.register_buffer("sqb_inv_scale", inv_scale.clone())
-    linear.register_forward_pre_hook(_channel_affine)
-
-
-def restore_channel_affines(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Re-create the explicit SQ-b operations that a saved state dict holds buffers for."""
-    modules = dict(model.named_modules())
-    for key in state:
-        if key.endswith(".sqb_shift"):
-            name = key[: -len(".sqb_shift")]
-            restore_channel_affine(modules[name], state[key], state[name + ".sqb_inv_scale"])
-
-
 def apply_sqb(model: nn.Module, calib: torch.Tensor, config: QuantConfig, alphas=DEFAULT_ALPHAS,
-              max_rows: int = 4096, progress: bool = True, unnormed: bool = False) -> SQBResult:
+              max_rows: int = 4096, progress: bool = True) -> SQBResult:
     """Apply SQ-b in place to every LayerNorm -> Linear pair the family adapter names.
 
     Args:
@@ -129,16 +95,12 @@ def apply_sqb(model: nn.Module, calib: torch.Tensor, config: QuantConfig, alphas
         config: bit-widths used by the per-layer alpha search (each layer's own W/A bits).
         alphas: the alpha grid.
         max_rows: tokens per layer used by the search.
-        unnormed: also treat the Linears not fed by a LayerNorm (``Adapter.unnormed_linears``: attention
-            proj, MLP fc2) with an explicit per-channel shift and scale before their input quantizer.
 
     Returns:
         The chosen alpha and quantized-output MSE before/after, per layer.
     """
     adapter = adapter_for(model)
     pairs = list(adapter.norm_linear_pairs(model))
-    if unnormed:
-        pairs += [(None, lin) for lin in adapter.unnormed_linears(model)]
     names = {m: n for n, m in model.named_modules()}
     linears = [lin for _, lin in pairs]
     inputs = collect_inputs(model, linears, calib, max_rows)
@@ -160,9 +122,6 @@ def apply_sqb(model: nn.Module, calib: torch.Tensor, config: QuantConfig, alphas
             err = _quant_output_mse((x - b) / s, w * s[None, :], centred_ref, bits["a_bits"], bits["w_bits"])
             if err < best[0]:
                 best = (err, alpha, s)
-        if norm is None:
-            attach_channel_affine(lin, b, best[2])
-        else:
-            fold(norm, lin, b, best[2])
+        fold(norm, lin, b, best[2])
         result.layers.append(SQBLayer(name, best[1], before, best[0]))
     return result

@@ -58,7 +58,8 @@ class QuantConfig:
         protocol: ``standard`` (RepQ-ViT protocol: LayerNorm/Softmax in float, every linear/conv/matmul
             input quantized) or ``full`` (also the inputs of LayerNorm, Softmax, GELU and residual adds).
         observer: activation range observer, ``minmax``, ``percentile`` or ``mse``; weights use the same
-            method per output channel.
+            method per output channel. None: the recipe's choice (``mse`` under ``mptq`` and ``m2q``,
+            vitq.recipes.DEFAULTS), ``minmax`` for the engine alone.
         mse_objective: ``tensor`` (error of the quantized tensor) or ``output`` (error of the layer output
             it feeds, for Linear inputs).
         percentile: the percentile of the ``percentile`` observer.
@@ -85,7 +86,7 @@ class QuantConfig:
     w_bits: int = 8
     a_bits: int = 8
     protocol: str = "standard"
-    observer: str = "minmax"
+    observer: str | None = None
     mse_objective: str = "tensor"
     percentile: float = 99.99
     w_granularity: str = "per_channel"
@@ -115,7 +116,8 @@ class QuantConfig:
         _bits("a_bits", self.a_bits)
         _bits("first_layer_a_bits", self.first_layer_a_bits)
         _choice("protocol", self.protocol, PROTOCOLS)
-        _choice("observer", self.observer, OBSERVERS)
+        if self.observer is not None:
+            _choice("observer", self.observer, OBSERVERS)
         _choice("mse_objective", self.mse_objective, ("tensor", "output"))
         _choice("w_granularity", self.w_granularity, GRANULARITIES)
         _choice("w_scheme", self.w_scheme, SCHEMES)

@@ -170,7 +170,7 @@ def calibrate(model: nn.Module, config: QuantConfig, calib_data, progress: bool 
     qs = all_quantizers(model)
     acts = [q for q in qs if not q.is_weight]
     for q in acts:
-        q.start_observing(config.observer, config.seed)
+        q.start_observing(config.observer or "minmax", config.seed)
     for m in compute_layers(model):
         m.macs = 0
     n_images = 0
@@ -187,7 +187,7 @@ def calibrate(model: nn.Module, config: QuantConfig, calib_data, progress: bool 
     for q in acts:
         q.finish_observing(config.percentile, config.mse_objective)
     for m in weight_layers(model):
-        m.w_quant.calibrate_weight(m.weight, config.observer, config.percentile)
+        m.w_quant.calibrate_weight(m.weight, config.observer or "minmax", config.percentile)
         m.refresh()
     for q in qs:
         q.calls = 0
