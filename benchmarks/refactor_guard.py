@@ -1,7 +1,7 @@
 """Issue 41's guard: the refactor changes no number. Runs the same ``vitq quantize`` commands on the code of
 ``--src`` (a checkout's ``src`` folder; default: this one) and prints top-1, agreement and KL of each.
 
-    python benchmarks/refactor_guard.py --src /tmp/old/src --out before.json
+    python benchmarks/refactor_guard.py --src /tmp/old/src --legacy --out before.json
     python benchmarks/refactor_guard.py --out after.json --compare before.json
 
 The cases: the demo (W4A4 mptq, DeiT-Tiny), W6A6 and W8A8 mptq on DeiT-Tiny and ViT-Tiny, Greedy MP at a

@@ -82,5 +82,12 @@ def test_no_module_is_over_500_lines():
     assert not long, long
 
 
+def test_readme_is_short_and_starts_with_the_two_commands():
+    lines = (PKG.parents[1] / "README.md").read_text().splitlines()
+    assert len(lines) <= 150
+    first_screen = "\n".join(lines[:15])
+    assert "make demo" in first_screen and "make test" in first_screen
+
+
 if __name__ == "__main__":
     print(import_table())

@@ -55,7 +55,7 @@ def bits_figure(report: dict, title: str):
 def sensitivity_figure(rows: list[dict], title: str, top: int = 30):
     """The ``top`` most sensitive tensors: probe KL with only that tensor at its lowest candidate width."""
     rows = sorted(rows, key=lambda r: -r["kl"][min(r["kl"], key=int)])[:top][::-1]
-    fig, ax = plt.subplots(figsize=(8, 0.22 * len(rows) + 1.4))
+    fig, ax = plt.subplots(figsize=(9, 0.22 * len(rows) + 1.6))
     low = [min(r["kl"], key=int) for r in rows]
     ax.barh(range(len(rows)), [r["kl"][b] for r, b in zip(rows, low)],
             color=[W_COLOUR if r["kind"] == "W" else A_COLOUR for r in rows])
@@ -63,7 +63,7 @@ def sensitivity_figure(rows: list[dict], title: str, top: int = 30):
     ax.set_yticklabels([f"{r['kind']} {_short(r['layer'])} @{b}b" for r, b in zip(rows, low)], fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("KL from FP on the probe images, this tensor alone quantized (log scale)")
-    ax.set_title(title + "  (blue: weights, orange: activations)")
+    ax.set_title(title + "\n(blue: weights, orange: activations; @: the width probed)", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -90,11 +90,11 @@ def edp_figure(layers: list[dict], title: str):
     colours = [SHIFT_COLOUR if r["engine"] == "shift" else W_COLOUR for r in layers]
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(max(9, 0.17 * len(layers) + 2), 5.2), sharex=True)
     a1.bar(x, [r["w_bits"] or r["a_bits"] or 0 for r in layers], color=colours)
-    a1.set_ylabel("W bits (matmul: A bits)")
+    a1.set_ylabel("weight bits\n(matmul: act. bits)", fontsize=8)
     a1.set_ylim(0, 9)
     a1.set_title(title + "  (blue: multiply engine, green: shift-add engine)")
     a2.bar(x, [100 * r["edp_share"] for r in layers], color=colours)
-    a2.set_ylabel("share of EDP (%)")
+    a2.set_ylabel("share of EDP (%)", fontsize=8)
     a2.set_xticks(x)
     a2.set_xticklabels([_short(r["layer"]) for r in layers], rotation=90, fontsize=6)
     fig.tight_layout()

@@ -113,7 +113,9 @@ def render(report: dict, figures: dict[str, bytes] | None = None) -> str:
     if figures is None:
         figures = {k: png_bytes(f) for k, f in report_figures(report, name).items()}
     cfg = report.get("config") or {}
-    title = f"vitq: {name}, {report.get('recipe', '')} W{cfg.get('w_bits')}A{cfg.get('a_bits')} ({report.get('protocol')})"
+    bits = (f"mixed precision, W {report['avg_w_bits']:.2f} / A {report['avg_a_bits']:.2f} bits on average"
+            if cfg.get("rules") else f"W{cfg.get('w_bits')}A{cfg.get('a_bits')}")
+    title = f"vitq: {name}, {report.get('recipe', '')} {bits} ({report.get('protocol')} protocol)"
     parts = [f"<!doctype html><html><head><meta charset=utf-8><title>{_e(title)}</title><style>{_CSS}</style>"
              "</head><body>", f"<h1>{_e(title)}</h1>"]
     if report.get("random_init"):
