@@ -12,10 +12,10 @@ DEMO_OUT ?= runs/demo-deit_tiny-w4a4
 
 .PHONY: venv demo test lint bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test]' -c requirements.lock
 	touch $@
 
 venv: $(VENV)/.installed

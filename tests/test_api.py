@@ -87,3 +87,11 @@ def test_plan_checks_budgets_and_searches_before_any_model():
         Budget(w_bits=float("nan"))  # a budget checks its own values, so Python and the CLI refuse alike
     with pytest.raises(ConfigError, match="give a budget"):
         plan(None, "mptq", None, search=SearchOptions(search="greedy"))
+
+
+def test_any_batch_type_with_an_input_function():
+    x = tiny_images(32, n=4)
+    batches = [{"pixel_values": x[:2], "label": 0}, {"pixel_values": x[2:], "label": 1}]
+    assert torch.equal(calibration_tensor(batches, input_fn=lambda b: b["pixel_values"]), x)
+    with pytest.raises(TypeError, match="pass input_fn"):
+        calibration_tensor(batches)

@@ -145,7 +145,7 @@ def test_mixed_precision_search_then_config_reuse_gives_same_bits_and_result(tmp
 @pytest.mark.parametrize("extra,needle", [
     (["--set", "search.search=knapsack"], "search.search=knapsack searches a mixed-precision assignment: give a budget"),
     (["--method", "m2q", "--set", "search.search=knapsack"], "search.search=knapsack is for Greedy MP"),
-    (["--budget-gbops", "1", "--set", "search.search=knapsack"], "average-bit and size budgets only"),
+    (["--set", "budget.gbops=1", "--set", "search.search=knapsack"], "average-bit and size budgets only"),
     (["--method", "mptq", "--set", "rotation.parts=fc2,kq"], "rotation.parts takes a list of fc2, v, qk"),
     (["--set", "search.serch=knapsack"], "'search.serch': unknown field"),
     (["--set", "gptq.enabled=maybe"], "'gptq.enabled' must be bool"),
@@ -206,7 +206,7 @@ def test_bops_budget_defaults_to_the_greedy_search(tmp_path, images12, capsys):
     out = tmp_path / "mp"
     assert main(["quantize", "deit_tiny", "--random-init", "--method", "minmax", "--calib", str(images), "--calib-size", "10", "--eval",
                  str(images), "--allow-overlap", "--limit", "2", "--w-bits", "6", "--a-bits", "6", "--workers", "0", "-q",
-                 "--budget-gbops", "1e6", "--set", "search.w_candidates=6,8", "--set", "search.a_candidates=6,8",
+                 "--set", "budget.gbops=1e6", "--set", "search.w_candidates=6,8", "--set", "search.a_candidates=6,8",
                  "--out", str(out)]) == 0
     mixed = json.loads((out / "report.json").read_text())["mixed"]
     assert mixed["search"] == "greedy" and mixed["probe_images"] == 8  # the greedy loop keeps 8 probe images
@@ -448,3 +448,32 @@ def test_gelu_token_shift_by_default_only_where_rules_r33_r47_adopted_it(images,
 def test_m2q_refuses_token_scale(images, tmp_path, capsys):
     assert main([*_quantize_args(images, 2), "--method", "m2q", "--set", "token_scale.enabled=true", "--out", str(tmp_path / "q")]) == 2
     assert "the m2q recipe does not take token_scale" in capsys.readouterr().err
+
+
+def test_a_two_class_checkpoint_quantizes_and_evaluates_on_two_class_folders(tmp_path, capsys):
+    import timm
+    from safetensors.torch import save_file
+
+    from conftest import write_images
+
+    for cls in ("dog", "cat"):
+        write_images(tmp_path / "pets" / cls, ["a", "b", "c"], size=48, seed=len(cls))
+    torch.manual_seed(0)
+    ft = timm.create_model("deit_tiny_patch16_224", pretrained=False, num_classes=2)
+    save_file({k: v.contiguous() for k, v in ft.state_dict().items()}, str(tmp_path / "ft.safetensors"))
+    out = tmp_path / "q"
+    assert main(["quantize", "deit_tiny", "--checkpoint", str(tmp_path / "ft.safetensors"), "--method", "minmax",
+                 "--calib", str(tmp_path / "pets"), "--calib-size", "2", "--eval", str(tmp_path / "pets"),
+                 "--workers", "0", "-q", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["data"]["labels"] == "folders" and report["quantized"]["n_images"] == 4  # 2 calibrate
+    assert report["layers"][-1]["name"].startswith("head") and 0 <= report["quantized"]["top1"] <= 100
+    capsys.readouterr()
+    assert main(["eval", str(out), "--data", str(tmp_path / "pets"), "--workers", "0"]) == 0  # the artifact: 2 classes
+    assert "n=6" in capsys.readouterr().out
+    assert main(["eval", str(out), "--data", str(tmp_path / "pets"), "--labels", "none", "--workers", "0"]) == 0
+    assert "top1=n/a (no labels)" in capsys.readouterr().out
+    assert main(["quantize", "levit_128s", "--random-init", "--calib", str(tmp_path / "pets"), "--eval",
+                 str(tmp_path / "pets"), "--out", str(tmp_path / "l")]) == 2
+    err = capsys.readouterr().err
+    assert "model 'levit_128s'" in err and "no vitq adapter" in err and not (tmp_path / "l").exists()

@@ -116,3 +116,48 @@ def test_bad_image_in_a_worker_is_one_line_in_the_main_process(tmp_path):
     ds = make_dataset(tmp_path, get_entry("deit_tiny").transform, skip_bad_images=True)
     load_tensors(ds, workers=2)
     assert [p.rsplit("/", 1)[-1] for p in ds.skipped] == ["n01484850_broken.JPEG"]
+
+
+def test_labels_from_class_folders_of_any_name_a_mapping_or_none(tmp_path):
+    from conftest import write_images as w
+
+    root = tmp_path / "pets"
+    for cls in ("dog", "cat"):
+        w(root / cls, ["x", "y"], layout="flat")
+    t = get_entry("deit_tiny").transform
+    ds = make_dataset(root, t)  # auto: not synsets, every image in a class folder
+    assert ds.label_mode == "folders" and [ds.labels[ds.files.index(f)] for f in sorted(ds.files)] == [0, 0, 1, 1]
+    (tmp_path / "map.json").write_text('{"cat": 7, "dog": 3}')
+    ds = make_dataset(root, t, labels=str(tmp_path / "map.json"))
+    assert ds.label_mode == "mapping" and sorted(ds.labels) == [3, 3, 7, 7]
+    (tmp_path / "map.txt").write_text("dog\ncat\n")
+    assert sorted(make_dataset(root, t, labels=str(tmp_path / "map.txt")).labels) == [0, 0, 1, 1]
+    assert make_dataset(root, t, labels="none").labels == [-1] * 4
+    (tmp_path / "bad.json").write_text('{"dog": 0}')
+    with pytest.raises(DataError, match="no index for class"):
+        make_dataset(root, t, labels=str(tmp_path / "bad.json"))
+    with pytest.raises(DataError, match="no such mode or mapping file"):
+        make_dataset(root, t, labels="folder")
+    with pytest.raises(DataError, match="ImageNet synset"):
+        make_dataset(root, t, labels="imagenet")
+
+
+def test_images_without_labels_give_agreement_and_kl_but_no_top1(tmp_path):
+    import timm
+
+    from vitq.evaluation import evaluate
+
+    write_images(tmp_path, SYN[:4])
+    ds = make_dataset(tmp_path, get_entry("deit_tiny").transform, labels="none")
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=224).eval()
+    r = evaluate(model, make_loader(ds, workers=0), reference=model, progress=False)
+    assert r.top1 is None and r.top5 is None and r.top1_delta_se is None
+    assert r.agreement == 100.0 and r.kl is not None and "top1=n/a" in r.summary()
+
+
+def test_class_folders_win_over_synset_file_names(tmp_path):
+    write_images(tmp_path / "dog", SYN[:2])  # synset-prefixed names inside folders of the user's classes
+    write_images(tmp_path / "other", SYN[2:4])
+    ds = make_dataset(tmp_path, get_entry("deit_tiny").transform)
+    assert ds.label_mode == "folders" and sorted(ds.labels) == [0, 0, 1, 1]
+    assert make_dataset(tmp_path, get_entry("deit_tiny").transform, labels="imagenet").label_mode == "imagenet"

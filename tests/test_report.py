@@ -23,3 +23,23 @@ def test_summary_line_shows_standard_errors_only_when_the_report_has_them():
     report["quantized"].update(top1_delta_se=0.71, agreement_se=0.8, kl_se=0.004)
     line = summary_line(report)
     assert "(drop +2.00)" in line and "se(drop/agreement/kl)=0.71/0.80/0.0040" in line
+
+
+def test_report_html_without_matplotlib_has_the_tables_and_says_why_no_plots(monkeypatch, tmp_path):
+    import sys
+
+    from vitq.report_html import write_html
+
+    report = {"model": "m", "recipe": "minmax", "protocol": "standard", "config": {"w_bits": 8, "a_bits": 8},
+              "fp": {"top1": 80.0}, "quantized": {"top1": 79.0, "top1_delta_se": 0.5, "agreement": 97.0,
+                                                   "agreement_se": 0.6, "kl": 0.01, "kl_se": 0.001},
+              "size_bytes": 6e6, "avg_w_bits": 8.0, "avg_a_bits": 8.0, "bops": 1e9,
+              "layers": [{"name": "head.weight", "layer": "head", "kind": "weight", "bits": 8, "scheme": "uniform",
+                          "granularity": "per_channel"}]}
+    for mod in [m for m in list(sys.modules) if m == "matplotlib" or m.startswith("matplotlib.") or m == "vitq.plots"]:
+        monkeypatch.delitem(sys.modules, mod)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    write_html(report, tmp_path)
+    page = (tmp_path / "report.html").read_text()
+    assert "pip install 'vitq[plots]'" in page and "79.00" in page and "head" in page
+    assert not list(tmp_path.glob("*.png"))

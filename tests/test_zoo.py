@@ -108,3 +108,39 @@ def test_random_init_only_when_asked():
     assert loaded.random_init and loaded.checkpoint is None
     with pytest.raises(ZooError, match="exclude"):
         load_model("swin_tiny", checkpoint="x.pth", random_init=True)
+
+
+def test_any_timm_name_outside_the_zoo_gets_timms_transform():
+    e = get_entry("deit3_small_patch16_224")
+    cfg = get_pretrained_cfg("deit3_small_patch16_224")
+    assert not e.pinned and e.timm_name == "deit3_small_patch16_224" and e.family == ""
+    assert (e.transform.crop_pct, e.transform.mean, e.transform.input_size) == (cfg.crop_pct, tuple(cfg.mean),
+                                                                               tuple(cfg.input_size))
+    with pytest.raises(ZooError, match="neither in vitq's zoo nor a timm model"):
+        get_entry("no_such_model_xyz")
+
+
+def test_a_checkpoint_with_its_own_head_sets_the_classes(tmp_path):
+    two = timm.create_model("deit_tiny_patch16_224", pretrained=False, num_classes=2)
+    _save_tiny(tmp_path / "ft.safetensors", two)
+    loaded = load_model("deit_tiny", checkpoint=tmp_path / "ft.safetensors")  # read from the checkpoint
+    assert loaded.model.num_classes == 2 and loaded.model_kwargs == {"num_classes": 2}
+    assert torch.equal(loaded.model.head.weight, two.head.weight)
+    forced = load_model("deit_tiny", random_init=True, num_classes=5)
+    assert forced.model.head.weight.shape[0] == 5 and forced.model_kwargs == {"num_classes": 5}
+    with pytest.raises(ZooError, match="head.weight: file"):  # --num-classes against the checkpoint: named
+        load_model("deit_tiny", checkpoint=tmp_path / "ft.safetensors", num_classes=3)
+    with pytest.raises(ZooError, match="--num-classes must be a positive integer"):
+        load_model("deit_tiny", random_init=True, num_classes=0)
+
+
+def test_coverage_counts_every_attention_matmul_and_names_refusals():
+    from vitq.coverage import coverage
+
+    deit = coverage("deit_tiny")
+    assert deit.family == "vit" and deit.matmuls == 24 and deit.weights == 50  # 12 blocks x (q k, attn v)
+    assert not deit.unused and not {k for k in deit.float_ops if k != "softmax"}  # no matmul left in float
+    assert deit.tensors["full"] > deit.tensors["standard"]
+    for name in ("levit_128s", "mobilevitv2_050"):
+        row = coverage(name)
+        assert row.family == "none" and row.refused.startswith("refused:") and "no vitq adapter" in row.refused

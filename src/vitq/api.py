@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .adapters import check_supported
 from .finite import check_forward_finite, check_state_finite
 from .methods.greedy_mp import (DEFAULT_CANDIDATES, SEARCHES, Budget, default_gptq_losses, default_probe_images,
                                 greedy_mp)
@@ -102,15 +103,19 @@ def base_widths(budget: Budget) -> dict[str, int]:
     return out
 
 
-def calibration_tensor(calibration) -> torch.Tensor:
-    """The calibration images as one tensor, from a tensor, a DataLoader of ``vitq.data.Batch``, or any
-    iterable of image tensors or of ``(images, labels)`` pairs."""
+def calibration_tensor(calibration, input_fn=None) -> torch.Tensor:
+    """The calibration images as one tensor, from a tensor, a DataLoader of ``vitq.data.Batch``, any iterable
+    of image tensors or of ``(images, labels)`` pairs, or any batches with ``input_fn(batch)`` -> images."""
     if isinstance(calibration, torch.Tensor):
         return calibration
     parts = []
     for b in calibration:
-        images = getattr(b, "images", None)
+        images = input_fn(b) if input_fn is not None else getattr(b, "images", None)
         if images is None:
+            if isinstance(b, dict):
+                raise TypeError(f"calibration batches are dicts (keys {', '.join(map(str, list(b)[:4]))}): pass "
+                                "input_fn, a function that returns a batch's image tensor, e.g. "
+                                "input_fn=lambda b: b['pixel_values']")
             images = b[0] if isinstance(b, (tuple, list)) else b
         if not isinstance(images, torch.Tensor):
             raise TypeError(f"calibration batches must hold image tensors, got {type(images).__name__}")
@@ -178,6 +183,8 @@ def plan(config: QuantConfig | None = None, recipe: str = "mptq", budget: Budget
     search = dataclasses.replace(search, w_candidates=tuple(w_c), a_candidates=tuple(a_c),
                                  search=name if bit_budget is not None else None,
                                  uniform_fallback=fallback, gptq_losses=gptq_losses, probe_images=probe)
+    if model is not None:
+        check_supported(model)  # an architecture no adapter covers is refused before any work
     if model is not None and bit_budget is not None:
         check_budget_reachable(model, config, search.w_candidates, search.a_candidates, w_bits=bit_budget.w_bits,
                                a_bits=bit_budget.a_bits, size_mb=bit_budget.size_mb)
@@ -203,13 +210,13 @@ def _check_options(o: MethodOptions) -> None:
 
 def quantize(model: nn.Module, calibration, config: QuantConfig | None = None, recipe: str = "mptq",
              budget: Budget | CostBudget | None = None, options: MethodOptions | None = None,
-             search: SearchOptions | None = None, progress: bool = True) -> QuantizeResult:
+             search: SearchOptions | None = None, progress: bool = True, input_fn=None) -> QuantizeResult:
     """Quantize a float timm model with a recipe.
 
     Args:
         model: the float model (left unchanged; the result is a new module).
         calibration: a tensor of images, a DataLoader, or any iterable of image tensors or
-            ``(images, labels)`` batches.
+            ``(images, labels)`` batches; other batch types (e.g. dicts) with ``input_fn``.
         config: bit-widths, protocol, observer and per-layer rules (default W8A8, standard protocol; with a
             bit budget and no config, the base widths come from the budget).
         recipe: ``minmax``, ``mptq`` (default) or ``m2q`` (vitq.recipes).
@@ -218,6 +225,8 @@ def quantize(model: nn.Module, calibration, config: QuantConfig | None = None, r
         options: method settings; fields left None are the recipe's defaults (vitq.recipes.DEFAULTS).
         search: mixed-precision search settings.
         progress: progress bars (on a terminal only).
+        input_fn: turns one calibration batch into the model's input tensor (for batch types vitq does not
+            know, e.g. ``lambda b: b["pixel_values"]``).
 
     Returns:
         A :class:`QuantizeResult`.
@@ -226,10 +235,10 @@ def quantize(model: nn.Module, calibration, config: QuantConfig | None = None, r
         ConfigError: a bad option, or a budget the candidates cannot reach (before any calibration).
         NonFiniteError: the float or the quantized model produces NaN or infinity, naming the layer.
     """
-    return run(model, calibration, plan(config, recipe, budget, options, search, model=model), progress)
+    return run(model, calibration, plan(config, recipe, budget, options, search, model=model), progress, input_fn)
 
 
-def run(model: nn.Module, calibration, p: Plan, progress: bool = True) -> QuantizeResult:
+def run(model: nn.Module, calibration, p: Plan, progress: bool = True, input_fn=None) -> QuantizeResult:
     """Run a :class:`Plan` (from :func:`plan`, given the model) on ``model``: what :func:`quantize` does after
     planning. The command line plans first, says what will run, then loads the images and runs.
 
@@ -237,7 +246,7 @@ def run(model: nn.Module, calibration, p: Plan, progress: bool = True) -> Quanti
         NonFiniteError: the float or the quantized model produces NaN or infinity, naming the layer.
     """
     config, options, search, budget = p.config, p.options, p.search, p.budget
-    calib = calibration_tensor(calibration)
+    calib = calibration_tensor(calibration, input_fn)
     t0 = time.perf_counter()
     check_forward_finite(model, calib[:8], "the float model")
     report: dict = {"recipe": p.recipe, "methods": {k: v for k, v in vars(options).items()}}

@@ -33,6 +33,16 @@ def _add_overwrite(p) -> None:
 def _add_model_opts(p) -> None:
     p.add_argument("--checkpoint", help="weights file (.safetensors, .pth, .pt); default: $VITQ_ASSETS/models")
     p.add_argument("--random-init", action="store_true", help="random weights (structure/cost work only)")
+    p.add_argument("--num-classes", type=int,
+                   help="classes of the model's head (default: the checkpoint's, e.g. a fine-tuned head; else timm's)")
+
+
+def _add_labels(p) -> None:
+    p.add_argument("--labels", default="auto",
+                   help="where labels come from: imagenet (synset folders or file-name prefixes), folders (one "
+                        "sub-folder per class, sorted, as torchvision's ImageFolder), none (no top-1: agreement "
+                        "and KL against the float model only), or a file mapping class folder to index (JSON, or one "
+                        "class name per line); default auto: imagenet if every image has a synset, else folders")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,12 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
     loud.add_argument("-q", "--quiet", action="store_true", help="print only warnings, errors and the result")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("models", parents=[common], help="list the supported models").set_defaults(func="models")
+    p = sub.add_parser("models", parents=[common], help="list the zoo (pinned, measured models)")
+    p.add_argument("--coverage", action="store_true",
+                   help="also build each zoo model and other timm models users ask about (random weights) and show "
+                        "what vitq quantizes in each, and what it leaves in float and why")
+    p.set_defaults(func="models")
 
     p = sub.add_parser("eval", parents=[common], help="evaluate a model or a quantized artifact folder")
     p.add_argument("model", help="zoo name, timm name, a folder written by `vitq quantize`, or a packed file")
     _add_model_opts(p)
-    p.add_argument("--data", required=True, help="image folder (synset sub-folders, or flat synset-prefixed files)")
+    p.add_argument("--data", required=True, help="image folder (class sub-folders, or flat synset-prefixed files)")
+    _add_labels(p)
     p.add_argument("--list", help="file list, one path relative to --data per line")
     p.add_argument("--limit", type=int, help="use only the first N images")
     p.add_argument("--out", help="write the result as JSON (a new file, or an earlier result with --overwrite)")
@@ -89,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "images, and write the model, report.json, report.html and config.yaml to --out. "
                                    "Every pass's setting is in config.yaml's layout: give a file with --config, "
                                    "change one field with --set (docs/usage.md).")
-    p.add_argument("model", help="zoo name or timm name")
+    p.add_argument("model", help="zoo name or timm name (any timm model of a supported family)")
     g = p.add_argument_group("model")
     _add_model_opts(g)
     g = p.add_argument_group("data")
@@ -101,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--limit", type=int, help="evaluate only the first N images")
     g.add_argument("--allow-overlap", action="store_true",
                    help="run even when calibration and evaluation images overlap (the report says so)")
+    _add_labels(g)
     _add_data_opts(g)
     g = p.add_argument_group("quantization")
     g.add_argument("--method", choices=["minmax", "mptq", "m2q"],
@@ -115,14 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--config", help="settings file (YAML, as the config.yaml every --out holds) or a QuantConfig "
                                     "JSON such as mixed_config.json; the options here override it")
     g.add_argument("--set", dest="settings", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="change one setting, e.g. gptq.enabled=false, recon.iters=100, quant.observer=mse, "
-                        "search.probe_images=8 (repeatable; the sections and fields: docs/usage.md)")
-    g.add_argument("--seed", type=int, help="calibration subset and every seeded pass (default 0)")
+                   help="change one setting, e.g. gptq.enabled=false, recon.iters=100, quant.seed=1, "
+                        "budget.gbops=15 (repeatable; the sections and fields: docs/usage.md)")
     g = p.add_argument_group("budget (mixed precision)")
     g.add_argument("--budget-w", type=float, help="average weight bits (Greedy MP)")
     g.add_argument("--budget-a", type=float, help="average activation bits (Greedy MP)")
     g.add_argument("--budget-mb", type=float, help="model size in MB (Greedy MP)")
-    g.add_argument("--budget-gbops", type=float, help="GBOPs per image, MACs x W bits x A bits (Greedy MP)")
     g.add_argument("--budget-edp", type=float,
                    help="m2q: at most this fraction of the INT8 baseline's energy-delay product "
                         "(budget.energy or budget.latency instead through --set)")

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 
+from .adapters import check_supported
 from .api import run
 from .artifact import ArtifactError, is_artifact, load_artifact, save_artifact
-from .data import DataError, calibration_subset, load_tensors, make_dataset, make_loader, read_list
+from .data import DataError, calibration_subset, load_tensors, make_dataset, make_loader, read_list, scan_folder
 from .evaluation import evaluate, evaluate_many
 from .hardware import estimate, extract_workloads, int8_baseline, load_hardware
 from .io import dumps, is_output_json, output_json
@@ -33,6 +34,12 @@ def cmd_models(args) -> int:
         t = e.transform
         ms = "imagenet" if t.mean[0] == 0.485 else "0.5"
         print(f"{e.short:<24} {e.timm_name:<46} {e.family:<13} {t.interpolation:<8} {t.crop_pct:>5}  {ms}")
+    print("Any other timm model of a supported family works by its timm name (vitq models --coverage).")
+    if args.coverage:
+        from .coverage import coverage_table
+
+        print()
+        print(coverage_table())
     return 0
 
 
@@ -50,6 +57,12 @@ def cmd_export(args) -> int:
         raise ArtifactError(f"'{args.model}' is not a folder written by `vitq quantize` (no config.json)")
     common = dict(overwrite=args.overwrite, inputs=(args.model,))
     if args.format == "onnx":
+        import importlib.util
+
+        missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ConfigError(f"--format onnx needs {' and '.join(missing)}: pip install 'vitq[onnx]' (or "
+                              "onnxruntime-gpu beside onnx)")
         from .export.onnx import export_onnx
         from .zoo import get_entry
 
@@ -110,12 +123,12 @@ def cmd_eval(args) -> int:
         raise ArtifactError(f"'{args.model}' is a folder but not a vitq artifact (no config.json): give a folder "
                             "written by `vitq quantize`, a packed file or a model name")
     else:
-        loaded = load_model(args.model, args.checkpoint, args.random_init)
+        loaded = load_model(args.model, args.checkpoint, args.random_init, args.num_classes)
         model, entry, checkpoint, random_init = loaded.model, loaded.entry, loaded.checkpoint, loaded.random_init
         name = entry.timm_name
     if random_init:
         _say_random_init({"random_init": True}, args.model)
-    ds = make_dataset(args.data, entry.transform, args.list, args.limit, args.skip_bad_images)
+    ds = make_dataset(args.data, entry.transform, args.list, args.limit, args.skip_bad_images, labels=args.labels)
     with _maybe_file(args.out, args.overwrite, (args.data, args.list, args.model)) as tmp:
         result = evaluate(model, make_loader(ds, args.batch_size, args.workers), name=name)
         result.checkpoint, result.random_init = checkpoint, random_init
@@ -182,16 +195,26 @@ def _quantize(args, folder: Path) -> tuple[dict, float, float]:
     planned = settings.plan()  # every option checked before the model and the images are read
     config = planned.config
     torch.manual_seed(config.seed)
-    loaded = load_model(args.model, args.checkpoint, args.random_init)
+    loaded = load_model(args.model, args.checkpoint, args.random_init, args.num_classes)
     entry = loaded.entry
+    check_supported(loaded.model, f"model '{args.model}'", entry.transform.input_size)  # refused before any work
     eval_files = read_list(args.eval_list, args.eval) if args.eval_list else None
     if args.calib_list:
-        calib_ds = make_dataset(args.calib, entry.transform, args.calib_list, skip_bad_images=args.skip_bad_images)
+        calib_ds = make_dataset(args.calib, entry.transform, args.calib_list, skip_bad_images=args.skip_bad_images,
+                                labels="none")  # calibration needs no labels
     else:
         exclude = eval_files if (eval_files and Path(args.calib).resolve() == Path(args.eval).resolve()) else []
         files = calibration_subset(args.calib, args.calib_size, config.seed, exclude)
-        calib_ds = make_dataset(args.calib, entry.transform, files=files, skip_bad_images=args.skip_bad_images)
-    eval_ds = make_dataset(args.eval, entry.transform, args.eval_list, args.limit, args.skip_bad_images)
+        calib_ds = make_dataset(args.calib, entry.transform, files=files, skip_bad_images=args.skip_bad_images,
+                                labels="none")
+    eval_files = eval_files or None
+    if (eval_files is None and not args.calib_list and not args.allow_overlap
+            and Path(args.calib).resolve() == Path(args.eval).resolve()):
+        # one folder, no lists: calibrate on the seeded subset, evaluate on every other image
+        taken = set(calib_ds.files)
+        eval_files = [f for f in scan_folder(args.eval) if f not in taken]
+    eval_ds = make_dataset(args.eval, entry.transform, None if eval_files is not None else args.eval_list, args.limit,
+                           args.skip_bad_images, files=eval_files, labels=args.labels)
     overlap = _overlap(calib_ds, eval_ds)
     if overlap and not args.allow_overlap:
         raise DataError(f"{len(overlap)} image(s) are in both the calibration and the evaluation set, first: "
@@ -229,6 +252,7 @@ def _quantize(args, folder: Path) -> tuple[dict, float, float]:
         extra={"calib_files": calib_ds.files[:1000], "recipe": planned.recipe, "methods": vars(options),
                "settings": plan_to_dict(planned), "command": ["vitq", *args.argv],
                "data": {"calib_images": len(calib_images), "calib_skipped": calib_ds.skipped,
+                        "labels": eval_ds.label_mode,
                         "eval_skipped": eval_ds.skipped, "overlap_allowed": bool(args.allow_overlap),
                         "overlap_images": len(overlap), "overlap_files": overlap[:1000]},
                **extra},
@@ -241,7 +265,7 @@ def _quantize(args, folder: Path) -> tuple[dict, float, float]:
             if "sensitivity" in extra["mixed"]:
                 (folder / "sensitivity.csv").write_text(sensitivity_csv(extra["mixed"]["sensitivity"]))
         save_artifact(qmodel, folder, {"model": entry.timm_name, "checkpoint": loaded.checkpoint,
-                                       "random_init": loaded.random_init})
+                                       "random_init": loaded.random_init, "model_kwargs": loaded.model_kwargs})
         (folder / "config.yaml").write_text(dump(plan_to_dict(planned)))
         (folder / "report.json").write_text(dumps(report))
         write_html(report, folder)
@@ -265,7 +289,7 @@ def _cost(args, tmp: Path | None) -> int:
 
         entry, random_init = get_entry(meta["model"]), meta.get("random_init", False)
     else:
-        loaded = load_model(args.model, args.checkpoint, args.random_init)
+        loaded = load_model(args.model, args.checkpoint, args.random_init, args.num_classes)
         model = prepare(loaded.model, _settings_from_args(args).quant_config() or QuantConfig())
         entry, random_init = loaded.entry, loaded.random_init
     workloads = extract_workloads(model, entry.transform.input_size)

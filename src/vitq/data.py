@@ -1,11 +1,13 @@
-"""ImageNet-style classification data: the two folder layouts, file lists, calibration subsets, loaders.
+"""Classification image folders: layouts, labels, file lists, calibration subsets, loaders.
 
 Layouts:
-  * ``synset folders``: ``DIR/n01440764/*.JPEG`` (the ImageNet val layout);
+  * ``class folders``: ``DIR/<class>/*.jpg`` (the ImageNet val layout with synset folders, or any names);
   * ``flat``: ``DIR/n01440764_tench.JPEG`` (file names start with the WordNet synset; the shared sample).
 
-The class index is the position of the synset in the sorted list of the 1000 ImageNet-1k synsets
-shipped in ``vitq/resources/imagenet_synsets.txt`` (the standard index timm's heads use).
+Labels (:func:`resolve_labels`): ``imagenet``, the position of the synset in the sorted list of the 1000
+ImageNet-1k synsets shipped in ``vitq/resources/imagenet_synsets.txt`` (the index timm's heads use);
+``folders``, the position of the class folder among the sorted sub-folders of DIR (torchvision's
+ImageFolder rule); a mapping file; or ``none`` (label -1: agreement and KL against a reference only).
 """
 from __future__ import annotations
 
@@ -41,15 +43,77 @@ def _synset_index() -> dict[str, int]:
     return {s: i for i, s in enumerate(imagenet_synsets())}
 
 
-def _label_of(rel: Path) -> int:
-    """Class index from the synset in the parent folder name or in the file-name prefix."""
-    index = _synset_index()
-    candidates = [rel.parts[0]] if len(rel.parts) > 1 else []
-    candidates.append(rel.name.split("_")[0].split(".")[0])
-    for c in candidates:
-        if c in index:
-            return index[c]
-    raise DataError(f"cannot tell the class of {rel}: neither its folder nor its name starts with an ImageNet synset")
+LABEL_MODES = ("auto", "imagenet", "folders", "none")
+
+
+def _class_of(rel: Path) -> str:
+    """The class name of a file: its top folder, or (flat layout) its file-name prefix before ``_``."""
+    return rel.parts[0] if len(rel.parts) > 1 else rel.name.split("_")[0].split(".")[0]
+
+
+def _read_mapping(path: Path) -> dict[str, int]:
+    """A class -> index mapping: JSON ``{"cat": 0, "dog": 1}``, or one class name per line (index = line)."""
+    if not path.is_file():
+        raise DataError(f"--labels: no such mode or mapping file: {path} (modes: {', '.join(LABEL_MODES)})")
+    text = path.read_text()
+    if path.suffix.lower() == ".json":
+        import json
+
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"label mapping {path} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+                                                 and v >= 0 for k, v in data.items()):
+            raise DataError(f"label mapping {path} must map class names to non-negative integers")
+        return data
+    names = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+    if len(set(names)) != len(names):
+        raise DataError(f"label mapping {path} names a class twice")
+    return {n: i for i, n in enumerate(names)}
+
+
+def resolve_labels(root: str | Path, files: list[str], labels: str = "auto") -> tuple[list[int], str]:
+    """The label of each file and the mode that gave them.
+
+    Args:
+        root: the image folder.
+        files: paths relative to ``root``.
+        labels: ``auto`` (``folders`` when every file is in a class folder and the folders are not all ImageNet
+            synsets; else ``imagenet`` when every file has a synset, in its folder or its name), ``imagenet``,
+            ``folders``, ``none``, or the path of a mapping file.
+
+    Raises:
+        DataError: naming the file whose class cannot be told, or the bad mapping.
+    """
+    root = Path(root)
+    if labels == "none":
+        return [-1] * len(files), "none"
+    in_folders = all(len(Path(f).parts) > 1 for f in files)
+    if labels == "auto" and in_folders and not all(Path(f).parts[0] in _synset_index() for f in files):
+        labels = "folders"  # class folders not named by synsets: their own classes, whatever the file names
+    if labels in ("auto", "imagenet"):
+        index = _synset_index()
+        out = [index.get(_class_of(Path(f)), index.get(Path(f).name.split("_")[0].split(".")[0], -2)) for f in files]
+        if -2 not in out:
+            return out, "imagenet"
+        if labels == "imagenet":
+            bad = files[out.index(-2)]
+            raise DataError(f"cannot tell the class of {bad}: neither its folder nor its name starts with an ImageNet "
+                            "synset (--labels folders for class folders of any name, or --labels none)")
+    if labels in ("auto", "folders"):
+        flat = [f for f in files if len(Path(f).parts) < 2]
+        if flat:
+            raise DataError(f"cannot tell the class of {flat[0]}: it is not in a class folder and its name has no "
+                            "ImageNet synset (give --labels none to evaluate against the float model only)")
+        classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+        position = {c: i for i, c in enumerate(classes)}
+        return [position[Path(f).parts[0]] for f in files], "folders"
+    mapping = _read_mapping(Path(labels))
+    missing = sorted({_class_of(Path(f)) for f in files} - set(mapping))
+    if missing:
+        raise DataError(f"label mapping {labels} has no index for class(es) {', '.join(missing[:3])}")
+    return [mapping[_class_of(Path(f))] for f in files], "mapping"
 
 
 def scan_folder(root: str | Path) -> list[str]:
@@ -135,15 +199,17 @@ class BadImage:
 
 
 class ImageNetFiles(Dataset):
-    """Images with ImageNet-1k labels. ``__getitem__`` returns ``(tensor, label)``, or a :class:`BadImage`
-    that the collate function sets aside and :class:`ImageLoader` raises or (``skip_bad_images``) skips."""
+    """Labelled images (:func:`resolve_labels`; -1: no label). ``__getitem__`` returns ``(tensor, label)``, or
+    a :class:`BadImage` that the collate function sets aside and :class:`ImageLoader` raises or
+    (``skip_bad_images``) skips."""
 
-    def __init__(self, root: str | Path, files: list[str], transform: Callable, skip_bad_images: bool = False):
+    def __init__(self, root: str | Path, files: list[str], transform: Callable, skip_bad_images: bool = False,
+                 labels: str = "auto"):
         self.root = Path(root)
         self.files = list(files)
         if not self.files:
             raise DataError(f"empty dataset in {self.root}")
-        self.labels = [_label_of(Path(f)) for f in self.files]
+        self.labels, self.label_mode = resolve_labels(self.root, self.files, labels)
         self.transform = transform
         self.skip_bad_images = skip_bad_images
         self.skipped: list[str] = []  # files skipped in the last pass (filled in the main process)
@@ -200,16 +266,17 @@ class ImageLoader:
 def make_dataset(
     root: str | Path, transform: EvalTransform, list_file: str | Path | None = None,
     limit: int | None = None, skip_bad_images: bool = False, files: list[str] | None = None,
+    labels: str = "auto",
 ) -> ImageNetFiles:
     """Dataset over ``root`` (both layouts): the given ``files``, or those of ``list_file``, or all images;
-    then the first ``limit`` of them."""
+    then the first ``limit`` of them, labelled as ``labels`` says (:func:`resolve_labels`)."""
     if files is None:
         files = read_list(list_file, root) if list_file else scan_folder(root)
     if limit is not None:
         if limit <= 0:
             raise DataError(f"--limit must be positive, got {limit}")
         files = files[:limit]
-    return ImageNetFiles(root, files, build_transform(transform), skip_bad_images)
+    return ImageNetFiles(root, files, build_transform(transform), skip_bad_images, labels)
 
 
 def make_loader(dataset: ImageNetFiles, batch_size: int = 32, workers: int = 2) -> ImageLoader:

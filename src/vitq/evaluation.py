@@ -38,8 +38,8 @@ class EvalResult:
     checkpoint: str | None = None
     n_images: int = 0
     n_bad_images: int = 0
-    top1: float = 0.0
-    top5: float = 0.0
+    top1: float | None = 0.0  # None: the images have no labels (agreement and KL still measured)
+    top5: float | None = 0.0
     images_per_s: float = 0.0
     wall_s: float = 0.0
     agreement: float | None = None
@@ -58,12 +58,13 @@ class EvalResult:
         return d
 
     def summary(self) -> str:
-        s = f"top1={self.top1:.2f} top5={self.top5:.2f} n={self.n_images} images/s={self.images_per_s:.1f}"
+        acc = "top1=n/a (no labels)" if self.top1 is None else f"top1={self.top1:.2f} top5={self.top5:.2f}"
+        s = f"{acc} n={self.n_images} images/s={self.images_per_s:.1f}"
         if self.agreement is not None:
             s += f" agreement={self.agreement:.2f} kl={self.kl:.4f}"
-            if self.top1_delta_se is not None:
-                s += (f" (SE: top1-ref {self.top1_delta_se:.2f}, agreement {self.agreement_se:.2f},"
-                      f" kl {self.kl_se:.4f})")
+            if self.agreement_se is not None:
+                s += (" (SE: " + ("" if self.top1_delta_se is None else f"top1-ref {self.top1_delta_se:.2f}, ")
+                      + f"agreement {self.agreement_se:.2f}, kl {self.kl_se:.4f})")
         if self.n_bad_images:
             s += f" skipped_bad_images={self.n_bad_images}"
         if self.random_init:
@@ -140,11 +141,13 @@ class _Tally:
         self.kl_sum = 0.0  # summed per batch as before kl_i existed, so the reported mean KL keeps its last digits
         self.model_s = 0.0
         self.correct: list[int] = []
+        self.labelled = True  # every image so far had a label (>= 0)
         self.agree_i: list[int] = []
         self.kl_i: list[float] = []
 
     def add(self, logits: torch.Tensor, labels: torch.Tensor, ref: torch.Tensor | None) -> None:
-        top5 = logits.topk(5, dim=1).indices
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        self.labelled = self.labelled and bool((labels >= 0).all())
         self.correct += (top5[:, 0] == labels).int().tolist()
         self.c5 += (top5 == labels[:, None]).any(dim=1).sum().item()
         if ref is not None:
@@ -157,20 +160,24 @@ class _Tally:
     def result(self, name: str, n_bad: int, wall_s: float, ref: _Tally | None, per_image: bool) -> EvalResult:
         if self.n == 0:
             raise ValueError("evaluation saw no images (empty dataset, or every image was unreadable)")
+        labelled = self.labelled and (ref is None or ref.labelled)
         r = EvalResult(
-            model=name, n_images=self.n, n_bad_images=n_bad, top1=100.0 * sum(self.correct) / self.n,
-            top5=100.0 * self.c5 / self.n, images_per_s=self.n / self.model_s if self.model_s > 0 else 0.0,
+            model=name, n_images=self.n, n_bad_images=n_bad,
+            top1=100.0 * sum(self.correct) / self.n if labelled else None,
+            top5=100.0 * self.c5 / self.n if labelled else None,
+            images_per_s=self.n / self.model_s if self.model_s > 0 else 0.0,
             wall_s=wall_s, agreement=100.0 * sum(self.agree_i) / self.n if ref else None,
             kl=self.kl_sum / self.n if ref else None,
         )
         if ref is not None:
-            r.ref_top1 = 100.0 * sum(ref.correct) / ref.n
-            r.top1_delta_se = paired_difference([100.0 * c for c in ref.correct],
-                                                [100.0 * c for c in self.correct])[1]
+            if labelled:
+                r.ref_top1 = 100.0 * sum(ref.correct) / ref.n
+                r.top1_delta_se = paired_difference([100.0 * c for c in ref.correct],
+                                                    [100.0 * c for c in self.correct])[1]
             r.agreement_se = mean_se([100.0 * a for a in self.agree_i])[1]
             r.kl_se = mean_se(self.kl_i)[1]
         if per_image:
-            r.per_image = {"correct": self.correct, "agree": self.agree_i if ref else None,
+            r.per_image = {"correct": self.correct if labelled else None, "agree": self.agree_i if ref else None,
                            "kl": self.kl_i if ref else None, "ref_correct": ref.correct if ref else None}
         return r
 
@@ -178,7 +185,7 @@ class _Tally:
 @torch.inference_mode()
 def evaluate(model: nn.Module, data, reference: nn.Module | None = None, name: str = "",
              progress: bool = True, per_image: bool = False) -> EvalResult:
-    """Evaluate ``model`` on labelled images.
+    """Evaluate ``model`` on images (labelled: top-1 and top-5; label -1: agreement and KL only).
 
     Args:
         model: any classifier returning logits.

@@ -9,21 +9,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .report import per_layer_bits  # noqa: E402
+
 W_COLOUR, A_COLOUR, SHIFT_COLOUR = "#1f77b4", "#ff7f0e", "#2ca02c"
-
-
-def per_layer_bits(report: dict) -> list[dict]:
-    """One row per quantized layer, in model order: ``{"layer", "w_bits", "w_scheme", "a_bits", "a_scheme"}``
-    (weights from the layer's weight quantizer, activations from its first input quantizer)."""
-    rows: dict[str, dict] = {}
-    for t in report.get("layers", []):
-        row = rows.setdefault(t["layer"], {"layer": t["layer"], "w_bits": None, "w_scheme": None, "a_bits": None,
-                                           "a_scheme": None, "a_granularity": None})
-        if t["kind"] == "weight":
-            row["w_bits"], row["w_scheme"] = t["bits"], t["scheme"]
-        elif row["a_bits"] is None:
-            row["a_bits"], row["a_scheme"], row["a_granularity"] = t["bits"], t["scheme"], t["granularity"]
-    return list(rows.values())
 
 
 def _short(name: str) -> str:

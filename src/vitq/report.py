@@ -69,7 +69,11 @@ def summary_line(report: dict) -> str:
     """One line with the headline numbers."""
     q, fp = report.get("quantized"), report.get("fp")
     parts = [f"{report['model']} {report['protocol']}"]
-    if fp and q:
+    if fp and q and q.get("top1") is None:  # images without labels
+        parts.append(f"top1=n/a (no labels) agreement={q['agreement']:.2f} kl={q['kl']:.4f}")
+        if q.get("agreement_se") is not None:
+            parts.append(f"se(agreement/kl)={q['agreement_se']:.2f}/{q['kl_se']:.4f}")
+    elif fp and q:
         parts.append(f"fp.top1={fp['top1']:.2f} q.top1={q['top1']:.2f} (drop {fp['top1'] - q['top1']:+.2f}) "
                      f"agreement={q['agreement']:.2f} kl={q['kl']:.4f}")
         if q.get("top1_delta_se") is not None:  # absent in reports written before the standard errors
@@ -101,3 +105,17 @@ def sensitivity_csv(rows: list[dict]) -> str:
         cells = [f"{r['kl'][str(b)]:.6g}" if str(b) in r["kl"] else "" for b in widths]
         lines.append(",".join([r["layer"], r["kind"], str(r["elements"]), *cells]))
     return "\n".join(lines) + "\n"
+
+
+def per_layer_bits(report: dict) -> list[dict]:
+    """One row per quantized layer, in model order: ``{"layer", "w_bits", "w_scheme", "a_bits", "a_scheme"}``
+    (weights from the layer's weight quantizer, activations from its first input quantizer)."""
+    rows: dict[str, dict] = {}
+    for t in report.get("layers", []):
+        row = rows.setdefault(t["layer"], {"layer": t["layer"], "w_bits": None, "w_scheme": None, "a_bits": None,
+                                           "a_scheme": None, "a_granularity": None})
+        if t["kind"] == "weight":
+            row["w_bits"], row["w_scheme"] = t["bits"], t["scheme"]
+        elif row["a_bits"] is None:
+            row["a_bits"], row["a_scheme"], row["a_granularity"] = t["bits"], t["scheme"], t["granularity"]
+    return list(rows.values())

@@ -7,7 +7,7 @@ import html
 from pathlib import Path
 
 from .io import atomic_path
-from .plots import per_layer_bits, png_bytes, report_figures
+from .report import per_layer_bits
 
 _CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
@@ -44,7 +44,8 @@ def _table(header: list[str], rows: list[list], numeric: set[int] = frozenset())
 def _summary(report: dict) -> str:
     fp, q = report.get("fp") or {}, report.get("quantized") or {}
     rows = [["top-1 (%)", _num(fp.get("top1")), _num(q.get("top1")),
-             _pm(None if not fp or not q else q["top1"] - fp["top1"], q.get("top1_delta_se"), "+.2f")],
+             _pm(None if fp.get("top1") is None or q.get("top1") is None else q["top1"] - fp["top1"],
+                 q.get("top1_delta_se"), "+.2f")],
             ["top-5 (%)", _num(fp.get("top5")), _num(q.get("top5")), ""],
             ["agreement with FP (%)", "100", _pm(q.get("agreement"), q.get("agreement_se"), ".2f"), ""],
             ["KL from FP", "0", _pm(q.get("kl"), q.get("kl_se"), ".4f"), ""],
@@ -111,7 +112,7 @@ def render(report: dict, figures: dict[str, bytes] | None = None) -> str:
     """The HTML text of a report (``figures``: PNG bytes per plot; drawn from the report when None)."""
     name = report.get("model", "model")
     if figures is None:
-        figures = {k: png_bytes(f) for k, f in report_figures(report, name).items()}
+        figures = draw(report)
     cfg = report.get("config") or {}
     bits = (f"mixed precision, W {report['avg_w_bits']:.2f} / A {report['avg_a_bits']:.2f} bits on average"
             if cfg.get("rules") else f"W{cfg.get('w_bits')}A{cfg.get('a_bits')}")
@@ -128,6 +129,8 @@ def render(report: dict, figures: dict[str, bytes] | None = None) -> str:
                  "standard errors over images (paired for the difference).</p>" + _summary(report))
     if "bits" in figures:
         parts.append("<h2>Bits per layer</h2>" + _img(figures["bits"], "bits per layer"))
+    elif not figures:
+        parts.append("<p class=muted>No plots: matplotlib is not installed (pip install 'vitq[plots]').</p>")
     mixed = report.get("mixed")
     if mixed:
         parts.append(f"<h2>Mixed precision</h2><p>Budget {_e(mixed.get('budget'))}, {_e(mixed.get('search'))} "
@@ -168,14 +171,21 @@ def render(report: dict, figures: dict[str, bytes] | None = None) -> str:
     return "\n".join(parts)
 
 
+def draw(report: dict) -> dict[str, bytes]:
+    """Every plot the report has data for, as PNG bytes; none without matplotlib (the ``plots`` extra)."""
+    try:
+        from .plots import png_bytes, report_figures
+    except ImportError:
+        return {}
+    return {k: png_bytes(f) for k, f in report_figures(report, report.get("model", "model")).items()}
+
+
 def write_html(report: dict, folder: Path) -> None:
     """Write ``folder/report.html`` and its plots as PNG files beside it (``bits.png``, ...)."""
-    figs = report_figures(report, report.get("model", "model"))
-    pngs = {}
-    for stem, fig in figs.items():
-        pngs[stem] = png_bytes(fig)
+    pngs = draw(report)
+    for stem, png in pngs.items():
         with atomic_path(Path(folder) / f"{stem}.png") as tmp:
-            tmp.write_bytes(pngs[stem])
+            tmp.write_bytes(png)
     with atomic_path(Path(folder) / "report.html") as tmp:
         tmp.write_text(render(report, pngs))
 

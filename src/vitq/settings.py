@@ -227,6 +227,11 @@ def _checked(where: str, value, types: dict, name: str, none_ok: bool = True):
         if not isinstance(value, (list, tuple)) or not value:
             raise ConfigError(f"{where} must be a non-empty list, got {value!r}")
         return list(value)
+    if want in (float, int) and isinstance(value, str):
+        try:  # YAML reads 1e6 as a string
+            value = want(value)
+        except ValueError:
+            pass
     if want is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if want is int and isinstance(value, bool) or not isinstance(value, want):

@@ -20,6 +20,30 @@ def test_unsupported_model_is_named():
         adapter_for(nn.Sequential(nn.Linear(3, 3)))
 
 
+@pytest.mark.parametrize("name, kwargs, modules", [
+    ("levit_128s", {}, "Attention, AttentionDownsample"),
+    ("eva02_tiny_patch14_224", dict(depth=2), "EvaAttention"),
+    ("mobilevit_xxs", {}, "Attention"),
+    ("efficientformerv2_s0", {}, "Attention2d"),
+])
+def test_hybrids_without_an_adapter_are_refused_by_their_attention_not_taken_as_cnns(name, kwargs, modules):
+    import timm
+
+    from vitq.adapters import UnsupportedModel
+
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    with pytest.raises(UnsupportedModel, match=f"model '{name}': .*attention modules: {modules}.*no vitq adapter"):
+        adapter_for(model, f"model '{name}'")
+
+
+@pytest.mark.parametrize("name", ["deit3_small_patch16_224", "resnet18", "convnext_atto"])
+def test_timm_models_outside_the_zoo_find_their_family(name):
+    import timm
+
+    model = timm.create_model(name, pretrained=False)
+    assert adapter_for(model).family == ("vit" if name.startswith("deit3") else "cnn")
+
+
 def test_batchnorm_folding_is_exact():
     torch.manual_seed(0)
     conv, bn = nn.Conv2d(3, 5, 3, bias=False), nn.BatchNorm2d(5).eval()

@@ -29,6 +29,62 @@ class QuantAdd(nn.Module):
         self.x_quant.ptf_axis = self.b_quant.ptf_axis = channel_axis
 
 
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """Modules that compute attention, found by what they are, not by their names: ``nn.MultiheadAttention``,
+    and any module that holds a head count (``num_heads`` or ``heads``, as every timm attention does). A model
+    with such modules is a transformer or a hybrid: only an adapter that places quantizers on their matmuls
+    may take it."""
+    found = []
+    for m in model.modules():
+        heads = getattr(m, "num_heads", getattr(m, "heads", None))
+        if m is not model and (isinstance(m, nn.MultiheadAttention)
+                               or (isinstance(heads, int) and not isinstance(heads, bool))):
+            found.append(m)
+    return found
+
+
+ATTENTION_OPS = ("matmul", "bmm", "baddbmm", "einsum", "__matmul__", "__rmatmul__", "softmax",
+                 "scaled_dot_product_attention")
+
+
+def attention_ops(model: nn.Module, input_size: tuple[int, ...], skip: tuple[type, ...] = ()) -> dict[str, int]:
+    """The attention operations one forward pass of ``model`` runs, by what they compute: softmax, and
+    matmuls whose operands are both activations (a weight is a Parameter). Ops inside modules of type
+    ``skip`` (e.g. ``QuantMatMul``) are not counted.
+
+    Returns:
+        op name -> calls on one random image.
+    """
+    from torch.overrides import TorchFunctionMode
+
+    depth = [0]
+    found: dict[str, int] = {}
+
+    class _Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", "")
+            if depth[0] == 0 and name in ATTENTION_OPS and (
+                    "softmax" in name or not any(isinstance(a, nn.Parameter) for a in args)):
+                found[name] = found.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    def enter(*_):
+        depth[0] += 1
+
+    def leave(*_):
+        depth[0] -= 1
+
+    hooks = [h for m in model.modules() if skip and isinstance(m, skip)
+             for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    try:
+        with torch.inference_mode(), _Record():
+            model(torch.randn(1, *input_size))
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
 class Adapter:
     """Base class of the family adapters. Subclasses override what their family needs."""
 

@@ -6,7 +6,7 @@ import torch
 from timm.models._efficientnet_blocks import ConvBnAct, DepthwiseSeparableConv, EdgeResidual, InvertedResidual
 from torch import nn
 
-from .base import Adapter, QuantAdd, bn_remainder, fold_batchnorm, morph, quantize_inputs_of
+from .base import Adapter, QuantAdd, attention_modules, bn_remainder, fold_batchnorm, morph, quantize_inputs_of
 
 # (conv, bn) attribute pairs of timm's EfficientNet building blocks, in forward order.
 BN_PAIRS: dict[type, tuple[tuple[str, str], ...]] = {
@@ -51,7 +51,8 @@ class CNNAdapter(Adapter):
     family = "cnn"
 
     def applies_to(self, model: nn.Module) -> bool:
-        return any(isinstance(m, nn.Conv2d) for m in model.modules())
+        # a convolutional model with attention modules is a hybrid: its attention matmuls need an adapter
+        return any(isinstance(m, nn.Conv2d) for m in model.modules()) and not attention_modules(model)
 
     def prepare(self, model: nn.Module) -> None:
         owners = [(model, MODEL_BN_PAIRS)] + [(m, BN_PAIRS[type(m)]) for m in model.modules() if type(m) in BN_PAIRS]
