@@ -17,6 +17,14 @@ from .zoo import ZOO, create_model, get_entry
 EXTRA = ("deit3_small_patch16_224", "resnet18", "convnext_atto", "levit_128s", "mobilevit_xxs", "mobilevitv2_050",
          "efficientformerv2_s0", "eva02_tiny_patch14_224")
 BY_DESIGN = "norms, softmax, GELU and residual additions stay float in the standard protocol (the full one quantizes their inputs)"
+FAMILY_NOTES = {
+    "cnn": "BatchNorm folded into the convolutions; activations and residual additions stay float in the standard "
+           "protocol",
+    "mobilevit": "BatchNorm folded; LayerNorms, softmax and residual additions stay float in both protocols (the "
+                 "full one adds the activations' inputs)",
+    "levit": "BatchNorm folded; softmax, the attention biases and residual additions stay float in both protocols "
+             "(the full one adds the activations' inputs)",
+}
 
 
 @dataclass
@@ -35,9 +43,7 @@ class Coverage:
     def float_note(self) -> str:
         if self.refused:
             return self.refused
-        notes = [BY_DESIGN if self.family != "cnn" else
-                 "BatchNorm folded into the convolutions; activations and residual additions stay float in the "
-                 "standard protocol"]
+        notes = [FAMILY_NOTES.get(self.family, BY_DESIGN)]
         ops = {k: v for k, v in self.float_ops.items() if k != "softmax"}
         if ops:
             notes.append("activation matmuls left in float: " + ", ".join(f"{k} x{v}" for k, v in ops.items()))

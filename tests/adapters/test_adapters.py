@@ -21,9 +21,7 @@ def test_unsupported_model_is_named():
 
 
 @pytest.mark.parametrize("name, kwargs, modules", [
-    ("levit_128s", {}, "Attention, AttentionDownsample"),
     ("eva02_tiny_patch14_224", dict(depth=2), "EvaAttention"),
-    ("mobilevit_xxs", {}, "Attention"),
     ("efficientformerv2_s0", {}, "Attention2d"),
 ])
 def test_hybrids_without_an_adapter_are_refused_by_their_attention_not_taken_as_cnns(name, kwargs, modules):
@@ -81,3 +79,57 @@ def test_swin_shifted_window_mask_is_kept():
     x = tiny_images(size)
     with torch.inference_mode():
         assert torch.allclose(q(x), model(x), atol=1e-5)
+
+
+def test_mobilevit_v1_quantizes_every_attention_matmul_and_folds_batchnorm():
+    import timm
+
+    import vitq
+    from vitq.coverage import coverage
+    from vitq.quant import QuantConfig
+
+    torch.manual_seed(0)
+    model = timm.create_model("mobilevit_xxs", pretrained=False).eval()
+    assert adapter_for(model).family == "mobilevit"
+    x = torch.randn(2, 3, 256, 256)
+    q = vitq.quantize(model, x, QuantConfig(w_bits=8, a_bits=8), recipe="minmax", progress=False).model
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in q.modules())
+    with torch.inference_mode():
+        assert torch.equal(q(x).argmax(1), model(x).argmax(1))
+    row = coverage("mobilevit_xxs")
+    attention = sum(type(m).__name__ == "Attention" for m in model.modules())
+    assert row.family == "mobilevit" and row.matmuls == 2 * attention and not row.unused
+    assert not {k for k in row.float_ops if k != "softmax"}  # no activation matmul left in float
+
+
+def test_levit_folds_every_batchnorm_exactly_and_quantizes_every_attention_matmul():
+    import copy
+
+    import timm
+
+    import vitq
+    from vitq.adapters.levit import LevitAdapter
+    from vitq.coverage import coverage
+    from vitq.quant import QuantConfig
+
+    torch.manual_seed(0)
+    model = timm.create_model("levit_128s", pretrained=False).eval()
+    for m in model.modules():  # statistics a trained model would have, so the folding is really tested
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    x = torch.randn(2, 3, 224, 224)
+    folded = copy.deepcopy(model)
+    LevitAdapter().prepare(folded)
+    with torch.inference_mode():
+        assert (folded(x) - model(x)).abs().max() < 1e-4
+    assert not any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in folded.modules())
+    q = vitq.quantize(model, x, QuantConfig(w_bits=8, a_bits=8), recipe="minmax", progress=False).model
+    with torch.inference_mode():
+        assert torch.equal(q(x).argmax(1), model(x).argmax(1))
+    row = coverage("levit_128s")
+    attention = sum(type(m).__name__ in ("Attention", "AttentionDownsample") for m in model.modules())
+    assert row.family == "levit" and row.matmuls == 2 * attention and not row.unused
+    assert not {k for k in row.float_ops if k != "softmax"}
