@@ -22,6 +22,8 @@ FAMILY_NOTES = {
            "protocol",
     "mobilevit": "BatchNorm folded; LayerNorms, softmax and residual additions stay float in both protocols (the "
                  "full one adds the activations' inputs)",
+    "efficientformerv2": "BatchNorm folded; softmax, the attention biases and talking heads, layer scales and "
+                         "residual additions stay float in both protocols (the full one adds the GELU inputs)",
     "levit": "BatchNorm folded; softmax, the attention biases and residual additions stay float in both protocols "
              "(the full one adds the activations' inputs)",
 }

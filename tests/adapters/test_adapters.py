@@ -22,7 +22,6 @@ def test_unsupported_model_is_named():
 
 @pytest.mark.parametrize("name, kwargs, modules", [
     ("eva02_tiny_patch14_224", dict(depth=2), "EvaAttention"),
-    ("efficientformerv2_s0", {}, "Attention2d"),
 ])
 def test_hybrids_without_an_adapter_are_refused_by_their_attention_not_taken_as_cnns(name, kwargs, modules):
     import timm
@@ -133,3 +132,33 @@ def test_levit_folds_every_batchnorm_exactly_and_quantizes_every_attention_matmu
     attention = sum(type(m).__name__ in ("Attention", "AttentionDownsample") for m in model.modules())
     assert row.family == "levit" and row.matmuls == 2 * attention and not row.unused
     assert not {k for k in row.float_ops if k != "softmax"}
+
+
+def test_efficientformer_v2_folds_batchnorm_exactly_and_quantizes_every_attention_matmul():
+    import copy
+
+    import timm
+
+    import vitq
+    from vitq.adapters.efficientformer import EfficientFormerV2Adapter
+    from vitq.coverage import coverage
+    from vitq.quant import QuantConfig
+
+    torch.manual_seed(0)
+    model = timm.create_model("efficientformerv2_s0", pretrained=False).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 224, 224)
+    folded = copy.deepcopy(model)
+    EfficientFormerV2Adapter().prepare(folded)
+    with torch.inference_mode():
+        assert (folded(x) - model(x)).abs().max() < 1e-4
+    q = vitq.quantize(model, x, QuantConfig(w_bits=8, a_bits=8), recipe="minmax", progress=False).model
+    with torch.inference_mode():  # random weights: near-tied logits, so compare them, not their argmax
+        assert torch.nn.functional.cosine_similarity(q(x), model(x)).min() > 0.98
+    row = coverage("efficientformerv2_s0")
+    attention = sum(type(m).__name__ in ("Attention2d", "Attention2dDownsample") for m in model.modules())
+    assert row.family == "efficientformerv2" and row.matmuls == 2 * attention and not row.unused
+    assert not {k for k in row.float_ops if k != "softmax"} and row.tensors["full"] > row.tensors["standard"]

@@ -5,6 +5,7 @@ from torch import nn
 
 from .base import Adapter, attention_modules, attention_ops
 from .cnn import CNNAdapter
+from .efficientformer import EfficientFormerV2Adapter
 from .efficientvit import EfficientViTAdapter
 from .levit import LevitAdapter
 from .mobilevit import MobileViTAdapter
@@ -13,7 +14,7 @@ from .vit import ViTAdapter
 
 # Order matters: the CNN adapter is the fallback for anything with convolutions.
 ADAPTERS: tuple[Adapter, ...] = (ViTAdapter(), SwinAdapter(), EfficientViTAdapter(), LevitAdapter(), MobileViTAdapter(),
-                                   CNNAdapter())
+                                   EfficientFormerV2Adapter(), CNNAdapter())
 
 
 class UnsupportedModel(ValueError):
@@ -62,6 +63,6 @@ def check_supported(model: nn.Module, what: str = "", input_size: tuple[int, ...
     return adapter
 
 
-SUPPORTED = "ViT/DeiT/DeiT-III (VisionTransformer), Swin, EfficientViT (MIT), LeViT, MobileViT v1, CNNs without attention"
+SUPPORTED = "ViT/DeiT/DeiT-III (VisionTransformer), Swin, EfficientViT (MIT), LeViT, MobileViT v1, EfficientFormer-V2, CNNs without attention"
 
 __all__ = ["Adapter", "ADAPTERS", "SUPPORTED", "UnsupportedModel", "adapter_for", "check_supported"]
