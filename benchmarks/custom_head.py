@@ -76,6 +76,11 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     assets, work = Path(args.assets).resolve(), Path(args.work)
+    marker = work / ".vitq-custom-head"  # what this script writes there is its own to replace, nothing else
+    if work.exists() and not marker.is_file():
+        ap.error(f"--work {work} exists and was not made by this script; give a new folder")
+    work.mkdir(parents=True, exist_ok=True)
+    marker.touch()
     os.environ["VITQ_ASSETS"] = str(assets)
     build_folders(assets, work, args.seed)
     ckpt = fit_head(work)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 
-from .adapters import check_supported
 from .api import run
 from .artifact import ArtifactError, is_artifact, load_artifact, save_artifact
 from .data import DataError, calibration_subset, load_tensors, make_dataset, make_loader, read_list, scan_folder
@@ -197,7 +196,8 @@ def _quantize(args, folder: Path) -> tuple[dict, float, float]:
     torch.manual_seed(config.seed)
     loaded = load_model(args.model, args.checkpoint, args.random_init, args.num_classes)
     entry = loaded.entry
-    check_supported(loaded.model, f"model '{args.model}'", entry.transform.input_size)  # refused before any work
+    # the model's family (an architecture no adapter covers is refused here) and the budget's reachability
+    planned = settings.plan(model=loaded.model)
     eval_files = read_list(args.eval_list, args.eval) if args.eval_list else None
     if args.calib_list:
         calib_ds = make_dataset(args.calib, entry.transform, args.calib_list, skip_bad_images=args.skip_bad_images,
@@ -220,7 +220,6 @@ def _quantize(args, folder: Path) -> tuple[dict, float, float]:
         raise DataError(f"{len(overlap)} image(s) are in both the calibration and the evaluation set, first: "
                         f"{', '.join(overlap[:3])}; the evaluation would flatter the model (--allow-overlap to "
                         "run anyway)")
-    planned = settings.plan(model=loaded.model)  # now also: is the budget reachable on this model
     config, options, budget = planned.config, planned.options, planned.budget
     log.info("vitq quantize %s: recipe=%s protocol=%s W%dA%d observer=%s calib=%d eval=%d seed=%d%s",
              entry.timm_name, planned.recipe, config.protocol, config.w_bits, config.a_bits, config.observer,

@@ -51,12 +51,13 @@ def check_supported(model: nn.Module, what: str = "", input_size: tuple[int, ...
     Raises:
         UnsupportedModel: as :func:`adapter_for`, or the fallback would leave attention in float.
     """
+    what = what or f"model '{getattr(model, 'pretrained_cfg', {}).get('architecture', type(model).__name__)}'"
     adapter = adapter_for(model, what)
     if adapter.family == "cnn":
         size = input_size or tuple(getattr(model, "pretrained_cfg", {}).get("input_size", (3, 224, 224)))
         ops = attention_ops(model, size)
         if ops:
-            name = f"{what}: {type(model).__name__}" if what else type(model).__name__
+            name = f"{what}: {type(model).__name__}"
             runs = ", ".join(f"{k} x{v}" for k, v in sorted(ops.items()))
             raise UnsupportedModel(f"{name} looks like a conv-transformer hybrid (its forward runs {runs}), but no "
                                    f"vitq adapter places quantizers on its attention; supported: {SUPPORTED}")

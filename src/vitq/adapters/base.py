@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..quant.config import TensorSpec
-from ..quant.layers import TensorQuantizer, add_input_quantizer
+from ..quant.layers import QuantMatMul, TensorQuantizer, add_input_quantizer
 
 PLACEHOLDER = TensorSpec(bits=8)  # specs are assigned from the QuantConfig after placement
 
@@ -157,6 +157,13 @@ def morph(module: nn.Module, cls: type) -> nn.Module:
         raise TypeError(f"{cls.__name__} is not a subclass of {type(module).__name__}")
     module.__class__ = cls
     return module
+
+
+def add_qk_av_matmuls(attn: nn.Module, name: str) -> None:
+    """Give an attention module its two quantized matmuls: ``matmul_qk`` (q, k) and ``matmul_av`` (softmax
+    output, v); the family's forward calls them."""
+    attn.matmul_qk = QuantMatMul(f"{name}.matmul_qk", "q", "k", PLACEHOLDER, PLACEHOLDER)
+    attn.matmul_av = QuantMatMul(f"{name}.matmul_av", "attn", "v", PLACEHOLDER, PLACEHOLDER)
 
 
 def quantize_inputs_of(model: nn.Module, names: dict[nn.Module, str], types: tuple[type, ...],

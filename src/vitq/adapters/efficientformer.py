@@ -9,8 +9,7 @@ from timm.layers.activations import GELU as TimmGELU
 from timm.models.efficientformer_v2 import Attention2d, Attention2dDownsample, ConvNorm, EfficientFormerV2
 from torch import nn
 
-from ..quant.layers import QuantMatMul
-from .base import PLACEHOLDER, Adapter, bn_remainder, fold_batchnorm, morph, quantize_inputs_of
+from .base import Adapter, add_qk_av_matmuls, bn_remainder, fold_batchnorm, morph, quantize_inputs_of
 
 
 class QuantAttention2d(Attention2d):
@@ -68,8 +67,7 @@ class EfficientFormerV2Adapter(Adapter):
     def attach_matmuls(self, model: nn.Module, names: dict[nn.Module, str]) -> None:
         for m in list(model.modules()):
             if type(m) in (Attention2d, Attention2dDownsample):
-                m.matmul_qk = QuantMatMul(f"{names[m]}.matmul_qk", "q", "k", PLACEHOLDER, PLACEHOLDER)
-                m.matmul_av = QuantMatMul(f"{names[m]}.matmul_av", "attn", "v", PLACEHOLDER, PLACEHOLDER)
+                add_qk_av_matmuls(m, names[m])
                 morph(m, QuantAttention2d if type(m) is Attention2d else QuantAttention2dDownsample)
 
     def attach_full(self, model: nn.Module, names: dict[nn.Module, str]) -> None:

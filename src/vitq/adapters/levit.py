@@ -6,8 +6,7 @@ import torch
 from timm.models.levit import Attention, AttentionDownsample, ConvNorm, Levit, LinearNorm, NormLinear
 from torch import nn
 
-from ..quant.layers import QuantMatMul
-from .base import PLACEHOLDER, Adapter, fold_batchnorm, morph, quantize_inputs_of
+from .base import Adapter, add_qk_av_matmuls, fold_batchnorm, morph, quantize_inputs_of
 
 
 @torch.no_grad()
@@ -83,8 +82,7 @@ class LevitAdapter(Adapter):
     def attach_matmuls(self, model: nn.Module, names: dict[nn.Module, str]) -> None:
         for m in list(model.modules()):
             if type(m) in (Attention, AttentionDownsample):
-                m.matmul_qk = QuantMatMul(f"{names[m]}.matmul_qk", "q", "k", PLACEHOLDER, PLACEHOLDER)
-                m.matmul_av = QuantMatMul(f"{names[m]}.matmul_av", "attn", "v", PLACEHOLDER, PLACEHOLDER)
+                add_qk_av_matmuls(m, names[m])
                 morph(m, QuantLevitAttention if type(m) is Attention else QuantLevitAttentionDownsample)
 
     def attach_full(self, model: nn.Module, names: dict[nn.Module, str]) -> None:

@@ -8,7 +8,7 @@ from timm.models.byobnet import ByobNet
 from timm.models.mobilevit import MobileVitBlock
 from torch import nn
 
-from .base import Adapter, bn_remainder, fold_batchnorm, quantize_inputs_of
+from .base import Adapter, bn_remainder, fold_batchnorm, morph, quantize_inputs_of
 from .vit import QuantViTAttention, attach_attention_matmuls
 
 
@@ -33,7 +33,7 @@ class MobileViTAdapter(Adapter):
         for m in list(model.modules()):
             if type(m) is Attention:
                 attach_attention_matmuls(m, names[m])
-                m.__class__ = QuantViTAttention
+                morph(m, QuantViTAttention)
 
     def attach_full(self, model: nn.Module, names: dict[nn.Module, str]) -> None:
         # the activations' inputs; the residual additions and LayerNorms stay float (coverage table)

@@ -6,8 +6,7 @@ import torch
 from timm.models.swin_transformer import PatchMerging, SwinTransformer, SwinTransformerBlock, WindowAttention
 from torch import nn
 
-from ..quant.layers import QuantMatMul
-from .base import PLACEHOLDER, Adapter, QuantAdd, morph, quantize_inputs_of
+from .base import Adapter, QuantAdd, add_qk_av_matmuls, morph, quantize_inputs_of
 
 
 class QuantWindowAttention(WindowAttention):
@@ -100,8 +99,7 @@ class SwinAdapter(Adapter):
         for m in list(model.modules()):
             if type(m) is WindowAttention:
                 m.fused_attn = False
-                m.matmul_qk = QuantMatMul(f"{names[m]}.matmul_qk", "q", "k", PLACEHOLDER, PLACEHOLDER)
-                m.matmul_av = QuantMatMul(f"{names[m]}.matmul_av", "attn", "v", PLACEHOLDER, PLACEHOLDER)
+                add_qk_av_matmuls(m, names[m])
                 morph(m, QuantWindowAttention)
 
     def attach_full(self, model: nn.Module, names: dict[nn.Module, str]) -> None:

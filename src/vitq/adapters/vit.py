@@ -6,8 +6,8 @@ from timm.layers.attention import Attention, maybe_add_mask, resolve_self_attn_m
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from ..quant.layers import QuantMatMul, TensorQuantizer
-from .base import PLACEHOLDER, Adapter, QuantAdd, morph, quantize_inputs_of
+from ..quant.layers import TensorQuantizer
+from .base import PLACEHOLDER, Adapter, QuantAdd, add_qk_av_matmuls, morph, quantize_inputs_of
 
 
 class QuantViTAttention(Attention):
@@ -49,8 +49,7 @@ class QuantViTBlock(Block):
 def attach_attention_matmuls(attn: nn.Module, name: str) -> None:
     """Add the two matmul modules (q @ k^T and attn @ v) and an identity softmax-input slot."""
     attn.fused_attn = False
-    attn.matmul_qk = QuantMatMul(f"{name}.matmul_qk", "q", "k", PLACEHOLDER, PLACEHOLDER)
-    attn.matmul_av = QuantMatMul(f"{name}.matmul_av", "attn", "v", PLACEHOLDER, PLACEHOLDER)
+    add_qk_av_matmuls(attn, name)
     attn.softmax_in = nn.Identity()
 
 
