@@ -473,7 +473,7 @@ def test_a_two_class_checkpoint_quantizes_and_evaluates_on_two_class_folders(tmp
     assert "n=6" in capsys.readouterr().out
     assert main(["eval", str(out), "--data", str(tmp_path / "pets"), "--labels", "none", "--workers", "0"]) == 0
     assert "top1=n/a (no labels)" in capsys.readouterr().out
-    assert main(["quantize", "mobilevitv2_050", "--random-init", "--calib", str(tmp_path / "pets"), "--eval",
+    assert main(["quantize", "eva02_tiny_patch14_224", "--random-init", "--calib", str(tmp_path / "pets"), "--eval",
                  str(tmp_path / "pets"), "--out", str(tmp_path / "l")]) == 2
     err = capsys.readouterr().err
-    assert "model 'mobilevitv2_050'" in err and "no vitq adapter" in err and not (tmp_path / "l").exists()
+    assert "model 'eva02_tiny_patch14_224'" in err and "no vitq adapter" in err and not (tmp_path / "l").exists()

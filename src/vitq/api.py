@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .adapters import check_supported
+from .device import model_device, resolve_device, to_device
 from .finite import check_forward_finite, check_state_finite
 from .methods.greedy_mp import (DEFAULT_CANDIDATES, SEARCHES, Budget, default_gptq_losses, default_probe_images,
                                 greedy_mp)
@@ -210,7 +211,8 @@ def _check_options(o: MethodOptions) -> None:
 
 def quantize(model: nn.Module, calibration, config: QuantConfig | None = None, recipe: str = "mptq",
              budget: Budget | CostBudget | None = None, options: MethodOptions | None = None,
-             search: SearchOptions | None = None, progress: bool = True, input_fn=None) -> QuantizeResult:
+             search: SearchOptions | None = None, progress: bool = True, input_fn=None,
+             device: str | torch.device | None = None) -> QuantizeResult:
     """Quantize a float timm model with a recipe.
 
     Args:
@@ -227,6 +229,8 @@ def quantize(model: nn.Module, calibration, config: QuantConfig | None = None, r
         progress: progress bars (on a terminal only).
         input_fn: turns one calibration batch into the model's input tensor (for batch types vitq does not
             know, e.g. ``lambda b: b["pixel_values"]``).
+        device: where every pass runs: ``"auto"``, ``"cpu"``, ``"cuda[:N]"`` or a ``torch.device``; None: the
+            model's own device. The quantized model is on that device; ``model`` stays where it was.
 
     Returns:
         A :class:`QuantizeResult`.
@@ -235,10 +239,12 @@ def quantize(model: nn.Module, calibration, config: QuantConfig | None = None, r
         ConfigError: a bad option, or a budget the candidates cannot reach (before any calibration).
         NonFiniteError: the float or the quantized model produces NaN or infinity, naming the layer.
     """
-    return run(model, calibration, plan(config, recipe, budget, options, search, model=model), progress, input_fn)
+    return run(model, calibration, plan(config, recipe, budget, options, search, model=model), progress, input_fn,
+               device)
 
 
-def run(model: nn.Module, calibration, p: Plan, progress: bool = True, input_fn=None) -> QuantizeResult:
+def run(model: nn.Module, calibration, p: Plan, progress: bool = True, input_fn=None,
+        device: str | torch.device | None = None) -> QuantizeResult:
     """Run a :class:`Plan` (from :func:`plan`, given the model) on ``model``: what :func:`quantize` does after
     planning. The command line plans first, says what will run, then loads the images and runs.
 
@@ -246,7 +252,9 @@ def run(model: nn.Module, calibration, p: Plan, progress: bool = True, input_fn=
         NonFiniteError: the float or the quantized model produces NaN or infinity, naming the layer.
     """
     config, options, search, budget = p.config, p.options, p.search, p.budget
-    calib = calibration_tensor(calibration, input_fn)
+    dev = model_device(model) if device is None else resolve_device(device)
+    calib = calibration_tensor(calibration, input_fn).to(dev)
+    model = to_device(model, dev)
     t0 = time.perf_counter()
     check_forward_finite(model, calib[:8], "the float model")
     report: dict = {"recipe": p.recipe, "methods": {k: v for k, v in vars(options).items()}}

@@ -38,7 +38,7 @@ def is_artifact(path: str | Path) -> bool:
 
 def artifact_files(model: nn.Module, meta: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """The tensors and the JSON metadata that describe a calibrated model."""
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     meta = dict(meta)
     meta.update(
         format=FORMAT,

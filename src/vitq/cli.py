@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import threading
 
@@ -35,6 +36,12 @@ def _add_model_opts(p) -> None:
     p.add_argument("--random-init", action="store_true", help="random weights (structure/cost work only)")
     p.add_argument("--num-classes", type=int,
                    help="classes of the model's head (default: the checkpoint's, e.g. a fine-tuned head; else timm's)")
+
+
+def _add_device(p) -> None:
+    p.add_argument("--device", default="auto",
+                   help="where the model runs: auto (a CUDA GPU when there is one, else the CPU), cpu, cuda or "
+                        "cuda:N; under torchrun, auto gives each process its LOCAL_RANK GPU")
 
 
 def _add_labels(p) -> None:
@@ -66,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", parents=[common], help="evaluate a model or a quantized artifact folder")
     p.add_argument("model", help="zoo name, timm name, a folder written by `vitq quantize`, or a packed file")
     _add_model_opts(p)
+    _add_device(p)
     p.add_argument("--data", required=True, help="image folder (class sub-folders, or flat synset-prefixed files)")
     _add_labels(p)
     p.add_argument("--list", help="file list, one path relative to --data per line")
@@ -107,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="zoo name or timm name (any timm model of a supported family)")
     g = p.add_argument_group("model")
     _add_model_opts(g)
+    _add_device(g)
     g = p.add_argument_group("data")
     g.add_argument("--calib", required=True, help="calibration image folder")
     g.add_argument("--calib-list", help="calibration file list (default: a seeded random subset not in --eval-list)")
@@ -138,9 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--budget-a", type=float, help="average activation bits (Greedy MP)")
     g.add_argument("--budget-mb", type=float, help="model size in MB (Greedy MP)")
     g.add_argument("--budget-edp", type=float,
-                   help="m2q: at most this fraction of the INT8 baseline's energy-delay product "
-                        "(budget.energy or budget.latency instead through --set)")
-    g.add_argument("--hw", help="m2q: accelerator YAML merged over the defaults (vitq/hardware/accelerator.yaml)")
+                   help="m2q: at most this fraction of the INT8 baseline's energy-delay product on the modelled "
+                        "accelerator (budget.energy or budget.latency instead, and budget.hardware=FILE.yaml for "
+                        "another accelerator, through --set)")
     g = p.add_argument_group("output")
     g.add_argument("--out", required=True, help="output folder (a new path, or an earlier vitq result with "
                                                 "--overwrite)")
@@ -158,7 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     logger = logging.getLogger("vitq")
     logger.addHandler(handler)
     level = logger.level
-    logger.setLevel(logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO)
+    # under torchrun only the first process reports; the others print warnings and errors only
+    other_rank = int(os.environ.get("RANK", "0")) > 0
+    if other_rank:
+        os.environ["TQDM_DISABLE"] = "1"  # read when tqdm is imported, below
+    logger.setLevel(logging.DEBUG if args.verbose else logging.WARNING if args.quiet or other_rank else logging.INFO)
     try:
         if threading.current_thread() is threading.main_thread():
             with deferred_signals() as seen:

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from pathlib import Path
 
 import torch
 
+from . import distributed
 from .api import run
 from .artifact import ArtifactError, is_artifact, load_artifact, save_artifact
 from .data import DataError, calibration_subset, load_tensors, make_dataset, make_loader, read_list, scan_folder
+from .device import resolve_device, to_device
 from .evaluation import evaluate, evaluate_many
 from .hardware import estimate, extract_workloads, int8_baseline, load_hardware
 from .io import dumps, is_output_json, output_json
@@ -106,6 +109,8 @@ def _say_random_init(meta: dict, source) -> None:
 def cmd_eval(args) -> int:
     from .export.packed import is_packed, load_packed
 
+    device = resolve_device(args.device)
+    distributed.init(device)
     if is_packed(args.model):
         model, meta = load_packed(args.model)
         name, checkpoint, random_init = meta["model"], str(args.model), meta.get("random_init", False)
@@ -127,14 +132,17 @@ def cmd_eval(args) -> int:
         name = entry.timm_name
     if random_init:
         _say_random_init({"random_init": True}, args.model)
+    model = to_device(model, device)
     ds = make_dataset(args.data, entry.transform, args.list, args.limit, args.skip_bad_images, labels=args.labels)
-    with _maybe_file(args.out, args.overwrite, (args.data, args.list, args.model)) as tmp:
-        result = evaluate(model, make_loader(ds, args.batch_size, args.workers), name=name)
+    out = args.out if distributed.is_main() else None  # under torchrun, the first process writes
+    with _maybe_file(out, args.overwrite, (args.data, args.list, args.model)) as tmp:
+        result = evaluate(model, make_loader(distributed.shard_dataset(ds), args.batch_size, args.workers), name=name)
         result.checkpoint, result.random_init = checkpoint, random_init
         _print_skipped(ds, "evaluation")
         if tmp is not None:
             tmp.write_text(dumps(output_json(result.to_dict(), "eval")))
-    print(result.summary())
+    if distributed.is_main():
+        print(result.summary() + (f" processes={distributed.world_size()}" if distributed.world_size() > 1 else ""))
     return 0
 
 
@@ -167,7 +175,10 @@ def _settings_from_args(args) -> Settings:
 
 
 def cmd_quantize(args) -> int:
-    inputs = (args.calib, args.eval, args.calib_list, args.eval_list, args.config, args.checkpoint, args.hw)
+    inputs = (args.calib, args.eval, args.calib_list, args.eval_list, args.config, args.checkpoint)
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun: compute beside rank 0, which writes
+        _quantize(args, None)
+        return 0
     with destination(args.out, kind="dir", overwrite=args.overwrite, inputs=inputs) as folder:
         report, calibrate_s, eval_s = _quantize(args, folder)
     print(summary_line(report))
@@ -187,11 +198,14 @@ def _print_skipped(ds, what: str) -> None:
               + (" ..." if len(ds.skipped) > 5 else ""), flush=True)
 
 
-def _quantize(args, folder: Path) -> tuple[dict, float, float]:
+def _quantize(args, folder: Path | None) -> tuple[dict, float, float]:
+    """Quantize, evaluate and (with a ``folder``) write the results into it."""
     settings = _settings_from_args(args)
     if args.calib_size < 1:
         raise ConfigError(f"--calib-size must be at least 1, got {args.calib_size}")
     planned = settings.plan()  # every option checked before the model and the images are read
+    device = resolve_device(args.device)
+    distributed.init(device)
     config = planned.config
     torch.manual_seed(config.seed)
     loaded = load_model(args.model, args.checkpoint, args.random_init, args.num_classes)
@@ -221,9 +235,9 @@ def _quantize(args, folder: Path) -> tuple[dict, float, float]:
                         f"{', '.join(overlap[:3])}; the evaluation would flatter the model (--allow-overlap to "
                         "run anyway)")
     config, options, budget = planned.config, planned.options, planned.budget
-    log.info("vitq quantize %s: recipe=%s protocol=%s W%dA%d observer=%s calib=%d eval=%d seed=%d%s",
+    log.info("vitq quantize %s: recipe=%s protocol=%s W%dA%d observer=%s calib=%d eval=%d seed=%d device=%s%s",
              entry.timm_name, planned.recipe, config.protocol, config.w_bits, config.a_bits, config.observer,
-             len(calib_ds), len(eval_ds), config.seed, " RANDOM-INIT" if loaded.random_init else "")
+             len(calib_ds), len(eval_ds), config.seed, device, " RANDOM-INIT" if loaded.random_init else "")
     if overlap:
         log.warning("warning: %d calibration image(s) are also evaluated (--allow-overlap); the report says so",
                     len(overlap))
@@ -232,7 +246,8 @@ def _quantize(args, folder: Path) -> tuple[dict, float, float]:
     t0 = time.perf_counter()
     calib_images, _ = load_tensors(calib_ds, args.batch_size, args.workers)
     _print_skipped(calib_ds, "calibration")
-    res = run(loaded.model, calib_images, planned, progress=True)
+    fp_model = to_device(loaded.model, device)
+    res = run(fp_model, calib_images, planned, progress=True, device=device)
     qmodel, config, extra = res.model, res.config, dict(res.report)
     extra.pop("recipe", None)
     extra.pop("methods", None)
@@ -240,14 +255,16 @@ def _quantize(args, folder: Path) -> tuple[dict, float, float]:
     log.debug(format_table(tensor_table(qmodel)))
 
     t1 = time.perf_counter()
-    results = evaluate_many({"fp": loaded.model, "quantized": qmodel},
-                            make_loader(eval_ds, args.batch_size, args.workers), reference="fp")
+    results = evaluate_many({"fp": fp_model, "quantized": qmodel},
+                            make_loader(distributed.shard_dataset(eval_ds), args.batch_size, args.workers),
+                            reference="fp")
     eval_s = time.perf_counter() - t1
     _print_skipped(eval_ds, "evaluation")
     report = build_report(
         qmodel, model_name=entry.timm_name, checkpoint=loaded.checkpoint, random_init=loaded.random_init,
         fp=results["fp"], quantized=results["quantized"],
-        timing={"calibrate_s": calibrate_s, "eval_s": eval_s, "calib_images": len(calib_images)},
+        timing={"calibrate_s": calibrate_s, "eval_s": eval_s, "calib_images": len(calib_images),
+                "processes": distributed.world_size(), "device": str(device)},
         extra={"calib_files": calib_ds.files[:1000], "recipe": planned.recipe, "methods": vars(options),
                "settings": plan_to_dict(planned), "command": ["vitq", *args.argv],
                "data": {"calib_images": len(calib_images), "calib_skipped": calib_ds.skipped,
@@ -269,7 +286,8 @@ def _quantize(args, folder: Path) -> tuple[dict, float, float]:
         (folder / "report.json").write_text(dumps(report))
         write_html(report, folder)
 
-    write(folder)
+    if folder is not None:
+        write(folder)
     return report, calibrate_s, eval_s
 
 

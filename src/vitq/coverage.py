@@ -20,7 +20,7 @@ BY_DESIGN = "norms, softmax, GELU and residual additions stay float in the stand
 FAMILY_NOTES = {
     "cnn": "BatchNorm folded into the convolutions; activations and residual additions stay float in the standard "
            "protocol",
-    "mobilevit": "BatchNorm folded; LayerNorms, softmax and residual additions stay float in both protocols (the "
+    "mobilevit": "BatchNorm folded; norms, softmax and residual additions stay float in both protocols (the "
                  "full one adds the activations' inputs)",
     "efficientformerv2": "BatchNorm folded; softmax, the attention biases and talking heads, layer scales and "
                          "residual additions stay float in both protocols (the full one adds the GELU inputs)",

@@ -12,6 +12,8 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import Batch
+from .device import model_device
+from .distributed import gather_objects, interleave, world_size
 from .finite import NonFiniteError, nonfinite_message
 
 
@@ -157,6 +159,18 @@ class _Tally:
             self.kl_i += kl.tolist()
         self.n += len(labels)
 
+    @classmethod
+    def merge(cls, parts: list[_Tally]) -> _Tally:
+        """One tally over every process's images (each process evaluated every N-th image, in order)."""
+        t = cls()
+        t.n, t.c5 = sum(p.n for p in parts), sum(p.c5 for p in parts)
+        t.model_s = max(p.model_s for p in parts)  # the processes run side by side
+        t.labelled = all(p.labelled for p in parts)
+        t.correct = interleave([p.correct for p in parts])
+        t.agree_i, t.kl_i = interleave([p.agree_i for p in parts]), interleave([p.kl_i for p in parts])
+        t.kl_sum = math.fsum(t.kl_i)
+        return t
+
     def result(self, name: str, n_bad: int, wall_s: float, ref: _Tally | None, per_image: bool) -> EvalResult:
         if self.n == 0:
             raise ValueError("evaluation saw no images (empty dataset, or every image was unreadable)")
@@ -218,6 +232,10 @@ def evaluate_many(models: dict[str, nn.Module], data, reference: str | None = No
         progress: show a tqdm bar.
         per_image: keep the per-image values in each ``EvalResult.per_image``.
 
+    Under torchrun (``vitq.distributed``), each process passes its own share of the images
+    (``distributed.shard_dataset``); the per-image values are gathered, so every process returns the metrics
+    of all the images.
+
     Returns:
         name -> :class:`EvalResult`; the reference's own agreement/KL (and their errors) are None.
     """
@@ -225,6 +243,7 @@ def evaluate_many(models: dict[str, nn.Module], data, reference: str | None = No
         raise ValueError(f"reference '{reference}' is not one of the evaluated models")
     for m in models.values():
         m.eval()
+    device = model_device(next(iter(models.values())))
     tallies = {k: _Tally() for k in models}
     order = ([reference] if reference else []) + [k for k in models if k != reference]
     n_bad = 0
@@ -234,19 +253,26 @@ def evaluate_many(models: dict[str, nn.Module], data, reference: str | None = No
         n_bad += b.n_bad
         if b.images.numel() == 0:
             continue
+        images, labels = b.images.to(device, non_blocking=True), b.labels.to(device, non_blocking=True)
         ref_logits = None
         for key in order:
             t = time.perf_counter()
-            logits = models[key](b.images).float()
+            logits = models[key](images).float()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # the kernels run asynchronously: time them, not their launch
             tallies[key].model_s += time.perf_counter() - t
             if not torch.isfinite(logits).all():
-                raise NonFiniteError(nonfinite_message(models[key], b.images, f"model '{key}'" if key else "the model"))
+                raise NonFiniteError(nonfinite_message(models[key], images, f"model '{key}'" if key else "the model"))
             if key == reference:
                 ref_logits = logits
-            tallies[key].add(logits, b.labels, None if key == reference else ref_logits)
+            tallies[key].add(logits, labels, None if key == reference else ref_logits)
         bar.update(len(b.labels))
     bar.close()
     wall = time.perf_counter() - t0
+    if world_size() > 1:  # under torchrun each process saw its share of the images (distributed.shard_dataset)
+        parts = gather_objects((tallies, n_bad, wall))
+        tallies = {k: _Tally.merge([p[0][k] for p in parts]) for k in models}
+        n_bad, wall = sum(p[1] for p in parts), max(p[2] for p in parts)
     ref = tallies[reference] if reference is not None else None
     return {k: tallies[k].result(k, n_bad, wall, ref if k != reference else None, per_image) for k in models}
 

@@ -101,6 +101,38 @@ def test_mobilevit_v1_quantizes_every_attention_matmul_and_folds_batchnorm():
     assert not {k for k in row.float_ops if k != "softmax"}  # no activation matmul left in float
 
 
+def test_mobilevit_v2_quantizes_both_products_of_its_linear_attention():
+    import timm
+
+    import vitq
+    from vitq.coverage import coverage
+    from vitq.quant import QuantConfig
+    from vitq.quant.engine import all_quantizers, prepare
+
+    torch.manual_seed(0)
+    model = timm.create_model("mobilevitv2_050", pretrained=False).eval()
+    for m in model.modules():  # statistics a trained model would have, so the folding is really tested
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    assert adapter_for(model).family == "mobilevit"
+    x = torch.randn(2, 3, 256, 256)
+    floated = prepare(model, QuantConfig())
+    for q in all_quantizers(floated):
+        q.mode = "off"
+    with torch.inference_mode():  # folding and the matmul form of the two products are exact
+        assert (floated(x) - model(x)).abs().max() < 1e-4
+    q = vitq.quantize(model, x, QuantConfig(w_bits=8, a_bits=8), recipe="minmax", progress=False).model
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in q.modules())
+    with torch.inference_mode():  # random weights give near-flat logits: compare their shape, not the argmax
+        a, b = q(x), model(x)
+    cos = nn.functional.cosine_similarity(a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True), dim=1)
+    assert (cos > 0.99).all()
+    row = coverage("mobilevitv2_050")
+    attention = sum(type(m).__name__ == "LinearSelfAttention" for m in model.modules())
+    assert attention > 0 and row.family == "mobilevit" and row.matmuls == 2 * attention and not row.unused
+
+
 def test_levit_folds_every_batchnorm_exactly_and_quantizes_every_attention_matmul():
     import copy
 
@@ -162,3 +194,26 @@ def test_efficientformer_v2_folds_batchnorm_exactly_and_quantizes_every_attentio
     attention = sum(type(m).__name__ in ("Attention2d", "Attention2dDownsample") for m in model.modules())
     assert row.family == "efficientformerv2" and row.matmuls == 2 * attention and not row.unused
     assert not {k for k in row.float_ops if k != "softmax"} and row.tensors["full"] > row.tensors["standard"]
+
+
+class _HeadlessAttentionNet(nn.Module):
+    """A convolution net with a softmax attention module that holds no head count (as a new hybrid may)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.qkv = nn.Linear(8, 24)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        t = self.conv(x).flatten(2).transpose(1, 2)
+        q, k, v = self.qkv(t).chunk(3, dim=-1)
+        t = (q @ k.transpose(1, 2)).softmax(-1) @ v
+        return self.head(t.mean(1))
+
+
+def test_a_hybrid_whose_attention_has_no_head_count_is_refused_not_quantized_as_a_cnn():
+    from vitq.adapters import UnsupportedModel, check_supported
+
+    with pytest.raises(UnsupportedModel, match=r"conv-transformer hybrid \(its forward runs .*softmax x1"):
+        check_supported(_HeadlessAttentionNet().eval(), "model 'headless'", (3, 16, 16))

@@ -45,7 +45,7 @@ def adapter_for(model: nn.Module, what: str = "") -> Adapter:
 def check_supported(model: nn.Module, what: str = "", input_size: tuple[int, ...] | None = None) -> Adapter:
     """:func:`adapter_for`, and for the convolutional fallback also one forward pass on a random image that
     must run no attention (softmax, or a matmul of two activations): a hybrid whose attention modules hold no
-    head count (MobileViT-v2's linear attention) is refused here instead of being quantized as a CNN with
+    head count (a linear attention no adapter knows) is refused here instead of being quantized as a CNN with
     its attention left in float.
 
     Raises:
@@ -64,6 +64,6 @@ def check_supported(model: nn.Module, what: str = "", input_size: tuple[int, ...
     return adapter
 
 
-SUPPORTED = "ViT/DeiT/DeiT-III (VisionTransformer), Swin, EfficientViT (MIT), LeViT, MobileViT v1, EfficientFormer-V2, CNNs without attention"
+SUPPORTED = "ViT/DeiT/DeiT-III (VisionTransformer), Swin, EfficientViT (MIT), LeViT, MobileViT v1 and v2, EfficientFormer-V2, CNNs without attention"
 
 __all__ = ["Adapter", "ADAPTERS", "SUPPORTED", "UnsupportedModel", "adapter_for", "check_supported"]

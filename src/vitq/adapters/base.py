@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..device import model_device
 from ..quant.config import TensorSpec
 from ..quant.layers import QuantMatMul, TensorQuantizer, add_input_quantizer
 
@@ -78,7 +79,7 @@ def attention_ops(model: nn.Module, input_size: tuple[int, ...], skip: tuple[typ
              for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
     try:
         with torch.inference_mode(), _Record():
-            model(torch.randn(1, *input_size))
+            model(torch.randn(1, *input_size, device=model_device(model)))
     finally:
         for h in hooks:
             h.remove()

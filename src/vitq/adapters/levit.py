@@ -27,7 +27,7 @@ def _fold_norm_linear(m: NormLinear) -> None:
     s = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
     t = bn.bias - bn.running_mean * s
     if lin.bias is None:
-        lin.bias = nn.Parameter(torch.zeros(lin.out_features))
+        lin.bias = nn.Parameter(torch.zeros(lin.out_features, device=lin.weight.device))
     lin.bias.add_(lin.weight @ t)
     lin.weight.mul_(s[None, :])
     m.bn = nn.Identity()

@@ -44,7 +44,7 @@ def collect_inputs(model: nn.Module, linears: list[nn.Module], calib: torch.Tens
     for rows in store:
         x = torch.cat(rows)
         if x.shape[0] > max_rows:  # a seeded subset keeps the searches fast (the ranges come from it too)
-            x = x[torch.randperm(x.shape[0], generator=g)[:max_rows].sort().values]
+            x = x[torch.randperm(x.shape[0], generator=g, device="cpu")[:max_rows].sort().values]
         out.append(x)
     return out
 

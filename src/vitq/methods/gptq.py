@@ -103,12 +103,12 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, quant, damp: float = 0.01, a
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     n_q = w.shape[1] - int(keep_last)
-    perm = torch.argsort(torch.diag(h)[:n_q], descending=True, stable=True) if act_order else torch.arange(n_q)
+    perm = torch.argsort(torch.diag(h)[:n_q], descending=True, stable=True) if act_order else torch.arange(n_q, device=h.device)
     if keep_last:
-        perm = torch.cat([perm, torch.tensor([n_q])])
+        perm = torch.cat([perm, torch.tensor([n_q], device=h.device)])
     w, h = w[:, perm], h[perm][:, perm]
     # Damping relative to the inputs' own scale: a bias column (all ones) must not set it.
-    h += torch.eye(h.shape[0], dtype=h.dtype) * damp * torch.diag(h)[:n_q].mean()
+    h += torch.eye(h.shape[0], dtype=h.dtype, device=h.device) * damp * torch.diag(h)[:n_q].mean()
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     out = torch.zeros_like(w)
     n = w.shape[1]
@@ -259,13 +259,13 @@ def apply_gptq(model: nn.Module, calib: torch.Tensor, n_images: int = 32, damp: 
                 if clip_search:
                     # the grid's clip, re-chosen on the output error now that the layer's inputs are known
                     m.w_quant.set_range(*hessian_clip(w, rows.T @ rows, m.w_quant))
-                bias = m.bias.detach().double() if m.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
+                bias = m.bias.detach().double() if m.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
                 ref = rows @ w.T + bias
                 fb = fit_bias == "all" or id(m) in bias_fit_ids
                 if fb:
                     # The bias is one more input column (all ones) that is never quantized: quantized last,
                     # it receives the compensation of every column's error, i.e. an optimal bias correction.
-                    rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], 1)
+                    rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype, device=rows.device)], 1)
                     w_aug = torch.cat([w, bias[:, None]], 1)
                 else:
                     w_aug = w
@@ -307,7 +307,7 @@ def input_hessians(model: nn.Module, calib: torch.Tensor, layers: list[nn.Module
     def hook(mod, args, out):
         rows = _as_rows(mod, args[0].detach()).double()
         if id(mod) in fit_bias_ids:
-            rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], 1)
+            rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype, device=rows.device)], 1)
         h, n = hess.get(id(mod), (0.0, 0))
         hess[id(mod)] = (h + rows.T @ rows, n + rows.shape[0])
 
@@ -330,7 +330,7 @@ def gptq_rounded(m: nn.Module, h: torch.Tensor, fit_bias: bool, damp: float = 0.
     w = m.weight.detach().reshape(m.weight.shape[0], -1).double()
     m.w_quant.set_range(*hessian_clip(w, h[: w.shape[1], : w.shape[1]], m.w_quant))
     if fit_bias:
-        bias = m.bias.detach().double() if m.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype)
+        bias = m.bias.detach().double() if m.bias is not None else torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
         w = torch.cat([w, bias[:, None]], 1)
     qw = gptq_quantize(w, h, m.w_quant.fake_quant, damp=damp, act_order=act_order, keep_last=fit_bias)
     weight = qw[:, : m.weight[0].numel()].reshape(m.weight.shape).to(m.weight.dtype)

@@ -8,7 +8,7 @@ from tqdm import tqdm
 
 from ..quant.config import ConfigError
 from .mp_budget import Accounts
-from .mp_probe import Item, Prober
+from .mp_probe import Item, Prober, split_probes
 
 
 def greedy_search(items: list[Item], set_level: Callable[[Item, int], None], accounts: Accounts, prober: Prober,
@@ -33,16 +33,29 @@ def greedy_search(items: list[Item], set_level: Callable[[Item, int], None], acc
     """
     state = {"current": current}
 
-    def measure(item: Item) -> None:
-        if not item.can_lower():
-            return
+    def one(item: Item) -> float:
         level = item.level
         set_level(item, level - 1)
-        item.sens = prober.kl(item.block) - state["current"]
-        set_level(item, level)
+        try:
+            return prober.kl(item.block) - state["current"]
+        finally:
+            set_level(item, level)
 
-    for item in tqdm(items, desc="sensitivity", disable=None if progress else True, leave=False):
-        measure(item)
+    def measure(batch: list[Item], bar=None) -> None:
+        """Each item's sensitivity, the probes split between processes under torchrun (vitq.distributed)."""
+        todo = [i for i in batch if i.can_lower()]
+
+        def shown(item: Item) -> float:
+            out = one(item)
+            if bar is not None:
+                bar.update(1)
+            return out
+
+        for item, sens in zip(todo, split_probes(prober, shown, todo)):
+            item.sens = sens
+
+    with tqdm(desc="sensitivity", disable=None if progress else True, leave=False) as bar:
+        measure(items, bar)
     now = accounts.current_cost()  # the cost of the current assignment, recomputed only when it changes
     taken: dict[float, dict] = {}
     history: list[dict] = []
@@ -83,8 +96,7 @@ def greedy_search(items: list[Item], set_level: Callable[[Item, int], None], acc
         steps += 1
         history.append({"step": steps, "items": [f"{i.kind}:{i.layer}:{i.bits}" for i in lowered],
                         "kl": state["current"], "avg_w": accounts.avg_w(), "avg_a": accounts.avg_a()})
-        for i in lowered:
-            measure(i)
+        measure(lowered)
         bar.update(1)
     bar.close()
     return state["current"], steps, history, taken

@@ -19,7 +19,7 @@ from ..evaluation import kl_from_reference
 from ..quant.config import ConfigError
 from ..quant.engine import all_quantizers
 from .mp_budget import Accounts
-from .mp_probe import GPTQLosses, Item, Prober
+from .mp_probe import GPTQLosses, Item, Prober, split_probes
 
 
 def _pick(loss: list[list[float]], cost: list[list[float]], lam: float) -> list[int]:
@@ -135,7 +135,10 @@ def knapsack_search(model: nn.Module, items: list[Item], set_level, prober: Prob
             gptq_losses.capture()
         base_kl = prober.kl()  # about 0 (SQ-b's folding is exact in float up to rounding)
         base_out = prober.out
-        for i in tqdm(chosen, desc="knapsack losses", disable=None if progress else True, leave=False):
+        bar = tqdm(desc="knapsack losses", disable=None if progress else True, leave=False)
+
+        def losses(i: Item) -> tuple[list[float], list[torch.Tensor]]:
+            """The item's probe KL at each width, every other tensor in float (one item from the same state)."""
             level = i.level
             for q in i.quantizers:
                 q.mode = modes[id(q)]
@@ -151,9 +154,15 @@ def knapsack_search(model: nn.Module, items: list[Item], set_level, prober: Prob
             set_level(i, level)
             for q in i.quantizers:
                 q.mode = "off"
+            bar.update(1)
+            return row, drift
+
+        # under torchrun the items are split between the processes (vitq.distributed)
+        for i, (row, drift) in zip(chosen, split_probes(prober, losses, chosen)):
             loss[id(i)], logit_drift[id(i)] = row, drift
             sensitivity.append({"layer": i.layer, "kind": i.kind, "elements": i.size,
-                                       "kl": {str(b): v for b, v in zip(i.choices, row)}})
+                                "kl": {str(b): v for b, v in zip(i.choices, row)}})
+        bar.close()
     finally:
         for q in quantizers:
             q.mode = modes[id(q)]

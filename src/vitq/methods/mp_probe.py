@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..adapters import adapter_for
+from ..distributed import split_map, world_size
 from ..evaluation import kl_from_reference
 from ..quant.engine import all_quantizers, weight_layers
 from .gptq import _supported as gptq_supported, gptq_rounded, input_hessians
@@ -149,6 +150,22 @@ class Prober:
             out = head(x)
         self.out = out  # the logits of the last probe (the knapsack superposes their errors)
         return kl_from_reference(self.ref, out).mean().item()
+
+
+def split_probes(prober: Prober, fn: Callable[[Item], object], items: list[Item]) -> list:
+    """``[fn(i) for i in items]``, each ``fn`` a few probes from the same state, split between processes under
+    torchrun (:func:`vitq.distributed.split_map`); ``prober.count`` counts every process's probes."""
+    if world_size() == 1:
+        return [fn(i) for i in items]
+
+    def counted(item):
+        before = prober.count
+        return fn(item), prober.count - before
+
+    before = prober.count
+    out = split_map(counted, items)
+    prober.count = before + sum(n for _, n in out)
+    return [v for v, _ in out]
 
 
 def after_blocks(model: nn.Module, qs, trunk) -> bool:

@@ -98,7 +98,7 @@ def _capture(model: nn.Module, calib: torch.Tensor, max_rows: int,
     def pick(x):
         """Row indices to keep (None: all); a tensor's rows are its entries over the last axis."""
         n = x.numel() // x.shape[-1]
-        return torch.randperm(n, generator=g)[:max_rows].sort().values if n > max_rows else None
+        return torch.randperm(n, generator=g, device="cpu")[:max_rows].sort().values if n > max_rows else None
 
     def rows(x, idx=None):
         x = x.detach().reshape(-1, x.shape[-1])
@@ -310,7 +310,7 @@ def apply_optm(model: nn.Module, calib: torch.Tensor, m_max: int | None = None, 
         if q.layer in getattr(model, "vitq_first_layers", []) and q.role == "input":
             continue  # the 8-bit image input keeps its min-max range
         lo, hi, err0 = search_uniform_clip(x, q.spec.bits, out_fn)
-        q.set_range(torch.tensor(lo), torch.tensor(hi))
+        q.set_range(torch.tensor(lo, device=x.device), torch.tensor(hi, device=x.device))
         top_m = default_m_max(q.spec.bits) if m_max is None else m_max
         if id(q) in targets and top_m > 0:
             delta, m, boundary, err = search_two_region(x, q.spec.bits, top_m, targets[id(q)], out_fn)

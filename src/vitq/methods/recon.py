@@ -105,7 +105,7 @@ def apply_block_recon(model: nn.Module, fp_model: nn.Module, calib: torch.Tensor
     stages.append(("head", head_q, head_f))
     quantizers = all_quantizers(model)
     layers_all = weight_layers(model)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=calib.device).manual_seed(seed)  # drop masks are drawn where they are used
     requires = {p: p.requires_grad for p in model.parameters()}
     for p in requires:
         p.requires_grad_(False)
@@ -203,11 +203,11 @@ def _train(fn, x: torch.Tensor, target: torch.Tensor, groups: list[dict], iters:
     opt = torch.optim.Adam(groups)
     base = [g["lr"] for g in opt.param_groups]
     n = len(x)
-    order = torch.randperm(n, generator=gen)
+    order = torch.randperm(n, generator=gen, device=gen.device)
     pos = 0
     for it in range(iters):
         if pos + batch > n:
-            order, pos = torch.randperm(n, generator=gen), 0
+            order, pos = torch.randperm(n, generator=gen, device=gen.device), 0
         idx = order[pos:pos + min(batch, n)]
         pos += batch
         # the input must carry a gradient flag so every quantizer in the stage takes its differentiable path

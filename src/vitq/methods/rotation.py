@@ -54,16 +54,17 @@ def block_size(n: int) -> int:
     return n & -n
 
 
-def random_signs(n: int, seed: int) -> torch.Tensor:
-    """``n`` signs +-1 from a seeded generator (the same seed gives the same rotation)."""
+def random_signs(n: int, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``n`` signs +-1 from a seeded generator (the same seed gives the same rotation on every device)."""
     g = torch.Generator().manual_seed(seed)
-    return torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    u = torch.rand(n, generator=g, device="cpu")
+    return torch.where(u < 0.5, -1.0, 1.0).to(device)
 
 
 @functools.lru_cache(maxsize=None)
 def _sylvester(n: int) -> torch.Tensor:
     """Sylvester's Hadamard matrix of order ``n`` (a power of two), entries +-1, symmetric."""
-    h = torch.ones(1, 1)
+    h = torch.ones(1, 1, device="cpu")
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
     return h
@@ -86,7 +87,7 @@ def hadamard_transform(x: torch.Tensor, signs: torch.Tensor, block: int) -> torc
                          f"and the width must equal the {signs.shape[0]} signs")
     k = block.bit_length() - 1
     rows, cols = 1 << (k // 2), 1 << (k - k // 2)
-    h_rows, h_cols = _sylvester(rows).to(x.dtype), _sylvester(cols).to(x.dtype)
+    h_rows, h_cols = _sylvester(rows).to(x.device, x.dtype), _sylvester(cols).to(x.device, x.dtype)
     # For even k, 1/sqrt(block) = 2^(-k/2) is a power of two: scaling H_cols by it instead of the result
     # gives the same floats (scaling by 2^j commutes with rounding) and saves a pass over x.
     exact = k % 2 == 0
@@ -103,7 +104,7 @@ def hadamard_transform(x: torch.Tensor, signs: torch.Tensor, block: int) -> torc
 
 def rotation_matrix(signs: torch.Tensor, block: int) -> torch.Tensor:
     """The orthogonal matrix ``R`` of :func:`hadamard_transform` (``x R`` for row vectors ``x``)."""
-    return hadamard_transform(torch.eye(len(signs), dtype=signs.dtype), signs, block)
+    return hadamard_transform(torch.eye(len(signs), dtype=signs.dtype, device=signs.device), signs, block)
 
 
 def _rotate_input(module: nn.Module, args):
@@ -114,7 +115,7 @@ def _rotate_input(module: nn.Module, args):
 def restore_input_rotation(linear: nn.Module, signs: torch.Tensor, block: torch.Tensor | int) -> None:
     """(Re)attach the online rotation with saved buffers (artifact loading); the weight is already ``W R``."""
     linear.register_buffer("hadamard_signs", signs.clone())
-    linear.register_buffer("hadamard_block", torch.as_tensor(block, dtype=torch.int64).reshape(1).clone())
+    linear.register_buffer("hadamard_block", torch.as_tensor(block, dtype=torch.int64, device=signs.device).reshape(1).clone())
     linear.hadamard_block_size = int(block)  # the hook's copy, so that tracing sees a constant
     linear.register_forward_pre_hook(_rotate_input)
 
@@ -208,7 +209,7 @@ def _logit_mse(x: torch.Tensor, w_qk: torch.Tensor, b_qk: torch.Tensor | None, h
     quant = []
     for t in (q, k):
         lo, hi, _ = search_uniform_clip(t, a_bits)
-        s, z = Q.uniform_params(torch.tensor(lo), torch.tensor(hi), a_bits, False)
+        s, z = Q.uniform_params(torch.tensor(lo, device=t.device), torch.tensor(hi, device=t.device), a_bits, False)
         quant.append(Q.fake_quant_uniform(t, s, z, *Q.int_range(a_bits, False)))
     err = 0.0
     for h in range(heads):
@@ -266,11 +267,11 @@ def apply_rotation(model: nn.Module, calib: torch.Tensor, config: QuantConfig, m
             dim = w.shape[0] // 3
             w_qk = w[: 2 * dim]
             b_qk = lin.bias.detach().float()[: 2 * dim] if lin.bias is not None else None
-            signs = random_signs(dim, seed * 100003 + k)
+            signs = random_signs(dim, seed * 100003 + k, x.device)
             before = _logit_mse(x, w_qk, b_qk, owner.num_heads, config.a_bits, None, block)
             after = _logit_mse(x, w_qk, b_qk, owner.num_heads, config.a_bits, signs, block)
         else:
-            signs = random_signs(x.shape[-1], seed * 100003 + k)
+            signs = random_signs(x.shape[-1], seed * 100003 + k, x.device)
             ref = x @ w.T
             before = _output_mse(x, w, ref, config.a_bits, config.w_bits, kind == "fc2")
             after = _output_mse(hadamard_transform(x, signs, block), hadamard_transform(w, signs, block), ref,

@@ -62,7 +62,7 @@ def _two_region_output_mse(x: torch.Tensor, w: torch.Tensor, ref: torch.Tensor, 
     ``factor`` (a ``[rows, 1]`` column) each output row is multiplied by it first."""
     out = output_fn(quant_weight(w, w_bits), factor)
     delta, m, boundary, _ = search_two_region(x, a_bits, default_m_max(a_bits), True, out)
-    xq = Q.fake_quant_two_region(x, torch.tensor(delta), m, torch.tensor(boundary), a_bits, True)
+    xq = Q.fake_quant_two_region(x, torch.tensor(delta, device=x.device), m, torch.tensor(boundary, device=x.device), a_bits, True)
     return (out(xq) - ref).pow(2).mean().item()
 
 
@@ -78,7 +78,7 @@ def fold(norm: nn.LayerNorm, linear: nn.Linear, b: torch.Tensor, s: torch.Tensor
     """Fold shift ``b`` and scale ``s`` into ``norm`` and ``linear`` (exact in real arithmetic)."""
     w = linear.weight
     if linear.bias is None:
-        linear.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype))
+        linear.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
     linear.bias.add_(w @ b)  # uses the original W: W x = W (x - b) + W b
     w.mul_(s[None, :])
     norm.weight.div_(s)

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..adapters import adapter_for
+from ..device import model_device
 from .config import ConfigError, QuantConfig, TensorSpec
 from .layers import QuantConv2d, QuantLinear, QuantMatMul, TensorQuantizer, to_quant_conv, to_quant_linear
 
@@ -90,6 +91,7 @@ def prepare(model: nn.Module, config: QuantConfig, inplace: bool = False) -> nn.
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
+    device = model_device(model)
     adapter = adapter_for(model)
     adapter.prepare(model)
     names = {m: n for n, m in model.named_modules()}
@@ -102,6 +104,7 @@ def prepare(model: nn.Module, config: QuantConfig, inplace: bool = False) -> nn.
     adapter.attach_matmuls(model, names)
     if config.protocol == "full":
         adapter.attach_full(model, names)
+    model.to(device)  # the quantizers' buffers go where the weights are
     model.vitq_family = adapter.family
     model.vitq_first_layers = [names[m] for m in adapter.first_layers(model)]
     apply_config(model, config)

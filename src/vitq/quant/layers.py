@@ -48,13 +48,14 @@ class TensorQuantizer(nn.Module):
         self.calls = 0  # forward calls since the last reset; tests use it to prove single quantization
         self.elements = 0  # activation values seen while observing (for the element-weighted average bits)
         # Parameters: shapes are known only after calibration (per tensor / per channel / per group).
-        self.register_buffer("scale", torch.ones(()))
-        self.register_buffer("zero_point", torch.zeros(()))
-        self.register_buffer("range_min", torch.zeros(()))
-        self.register_buffer("range_max", torch.zeros(()))
+        # Placeholders on the CPU: engine.prepare moves them beside the weights, calibration replaces them.
+        self.register_buffer("scale", torch.ones((), device="cpu"))
+        self.register_buffer("zero_point", torch.zeros((), device="cpu"))
+        self.register_buffer("range_min", torch.zeros((), device="cpu"))
+        self.register_buffer("range_max", torch.zeros((), device="cpu"))
         # Two-region scheme (OPT-m): ``scale`` is the coarse step, fine step = scale / 2^region_m.
-        self.register_buffer("region_m", torch.zeros(()))
-        self.register_buffer("boundary", torch.zeros(()))
+        self.register_buffer("region_m", torch.zeros((), device="cpu"))
+        self.register_buffer("boundary", torch.zeros((), device="cpu"))
         # Block reconstruction (methods/recon.py) makes the step size learnable for a while: a plain
         # tensor, not a registered parameter, so it never reaches a state dict.
         self.log_scale: torch.Tensor | None = None
@@ -216,10 +217,11 @@ class TensorQuantizer(nn.Module):
         from dataclasses import replace
 
         self.spec = replace(self.spec, scheme="two_region", symmetric=signed_fine)
-        self.scale = torch.tensor(float(delta))
-        self.zero_point = torch.zeros(())
-        self.region_m = torch.tensor(float(m))
-        self.boundary = torch.tensor(float(boundary))
+        dev = self.scale.device
+        self.scale = torch.tensor(float(delta), device=dev)
+        self.zero_point = torch.zeros((), device=dev)
+        self.region_m = torch.tensor(float(m), device=dev)
+        self.boundary = torch.tensor(float(boundary), device=dev)
         self.mode = "quant"
 
         self.mode = "quant"
@@ -250,7 +252,7 @@ class TensorQuantizer(nn.Module):
             # the steps are saved for backward: a plain copy, in case calibration made them under inference
             # mode (such tensors cannot be saved for backward)
             self.scale = self.scale.detach().clone()
-            self.log_scale = torch.zeros((), requires_grad=True)
+            self.log_scale = torch.zeros((), requires_grad=True, device=self.scale.device)
         else:
             self.log_scale = self.scale.detach().log().clone().requires_grad_(True)
         return self.log_scale
@@ -312,7 +314,7 @@ class TensorQuantizer(nn.Module):
             out = Q.fake_quant_uniform_ste(xs, scale, self.zero_point, qmin, qmax, axis=axis)
             out = out if f is None else out * f
         if self.drop_prob > 0:
-            keep_float = torch.rand(x.shape, generator=self.drop_generator) < self.drop_prob
+            keep_float = torch.rand(x.shape, generator=self.drop_generator, device=x.device) < self.drop_prob
             out = torch.where(keep_float, x, out)
         return out
 

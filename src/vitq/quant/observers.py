@@ -137,10 +137,10 @@ class ActivationObserver:
         # objective can push the sample through the layer's weight.
         rows = x.reshape(-1, x.shape[-1])
         # flat position of each row: rows run over the batch, then the positions
-        pos = torch.arange(rows.shape[0]) % (rows.shape[0] // x.shape[0]) if self.per_position else None
+        pos = torch.arange(rows.shape[0], device=rows.device) % (rows.shape[0] // x.shape[0]) if self.per_position else None
         budget = max(1, self.max_elements // max(1, rows.shape[1]) // 8)  # ~8 batches' worth each
         if rows.shape[0] > budget:
-            idx = torch.randperm(rows.shape[0], generator=self.generator)[:budget].sort().values
+            idx = torch.randperm(rows.shape[0], generator=self.generator, device="cpu")[:budget].sort().values
             rows = rows[idx]
             pos = pos[idx] if pos is not None else None
         self.rows.append(rows.clone())
@@ -159,7 +159,7 @@ class ActivationObserver:
         pos = torch.cat(self.positions) if token_shift is not None else None
         cap = max(1, self.max_elements // rows.shape[1])
         if rows.shape[0] > cap:
-            idx = torch.randperm(rows.shape[0], generator=self.generator)[:cap].sort().values
+            idx = torch.randperm(rows.shape[0], generator=self.generator, device="cpu")[:cap].sort().values
             rows, pos = rows[idx], (pos[idx] if pos is not None else None)
         if pos is not None:
             rows = rows / torch.exp2(token_shift.flatten())[pos].unsqueeze(-1)

@@ -37,14 +37,20 @@ def check_bits(bits: int) -> None:
         raise ValueError(f"bit-width must be an integer in [2, 16], got {bits!r}")
 
 
+def _float_tensor(v) -> torch.Tensor:
+    """``v`` as a float32 tensor; a tensor keeps its device (a number goes to the default device)."""
+    if isinstance(v, torch.Tensor):
+        return v.to(torch.float32)
+    return torch.as_tensor(v, dtype=torch.float32)
+
+
 def uniform_params(xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point of a uniform grid covering ``[xmin, xmax]``.
 
     Returns:
         ``(scale, zero_point)``; zero_point is a float tensor holding integers.
     """
-    xmin = torch.as_tensor(xmin, dtype=torch.float32)
-    xmax = torch.as_tensor(xmax, dtype=torch.float32)
+    xmin, xmax = _float_tensor(xmin), _float_tensor(xmax)
     if symmetric:
         _, qmax = int_range(bits, True)
         amax = torch.maximum(xmin.abs(), xmax.abs())
@@ -191,7 +197,7 @@ def pot_num_levels(bits: int, signed: bool) -> int:
 
 def pot_scale_exponent(amax: torch.Tensor) -> torch.Tensor:
     """Smallest integer ``p`` with ``2^p >= amax`` (the top PoT level covers the range)."""
-    return torch.ceil(torch.log2(torch.as_tensor(amax, dtype=torch.float32).clamp_min(EPS)))
+    return torch.ceil(torch.log2(_float_tensor(amax).clamp_min(EPS)))
 
 
 def quantize_pot(x: torch.Tensor, scale_exp: torch.Tensor, bits: int, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,7 +215,8 @@ def quantize_pot(x: torch.Tensor, scale_exp: torch.Tensor, bits: int, signed: bo
     # Magnitudes relative to the scale: exact, since 2^p is a power of two.
     rel = x.abs() / torch.exp2(scale_exp)
     # Ascending levels [0, 2^-(L-1), ..., 2^-1, 1]; midpoints between neighbours decide the rounding.
-    levels = torch.cat([torch.zeros(1), torch.exp2(-torch.arange(levels_n - 1, -1, -1, dtype=torch.float32))])
+    levels = torch.cat([torch.zeros(1, device=x.device),
+                        torch.exp2(-torch.arange(levels_n - 1, -1, -1, dtype=torch.float32, device=x.device))])
     mids = (levels[1:] + levels[:-1]) / 2
     idx = torch.bucketize(rel, mids, right=False)  # 0 -> zero, levels_n -> the top level 2^0
     code = torch.where(idx == 0, torch.zeros_like(idx), levels_n - idx + 1)  # top level -> code 1 (k = 0)
