@@ -29,6 +29,7 @@ from vitq.io import atomic_write_json
 from vitq.quant import QuantConfig
 from vitq.quant.engine import quantize
 
+from _machine import cpu_flags
 from _models import load_calib32, load_or_random_init
 
 
@@ -67,6 +68,7 @@ def main() -> int:
     rows = []
     print(f"# latency, {platform.node()} ({os.cpu_count()} cores, {platform.processor() or platform.machine()}), "
           f"torch {torch.__version__}, onnxruntime {ort.__version__}, {date.today()}; median of {args.runs} runs, ms")
+    print(f"# CPU vector extensions: {cpu_flags()}")
     print("| model | path | batch | threads | median ms | x vs ORT fp32 |")
     print("|---|---|---|---|---|---|")
     work = Path(tempfile.mkdtemp(prefix="vitq-latency-"))

@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from _machine import cpu_flags
 from vitq.io import dumps, is_output_json, output_json
 from vitq.output import destination
 
@@ -37,12 +38,6 @@ CASES = {
 M2Q = {"m2q EDP 0.5 deit": ["deit_tiny", "--budget-edp", "0.5"]}
 
 
-def cpu_flags() -> str:
-    try:
-        flags = next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return "unknown"
-    return " ".join(f for f in ("avx2", "avx512f", "avx512_vnni") if f in flags)
 
 
 def run(src: Path, assets: Path, name: str, argv: list[str], method: str, work: Path, legacy: bool) -> dict:

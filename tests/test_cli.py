@@ -99,6 +99,15 @@ def test_quantize_then_eval_artifact_gives_identical_result(tmp_path, images, ca
     assert packed_res["top1"] == report["quantized"]["top1"] and packed_res["top5"] == report["quantized"]["top5"]
     assert main(["export", str(images), "--out", str(packed)]) == 2
     assert "not a folder written by `vitq quantize`" in capsys.readouterr().err
+    # ONNX: checked against the scored model on the artifact's own calibration images, then evaluated as a file
+    model_onnx = tmp_path / "deit.onnx"
+    assert main(["export", str(out), "--format", "onnx", "--out", str(model_onnx)]) == 0
+    printed = capsys.readouterr().out
+    assert "check: the file agrees with the scored model on" in printed and "of 2 images" in printed
+    assert main(["eval", str(model_onnx), "--data", str(images), "--workers", "0", "--out", str(res),
+                 "--overwrite"]) == 0
+    onnx_res = json.loads(res.read_text())
+    assert onnx_res["n_images"] == 6 and onnx_res["agreement"] is None  # random-init: no float reference to rebuild
 
 
 def test_config_pattern_error_names_pattern(tmp_path, images, capsys):

@@ -3,6 +3,7 @@ calls the API and prints. Imported only when a command runs, so ``vitq --help`` 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import time
@@ -69,20 +70,31 @@ def cmd_export(args) -> int:
         from .zoo import get_entry
 
         log = f"{args.out}.json"
+        model, meta = load_artifact(args.model)
+        entry = get_entry(meta["model"])
+        check = _check_images(args, entry)  # before anything is written: a bad --data fails here
         with destination(args.out, kind="file", is_ours=_is_vitq_export, **common) as tmp, \
                 destination(log, kind="file", is_ours=is_output_json, option="--out's log", **common) as tmp_log:
-            model, meta = load_artifact(args.model)
             _say_random_init(meta, args.model)
-            rep = export_onnx(model, get_entry(meta["model"]).transform.input_size, tmp, provenance=_provenance(meta))
+            rep = export_onnx(model, entry.transform.input_size, tmp, provenance=_provenance(meta), target=args.target,
+                              allow_approx=args.allow_approx, check_images=check)
             rep.path = str(args.out)
             tmp_log.write_text(dumps(output_json(rep.to_dict(), "onnx-export")))
         for row in rep.layers:
             kind = "integer" if row["integer"] else ("nbits" if row.get("matmul_nbits") else "float")
-            print(f"{row['layer']:<48} {row['kind']:<7} {kind:<8} {row['reason']}")
-        print(f"wrote {args.out}: {rep.n_integer}/{len(rep.layers)} layers run as integers in ONNX Runtime, "
-              f"{len(rep.nbits_layers)} as weight-only MatMulNBits "
-              f"({', '.join(f'{k} x{v}' for k, v in sorted(rep.integer_ops.items())) or 'none'}); "
-              f"log: {log}")
+            print(f"{row['layer']:<48} {row['kind']:<7} {kind:<8} {'' if row['exact'] else 'APPROXIMATE '}"
+                  f"{row['reason']}")
+        print(f"wrote {args.out} ({rep.file_bytes / 1e6:.2f} MB, target {rep.target}): {rep.n_integer}/{len(rep.layers)} "
+              f"layers run as integers in ONNX Runtime, {len(rep.nbits_layers)} as weight-only MatMulNBits "
+              f"({', '.join(f'{k} x{v}' for k, v in sorted(rep.integer_ops.items())) or 'none'}); log: {log}")
+        if rep.approximate:
+            print(f"APPROXIMATE: {len(rep.approximate)} quantizer(s) written in float (--allow-approx): "
+                  f"{', '.join(rep.approximate[:5])}{' ...' if len(rep.approximate) > 5 else ''}")
+        if rep.check:
+            print(f"check: the file agrees with the scored model on {rep.check['agreement']:.2f} % of "
+                  f"{rep.check['images']} images (top-1; largest logit difference {rep.check['max_logit_diff']:.3g})")
+        else:
+            print("check: no images (the artifact's calibration folder is gone; give --data)")
         return 0
     with destination(args.out, kind="file", is_ours=_is_vitq_export, **common) as tmp:
         model, meta = load_artifact(args.model)
@@ -92,6 +104,44 @@ def cmd_export(args) -> int:
     print(f"wrote {args.out}: {sizes['file_bytes'] / 1e6:.3f} MB, {sizes['packed_tensors']} packed weight tensors; "
           f"fp32 parameters {sizes['fp32_bytes'] / 1e6:.3f} MB ({sizes['ratio']:.2f}x smaller)")
     return 0
+
+
+def _onnx_model(path):
+    """An ONNX file vitq exported, run by ONNX Runtime, and its float model (the reference for agreement and
+    KL; None for random-init weights, which cannot be rebuilt)."""
+    from .export.onnx import is_vitq_onnx, onnx_metadata
+    from .export.onnx_runtime import OnnxModel
+    from .zoo import get_entry
+
+    if not is_vitq_onnx(path):
+        raise ArtifactError(f"'{path}' is not an ONNX file written by `vitq export` (no vitq metadata)")
+    meta = onnx_metadata(path)
+    entry, random_init = get_entry(meta.get("vitq_model", "")), meta.get("vitq_random_init") == "true"
+    checkpoint = meta.get("vitq_checkpoint")
+    reference = None
+    if not random_init:
+        loaded = load_model(entry.timm_name, None if checkpoint in (None, "None") else checkpoint)
+        reference = loaded.model
+    return OnnxModel(path), entry, reference, str(path), random_init
+
+
+def _check_images(args, entry) -> torch.Tensor | None:
+    """The images an ONNX export is checked on: ``--data`` (and ``--list``), else the artifact's calibration
+    images when the folder its report names still holds them."""
+    if args.data:
+        ds = make_dataset(args.data, entry.transform, args.list, limit=32, labels="none")
+        return load_tensors(ds, workers=0)[0]
+    report = Path(args.model) / "report.json"
+    try:
+        rep = json.loads(report.read_text())
+        command, files = rep.get("command") or [], rep.get("calib_files") or []
+        folder = Path(command[command.index("--calib") + 1])
+    except (OSError, ValueError, IndexError, TypeError, AttributeError):
+        return None
+    if not isinstance(files, list) or not files or not all(isinstance(f, str) and (folder / f).is_file()
+                                                           for f in files[:32]):
+        return None
+    return load_tensors(make_dataset(folder, entry.transform, files=files[:32], labels="none"), workers=0)[0]
 
 
 def _provenance(meta: dict) -> dict[str, str]:
@@ -111,7 +161,12 @@ def cmd_eval(args) -> int:
 
     device = resolve_device(args.device)
     distributed.init(device)
-    if is_packed(args.model):
+    reference = None
+    onnx_file = str(args.model).endswith(".onnx") and Path(args.model).is_file()
+    if onnx_file:
+        model, entry, reference, checkpoint, random_init = _onnx_model(args.model)
+        name = entry.timm_name
+    elif is_packed(args.model):
         model, meta = load_packed(args.model)
         name, checkpoint, random_init = meta["model"], str(args.model), meta.get("random_init", False)
         from .zoo import get_entry
@@ -132,11 +187,13 @@ def cmd_eval(args) -> int:
         name = entry.timm_name
     if random_init:
         _say_random_init({"random_init": True}, args.model)
-    model = to_device(model, device)
+    if not onnx_file:  # an ONNX file runs in ONNX Runtime on the CPU, beside its float reference
+        model = to_device(model, device)
     ds = make_dataset(args.data, entry.transform, args.list, args.limit, args.skip_bad_images, labels=args.labels)
     out = args.out if distributed.is_main() else None  # under torchrun, the first process writes
     with _maybe_file(out, args.overwrite, (args.data, args.list, args.model)) as tmp:
-        result = evaluate(model, make_loader(distributed.shard_dataset(ds), args.batch_size, args.workers), name=name)
+        result = evaluate(model, make_loader(distributed.shard_dataset(ds), args.batch_size, args.workers),
+                          reference=reference, name=name)
         result.checkpoint, result.random_init = checkpoint, random_init
         _print_skipped(ds, "evaluation")
         if tmp is not None:

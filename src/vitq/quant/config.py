@@ -65,6 +65,8 @@ class QuantConfig:
         percentile: the percentile of the ``percentile`` observer.
         w_granularity / w_scheme / group_size: weight quantization defaults.
         first_layer_a_bits: bits of the image input of the patch embedding / stem (kept at 8).
+        a_symmetric: per-tensor uniform activation grids are symmetric (signed, zero point 0), as TensorRT's
+            int8 wants; the PTF grids of the full protocol stay asymmetric.
         residual_ptf: full protocol: quantize the residual stream of ViT/Swin (LayerNorm inputs and
             residual additions) per channel with power-of-two scale factors (FQ-ViT's PTF), since a few
             channels are hundreds of times larger than the rest. False: per tensor.
@@ -93,6 +95,7 @@ class QuantConfig:
     w_scheme: str = "uniform"
     group_size: int = 64
     first_layer_a_bits: int = 8
+    a_symmetric: bool = False
     residual_ptf: bool = True
     residual_token_shift: bool = True
     gelu_token_shift: bool | None = None

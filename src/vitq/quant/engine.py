@@ -132,7 +132,8 @@ def apply_config(model: nn.Module, config: QuantConfig) -> None:
                 gran = "ptf"
             else:
                 gran = "per_tensor"
-            q.spec = TensorSpec(bits=bits, scheme="uniform", symmetric=False, granularity=gran)
+            q.spec = TensorSpec(bits=bits, scheme="uniform", symmetric=config.a_symmetric and gran == "per_tensor",
+                                granularity=gran)
             q.token_shifts = (config.residual_token_shift and gran == "ptf") or id(q) in gelu_grids
             q.set_token_shift(None)
         q.mode = "off"
