@@ -37,7 +37,7 @@ from .. import __version__
 from ..io import atomic_path
 from ..quant.engine import all_quantizers
 from ..quant.layers import QuantConv2d, QuantLinear, QuantMatMul, TensorQuantizer
-from .onnx_graph import module_path, store_int4, store_weight_codes, to_matmul_nbits
+from .onnx_graph import float_weights, module_path, store_int4, store_weight_codes, to_matmul_nbits
 from .onnx_modules import (ExportConv, ExportLinear, ExportQuantizer, activation_exact, activation_integer,
                            nbits_weight, weight_int8)
 
@@ -61,6 +61,7 @@ class ExportReport:
     nbits_layers: list[str] = field(default_factory=list)  # weight-only MatMulNBits (4-bit codes, float input)
     int4_layers: list[str] = field(default_factory=list)  # weights stored as INT4 codes (portable target)
     approximate: list[str] = field(default_factory=list)  # quantizers written in float (allow_approx)
+    float_weight_layers: list[str] = field(default_factory=list)  # no integer kernel: weight as float values
     weight_codes: int = 0  # weight tensors stored as integer codes
     file_bytes: int = 0
     check: dict | None = None  # agreement with the simulation on check_images
@@ -172,7 +173,6 @@ def export_onnx(model: nn.Module, input_size: tuple[int, int, int], out: str | P
         ImportError: onnx / onnxruntime are not installed.
     """
     import onnx
-    import onnxruntime as ort
 
     if target not in TARGETS:
         raise ValueError(f"unknown ONNX target {target!r}; choose one of {', '.join(TARGETS)}")
@@ -204,15 +204,15 @@ def export_onnx(model: nn.Module, input_size: tuple[int, int, int], out: str | P
                               "vitq_approximate": ",".join(inexact), **(provenance or {})})
         onnx.save(proto, str(tmp))
         onnx.checker.check_model(str(tmp))
-        # Which layers did ONNX Runtime turn into integer kernels? Inspect its optimized graph.
-        with tempfile.TemporaryDirectory() as d:
-            so = ort.SessionOptions()
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-            so.optimized_model_filepath = os.path.join(d, "opt.onnx")
-            so.log_severity_level = 3
-            ort.InferenceSession(str(tmp), so, providers=["CPUExecutionProvider"])
-            graph = onnx.load(so.optimized_model_filepath).graph
-        int_nodes = [n for n in graph.node if n.op_type in INTEGER_OPS]
+        int_nodes = _integer_nodes(tmp)
+        if target == "ort":
+            # a layer ONNX Runtime runs in float anyway is faster on a constant float weight (same values)
+            slow = {r["layer"] for r in report.layers if r["kind"] != "matmul" and r["layer"] not in
+                    {module_path(n.name) for n in int_nodes} and r["layer"] not in report.nbits_layers}
+            report.float_weight_layers = float_weights(proto, slow)
+            if report.float_weight_layers:
+                onnx.save(proto, str(tmp))
+                int_nodes = _integer_nodes(tmp)
         for n in int_nodes:
             report.integer_ops[n.op_type] = report.integer_ops.get(n.op_type, 0) + 1
         paths = {module_path(n.name) for n in int_nodes}
@@ -223,6 +223,8 @@ def export_onnx(model: nn.Module, input_size: tuple[int, int, int], out: str | P
                 row["reason"] = "weight-only MatMulNBits: 4-bit weights, float activations"
             elif row["qdq"] and not row["integer"]:
                 row["reason"] = "QDQ written, but ONNX Runtime has no integer fusion for this pattern"
+            if row["layer"] in report.float_weight_layers:
+                row["reason"] += "; weight stored as float values (faster for a float kernel, same values)"
         meta = {"vitq_integer_layers": f"{report.n_integer}/{len(report.layers)}"}
         if check_images is not None:
             report.check = check_against_simulation(tmp, model, check_images)
@@ -232,6 +234,21 @@ def export_onnx(model: nn.Module, input_size: tuple[int, int, int], out: str | P
         onnx.save(proto, str(tmp))
         report.file_bytes = os.path.getsize(tmp)
     return report
+
+
+def _integer_nodes(path) -> list:
+    """The integer operators in ONNX Runtime's optimized graph of the file (CPU provider)."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as d:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.optimized_model_filepath = os.path.join(d, "opt.onnx")
+        so.log_severity_level = 3
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        graph = onnx.load(so.optimized_model_filepath).graph
+    return [n for n in graph.node if n.op_type in INTEGER_OPS]
 
 
 def check_against_simulation(path: str | Path, model: nn.Module, images: torch.Tensor, batch: int = 32) -> dict:

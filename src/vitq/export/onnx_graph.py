@@ -68,10 +68,41 @@ def store_weight_codes(proto) -> int:
     return done
 
 
+def float_weights(proto, layers: set[str]) -> list[str]:
+    """Replace the ``DequantizeLinear`` of each weight of ``layers`` by the float values it computes (``(code -
+    zero point) * scale`` in float32, the same rounding): ONNX Runtime runs a layer it has no integer kernel for
+    faster on a constant weight (it prepacks it, and lays convolutions out for its NCHWc kernels), and the
+    graph's values do not change. Returns the layers rewritten."""
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    consts = _constants(graph)
+    done = []
+    for node in list(graph.node):
+        if (node.op_type != "DequantizeLinear" or node.input[0] not in consts or module_path(node.name) not in layers
+                or node.input[1] not in consts):
+            continue
+        codes, scale = consts[node.input[0]], consts[node.input[1]].astype(np.float32)
+        zp = consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        zpf = zp.astype(np.float32) if zp is not None else np.float32(0)
+        if scale.ndim == 1 and scale.size > 1:
+            shape = [1] * codes.ndim
+            shape[next((a.i for a in node.attribute if a.name == "axis"), 1) % codes.ndim] = -1
+            scale = scale.reshape(shape)
+            zpf = zpf.reshape(shape) if np.ndim(zpf) == 1 else zpf
+        values = codes.astype(np.float32) - zpf
+        graph.initializer.append(numpy_helper.from_array((values * scale).astype(np.float32), node.output[0]))
+        graph.node.remove(node)
+        done.append(module_path(node.name))
+    drop_unused(graph)
+    return done
+
+
 def store_int4(proto, layers: set[str]) -> list[str]:
     """Portable target: the int8 weight codes of ``layers`` (whose codes lie in [-8, 7]) as INT4 initializers
     (ONNX opset 21 ``DequantizeLinear``). Returns the layers rewritten."""
-    from onnx import TensorProto, helper, numpy_helper
+    import ml_dtypes  # onnx's own dependency for its 4-bit types
+    from onnx import numpy_helper
 
     graph = proto.graph
     inits = {i.name: i for i in graph.initializer}
@@ -84,7 +115,7 @@ def store_int4(proto, layers: set[str]) -> list[str]:
         codes = numpy_helper.to_array(init)
         if layer not in layers or codes.dtype != np.int8 or codes.min() < -8 or codes.max() > 7:
             continue
-        new = helper.make_tensor(init.name, TensorProto.INT4, codes.shape, codes.astype(np.int8).flatten().tolist())
+        new = numpy_helper.from_array(codes.astype(ml_dtypes.int4), init.name)  # two codes per byte
         graph.initializer.remove(init)
         graph.initializer.append(new)
         if len(node.input) > 2:  # the int8 zero point is 0: without one, DequantizeLinear takes 0 of x's type
