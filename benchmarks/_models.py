@@ -1,7 +1,11 @@
 """Loading shared by the benchmarks: models (with a random-init fallback where weights do not matter) and calib32."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# no model hub here: a missing checkpoint falls back to random weights at once instead of retrying downloads
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
