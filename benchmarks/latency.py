@@ -3,7 +3,9 @@
 vitq int8 is `vitq export --format onnx` of a W8A8 standard-protocol model (min-max observer, calib32):
 QDQ pairs with vitq's own scales, which ONNX Runtime fuses into integer kernels. ORT dynamic int8 is
 ``onnxruntime.quantization.quantize_dynamic`` (int8 weights, activations quantized at run time) applied
-to the fp32 export. Median of ``--runs`` timed runs after ``--warmup`` runs, per batch size and thread
+to the fp32 export. vitq W4A8 is the same with every Linear's weights at 4 bits in groups of 32, exported as
+ONNX Runtime's weight-only ``MatMulNBits`` (its input stays on vitq's 8-bit grid, then float). Median of
+``--runs`` timed runs after ``--warmup`` runs, per batch size and thread
 count. The agreement of the vitq int8 ONNX model with vitq's simulation is measured by
 ``benchmarks/onnx_agreement.py``.
 
@@ -27,6 +29,7 @@ import torch
 from vitq.export.onnx import export_onnx
 from vitq.io import atomic_write_json
 from vitq.quant import QuantConfig
+from vitq.quant.config import LayerRule
 from vitq.quant.engine import quantize
 
 from _machine import cpu_flags
@@ -78,7 +81,7 @@ def main() -> int:
         calib = load_calib32(assets, t)
         fp = loaded.model.eval()
         q = quantize(fp, calib, QuantConfig(w_bits=8, a_bits=8))
-        paths = {p: str(work / f"{short}.{p}.onnx") for p in ("fp32", "dyn", "vitq")}
+        paths = {p: str(work / f"{short}.{p}.onnx") for p in ("fp32", "dyn", "vitq", "nbits")}
         with torch.inference_mode():
             torch.onnx.export(fp, (torch.zeros(1, *t.input_size),), paths["fp32"], dynamo=False, opset_version=17,
                               input_names=["images"], output_names=["logits"],
@@ -87,13 +90,19 @@ def main() -> int:
         rep = export_onnx(q, t.input_size, paths["vitq"])
         print(f"{short}: vitq int8 export runs {rep.n_integer}/{len(rep.layers)} layers as integers "
               f"{rep.integer_ops}", file=sys.stderr, flush=True)
+        # W4A8: the Linears' 4-bit weights in groups of 32 along the input, as ONNX Runtime's MatMulNBits
+        q4 = quantize(fp, calib, QuantConfig(w_bits=8, a_bits=8, group_size=32,
+                                             rules=[LayerRule("*", w_bits=4, w_granularity="per_group")]))
+        rep4 = export_onnx(q4, t.input_size, paths["nbits"])
+        print(f"{short}: vitq W4A8 export: {len(rep4.nbits_layers)} MatMulNBits layers", file=sys.stderr, flush=True)
         for batch in args.batches:
             x = torch.randn(batch, *t.input_size, generator=torch.Generator().manual_seed(0))
             xn = x.numpy()
             for threads in args.threads:
                 results = {}
                 for name, path in (("ORT fp32", paths["fp32"]), ("ORT dynamic int8", paths["dyn"]),
-                                   ("vitq int8 (ORT, static QDQ)", paths["vitq"])):
+                                   ("vitq int8 (ORT, static QDQ)", paths["vitq"]),
+                                   ("vitq W4A8 (MatMulNBits, 4-bit groups of 32)", paths["nbits"])):
                     s = _session(path, threads)
                     results[name] = _median_ms(lambda s=s: s.run(None, {"images": xn}), args.warmup, args.runs)
                 torch.set_num_threads(threads)
