@@ -58,7 +58,7 @@ def cmd_export(args) -> int:
 
     if not is_artifact(args.model):
         raise ArtifactError(f"'{args.model}' is not a folder written by `vitq quantize` (no config.json)")
-    common = dict(overwrite=args.overwrite, inputs=(args.model,))
+    common = dict(overwrite=args.overwrite, inputs=(args.model, getattr(args, "data", None), getattr(args, "list", None)))
     if args.format == "onnx":
         import importlib.util
 
