@@ -16,10 +16,8 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from datetime import date
 from pathlib import Path
 
@@ -32,27 +30,8 @@ from vitq.quant import QuantConfig
 from vitq.quant.config import LayerRule
 from vitq.quant.engine import quantize
 
-from _machine import cpu_flags
+from _machine import cpu_flags, median_ms, ort_session
 from _models import load_calib32, load_or_random_init
-
-
-def _session(path: str, threads: int) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-
-
-def _median_ms(fn, warmup: int, runs: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
 
 
 def main() -> int:
@@ -103,11 +82,11 @@ def main() -> int:
                 for name, path in (("ORT fp32", paths["fp32"]), ("ORT dynamic int8", paths["dyn"]),
                                    ("vitq int8 (ORT, static QDQ)", paths["vitq"]),
                                    ("vitq W4A8 (MatMulNBits, 4-bit groups of 32)", paths["nbits"])):
-                    s = _session(path, threads)
-                    results[name] = _median_ms(lambda s=s: s.run(None, {"images": xn}), args.warmup, args.runs)
+                    s = ort_session(path, threads)
+                    results[name] = median_ms(lambda s=s: s.run(None, {"images": xn}), args.warmup, args.runs)
                 torch.set_num_threads(threads)
                 with torch.inference_mode():
-                    results["PyTorch eager fp32"] = _median_ms(lambda: fp(x), args.warmup, args.runs)
+                    results["PyTorch eager fp32"] = median_ms(lambda: fp(x), args.warmup, args.runs)
                 base = results["ORT fp32"]
                 for name, ms in results.items():
                     rows.append(dict(model=loaded.entry.timm_name, random_init=loaded.random_init, path=name,

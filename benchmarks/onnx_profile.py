@@ -8,40 +8,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
-import onnxruntime as ort
 import torch
 
-from _machine import cpu_flags
+from _machine import cpu_flags, median_ms, ort_session
 from _models import load_calib32, load_or_random_init
 from vitq.export.onnx import export_onnx
 from vitq.quant import QuantConfig
 from vitq.quant.engine import quantize
-
-
-def _session(path: str, profile: str | None = None) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    so.log_severity_level = 3
-    if profile:
-        so.enable_profiling = True
-        so.profile_file_prefix = profile
-    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-
-
-def _median_ms(s: ort.InferenceSession, x) -> float:
-    for _ in range(3):
-        s.run(None, {"images": x})
-    times = []
-    for _ in range(15):
-        t = time.perf_counter()
-        s.run(None, {"images": x})
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
 
 
 def main() -> None:
@@ -58,11 +34,12 @@ def main() -> None:
                           opset_version=17, input_names=["images"], output_names=["logits"])
     rep = export_onnx(q, t.input_size, work / "vitq.onnx")
     x = torch.randn(1, *t.input_size, generator=torch.Generator().manual_seed(0)).numpy()
-    fp32, vitq = (_median_ms(_session(str(work / f"{n}.onnx")), x) for n in ("fp32", "vitq"))
+    sessions = {n: ort_session(str(work / f"{n}.onnx"), 1) for n in ("fp32", "vitq")}
+    fp32, vitq = (median_ms(lambda s=s: s.run(None, {"images": x}), 3, 15) for s in sessions.values())
     print(f"# {args.model}{' (random init)' if loaded.random_init else ''}; CPU {cpu_flags()}; batch 1, 1 thread")
     print(f"ORT fp32 {fp32:.1f} ms; vitq int8 {vitq:.1f} ms ({fp32 / vitq:.2f}x); {rep.n_integer}/{len(rep.layers)} "
           f"layers integer, {len(rep.float_weight_layers)} with float weights")
-    s = _session(str(work / "vitq.onnx"), str(work / "prof"))
+    s = ort_session(str(work / "vitq.onnx"), 1, str(work / "prof"))
     for _ in range(10):
         s.run(None, {"images": x})
     events = json.loads(Path(s.end_profiling()).read_text())

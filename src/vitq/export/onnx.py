@@ -30,10 +30,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import __version__
+from ..device import model_device
 from ..io import atomic_path
 from ..quant.engine import all_quantizers
 from ..quant.layers import QuantConv2d, QuantLinear, QuantMatMul, TensorQuantizer
@@ -259,7 +259,7 @@ def check_against_simulation(path: str | Path, model: nn.Module, images: torch.T
     agree, diff = 0, 0.0
     with torch.inference_mode():
         for x in images.split(batch):
-            a, b = runner(x), model(x.to(next(model.parameters()).device)).float().cpu()
+            a, b = runner(x), model(x.to(model_device(model))).float().cpu()
             agree += int((a.argmax(1) == b.argmax(1)).sum())
             diff = max(diff, float((a - b).abs().max()))
     return {"images": len(images), "agreement": 100.0 * agree / max(1, len(images)), "max_logit_diff": diff}

@@ -28,6 +28,17 @@ def _constants(graph) -> dict[str, np.ndarray]:
     return out
 
 
+def _along_axis(node, scale: np.ndarray, zero_point, ndim: int) -> tuple[np.ndarray, np.ndarray]:
+    """A (De)QuantizeLinear's scale and zero point (float), shaped to broadcast along its ``axis`` when per axis."""
+    zp = zero_point.astype(np.float32) if zero_point is not None else np.float32(0)
+    if scale.ndim == 1 and scale.size > 1:
+        shape = [1] * ndim
+        shape[next((a.i for a in node.attribute if a.name == "axis"), 1) % ndim] = -1
+        scale = scale.reshape(shape)
+        zp = zp.reshape(shape) if np.ndim(zp) == 1 else zp
+    return scale, zp
+
+
 def drop_unused(graph) -> None:
     """Remove initializers and Constant nodes nothing reads any more."""
     used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
@@ -51,13 +62,7 @@ def store_weight_codes(proto) -> int:
             continue
         w, scale = consts[node.input[0]].astype(np.float32), consts[node.input[1]].astype(np.float32)
         zp = consts[node.input[2]] if len(node.input) > 2 and node.input[2] else np.zeros((), np.uint8)
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-        if scale.ndim == 1 and scale.size > 1:
-            shape = [1] * w.ndim
-            shape[axis % w.ndim] = -1
-            scale, zpf = scale.reshape(shape), zp.astype(np.float32).reshape(shape)
-        else:
-            zpf = zp.astype(np.float32)
+        scale, zpf = _along_axis(node, scale, zp, w.ndim)
         info = np.iinfo(zp.dtype)
         codes = np.clip(np.rint(w / scale) + zpf, info.min, info.max).astype(zp.dtype)
         name = node.output[0]
@@ -84,12 +89,7 @@ def float_weights(proto, layers: set[str]) -> list[str]:
             continue
         codes, scale = consts[node.input[0]], consts[node.input[1]].astype(np.float32)
         zp = consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        zpf = zp.astype(np.float32) if zp is not None else np.float32(0)
-        if scale.ndim == 1 and scale.size > 1:
-            shape = [1] * codes.ndim
-            shape[next((a.i for a in node.attribute if a.name == "axis"), 1) % codes.ndim] = -1
-            scale = scale.reshape(shape)
-            zpf = zpf.reshape(shape) if np.ndim(zpf) == 1 else zpf
+        scale, zpf = _along_axis(node, scale, zp, codes.ndim)
         values = codes.astype(np.float32) - zpf
         graph.initializer.append(numpy_helper.from_array((values * scale).astype(np.float32), node.output[0]))
         graph.node.remove(node)
