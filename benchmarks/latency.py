@@ -4,7 +4,9 @@ vitq int8 is `vitq export --format onnx` of a W8A8 standard-protocol model (min-
 QDQ pairs with vitq's own scales, which ONNX Runtime fuses into integer kernels. ORT dynamic int8 is
 ``onnxruntime.quantization.quantize_dynamic`` (int8 weights, activations quantized at run time) applied
 to the fp32 export. vitq W4A8 is the same with every Linear's weights at 4 bits in groups of 32, exported as
-ONNX Runtime's weight-only ``MatMulNBits`` (its input stays on vitq's 8-bit grid, then float). Median of
+ONNX Runtime's weight-only ``MatMulNBits`` (its input stays on vitq's 8-bit grid, then float). vitq int8
+(PT2E) is `vitq export --format pt2e` of the same W8A8 model: a torch.export program compiled by Inductor with
+freezing and the x86 int8 passes (oneDNN int8 GEMMs and convolutions; the compile is not timed). Median of
 ``--runs`` timed runs after ``--warmup`` runs, per batch size and thread
 count. The agreement of the vitq int8 ONNX model with vitq's simulation is measured by
 ``benchmarks/onnx_agreement.py``.
@@ -25,6 +27,7 @@ import onnxruntime as ort
 import torch
 
 from vitq.export.onnx import export_onnx
+from vitq.export.pt2e import compile_program, to_program
 from vitq.io import atomic_write_json
 from vitq.quant import QuantConfig
 from vitq.quant.config import LayerRule
@@ -74,6 +77,11 @@ def main() -> int:
                                              rules=[LayerRule("*", w_bits=4, w_granularity="per_group")]))
         rep4 = export_onnx(q4, t.input_size, paths["nbits"])
         print(f"{short}: vitq W4A8 export: {len(rep4.nbits_layers)} MatMulNBits layers", file=sys.stderr, flush=True)
+        counts: dict = {}
+        pt2e = compile_program(to_program(q, t.input_size)[0], counts)
+        with torch.no_grad():
+            pt2e(torch.zeros(1, *t.input_size))
+        print(f"{short}: vitq PT2E program: {counts} layers as oneDNN int8 kernels", file=sys.stderr, flush=True)
         for batch in args.batches:
             x = torch.randn(batch, *t.input_size, generator=torch.Generator().manual_seed(0))
             xn = x.numpy()
@@ -87,6 +95,7 @@ def main() -> int:
                 torch.set_num_threads(threads)
                 with torch.inference_mode():
                     results["PyTorch eager fp32"] = median_ms(lambda: fp(x), args.warmup, args.runs)
+                results["vitq int8 (PT2E, torch.compile + oneDNN)"] = median_ms(lambda: pt2e(x), args.warmup, args.runs)
                 base = results["ORT fp32"]
                 for name, ms in results.items():
                     rows.append(dict(model=loaded.entry.timm_name, random_init=loaded.random_init, path=name,

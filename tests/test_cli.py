@@ -108,6 +108,18 @@ def test_quantize_then_eval_artifact_gives_identical_result(tmp_path, images, ca
                  "--overwrite"]) == 0
     onnx_res = json.loads(res.read_text())
     assert onnx_res["n_images"] == 6 and onnx_res["agreement"] is None  # random-init: no float reference to rebuild
+    # PT2E: a torch.export program on oneDNN int8 kernels, checked the same way, then evaluated as a file
+    program = tmp_path / "deit.pt2"
+    assert main(["export", str(out), "--format", "pt2e", "--out", str(program)]) == 0
+    printed = capsys.readouterr().out
+    assert "50/50 GEMMs and convolutions run as oneDNN int8 kernels" in printed
+    assert "check: the program agrees with the scored model on" in printed and "of 2 images" in printed
+    assert main(["export", str(out), "--format", "pt2e", "--target", "tensorrt", "--out", str(program)]) == 2
+    assert "--target and --allow-approx are for --format onnx" in capsys.readouterr().err
+    bogus = tmp_path / "bogus.pt2"  # `vitq eval FILE.pt2` runs the program (tests/export/test_pt2e.py)
+    bogus.write_bytes(b"PK")
+    assert main(["eval", str(bogus), "--data", str(images), "--workers", "0"]) == 2
+    assert "is not a .pt2 file written by `vitq export --format pt2e`" in capsys.readouterr().err
 
 
 def test_config_pattern_error_names_pattern(tmp_path, images, capsys):

@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", parents=[common], help="evaluate a model or a quantized artifact folder")
     p.add_argument("model", help="zoo name, timm name, a folder written by `vitq quantize`, a packed file, or an "
-                                 "ONNX file written by `vitq export`")
+                                 "ONNX file or .pt2 program written by `vitq export`")
     _add_model_opts(p)
     _add_device(p)
     p.add_argument("--data", required=True, help="image folder (class sub-folders, or flat synset-prefixed files)")
@@ -86,16 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", parents=[common], help="write a quantized folder as a packed integer artifact")
     p.add_argument("model", help="a folder written by `vitq quantize`")
-    p.add_argument("--format", choices=["vitq", "onnx"], default="vitq",
+    p.add_argument("--format", choices=["vitq", "onnx", "pt2e"], default="vitq",
                    help="vitq: one safetensors file, weights as bit-packed integer codes; "
-                        "onnx: the scored model in ONNX (QDQ with vitq's grids) for integer kernels")
+                        "onnx: the scored model in ONNX (QDQ with vitq's grids) for integer kernels; "
+                        "pt2e: a torch.export program (.pt2) that torch.compile runs on oneDNN int8 kernels")
     p.add_argument("--target", choices=["ort", "portable", "tensorrt"], default="ort",
                    help="onnx: ort (int8 weight codes, 4-bit per-group weights as MatMulNBits), portable (standard "
                         "operators only; weights of at most 4 bits as INT4 codes, opset 21) or tensorrt (signed int8 "
                         "activations with zero point 0: quantize with --set quant.a_symmetric=true for 8 bits)")
     p.add_argument("--allow-approx", action="store_true",
                    help="onnx: write grids ONNX cannot hold exactly in float instead of refusing (listed in the log)")
-    p.add_argument("--data", help="onnx: images to check the file against the model on (default: the artifact's "
+    p.add_argument("--data", help="onnx, pt2e: images to check the file against the model on (default: the artifact's "
                                   "calibration images, when its folder is still there)")
     p.add_argument("--list", help="file list for --data")
     p.add_argument("--out", required=True, help="output file (.safetensors or .onnx; a new file, or an earlier "

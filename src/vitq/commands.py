@@ -49,8 +49,41 @@ def cmd_models(args) -> int:
 def _is_vitq_export(path: Path) -> bool:
     from .export.onnx import is_vitq_onnx
     from .export.packed import is_packed
+    from .export.pt2e import is_vitq_pt2e
 
-    return is_packed(path) or is_vitq_onnx(path)
+    return is_packed(path) or is_vitq_onnx(path) or is_vitq_pt2e(path)
+
+
+def _export_pt2e(args, common: dict) -> int:
+    from .export.pt2e import export_pt2e, have_x86_passes
+    from .zoo import get_entry
+
+    if getattr(args, "allow_approx", False) or getattr(args, "target", "ort") != "ort":
+        raise ConfigError("--target and --allow-approx are for --format onnx; a pt2e program is always exact")
+    log = f"{args.out}.json"
+    model, meta = load_artifact(args.model)
+    entry = get_entry(meta["model"])
+    check = _check_images(args, entry)
+    with destination(args.out, kind="file", is_ours=_is_vitq_export, **common) as tmp, \
+            destination(log, kind="file", is_ours=is_output_json, option="--out's log", **common) as tmp_log:
+        _say_random_init(meta, args.model)
+        print("tracing, compiling (about a minute for DeiT-Tiny) and checking the program ...", flush=True)
+        rep = export_pt2e(model, entry.transform.input_size, tmp, provenance=_provenance(meta), check_images=check)
+        rep.path = str(args.out)
+        tmp_log.write_text(dumps(output_json(rep.to_dict(), "pt2e-export")))
+    kernels = (f"{rep.int8_linear + rep.int8_conv}/{rep.layers} GEMMs and convolutions run as oneDNN int8 kernels "
+               f"under torch.compile" if rep.compiled else
+               "not compiled: the x86 int8 passes need torchao (pip install 'vitq[pt2e]')")
+    print(f"wrote {args.out} ({rep.file_bytes / 1e6:.2f} MB): {kernels}; log: {log}")
+    if rep.simulated:
+        print(f"{len(rep.simulated)} quantizer(s) with no QDQ form run the simulation's float operations: "
+              f"{', '.join(rep.simulated[:5])}{' ...' if len(rep.simulated) > 5 else ''}")
+    if rep.check:
+        print(f"check: the program agrees with the scored model on {rep.check['agreement']:.2f} % of "
+              f"{rep.check['images']} images (top-1; largest logit difference {rep.check['max_logit_diff']:.3g})")
+    elif not have_x86_passes():
+        print("check: no images (the artifact's calibration folder is gone; give --data)")
+    return 0
 
 
 def cmd_export(args) -> int:
@@ -59,6 +92,8 @@ def cmd_export(args) -> int:
     if not is_artifact(args.model):
         raise ArtifactError(f"'{args.model}' is not a folder written by `vitq quantize` (no config.json)")
     common = dict(overwrite=args.overwrite, inputs=(args.model, getattr(args, "data", None), getattr(args, "list", None)))
+    if args.format == "pt2e":
+        return _export_pt2e(args, common)
     if args.format == "onnx":
         import importlib.util
 
@@ -106,23 +141,30 @@ def cmd_export(args) -> int:
     return 0
 
 
-def _onnx_model(path):
-    """An ONNX file vitq exported, run by ONNX Runtime, and its float model (the reference for agreement and
-    KL; None for random-init weights, which cannot be rebuilt)."""
-    from .export.onnx import is_vitq_onnx, onnx_metadata
-    from .export.onnx_runtime import OnnxModel
+def _exported_model(path):
+    """An ONNX file (run by ONNX Runtime) or PT2E program (compiled) that vitq exported, and its float model
+    (the reference for agreement and KL; None for random-init weights, which cannot be rebuilt)."""
     from .zoo import get_entry
 
-    if not is_vitq_onnx(path):
-        raise ArtifactError(f"'{path}' is not an ONNX file written by `vitq export` (no vitq metadata)")
-    meta = onnx_metadata(path)
+    if str(path).endswith(".pt2"):
+        from .export.pt2e import Pt2eModel
+
+        runner = Pt2eModel(path)
+        meta = runner.meta
+    else:
+        from .export.onnx import is_vitq_onnx, onnx_metadata
+        from .export.onnx_runtime import OnnxModel
+
+        if not is_vitq_onnx(path):
+            raise ArtifactError(f"'{path}' is not an ONNX file written by `vitq export` (no vitq metadata)")
+        runner, meta = OnnxModel(path), onnx_metadata(path)
     entry, random_init = get_entry(meta.get("vitq_model", "")), meta.get("vitq_random_init") == "true"
     checkpoint = meta.get("vitq_checkpoint")
     reference = None
     if not random_init:
         loaded = load_model(entry.timm_name, None if checkpoint in (None, "None") else checkpoint)
         reference = loaded.model
-    return OnnxModel(path), entry, reference, str(path), random_init
+    return runner, entry, reference, str(path), random_init
 
 
 def _check_images(args, entry) -> torch.Tensor | None:
@@ -162,9 +204,9 @@ def cmd_eval(args) -> int:
     device = resolve_device(args.device)
     distributed.init(device)
     reference = None
-    onnx_file = str(args.model).endswith(".onnx") and Path(args.model).is_file()
-    if onnx_file:
-        model, entry, reference, checkpoint, random_init = _onnx_model(args.model)
+    exported = str(args.model).endswith((".onnx", ".pt2")) and Path(args.model).is_file()
+    if exported:
+        model, entry, reference, checkpoint, random_init = _exported_model(args.model)
         name = entry.timm_name
     elif is_packed(args.model):
         model, meta = load_packed(args.model)
@@ -187,7 +229,7 @@ def cmd_eval(args) -> int:
         name = entry.timm_name
     if random_init:
         _say_random_init({"random_init": True}, args.model)
-    if not onnx_file:  # an ONNX file runs in ONNX Runtime on the CPU, beside its float reference
+    if not exported:  # an exported file runs on the CPU (ONNX Runtime, or compiled), beside its float reference
         model = to_device(model, device)
     ds = make_dataset(args.data, entry.transform, args.list, args.limit, args.skip_bad_images, labels=args.labels)
     out = args.out if distributed.is_main() else None  # under torchrun, the first process writes

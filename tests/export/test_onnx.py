@@ -60,10 +60,10 @@ def test_low_bit_activations_are_written_exactly_on_int8_kernels(tmp_path):
 
 def _assert_export_graph_is_the_simulation(q, x, signed=False):
     """The module tree that torch.onnx traces computes the simulation's logits (same codes everywhere)."""
-    from vitq.export.onnx import _export_copy
+    from vitq.export.qdq_modules import export_copy
 
     with torch.inference_mode():
-        assert torch.allclose(_export_copy(q, signed=signed)(x), q(x), atol=1e-5, rtol=0)
+        assert torch.allclose(export_copy(q, signed=signed)(x), q(x), atol=1e-5, rtol=0)
 
 
 def test_w4a4_mptq_export_is_the_scored_model_with_integer_linears(tmp_path):
@@ -202,12 +202,12 @@ def test_4bit_group_weights_become_matmul_nbits_with_vitq_codes(tmp_path):
 def test_exported_graph_quantizes_exactly_like_the_simulation():
     # The module tree that torch.onnx traces must produce the same activation codes as the simulation;
     # any ONNX-vs-simulation difference then comes from the runtime's float arithmetic, not the export.
-    from vitq.export.onnx import _export_copy
+    from vitq.export.qdq_modules import export_copy
 
     model, size = tiny_model("deit")
     x = tiny_images(size, 4)
     q = quantize(model, x, QuantConfig(w_bits=8, a_bits=8))
-    e = _export_copy(q)
+    e = export_copy(q)
 
     def outputs(m):
         seen = {}

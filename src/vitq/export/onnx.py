@@ -1,7 +1,7 @@
 """ONNX export that equals the scored model and runs on ONNX Runtime's integer kernels
 (``vitq export DIR --format onnx``).
 
-Every quantizer is written so that the graph computes the simulation's values (``onnx_modules``: activation
+Every quantizer is written so that the graph computes the simulation's values (``qdq_modules``: activation
 grids of 2-8 bits as clipped int8/uint8 QDQ pairs, two-region grids by the same float operations, token
 shifts around the pair, weights as int8 codes where their grid fits). A grid ONNX cannot hold exactly (a
 power-of-two activation grid) stops the export with an :class:`ExportError` naming the layers, unless
@@ -23,7 +23,6 @@ written into the file's metadata.
 """
 from __future__ import annotations
 
-import copy
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -38,8 +37,7 @@ from ..io import atomic_path
 from ..quant.engine import all_quantizers
 from ..quant.layers import QuantConv2d, QuantLinear, QuantMatMul, TensorQuantizer
 from .onnx_graph import float_weights, module_path, store_int4, store_weight_codes, to_matmul_nbits
-from .onnx_modules import (ExportConv, ExportLinear, ExportQuantizer, activation_exact, activation_integer,
-                           nbits_weight, weight_int8)
+from .qdq_modules import activation_exact, activation_integer, export_copy, nbits_weight, weight_int8
 
 TARGETS = ("ort", "portable", "tensorrt")
 
@@ -79,24 +77,6 @@ def inexact_quantizers(model: nn.Module, target: str = "ort") -> dict[str, str]:
     be)."""
     signed = target == "tensorrt"
     return {q.name: why for q in all_quantizers(model) if not q.is_weight and (why := activation_exact(q, signed))}
-
-
-def _export_copy(model: nn.Module, approximate: set[str] = frozenset(), signed: bool = False) -> nn.Module:
-    m = copy.deepcopy(model).eval().cpu()
-    with torch.no_grad():
-        for mod in m.modules():
-            if isinstance(mod, (QuantLinear, QuantConv2d)):
-                # computed now, so the exporter sees constants, not the fake-quant arithmetic
-                mod._wq = (mod.w_quant.fake_quant(mod.weight) if mod.w_quant.mode == "quant" else mod.weight).detach()
-    for mod in m.modules():
-        if type(mod) is TensorQuantizer:
-            mod.__class__ = ExportQuantizer
-            mod.approximate, mod.signed = mod.name in approximate, signed
-        elif type(mod) is QuantLinear:
-            mod.__class__ = ExportLinear
-        elif type(mod) is QuantConv2d:
-            mod.__class__ = ExportConv
-    return m
 
 
 def _grid(q: TensorQuantizer) -> str:
@@ -183,7 +163,7 @@ def export_onnx(model: nn.Module, input_size: tuple[int, int, int], out: str | P
                           f"({inexact[names[0]]}){'; also ' + ', '.join(names[1:4]) if len(names) > 1 else ''}"
                           f"{' ...' if len(names) > 4 else ''}: the file would not be the scored model "
                           "(--allow-approx writes them in float and lists them)")
-    m = _export_copy(model, set(inexact), signed=target == "tensorrt")
+    m = export_copy(model, set(inexact), signed=target == "tensorrt")
     dummy = torch.zeros(1, *input_size)
     report = ExportReport(str(out), opset, target, _layer_status(model, set(inexact)), approximate=list(inexact))
     with atomic_path(out) as tmp:
