@@ -17,7 +17,9 @@ clip search, no two-region grids, MSE weight observer), ``sqb-clip-w7`` (the sam
 Runtime's ``reduce_range`` advice for CPUs without VNNI, whose uint8 x int8 kernels add pairs of products in
 saturating 16-bit arithmetic), and the ``mptq`` recipe's defaults at W8A8 and W4A4 (the README's demo:
 rotation, OPT-m, GPTQ and block reconstruction; 4-bit activations as clipped uint8 pairs). Also the sizes:
-the ONNX file (``--target ort``, and ``portable``: INT4 weights) against the packed artifact.
+the ONNX file (``--target ort``, and ``portable``: INT4 weights) against the packed artifact. The same
+model as a PT2E program (`vitq export --format pt2e`, compiled with the x86 int8 passes) is run on eval968
+too: its agreement with the simulation, its oneDNN int8 layers and its file size.
 
     python benchmarks/onnx_agreement.py --models deit_tiny
 """
@@ -37,6 +39,7 @@ import torch
 from vitq.data import load_tensors, make_dataset
 from vitq.export.onnx import export_onnx
 from vitq.export.packed import export_packed
+from vitq.export.pt2e import compile_program, export_pt2e, load_pt2e
 from vitq.io import atomic_write_json
 import vitq
 from vitq.methods.mptq import MethodOptions
@@ -102,8 +105,8 @@ def main() -> int:
     print(f"# CPU vector extensions: {cpu_flags()}")
     print("| model | config | integer layers | FP top-1 | sim top-1 | ONNX top-1 | sim~FP % | ONNX~FP % "
           "| ONNX~sim % | mean abs dlogit ONNX-sim | ceiling: sim~sim(x+noise) % | ceiling: sim~sim(layer noise) % "
-          "| ONNX MB (ort / portable) | packed MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| ONNX MB (ort / portable) | packed MB | PT2E~sim % | PT2E int8 layers | PT2E MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for short in args.models:
         loaded = load_model(short)  # real weights needed: agreement on random weights means nothing
         t = loaded.entry.transform
@@ -123,6 +126,9 @@ def main() -> int:
                 so.log_severity_level = 3
                 sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
                 onnx = logits(lambda b: torch.from_numpy(sess.run(None, {"images": b.numpy()})[0]), x)
+                pt2e_rep = export_pt2e(q, t.input_size, os.path.join(d, "m.pt2"))
+                run = compile_program(load_pt2e(os.path.join(d, "m.pt2"))[0])
+                pt2e = logits(run, x)
             sim = logits(q, x)
             sim_noisy = logits(q, x_noisy)
             sim_layer_noise = layer_noise_logits(q, x, args.noise)
@@ -138,12 +144,15 @@ def main() -> int:
                        sim_fp=agree(sim, fp), onnx_fp=agree(onnx, fp), onnx_sim=agree(onnx, sim),
                        dlogit_onnx_sim=(onnx - sim).abs().mean().item(), ceiling=agree(sim, sim_noisy),
                        ceiling_layers=agree(sim, sim_layer_noise), noise=args.noise, onnx_mb=rep.file_bytes / 1e6, portable_mb=portable.file_bytes / 1e6,
-                       packed_mb=packed["file_bytes"] / 1e6, cpu_flags=cpu_flags())
+                       packed_mb=packed["file_bytes"] / 1e6, pt2e_sim=agree(pt2e, sim),
+                       pt2e_int8_layers=pt2e_rep.int8_linear + pt2e_rep.int8_conv, pt2e_mb=pt2e_rep.file_bytes / 1e6,
+                       cpu_flags=cpu_flags())
             rows.append(row)
             print(f"| {short} | {name} | {rep.n_integer}/{len(rep.layers)} | {row['top1_fp']:.2f} "
                   f"| {row['top1_sim']:.2f} | {row['top1_onnx']:.2f} | {row['sim_fp']:.2f} | {row['onnx_fp']:.2f} "
                   f"| {row['onnx_sim']:.2f} | {row['dlogit_onnx_sim']:.4f} | {row['ceiling']:.2f} | {row['ceiling_layers']:.2f} "
-                  f"| {row['onnx_mb']:.2f} / {row['portable_mb']:.2f} | {row['packed_mb']:.2f} |", flush=True)
+                  f"| {row['onnx_mb']:.2f} / {row['portable_mb']:.2f} | {row['packed_mb']:.2f} | {row['pt2e_sim']:.2f} "
+                  f"| {row['pt2e_int8_layers']}/{pt2e_rep.layers} | {row['pt2e_mb']:.2f} |", flush=True)
     if args.out:
         atomic_write_json(args.out, rows)
     return 0

@@ -68,8 +68,10 @@ def test_recipes_fill_only_what_the_caller_left_open():
     assert o.opt_m is True and not any((o.sq_b, o.gptq, o.recon, o.rotate, o.token_scale))
     c, o = resolve("mptq", QuantConfig(w_bits=8, a_bits=8, protocol="full"), MethodOptions(), mixed=False)
     assert c.gelu_token_shift is True and o.token_scale is True and o.rotate is False  # R33/R47; R30
-    with pytest.raises(ConfigError, match="m2q recipe does not take sq_b"):
-        resolve("m2q", cfg, MethodOptions(sq_b=True), mixed=False)
+    with pytest.raises(ConfigError, match="m2q recipe does not take rotate"):
+        resolve("m2q", cfg, MethodOptions(rotate=True), mixed=False)
+    _, o = resolve("m2q", cfg, MethodOptions(sq_b=True, gptq=True), mixed=False)  # M2Q on the MPTQ passes
+    assert o.sq_b and o.gptq and not o.recon
     with pytest.raises(ConfigError, match="unknown recipe"):
         resolve("fast", cfg, MethodOptions(), mixed=False)
     table = defaults_table()

@@ -23,7 +23,7 @@ from .methods.greedy_mp import (DEFAULT_CANDIDATES, SEARCHES, Budget, default_gp
                                 greedy_mp)
 from .methods.mp_budget import check_budget_reachable, check_budget_values
 from .methods.mptq import MethodOptions, run_pipeline
-from .methods.options import ROTATION_PARTS
+from .methods.options import M2Q_LEVELS, ROTATION_PARTS
 from .quant.config import ConfigError, QuantConfig
 from .recipes import mptq_uniform_fallback, resolve
 
@@ -57,6 +57,7 @@ class SearchOptions:
     lower_per_step: int = 4
     uniform_fallback: bool | None = None
     gptq_losses: bool | None = None
+    m2q_level: str | None = None  # m2q: level 1 per output channel (default), per layer, or none (vitq.methods.m2q)
 
 
 @dataclass
@@ -144,13 +145,15 @@ def plan(config: QuantConfig | None = None, recipe: str = "mptq", budget: Budget
     search = search or SearchOptions()
     if recipe == "m2q" and budget is None:
         budget = CostBudget()  # no budget: the scheme choice alone, at the highest candidates
-    if isinstance(budget, CostBudget):
-        if recipe != "m2q":
-            raise ConfigError(f"a cost budget ({budget.metric}) needs the m2q recipe")
-    elif isinstance(budget, Budget):
+    if isinstance(budget, CostBudget) and recipe != "m2q":
+        raise ConfigError(f"a cost budget ({budget.metric}) needs the m2q recipe")
+    if recipe == "m2q-paper" and budget is not None:
+        raise ConfigError("the m2q-paper recipe is M2-ViT's fixed recipe: it takes no budget (--method m2q searches "
+                          "under one)")
+    if isinstance(budget, Budget):
         if recipe == "m2q":
             raise ConfigError("the m2q recipe takes a cost budget (--budget-edp, budget.energy or budget.latency), not a bit budget")
-    elif budget is not None:
+    elif budget is not None and not isinstance(budget, CostBudget):
         raise ConfigError(f"budget must be a Budget or a CostBudget, got {type(budget).__name__}")
     if config is None:
         config = QuantConfig(**(base_widths(budget) if isinstance(budget, Budget) else {}))
@@ -166,6 +169,10 @@ def plan(config: QuantConfig | None = None, recipe: str = "mptq", budget: Budget
     bit_budget = budget if isinstance(budget, Budget) else None
     if search.search is not None and m2:
         raise ConfigError(f"search.search={search.search} is for Greedy MP's average-bit/size budgets, not the m2q recipe")
+    if search.m2q_level is not None and not m2:
+        raise ConfigError(f"search.m2q_level={search.m2q_level} is for the m2q recipe")
+    if search.m2q_level is not None and search.m2q_level not in M2Q_LEVELS:
+        raise ConfigError(f"search.m2q_level must be one of {', '.join(M2Q_LEVELS)}, got {search.m2q_level!r}")
     if search.search is not None and bit_budget is None:
         raise ConfigError(f"search.search={search.search} searches a mixed-precision assignment: give a budget "
                           "(--budget-w, --budget-a, --budget-mb or --budget-gbops)")
@@ -182,6 +189,7 @@ def plan(config: QuantConfig | None = None, recipe: str = "mptq", budget: Budget
     if probe is None:  # m2q runs the greedy loop
         probe = default_probe_images(name if bit_budget is not None else "greedy")
     search = dataclasses.replace(search, w_candidates=tuple(w_c), a_candidates=tuple(a_c),
+                                 m2q_level=(search.m2q_level or "channel") if m2 else None,
                                  search=name if bit_budget is not None else None,
                                  uniform_fallback=fallback, gptq_losses=gptq_losses, probe_images=probe)
     if model is not None:
@@ -221,7 +229,7 @@ def quantize(model: nn.Module, calibration, config: QuantConfig | None = None, r
             ``(images, labels)`` batches; other batch types (e.g. dicts) with ``input_fn``.
         config: bit-widths, protocol, observer and per-layer rules (default W8A8, standard protocol; with a
             bit budget and no config, the base widths come from the budget).
-        recipe: ``minmax``, ``mptq`` (default) or ``m2q`` (vitq.recipes).
+        recipe: ``minmax``, ``mptq`` (default), ``m2q`` or ``m2q-paper`` (vitq.recipes).
         budget: a :class:`~vitq.methods.greedy_mp.Budget` (average bits, MB, GBOPs: Greedy MP) or a
             :class:`CostBudget` (m2q).
         options: method settings; fields left None are the recipe's defaults (vitq.recipes.DEFAULTS).
@@ -263,6 +271,10 @@ def run(model: nn.Module, calibration, p: Plan, progress: bool = True, input_fn=
     elif isinstance(budget, Budget):
         qmodel, config = _greedy(model, calib, config, options, budget, search, progress, report)
     else:
+        if p.recipe == "m2q-paper":
+            from .methods.m2q import paper_config
+
+            config = paper_config(model, config, tuple(calib.shape[1:]))
         res = run_pipeline(model, calib, config, options, progress=progress)
         qmodel = res.model
         report.update({k: v for k, v in (("sqb", res.sqb), ("rotation", res.rotation), ("token_scale", res.token_scale),
@@ -282,16 +294,19 @@ def _m2q(model, calib, config, budget: CostBudget, search: SearchOptions, progre
     hw = budget.hardware if budget.hardware is not None else load_hardware(None)
     qmodel, m2 = m2q(model, calib, config, hw, budget.fraction, tuple(calib.shape[1:]), budget.metric,
                      search.w_candidates, search.a_candidates, n_probe=search.probe_images,
-                     lower_per_step=search.lower_per_step, progress=progress)
+                     lower_per_step=search.lower_per_step, progress=progress, level=search.m2q_level,
+                     options=options)
     key = COST_METRICS[budget.metric]
     report["m2q"] = {"metric": budget.metric, "budget": budget.fraction, "search_s": m2.search_s, "steps": m2.steps,
                      "kl_calib": m2.kl_final, "hardware": hw.to_dict(),
                      "cost": {k: v for k, v in m2.cost.items() if k != "layers"},
                      "baseline": {k: v for k, v in m2.baseline.items() if k != "layers"},
                      "edp_saving": 1 - m2.cost["edp"] / m2.baseline["edp"], "layers": m2.layers}
-    log.info("M2Q: %s %.3f x INT8 baseline (budget %s); EDP saving %.3f; %d layers on the shift-add engine",
+    macs = sum(r["macs"] for r in m2.layers) or 1
+    report["m2q"]["shift_mac_share"] = sum(r["macs"] * r["shift_share"] for r in m2.layers) / macs
+    log.info("M2Q: %s %.3f x INT8 baseline (budget %s); EDP saving %.3f; %.1f %% of the MACs on the shift-add engine",
              budget.metric, m2.cost[key] / m2.baseline[key], budget.fraction, report["m2q"]["edp_saving"],
-             sum(r["engine"] == "shift" for r in m2.layers))
+             100 * report["m2q"]["shift_mac_share"])
     return qmodel, m2.config
 
 

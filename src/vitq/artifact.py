@@ -172,7 +172,7 @@ def rebuild(meta: dict, state: dict[str, torch.Tensor], cfg_path, st_path) -> tu
     return model.eval(), meta
 
 
-SPEC_SCHEMES = ("uniform", "pot", "two_region")
+SPEC_SCHEMES = ("uniform", "pot", "apot", "mixed", "two_region")
 SPEC_GRANULARITIES = ("per_tensor", "per_channel", "per_group", "ptf")
 
 
@@ -231,3 +231,7 @@ def validate_meta(meta: dict, cfg_path) -> None:
             _field(cfg_path, f"{where}.group_size", spec["group_size"], int, "an integer")
             if spec["group_size"] < 1:
                 raise ArtifactError(f"artifact {cfg_path}: {where}.group_size must be positive")
+        share = spec.get("apot_share")
+        if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1):
+            raise ArtifactError(f"artifact {cfg_path}: {where}.apot_share must be a fraction from 0 to 1 or null, "
+                                f"got {share!r}")

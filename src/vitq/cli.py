@@ -111,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", choices=["int8"], default="int8", help="reference for edp_saving")
     p.add_argument("--w-bits", type=int, default=None, help="weight bits, 2-8 (default 8)")
     p.add_argument("--a-bits", type=int, default=None, help="activation bits, 2-8 (default 8)")
-    p.add_argument("--w-scheme", choices=["uniform", "pot"], help="weight grid: uniform or power-of-two")
+    p.add_argument("--w-scheme", choices=["uniform", "pot", "apot", "mixed"],
+                   help="weight grid: uniform, power-of-two, additive power-of-two (APoT), or mixed (each output "
+                        "channel uniform or APoT, whichever has the lower error)")
     p.add_argument("--config", help="settings YAML (its quant section) or QuantConfig JSON (per-layer bits and "
                                     "schemes), e.g. a mixed_config.json")
     p.add_argument("--out", help="write the cost report as JSON (a new file, or an earlier one with --overwrite)")
@@ -139,10 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_labels(g)
     _add_data_opts(g)
     g = p.add_argument_group("quantization")
-    g.add_argument("--method", choices=["minmax", "mptq", "m2q"],
+    g.add_argument("--method", choices=["minmax", "mptq", "m2q", "m2q-paper"],
                    help="the recipe (default mptq): mptq = SQ-b, rotation, token scaling, OPT-m, GPTQ and block "
                         "reconstruction, with Greedy MP under a bit or size budget; minmax = the engine alone "
-                        "(a baseline); m2q = M2-ViT's scheme and precision search under a cost budget")
+                        "(a baseline); m2q = M2-ViT's scheme and precision search under a cost budget; m2q-paper = "
+                        "M2-ViT's fixed recipe (depthwise W4, other layers W8 with uniform/APoT output channels)")
     g.add_argument("--w-bits", type=int, help="weight bits, 2-8 (default 8; with a bit budget, from the budget)")
     g.add_argument("--a-bits", type=int, help="activation bits, 2-8 (default 8; with a bit budget, from the budget)")
     g.add_argument("--protocol", choices=["standard", "full"],

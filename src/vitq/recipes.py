@@ -5,7 +5,10 @@ A recipe is what ``vitq.quantize(..., recipe=NAME)`` runs:
 * ``minmax``: the engine alone (prepare, calibrate with the config's observer): the baseline;
 * ``mptq``: MPTQ-ViT with vitq's additions: SQ-b, Hadamard rotations, token scaling, OPT-m, GPTQ and
   block reconstruction, and Greedy MP when a bit or size budget is given;
-* ``m2q``: M2-ViT's scheme (uniform / power-of-two) and precision search under an accelerator cost budget.
+* ``m2q``: M2-ViT's scheme (uniform / additive power-of-two, per output channel) and precision search under an
+  accelerator cost budget, on SQ-b, OPT-m and GPTQ where asked;
+* ``m2q-paper``: M2-ViT's own fixed recipe, no search (``vitq.methods.m2q.paper_config``): depthwise W4
+  uniform, linears and 1x1 convs W8 with each output channel uniform or APoT, activations 8 bits.
 
 Every default that depends on the protocol, the bit-widths or the budget is one row of :data:`DEFAULTS`,
 with its reason and the decision record (docs/methods.md) that chose it; ``vitq.settings.defaults_table()``
@@ -21,7 +24,7 @@ from typing import Any, Callable
 from .methods.mptq import MethodOptions
 from .quant.config import ConfigError, QuantConfig
 
-RECIPES = ("minmax", "mptq", "m2q")
+RECIPES = ("minmax", "mptq", "m2q", "m2q-paper")
 
 # Widths below which the mptq recipe adopted an option; each was decided by a rule written before its runs.
 ROTATE_DEFAULT_MAX_BITS = 6  # R30: single precision, standard protocol
@@ -79,7 +82,7 @@ class Default:
 
 
 DEFAULTS: tuple[Default, ...] = (
-    Default("config.observer", ("mptq", "m2q"), lambda c, mixed: "mse",
+    Default("config.observer", ("mptq", "m2q", "m2q-paper"), lambda c, mixed: "mse",
             "ranges by the least squared error (the engine alone: min-max)", "docs/methods.md, Observers",
             other="minmax"),
     Default("options.sq_b", ("mptq",), lambda c, mixed: True,
@@ -130,8 +133,9 @@ def resolve(recipe: str, config: QuantConfig, options: MethodOptions, mixed: boo
     config = dataclasses.replace(config, **cfg_changes) if cfg_changes else config
     options = dataclasses.replace(options, **opt_changes) if opt_changes else options
     if recipe == "m2q":
-        on = [f for f in ("sq_b", "opt_m", "gptq", "recon", "rotate", "token_scale") if getattr(options, f)]
+        on = [f for f in ("recon", "rotate", "token_scale") if getattr(options, f)]
         if on:
-            raise ConfigError(f"the m2q recipe does not take {', '.join(on)} (M2-ViT's search runs on the "
-                              "engine's calibration)")
+            raise ConfigError(f"the m2q recipe does not take {', '.join(on)} (M2-ViT's search runs on SQ-b, OPT-m "
+                              "and GPTQ at most: the accelerator has no online rotation, and block "
+                              "reconstruction learns uniform grids only)")
     return config, options

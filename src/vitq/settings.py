@@ -45,12 +45,12 @@ PASSES: dict[str, dict[str, str]] = {
 BIT_BUDGET = ("w_bits", "a_bits", "size_mb", "gbops")
 COST_BUDGET = ("edp", "energy", "latency")
 SEARCH_FIELDS = ("w_candidates", "a_candidates", "search", "probe_images", "lower_per_step", "uniform_fallback",
-                 "gptq_losses")
+                 "gptq_losses", "m2q_level")
 SECTIONS = ("recipe", "quant", "budget", *PASSES, "search")
 _OPTION_TYPES = typing.get_type_hints(MethodOptions)
 _BUDGET_TYPES = {**{k: float for k in BIT_BUDGET + COST_BUDGET}, "hardware": (str, dict)}
 _SEARCH_TYPES = {"w_candidates": tuple, "a_candidates": tuple, "search": str, "probe_images": int,
-                 "lower_per_step": int, "uniform_fallback": bool, "gptq_losses": bool}
+                 "lower_per_step": int, "uniform_fallback": bool, "gptq_losses": bool, "m2q_level": str}
 
 
 @dataclass

@@ -90,3 +90,27 @@ def test_int8_baseline_resets_bits_and_schemes():
     base = int8_baseline(wl)
     assert all((w.w_bits, w.a_bits, w.scheme, w.engine) == (8, 8, "uniform", "mac") for w in base)
     assert estimate(base, load_hardware()).edp > estimate(wl, load_hardware()).edp
+
+
+def test_a_layer_split_between_the_engines_takes_the_longer_part_and_the_sum_of_energies(tmp_path):
+    fast = tmp_path / "fast_dram.yaml"
+    fast.write_text("memory: {dram_gb_per_s: 1.0e+9}\n")
+    hw = load_hardware(fast)
+    lin = Workload("l", "linear", 3000, 48, (16,), 3, 8, 8, "mixed", shift_share=0.25)
+    c = layer_cost(lin, hw)
+    assert lin.engine == "split"
+    mac_s, shift_s = 2250 / (UNITS * FREQ), 750 / (UNITS * FREQ)  # 8x8 bits: one product per unit per cycle
+    assert (c.mac_s, c.shift_s) == (pytest.approx(mac_s), pytest.approx(shift_s))
+    assert c.compute_s == pytest.approx(max(mac_s, shift_s))
+    # APoT 8 bits: terms down to 2^-28, so the shifted operand is 8 + 28 -> capped at 32 bits; two shifts and an add
+    apot_pj = 3 * ADD_32 + ADD_32
+    assert c.compute_pj == pytest.approx(2250 * (MULT_8x8 + ADD_32) + 750 * apot_pj)
+    # the whole layer on one engine is the special case; the MAC engine's half of a 50/50 split sets the time
+    assert layer_cost(lin.with_bits(scheme="apot"), hw).compute_s == pytest.approx(3000 / (UNITS * FREQ))
+    total = estimate([lin.with_bits(shift_share=0.5)], hw)
+    assert total.busy_s["mac"] == pytest.approx(1500 / (UNITS * FREQ)) == pytest.approx(total.busy_s["shift"])
+    assert total.latency_s == pytest.approx(1500 / (UNITS * FREQ))
+    # at 4x8 bits the MAC engine is twice as fast (Bit Fusion): a third of the MACs on shifts balances the two
+    w4 = lin.with_bits(w_bits=4, shift_share=1 / 3)
+    c4 = layer_cost(w4, hw)
+    assert c4.mac_s == pytest.approx(c4.shift_s)

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from vitq.hardware import estimate, extract_workloads, int8_baseline, load_hardware
-from vitq.methods.m2q import choose_schemes, fixed_scheme_config, m2q
+from vitq.methods.m2q import balanced_share, choose_schemes, fixed_scheme_config, m2q, paper_config
+from vitq.quant import quantizers as Q
 from vitq.quant import QuantConfig
 from vitq.quant.config import ConfigError
 from vitq.quant.engine import prepare, weight_layers
@@ -11,12 +12,14 @@ from conftest import tiny_images, tiny_model
 
 
 def _pot_friendly(model):
-    """Make fc1 of block 0 exactly representable as powers of two: level 1 must pick PoT for it."""
+    """Make fc1 of block 0 exactly representable on the 4-bit APoT grid: level 1 must pick APoT for it."""
     g = torch.Generator().manual_seed(1)
     w = model.blocks[0].mlp.fc1.weight
+    levels = Q.apot_levels(4)
     with torch.no_grad():
         sign = torch.randint(0, 2, w.shape, generator=g) * 2 - 1
-        w.copy_(sign * 2.0 ** -torch.randint(1, 7, w.shape, generator=g).float())
+        w.copy_(sign * levels[torch.randint(1, len(levels), w.shape, generator=g)] * 0.05)
+        w[:, 0] = 0.075  # every row reaches the top level, so the grid's scale is the same for all
     return model
 
 
@@ -26,12 +29,12 @@ def test_level1_picks_the_lower_error_and_holds_ineligible_layers_uniform():
     x = tiny_images(size, n=8)
     choice = choose_schemes(model, x, QuantConfig(w_bits=4, a_bits=8), 4, (3, size, size))
     fc1 = choice["blocks.0.mlp.fc1"]
-    assert fc1.scheme == "pot" and fc1.mse_pot < fc1.mse_uniform
+    assert fc1.scheme == "apot" and fc1.mse_pot < fc1.mse_uniform
     for c in choice.values():
         if c.mse_pot is None:
             assert c.scheme == "uniform"
         else:
-            assert c.scheme == ("pot" if c.mse_pot < c.mse_uniform else "uniform")
+            assert c.scheme == ("apot" if c.mse_pot < c.mse_uniform else "uniform")
     assert choice["patch_embed.proj"].mse_pot is None  # a 8x8 conv: not eligible
 
 
@@ -49,7 +52,8 @@ def test_budget_is_met_and_pot_layers_decode_to_shifts(metric):
     _pot_friendly(model)
     x = tiny_images(size, n=8)
     hw = load_hardware()
-    q, res = m2q(model, x, QuantConfig(w_bits=8, a_bits=8), hw, 0.6, (3, size, size), metric=metric, progress=False)
+    q, res = m2q(model, x, QuantConfig(w_bits=8, a_bits=8), hw, 0.6, (3, size, size), metric=metric, progress=False,
+                 level="layer")
     assert res.cost[{"edp": "edp", "energy": "energy_j"}[metric]] <= 0.6 * res.baseline[
         {"edp": "edp", "energy": "energy_j"}[metric]] * (1 + 1e-9)
     # the model's own quantizers agree with the report
@@ -57,12 +61,16 @@ def test_budget_is_met_and_pot_layers_decode_to_shifts(metric):
     assert estimate(wl, hw).edp == pytest.approx(res.cost["edp"])
     assert estimate(int8_baseline(wl), hw).edp == pytest.approx(res.baseline["edp"])
     rows = {r["layer"]: r for r in res.layers}
+    assert rows["blocks.0.mlp.fc1"]["scheme"] == "apot"
     for m in weight_layers(q):
-        if m.w_quant.spec.scheme == "pot":
+        if m.w_quant.spec.scheme == "apot":
             assert rows[m.layer_name]["engine"] == "shift"
-            wq = m.w_quant.fake_quant(m.weight)
-            nz = wq[wq != 0].abs()
-            assert torch.equal(torch.log2(nz), torch.log2(nz).round())  # every level is a power of two
+            with torch.no_grad():
+                wq = m.w_quant.fake_quant(m.weight)
+            scale = m.w_quant.scale.reshape(-1, 1)
+            levels = Q.apot_levels(m.w_quant.spec.bits)
+            idx = ((wq / scale).abs().unsqueeze(-1) - levels).abs().argmin(-1)
+            assert torch.equal(wq, torch.sign(wq) * levels[idx] * scale)  # every value: scale x (2^-i + 2^-j)
 
 
 def test_bad_budget_and_metric():
@@ -81,7 +89,7 @@ def test_pot_only_reference_config():
     cfg = fixed_scheme_config(model, QuantConfig(w_bits=8, a_bits=8), (3, size, size))
     names = {r.pattern for r in cfg.rules}
     assert "blocks.0.mlp.fc1" in names and "patch_embed.proj" not in names
-    assert all(r.w_scheme == "pot" and r.w_bits == 4 for r in cfg.rules)
+    assert all(r.w_scheme == "apot" and r.w_bits == 4 for r in cfg.rules)
 
 
 def test_curve_snapshots_and_config_round_trip():
@@ -92,7 +100,7 @@ def test_curve_snapshots_and_config_round_trip():
     x = tiny_images(size, n=8)
     hw = load_hardware()
     q, res = m2q(model, x, QuantConfig(w_bits=8, a_bits=8), hw, 0.5, (3, size, size), curve=(0.9, 0.7),
-                 progress=False)
+                 progress=False, level="layer")
     # the saved config rebuilds the searched model exactly (schemes and bits included)
     again = run_pipeline(model, x, res.config, MethodOptions()).model
     with torch.inference_mode():
@@ -111,5 +119,45 @@ def test_uniform_only_search_uses_no_pot():
     model, size = tiny_model("deit")
     _pot_friendly(model)
     q, res = m2q(model, tiny_images(size, n=8), QuantConfig(w_bits=8, a_bits=8), load_hardware(), 0.6,
-                 (3, size, size), allow_pot=False, progress=False)
+                 (3, size, size), level="none", progress=False)
     assert all(r["scheme"] == "uniform" and r["engine"] == "mac" for r in res.layers)
+
+
+def test_channel_split_balances_the_engines_meets_the_budget_and_rebuilds_exactly(tmp_path):
+    from vitq.methods.mptq import MethodOptions, run_pipeline
+
+    model, size = tiny_model("deit")
+    x = tiny_images(size, n=8)
+    hw = load_hardware()
+    assert balanced_share(8, 8, hw) == pytest.approx(0.5) and balanced_share(4, 8, hw) == pytest.approx(1 / 3)
+    q, res = m2q(model, x, QuantConfig(w_bits=8, a_bits=8), hw, 0.5, (3, size, size), progress=False,
+                 options=MethodOptions(gptq=True))
+    assert res.cost["edp"] <= 0.5 * res.baseline["edp"] * (1 + 1e-9)
+    rows = {r["layer"]: r for r in res.layers}
+    fc1 = rows["blocks.0.mlp.fc1"]
+    assert fc1["engine"] == "split" and 0 < fc1["shift_share"] < 1
+    for m in weight_layers(q):
+        if m.w_quant.spec.scheme == "mixed":
+            n, k = m.weight.shape[0], int(m.w_quant.apot_mask.sum())
+            assert k == round(balanced_share(m.w_quant.spec.bits, 8, hw) * n)
+            assert rows[m.layer_name]["shift_share"] == pytest.approx(k / n)
+    assert res.cost["busy_s"]["shift"] > 0
+    # the saved config rebuilds the searched model's grids (GPTQ moves the weights; the shares stay)
+    again = run_pipeline(model, x, res.config, MethodOptions()).model
+    for a, b in zip(weight_layers(again), weight_layers(q)):
+        assert a.w_quant.spec == b.w_quant.spec
+
+
+def test_paper_recipe_config():
+    model, size = tiny_model("efficientvit")
+    cfg = paper_config(model, QuantConfig(), (3, size, size))
+    ops = {w.name: w for w in extract_workloads(prepare(model, QuantConfig()), (3, size, size))}
+    rules = {r.pattern: r for r in cfg.rules}
+    for name, w in ops.items():
+        if w.op == "dwconv":
+            assert rules[name].w_bits == 4 and rules[name].w_scheme == "uniform"
+        elif w.pot_eligible:
+            assert rules[name].w_scheme == "mixed"
+        else:
+            assert name not in rules
+    assert cfg.w_bits == 8 and cfg.a_bits == 8

@@ -126,8 +126,20 @@ def encode_weight(q: TensorQuantizer, w: torch.Tensor) -> torch.Tensor:
         return ((sign < 0).to(torch.int64) << (bits - 1) | code.to(torch.int64)).reshape(w.shape)
     qmin, _ = q._qrange()
     scale, zp = (q.scale.reshape(shape), q.zero_point.reshape(shape)) if shape else (q.scale, q.zero_point)
-    y = Q.quantize_uniform(v, scale, zp, *q._qrange())  # clamp(round(x / s) + z)
-    return (y - qmin).to(torch.int64).reshape(w.shape)
+    y = Q.quantize_uniform(v, scale, zp, *q._qrange()) - qmin  # clamp(round(x / s) + z) - qmin
+    mask = _apot_rows(q, shape)
+    if mask is not None:  # APoT codes: sign bit above the level's index (< 2^(bits-1))
+        sign, idx = Q.quantize_apot(v, scale, bits)
+        y = torch.where(mask, ((sign < 0).to(torch.int64) << (bits - 1)) | idx.to(torch.int64), y.to(torch.int64))
+    return y.to(torch.int64).reshape(w.shape)
+
+
+def _apot_rows(q: TensorQuantizer, shape) -> torch.Tensor | None:
+    """Which rows of the weight view are APoT (all for ``apot``, the chosen channels for ``mixed``), or None."""
+    if q.spec.scheme == "apot":
+        return torch.ones(shape or [], dtype=torch.bool, device=q.scale.device).expand(*(shape or []))
+    mask = q.apot_mask if q.spec.scheme == "mixed" else None
+    return None if mask is None else mask.reshape(shape)
 
 
 def decode_weight(q: TensorQuantizer, codes: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -144,6 +156,11 @@ def decode_weight(q: TensorQuantizer, codes: torch.Tensor, shape: torch.Size) ->
         scale, zp = (q.scale.reshape(pshape), q.zero_point.reshape(pshape)) if pshape else (q.scale, q.zero_point)
         # The simulation computes (clamp(round(x/s), qmin - z, qmax - z)) * s; code + qmin - z is that integer.
         out = ((v + qmin).to(torch.float32) - zp) * scale
+        mask = _apot_rows(q, pshape)
+        if mask is not None:
+            sign = torch.where((v >> (bits - 1)) & 1 == 1, -1.0, 1.0)
+            level = Q.apot_levels(bits, v.device)[(v & (2 ** (bits - 1) - 1)).clamp_max(2 ** (bits - 1) - 1)]
+            out = torch.where(mask, sign * level * scale, out)
     return out.reshape(shape)
 
 

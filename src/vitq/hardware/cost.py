@@ -3,10 +3,15 @@
 Per layer (one image), from its :class:`~vitq.hardware.workload.Workload` and the :class:`HardwareSpec`:
 
 * Compute energy. MAC engine: ``macs x (multiply(w, a) + add(acc_bits))``, with
-  ``multiply(w, a) = mult_pj_8x8 x w a / 64`` and ``add(n) = add_pj_32 x n / 32``. Shift-add engine (PoT
-  weights): ``macs x (shift_vs_add x add(min(a + max_shift, acc_bits)) + add(acc_bits))``, where
-  ``max_shift = 2^(w-1) - 2`` is the largest exponent gap a ``w``-bit PoT code (sign, zero and
-  ``2^(w-1) - 1`` exponents) can encode. Division (LiteMLA): one ``div_bits x div_bits`` multiply per element.
+  ``multiply(w, a) = mult_pj_8x8 x w a / 64`` and ``add(n) = add_pj_32 x n / 32``. Shift-add engine, PoT
+  weights: ``macs x (shift_vs_add x add(width) + add(acc_bits))`` with ``width = min(a + max_shift,
+  acc_bits)``, where ``max_shift = 2^(w-1) - 2`` is the largest exponent gap a ``w``-bit PoT code (sign,
+  zero and ``2^(w-1) - 1`` exponents) can encode; APoT weights (two terms): two shifts and the add of the
+  two shifted operands, ``macs x ((2 shift_vs_add + 1) x add(width) + add(acc_bits))``, ``max_shift`` being
+  the smallest term's exponent. Division (LiteMLA): one ``div_bits x div_bits`` multiply per element.
+* A layer split between the engines (``mixed`` weights: some output channels APoT) runs its two parts at
+  once: ``share x macs`` on the shift-add engine and the rest on the MAC engine; its compute time is the
+  longer part's, its energy the sum.
 * Memory traffic, with this tiling (weight-stationary, layer by layer): the weights are cut into
   ``n_tiles = ceil(weight bits / weight buffer)`` tiles (for a matmul the second operand is the
   stationary one); for each tile the whole input streams from the activation buffer. SRAM traffic =
@@ -27,6 +32,9 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+import torch
+
+from ..quant.quantizers import apot_terms
 from .spec import HardwareSpec
 from .workload import Workload
 
@@ -48,6 +56,9 @@ class LayerCost:
     compute_s: float
     dram_s: float
     edp_share: float = 0.0
+    shift_share: float = 0.0  # of the MACs, on the shift-add engine
+    mac_s: float = 0.0  # compute time of each engine's part
+    shift_s: float = 0.0
 
     @property
     def energy_j(self) -> float:
@@ -56,6 +67,12 @@ class LayerCost:
     @property
     def latency_s(self) -> float:
         return max(self.compute_s, self.dram_s)
+
+    def busy_s(self, engine: str) -> float:
+        """The time this layer holds ``engine`` (``mac`` or ``shift``): its part's compute time, at least the
+        layer's DRAM time when it has a part there (roofline)."""
+        part = self.mac_s if engine == "mac" else self.shift_s
+        return max(part, self.dram_s) if part > 0 else 0.0
 
     def to_dict(self) -> dict:
         return {**asdict(self), "energy_j": self.energy_j, "latency_s": self.latency_s}
@@ -111,22 +128,20 @@ def layer_cost(w: Workload, hw: HardwareSpec) -> LayerCost:
     """The cost of one layer for one image (see the module docstring for the model)."""
     e, eng, mem = hw.energy, hw.engines, hw.memory
     acc = add_pj(e.acc_bits, hw)
-    engine = w.engine
+    engine, share = w.engine, w.share
     if w.op == "div":
         wb = ab = e.div_bits
-        per_op = mult_pj(wb, ab, hw)
-        units, speed = eng.mac_units, mac_speedup(wb, ab, hw)
-    elif engine == "shift":
-        wb, ab = w.w_bits, w.a_bits
-        width = min(ab + 2 ** (wb - 1) - 2, e.acc_bits)
-        per_op = e.shift_vs_add * add_pj(width, hw) + acc
-        units, speed = eng.shift_units, 1.0
+        compute_pj = w.macs * mult_pj(wb, ab, hw)
+        mac_s = w.macs / (eng.mac_units * mac_speedup(wb, ab, hw) * eng.freq_hz)
+        shift_s = 0.0
     else:
         wb, ab = w.w_bits, w.a_bits
-        per_op = mult_pj(wb, ab, hw) + acc
-        units, speed = eng.mac_units, mac_speedup(wb, ab, hw)
-    compute_pj = w.macs * per_op
-    compute_s = w.macs / (units * speed * eng.freq_hz)
+        shift_macs = w.macs * share
+        mac_macs = w.macs - shift_macs
+        mac_s = mac_macs / (eng.mac_units * mac_speedup(wb, ab, hw) * eng.freq_hz)
+        shift_s = shift_macs / (eng.shift_units * eng.freq_hz)
+        compute_pj = mac_macs * (mult_pj(wb, ab, hw) + acc) + (shift_macs * shift_op_pj(w, hw) if shift_macs else 0.0)
+    compute_s = max(mac_s, shift_s)
 
     act_buf = mem.act_buffer_kib * 1024 * 8
     if w.op == "matmul":
@@ -152,15 +167,28 @@ def layer_cost(w: Workload, hw: HardwareSpec) -> LayerCost:
         name=w.name, op=w.op, engine=engine, scheme=w.scheme, w_bits=w.w_bits, a_bits=w.a_bits, macs=w.macs,
         compute_pj=compute_pj, sram_pj=sram_bits * e.sram_pj_per_64b / 64, dram_pj=dram_bits * e.dram_pj_per_64b / 64,
         sram_bits=int(sram_bits), dram_bits=int(dram_bits), compute_s=compute_s,
-        dram_s=dram_bits / 8 / (mem.dram_gb_per_s * 1e9))
+        dram_s=dram_bits / 8 / (mem.dram_gb_per_s * 1e9), shift_share=share, mac_s=mac_s, shift_s=shift_s)
+
+
+def shift_op_pj(w: Workload, hw: HardwareSpec) -> float:
+    """Energy of one product and accumulation on the shift-add engine for ``w``'s weights: PoT (one shift) or
+    APoT / the APoT channels of a mixed grid (two shifts and an add), module docstring."""
+    e = hw.energy
+    if w.scheme == "pot":
+        width = min(w.a_bits + 2 ** (w.w_bits - 1) - 2, e.acc_bits)
+        return e.shift_vs_add * add_pj(width, hw) + add_pj(e.acc_bits, hw)
+    first, second = apot_terms(w.w_bits)
+    terms = torch.cat([first, second])
+    max_shift = int(-torch.log2(terms[terms > 0].min()))  # the smallest term, 2^-max_shift
+    width = min(w.a_bits + max_shift, e.acc_bits)
+    return (2 * e.shift_vs_add + 1) * add_pj(width, hw) + add_pj(e.acc_bits, hw)
 
 
 def estimate(workloads: list[Workload], hw: HardwareSpec) -> CostReport:
     """Energy, latency and EDP of the whole model (one image) on ``hw``."""
     layers = [layer_cost(w, hw) for w in workloads]
     energy = sum(c.energy_j for c in layers)
-    busy = {"mac": sum(c.latency_s for c in layers if c.engine == "mac"),
-            "shift": sum(c.latency_s for c in layers if c.engine == "shift"),
+    busy = {"mac": sum(c.busy_s("mac") for c in layers), "shift": sum(c.busy_s("shift") for c in layers),
             "dram": sum(c.dram_s for c in layers)}
     latency = max(busy.values()) if hw.schedule == "pipeline" else sum(c.latency_s for c in layers)
     total_ed = sum(c.energy_j * c.latency_s for c in layers) or 1.0

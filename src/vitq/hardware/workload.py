@@ -15,7 +15,8 @@ from torch import nn
 from ..quant.engine import all_quantizers
 from ..quant.layers import QuantConv2d, QuantLinear, QuantMatMul
 
-POT_OPS = ("linear", "conv", "gconv", "dwconv")  # weight ops that run on the shift-add engine when PoT
+POT_OPS = ("linear", "conv", "gconv", "dwconv")  # weight ops that run on the shift-add engine when (A)PoT
+SHIFT_SCHEMES = ("pot", "apot")  # weight schemes whose products are shifts (and one add for APoT)
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,10 @@ class Workload:
         out_elems: output values.
         w_bits: weight bits (for a matmul: the second operand's bits).
         a_bits: activation bits (for a matmul: the first operand's bits).
-        scheme: weight scheme, ``uniform`` or ``pot``.
+        scheme: weight scheme, ``uniform``, ``pot``, ``apot`` or ``mixed`` (per output channel uniform or
+            APoT; ``shift_share`` of the channels on APoT).
         kernel: convolution kernel size (1 for linears and matmuls).
+        shift_share: the fraction of the MACs on the shift-add engine (1 for ``pot``/``apot`` weight layers).
     """
 
     name: str
@@ -46,11 +49,23 @@ class Workload:
     a_bits: int
     scheme: str = "uniform"
     kernel: int = 1
+    shift_share: float = 0.0
+
+    @property
+    def share(self) -> float:
+        """The fraction of this layer's MACs on the shift-add engine."""
+        if self.op not in POT_OPS:
+            return 0.0
+        if self.scheme in SHIFT_SCHEMES:
+            return 1.0
+        return self.shift_share if self.scheme == "mixed" else 0.0
 
     @property
     def engine(self) -> str:
-        """``shift`` for PoT weights on a linear or conv, else ``mac``."""
-        return "shift" if self.scheme == "pot" and self.op in POT_OPS else "mac"
+        """``shift`` for (A)PoT weights on a linear or conv, ``split`` for a layer whose output channels are
+        divided between the engines, else ``mac``."""
+        share = self.share
+        return "mac" if share == 0 else ("shift" if share == 1 else "split")
 
     @property
     def pot_eligible(self) -> bool:
@@ -58,10 +73,20 @@ class Workload:
         larger-kernel convs stay uniform (few weights, wide distributions)."""
         return self.op == "linear" or (self.op == "conv" and self.kernel == 1)
 
-    def with_bits(self, w_bits: int | None = None, a_bits: int | None = None, scheme: str | None = None) -> Workload:
+    def with_bits(self, w_bits: int | None = None, a_bits: int | None = None, scheme: str | None = None,
+                  shift_share: float | None = None) -> Workload:
         return replace(self, w_bits=self.w_bits if w_bits is None else w_bits,
                        a_bits=self.a_bits if a_bits is None else a_bits,
-                       scheme=self.scheme if scheme is None else scheme)
+                       scheme=self.scheme if scheme is None else scheme,
+                       shift_share=self.shift_share if shift_share is None else shift_share)
+
+
+def _shift_share(q) -> float:
+    """The fraction of a weight quantizer's output channels on the APoT grid (``mixed``), else 0."""
+    mask = q.apot_mask
+    if q.spec.scheme != "mixed" or mask is None:
+        return 0.0
+    return float(mask.float().mean())
 
 
 def _conv_op(m: nn.Conv2d) -> str:
@@ -86,13 +111,13 @@ def extract_workloads(model: nn.Module, input_size: tuple[int, int, int]) -> lis
         x = args[0]
         found.append(Workload(m.layer_name, "linear", x.numel() // m.in_features * m.in_features * m.out_features,
                               m.weight.numel(), (x.numel(),), out.numel(), m.w_quant.spec.bits,
-                              m.in_quant.spec.bits, m.w_quant.spec.scheme))
+                              m.in_quant.spec.bits, m.w_quant.spec.scheme, shift_share=_shift_share(m.w_quant)))
 
     def on_conv(m, args, out):
         k = m.weight.shape[1] * m.weight.shape[2] * m.weight.shape[3]
         found.append(Workload(m.layer_name, _conv_op(m), out.numel() * k, m.weight.numel(), (args[0].numel(),),
                               out.numel(), m.w_quant.spec.bits, m.in_quant.spec.bits, m.w_quant.spec.scheme,
-                              kernel=int(m.weight.shape[-1])))
+                              kernel=int(m.weight.shape[-1]), shift_share=_shift_share(m.w_quant)))
 
     def on_matmul(m, args, out):
         a, b = args

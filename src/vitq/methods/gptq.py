@@ -59,7 +59,7 @@ def _supported(m: nn.Module, max_bits: int) -> bool:
     q = m.w_quant
     if q.spec.bits > max_bits:
         return False
-    if q.spec.scheme != "uniform" or q.spec.granularity not in ("per_channel", "per_tensor"):
+    if q.spec.scheme not in ("uniform", "apot", "mixed") or q.spec.granularity not in ("per_channel", "per_tensor"):
         return False
     return isinstance(m, QuantLinear) or (isinstance(m, QuantConv2d) and m.groups == 1)
 
@@ -148,20 +148,37 @@ def hessian_clip(w: torch.Tensor, h: torch.Tensor, wq, ratios=CLIP_RATIOS) -> tu
         wq: the layer's weight quantizer (its spec decides the grid; its range is not changed here).
         ratios: candidate clips as fractions of the per-row (or per-tensor) min and max.
 
+    A ``mixed`` grid also chooses each row's grid (uniform or APoT) on this output error and sets it on
+    ``wq`` (:func:`~vitq.quant.quantizers.split_channels`).
+
     Returns:
         ``(lo, hi)`` to pass to ``wq.set_range``: per row for per-channel grids, scalars per tensor.
     """
     per_row = wq.spec.granularity == "per_channel"
     w = w.float()
     h = h.float()
+    if wq.spec.scheme == "mixed":  # each row's grid by output error too, each at its own best clip
+        (err_u, lo_u, hi_u), (err_a, lo_a, hi_a) = (_best_clip(w, h, wq, s, per_row, ratios) for s in ("uniform", "apot"))
+        mask = Q.split_channels(err_u, err_a, wq.spec.apot_share)
+        wq.set_apot_channels(mask)
+        return torch.where(mask, lo_a, lo_u), torch.where(mask, hi_a, hi_u)
+    return _best_clip(w, h, wq, wq.spec.scheme, per_row, ratios)[1:]
+
+
+def _best_clip(w, h, wq, scheme: str, per_row: bool, ratios) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(output error, lo, hi)`` at the best clip ratio of ``scheme``'s grid (``uniform`` or ``apot``)."""
     lo0 = w.amin(1) if per_row else w.min()
     hi0 = w.amax(1) if per_row else w.max()
     qmin, qmax = Q.int_range(wq.spec.bits, wq.spec.symmetric)
     best_err = best_lo = best_hi = None
     for r in ratios:
         lo, hi = lo0 * r, hi0 * r
-        scale, zp = Q.uniform_params(lo, hi, wq.spec.bits, wq.spec.symmetric)
-        e = w - Q.fake_quant_uniform(w, scale, zp, qmin, qmax, axis=0 if per_row else None)
+        if scheme == "apot":
+            scale = Q.apot_scale(torch.maximum(lo.abs(), hi.abs()), wq.spec.bits)
+            e = w - Q.fake_quant_apot(w, scale.reshape(-1, 1) if per_row else scale, wq.spec.bits)
+        else:
+            scale, zp = Q.uniform_params(lo, hi, wq.spec.bits, wq.spec.symmetric)
+            e = w - Q.fake_quant_uniform(w, scale, zp, qmin, qmax, axis=0 if per_row else None)
         err = ((e @ h) * e).sum(1)
         if not per_row:
             err = err.sum()
@@ -171,7 +188,7 @@ def hessian_clip(w: torch.Tensor, h: torch.Tensor, wq, ratios=CLIP_RATIOS) -> tu
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_lo, best_hi = torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
-    return best_lo, best_hi
+    return best_err, best_lo, best_hi
 
 
 def _rel_err(ref: torch.Tensor, out: torch.Tensor) -> float:

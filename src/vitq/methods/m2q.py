@@ -1,15 +1,26 @@
 """M2Q: M2-ViT's two-level mixed quantization (Shi, Liang, Wang 2024), on the engine and the cost model.
 
-Level 1 (scheme, per layer and per candidate weight bit-width): quantize the weights of every layer
-once uniformly and once as powers of two (activations uniform in both), and keep the scheme whose
-*quantized layer output* has the lower MSE on calibration data. Only linears and 1x1 dense convs may
-become PoT (:attr:`~vitq.hardware.workload.Workload.pot_eligible`); depthwise, grouped and larger
-convs stay uniform.
+Level 1 (scheme), at each candidate weight bit-width ``b``; only linears and 1x1 dense convs may take the
+shift-add engine's grid, additive power-of-two (APoT) (:attr:`~vitq.hardware.workload.Workload.pot_eligible`);
+depthwise, grouped and larger convs stay uniform:
+
+* ``channel`` (default): every eligible layer's output channels are split between a uniform grid (MAC
+  engine) and an APoT grid (shift-add engine). The share on APoT is the one at which both engines finish
+  the layer together in the cost model (:func:`balanced_share`: a half at 8 x 8 bits, a third at 4 x 8 bits
+  on the default accelerator, whose MAC engine runs 4-bit products twice as fast); the channels that go are
+  those that lose least by it (weight error, or the layer's output error when GPTQ runs).
+* ``layer``: each eligible layer is uniform or APoT as a whole, whichever gives the lower *quantized layer
+  output* MSE on calibration data.
+* ``none``: every layer uniform (uniform mixed precision under the same cost budget: the reference).
 
 Level 2 (precision): Greedy MP's machinery with the accelerator's cost (EDP by default) as the budget:
 start at the highest candidates, lower the layer whose KL increase on calibration images per unit of
 cost saved is smallest, until the cost is at most ``budget`` x the INT8 baseline's. A layer lowered to
-``b`` bits takes the scheme level 1 chose for ``b``.
+``b`` bits takes level 1's scheme for ``b``. The search runs on the MPTQ passes that ``options`` turn on
+(SQ-b, OPT-m, GPTQ: GPTQ rounds onto APoT and split grids too).
+
+:func:`paper_config` is M2-ViT's own recipe, with no search: depthwise convolutions W4 uniform, the other
+eligible layers W8 with each output channel uniform or APoT by the lower weight error, activations 8 bits.
 """
 from __future__ import annotations
 
@@ -21,6 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..hardware import HardwareSpec, estimate, extract_workloads, int8_baseline
+from ..hardware.cost import mac_speedup
 from ..hardware.workload import Workload
 from ..quant.config import ConfigError, LayerRule, QuantConfig
 from ..quant.engine import all_quantizers, calibrate, prepare, weight_layers
@@ -30,6 +42,7 @@ from ..quant.layers import QuantConv2d
 from .greedy_mp import Budget, greedy_mp
 from .mp_budget import budget_option
 from .mptq import MethodOptions
+from .options import M2Q_LEVELS as LEVELS
 
 
 @dataclass
@@ -40,7 +53,7 @@ class SchemeChoice:
     bits: int
     scheme: str
     mse_uniform: float
-    mse_pot: float | None  # None: not eligible for PoT (held to uniform)
+    mse_pot: float | None  # APoT's error; None: not eligible for the shift-add engine (held to uniform)
 
 
 @dataclass
@@ -70,18 +83,18 @@ def _quantized_output(m: nn.Module, x: torch.Tensor, in_q, w_q) -> torch.Tensor:
 @torch.inference_mode()
 def choose_schemes(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, bits: int,
                    input_size: tuple[int, int, int], n_images: int = 8) -> dict[str, SchemeChoice]:
-    """Level 1 at ``bits``-bit weights: uniform or PoT per layer, by quantized-output MSE on calibration data.
+    """Level 1 at ``bits``-bit weights, per layer: uniform or APoT, by quantized-output MSE on calibration data.
 
     Both variants are calibrated with the same activation settings (``base.a_bits``); each eligible
     layer's float input (upstream layers in float) is fed to both quantized versions of the layer.
     """
     variants = {}
-    for scheme in ("uniform", "pot"):
+    for scheme in ("uniform", "apot"):
         cfg = replace(base, w_bits=bits, w_scheme=scheme, rules=[])
         q = prepare(fp_model, cfg)
         calibrate(q, cfg, calib, progress=False)
         variants[scheme] = q
-    uni, pot = variants["uniform"], variants["pot"]
+    uni, pot = variants["uniform"], variants["apot"]
     eligible = {w.name for w in extract_workloads(uni, input_size) if w.pot_eligible}
     pot_layers = {m.layer_name: m for m in weight_layers(pot)}
     errors: dict[str, list[float]] = {m.layer_name: [0.0, 0.0] for m in weight_layers(uni)}
@@ -112,14 +125,22 @@ def choose_schemes(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, 
     out = {}
     for name, (eu, ep) in errors.items():
         if name in eligible:
-            out[name] = SchemeChoice(name, bits, "pot" if ep < eu else "uniform", eu, ep)
+            out[name] = SchemeChoice(name, bits, "apot" if ep < eu else "uniform", eu, ep)
         else:
             out[name] = SchemeChoice(name, bits, "uniform", eu, None)
     return out
 
 
+def balanced_share(w_bits: int, a_bits: int, hw: HardwareSpec) -> float:
+    """The share of a layer's MACs on the shift-add engine at which both engines finish it together: the
+    shift-add engine's products per cycle over both engines' (the MAC engine's scale with the bit-widths)."""
+    mac = hw.engines.mac_units * mac_speedup(w_bits, a_bits, hw)
+    return hw.engines.shift_units / (hw.engines.shift_units + mac)
+
+
 def _apply_assignment(workloads: list[Workload], assign: dict[str, dict[str, int]],
-                      schemes: dict[int, dict[str, SchemeChoice]]) -> list[Workload]:
+                      schemes: dict[int, dict[str, tuple[str, float]]]) -> list[Workload]:
+    """The workloads at an assignment; ``schemes[bits][layer]`` is ``(scheme, shift share)``."""
     out = []
     for w in workloads:
         a = assign.get(w.name, {})
@@ -130,15 +151,16 @@ def _apply_assignment(workloads: list[Workload], assign: dict[str, dict[str, int
             out.append(w.with_bits(bits, bits))
         else:
             wb = a.get("W", w.w_bits)
-            choice = schemes.get(wb, {}).get(w.name)
-            out.append(w.with_bits(wb, a.get("A", w.a_bits), choice.scheme if choice else "uniform"))
+            scheme, share = schemes.get(wb, {}).get(w.name, ("uniform", 0.0))
+            out.append(w.with_bits(wb, a.get("A", w.a_bits), scheme, share))
     return out
 
 
 def m2q(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, hw: HardwareSpec, budget: float,
         input_size: tuple[int, int, int], metric: str = "edp", w_candidates=(4, 8), a_candidates=(8,),
-        n_probe: int = 8, lower_per_step: int = 4, progress: bool = True, allow_pot: bool = True,
-        curve: tuple[float, ...] = (), best_effort: bool = False) -> tuple[nn.Module, M2QResult]:
+        n_probe: int = 8, lower_per_step: int = 4, progress: bool = True, level: str = "channel",
+        options: MethodOptions | None = None, curve: tuple[float, ...] = (),
+        best_effort: bool = False) -> tuple[nn.Module, M2QResult]:
     """Two-level mixed quantization under ``budget`` x the INT8 baseline's ``metric``.
 
     Args:
@@ -150,13 +172,14 @@ def m2q(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, hw: Hardwar
         input_size: (C, H, W) of one image, for the cost model's shapes.
         metric: ``edp``, ``energy`` or ``latency``.
         w_candidates / a_candidates: candidate bit-widths (default W {4, 8}, A {8}).
-        allow_pot: False skips level 1 (every layer uniform): uniform mixed precision under the same
-            cost budget, the reference M2Q is compared with.
+        level: level 1's granularity, ``channel``, ``layer`` or ``none`` (module docstring; ``none`` is
+            uniform mixed precision under the same cost budget, the reference M2Q is compared with).
+        options: the MPTQ passes the search runs on (SQ-b, OPT-m, GPTQ; default: none).
         curve: larger budget fractions whose configs the same search also returns (``result.curve``).
         best_effort: return the cheapest reachable assignment instead of raising if ``budget`` is unreachable.
 
     Raises:
-        ConfigError: a bad metric or budget, or a budget the candidates cannot reach.
+        ConfigError: a bad metric, level or budget, or a budget the candidates cannot reach.
     """
     import time
 
@@ -164,16 +187,31 @@ def m2q(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, hw: Hardwar
         raise ConfigError(f"cost metric must be edp, energy or latency, got {metric!r}")
     if not 0 < budget <= 1:
         raise ConfigError(f"{budget_option(metric)} is a fraction of the INT8 baseline in (0, 1], got {budget}")
+    if level not in LEVELS:
+        raise ConfigError(f"M2Q level must be one of {', '.join(LEVELS)}, got {level!r}")
     t0 = time.perf_counter()
     w_c = tuple(sorted(set(w_candidates)))
-    schemes = {b: choose_schemes(fp_model, calib, base, b, input_size)
-               for b in tqdm(w_c, desc="M2Q level 1 (schemes)", disable=None if progress else True, leave=False)} if allow_pot else {}
     structure = prepare(fp_model, replace(base, w_bits=8, a_bits=8, rules=[]))
     workloads = extract_workloads(structure, input_size)
     baseline = estimate(int8_baseline(workloads), hw)
+    outs = {m.layer_name: m.weight.shape[0] for m in weight_layers(structure)}
+    eligible = [w.name for w in workloads if w.pot_eligible]
+    # bits -> layer -> (scheme, share of the MACs on the shift-add engine)
+    schemes: dict[int, dict[str, tuple[str, float]]] = {}
+    choices: dict[int, dict[str, SchemeChoice]] = {}
+    if level == "layer":
+        choices = {b: choose_schemes(fp_model, calib, base, b, input_size)
+                   for b in tqdm(w_c, desc="M2Q level 1 (schemes)", disable=None if progress else True, leave=False)}
+        schemes = {b: {n: ("apot", 1.0) for n, c in ch.items() if c.scheme == "apot"} for b, ch in choices.items()}
+    shares = {b: balanced_share(b, max(a_candidates), hw) for b in w_c}
+    if level == "channel":  # the share each grid will have: a whole number of output channels
+        schemes = {b: {n: ("mixed", round(shares[b] * outs[n]) / outs[n]) for n in eligible} for b in w_c}
 
     def rules_for(b: int) -> list[LayerRule]:
-        return [LayerRule(name, w_scheme="pot") for name, c in schemes.get(b, {}).items() if c.scheme == "pot"]
+        if level == "channel":
+            return [LayerRule(n, w_scheme="mixed", w_granularity="per_channel", w_apot_share=shares[b])
+                    for n in eligible]
+        return [LayerRule(n, w_scheme=sch) for n, (sch, _) in schemes.get(b, {}).items()]
 
     def bank_config(b: int) -> QuantConfig:
         return replace(base, w_bits=b, a_bits=b, rules=rules_for(b))
@@ -182,7 +220,7 @@ def m2q(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, hw: Hardwar
         return estimate(_apply_assignment(workloads, assign, schemes), hw).metric(metric)
 
     limit = budget * baseline.metric(metric)
-    model, res = greedy_mp(fp_model, calib, base, MethodOptions(), Budget(cost=limit), w_c, a_candidates,
+    model, res = greedy_mp(fp_model, calib, base, options or MethodOptions(), Budget(cost=limit), w_c, a_candidates,
                            n_probe=n_probe, lower_per_step=lower_per_step, progress=progress,
                            bank_config=bank_config, cost=cost,
                            snapshots=tuple(f * baseline.metric(metric) for f in curve), best_effort=best_effort,
@@ -192,9 +230,11 @@ def m2q(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, hw: Hardwar
         # bits from Greedy MP plus each layer's scheme at its bits
         rules = []
         for layer, kinds in assign.items():
-            choice = schemes.get(kinds.get("W"), {}).get(layer)
-            rules.append(LayerRule(layer, w_bits=kinds.get("W"), a_bits=kinds.get("A"),
-                                   w_scheme=choice.scheme if choice else None))
+            wb = kinds.get("W")
+            scheme = schemes.get(wb, {}).get(layer, (None, 0.0))[0]
+            rules.append(LayerRule(layer, w_bits=wb, a_bits=kinds.get("A"), w_scheme=scheme,
+                                   w_granularity="per_channel" if scheme == "mixed" else None,
+                                   w_apot_share=shares[wb] if scheme == "mixed" else None))
         return replace(base, rules=rules)
 
     final = {r["layer"]: {k: v for k, v in (("W", r["w_bits"]), ("A", r["a_bits"])) if v is not None}
@@ -207,13 +247,14 @@ def m2q(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, hw: Hardwar
     layers = []
     for w in final_w:
         c = by_layer[w.name]
-        choice = schemes.get(w.w_bits, {}).get(w.name)
+        choice = choices.get(w.w_bits, {}).get(w.name)
         layers.append({"layer": w.name, "op": w.op, "scheme": w.scheme, "w_bits": w.w_bits if w.op not in ("matmul", "div") else None,
                        "a_bits": w.a_bits if w.op != "div" else None, "engine": c.engine, "macs": w.macs,
+                       "shift_share": c.shift_share,
                        "energy_j": c.energy_j, "latency_s": c.latency_s, "edp_share": c.edp_share,
                        "mse_uniform": choice.mse_uniform if choice else None,
                        "mse_pot": choice.mse_pot if choice else None})
-    result = M2QResult(config, schemes, layers, report.to_dict(), baseline.to_dict(),
+    result = M2QResult(config, choices, layers, report.to_dict(), baseline.to_dict(),
                        time.perf_counter() - t0, res.steps, res.kl_final)
     result.curve = {f: config_of(res.snapshots[f * baseline.metric(metric)]) for f in curve
                     if f * baseline.metric(metric) in res.snapshots}
@@ -221,9 +262,23 @@ def m2q(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, hw: Hardwar
 
 
 def fixed_scheme_config(fp_model: nn.Module, base: QuantConfig, input_size: tuple[int, int, int],
-                        pot_bits: int = 4) -> QuantConfig:
-    """The "PoT only" reference: every PoT-eligible layer at ``pot_bits``-bit PoT weights, the others at
-    ``base.w_bits`` uniform, activations at ``base.a_bits``."""
+                        pot_bits: int = 4, scheme: str = "apot") -> QuantConfig:
+    """The "shift engine only" reference: every eligible layer at ``pot_bits``-bit ``scheme`` weights (APoT,
+    or PoT), the others at ``base.w_bits`` uniform, activations at ``base.a_bits``."""
     structure = prepare(fp_model, replace(base, rules=[]))
     names = [w.name for w in extract_workloads(structure, input_size) if w.pot_eligible]
-    return replace(base, rules=[LayerRule(n, w_bits=pot_bits, w_scheme="pot") for n in names])
+    return replace(base, rules=[LayerRule(n, w_bits=pot_bits, w_scheme=scheme) for n in names])
+
+
+def paper_config(fp_model: nn.Module, base: QuantConfig, input_size: tuple[int, int, int]) -> QuantConfig:
+    """M2-ViT's own recipe (module docstring): depthwise convolutions at 4-bit uniform weights; linears and
+    1x1 convolutions at 8 bits, each output channel uniform or APoT by the lower weight error; every other
+    layer 8-bit uniform; activations 8 bits."""
+    structure = prepare(fp_model, replace(base, w_bits=8, a_bits=8, rules=[]))
+    rules = []
+    for w in extract_workloads(structure, input_size):
+        if w.op == "dwconv":
+            rules.append(LayerRule(w.name, w_bits=4, w_scheme="uniform"))
+        elif w.pot_eligible:
+            rules.append(LayerRule(w.name, w_scheme="mixed", w_granularity="per_channel"))
+    return replace(base, w_bits=8, a_bits=8, w_scheme="uniform", rules=rules)

@@ -42,7 +42,7 @@ class Item:
 
 def harvest(model: nn.Module) -> dict[str, dict]:
     return {q.name: {"spec": copy.deepcopy(q.spec), **{k: getattr(q, k).clone() for k in BUFFERS},
-                     "token_shift": q.token_shift_or_none}
+                     "token_shift": q.token_shift_or_none, "apot_channels": q.apot_mask}
             for q in all_quantizers(model)}
 
 
@@ -51,6 +51,7 @@ def apply_state(q, state: dict) -> None:
     for k in BUFFERS:
         setattr(q, k, state[k].clone())
     q.set_token_shift(state["token_shift"])  # a width's grid comes with that width's token shifts (or none)
+    q.set_apot_channels(state.get("apot_channels"))  # and a mixed grid with that width's APoT channels
 
 
 class GPTQLosses:

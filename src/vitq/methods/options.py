@@ -49,3 +49,6 @@ class MethodOptions:
     def recon_kwargs(self) -> dict:
         """The :func:`apply_block_recon` settings these options choose (one place for every caller)."""
         return {"iters": self.recon_iters, "drop_prob": self.recon_drop}
+
+# M2Q's level 1: the shift-add engine's grid per output channel, per layer, or nowhere (vitq.methods.m2q)
+M2Q_LEVELS = ("channel", "layer", "none")

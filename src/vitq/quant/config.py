@@ -16,7 +16,9 @@ from pathlib import Path
 from .observers import OBSERVERS
 
 PROTOCOLS = ("standard", "full")
-SCHEMES = ("uniform", "pot")  # weight schemes; activations are uniform or (after OPT-m) two_region
+# weight schemes: uniform, power-of-two, additive power-of-two (APoT), and per output channel uniform or APoT
+# ("mixed"); activations are uniform or (after OPT-m) two_region
+SCHEMES = ("uniform", "pot", "apot", "mixed")
 # weights; residual-stream activations may be "ptf"
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 # Config keys of deleted options, with the value that meant "off".
@@ -36,17 +38,20 @@ class LayerRule:
     a_bits: int | None = None
     w_scheme: str | None = None
     w_granularity: str | None = None
+    w_apot_share: float | None = None
 
 
 @dataclass
 class TensorSpec:
-    """How one tensor is quantized."""
+    """How one tensor is quantized. ``apot_share`` (scheme ``mixed``): the fraction of output channels on
+    the APoT grid; None: each channel takes the grid with the lower error."""
 
     bits: int
     scheme: str = "uniform"
     symmetric: bool = False
     granularity: str = "per_tensor"
     group_size: int = 64
+    apot_share: float | None = None
 
 
 @dataclass
@@ -63,7 +68,11 @@ class QuantConfig:
         mse_objective: ``tensor`` (error of the quantized tensor) or ``output`` (error of the layer output
             it feeds, for Linear inputs).
         percentile: the percentile of the ``percentile`` observer.
-        w_granularity / w_scheme / group_size: weight quantization defaults.
+        w_granularity / w_scheme / group_size: weight quantization defaults. ``w_scheme``: ``uniform``,
+            ``pot`` (power of two), ``apot`` (additive power of two, real-valued scale per channel) or
+            ``mixed`` (each output channel uniform or APoT; per channel only).
+        w_apot_share: ``mixed`` weights: the fraction of each layer's output channels on the APoT grid
+            (those that lose least by it); None: each channel takes the grid with the lower error.
         first_layer_a_bits: bits of the image input of the patch embedding / stem (kept at 8).
         a_symmetric: per-tensor uniform activation grids are symmetric (signed, zero point 0), as TensorRT's
             int8 wants; the PTF grids of the full protocol stay asymmetric.
@@ -93,6 +102,7 @@ class QuantConfig:
     percentile: float = 99.99
     w_granularity: str = "per_channel"
     w_scheme: str = "uniform"
+    w_apot_share: float | None = None
     group_size: int = 64
     first_layer_a_bits: int = 8
     a_symmetric: bool = False
@@ -124,6 +134,10 @@ class QuantConfig:
         _choice("mse_objective", self.mse_objective, ("tensor", "output"))
         _choice("w_granularity", self.w_granularity, GRANULARITIES)
         _choice("w_scheme", self.w_scheme, SCHEMES)
+        _share("w_apot_share", self.w_apot_share)
+        if self.w_scheme == "mixed" and self.w_granularity != "per_channel":
+            raise ConfigError(f"w_scheme=mixed chooses a grid per output channel: it needs w_granularity=per_channel, "
+                              f"got {self.w_granularity}")
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}")
         if self.group_size < 1:
@@ -139,10 +153,12 @@ class QuantConfig:
                 _choice(f"{where} w_scheme", r.w_scheme, SCHEMES)
             if r.w_granularity is not None:
                 _choice(f"{where} w_granularity", r.w_granularity, GRANULARITIES)
+            _share(f"{where} w_apot_share", r.w_apot_share)
 
     def layer_settings(self, layer: str) -> dict:
         """The effective ``w_bits``, ``a_bits``, ``w_scheme``, ``w_granularity`` of one layer."""
-        out = dict(w_bits=self.w_bits, a_bits=self.a_bits, w_scheme=self.w_scheme, w_granularity=self.w_granularity)
+        out = dict(w_bits=self.w_bits, a_bits=self.a_bits, w_scheme=self.w_scheme, w_granularity=self.w_granularity,
+                   w_apot_share=self.w_apot_share)
         for r in self.rules:
             if fnmatch.fnmatchcase(layer, r.pattern):
                 for k in out:
@@ -251,3 +267,8 @@ def _bits(name: str, value) -> None:
 def _choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _share(name: str, value) -> None:
+    if value is not None and not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{name} must be a fraction from 0 to 1 (or null), got {value!r}")

@@ -125,7 +125,9 @@ def apply_config(model: nn.Module, config: QuantConfig) -> None:
         s = config.layer_settings(q.layer)
         if q.is_weight:
             q.spec = TensorSpec(bits=s["w_bits"], scheme=s["w_scheme"], symmetric=True,
-                                granularity=s["w_granularity"], group_size=config.group_size)
+                                granularity=s["w_granularity"], group_size=config.group_size,
+                                apot_share=s["w_apot_share"] if s["w_scheme"] == "mixed" else None)
+            q.set_apot_channels(None)
         else:
             bits = config.first_layer_a_bits if (q.layer in first and q.role == "input") else s["a_bits"]
             if q.ptf_axis is not None and config.residual_ptf:

@@ -94,6 +94,22 @@ class TensorQuantizer(nn.Module):
         else:
             self.register_buffer("token_shift", shift.detach().float().clone())
 
+    def set_apot_channels(self, mask: torch.Tensor | None) -> None:
+        """Adopt the output channels on the APoT grid of a ``mixed`` weight grid (None: remove). A buffer only
+        while set, like ``token_shift``."""
+        if mask is None:
+            self._buffers.pop("apot_channels", None)
+        elif "apot_channels" in self._buffers:
+            self.apot_channels = mask.detach().float().clone()
+        else:
+            self.register_buffer("apot_channels", mask.detach().float().clone())
+
+    @property
+    def apot_mask(self) -> torch.Tensor | None:
+        """The output channels on the APoT grid (bool, one per channel) of a ``mixed`` grid, else None."""
+        m = self._buffers.get("apot_channels")
+        return None if m is None else m > 0.5
+
     @property
     def token_shift_or_none(self) -> torch.Tensor | None:
         """The per-position exponents, or None for a grid without token shifts."""
@@ -139,14 +155,27 @@ class TensorQuantizer(nn.Module):
         """Set weight parameters from the weight itself (per tensor, per output channel or per group)."""
         w = w.detach().float()
         x, axis = self._weight_view(w)
-        if method == "minmax":
-            lo, hi = minmax_range(x, axis)
-        elif method == "percentile":
-            lo, hi = percentile_range(x, percentile, axis)
+        if self.spec.scheme == "mixed":  # each channel's better grid, each at its own best clip
+            (lo_u, hi_u), (lo_a, hi_a) = (self._weight_range(x, axis, method, percentile, sch)
+                                          for sch in ("uniform", "apot"))
+            dims = Q.reduce_dims(x, axis)
+            shape = [-1] + [1] * (x.dim() - 1)
+            err_u = (self._clip_quantize(x, lo_u.reshape(shape), hi_u.reshape(shape), "uniform") - x).pow(2).mean(dims)
+            err_a = (self._clip_quantize(x, lo_a.reshape(shape), hi_a.reshape(shape), "apot") - x).pow(2).mean(dims)
+            mask = Q.split_channels(err_u, err_a, self.spec.apot_share)
+            self.set_apot_channels(mask)
+            lo, hi = torch.where(mask, lo_a, lo_u), torch.where(mask, hi_a, hi_u)
         else:
-            lo, hi = mse_range(x, self._clip_quantize, axis)
+            lo, hi = self._weight_range(x, axis, method, percentile, self.spec.scheme)
         self.set_range(lo, hi)
         self.mode = "quant"
+
+    def _weight_range(self, x: torch.Tensor, axis: int | None, method: str, percentile: float, scheme: str):
+        if method == "minmax":
+            return minmax_range(x, axis)
+        if method == "percentile":
+            return percentile_range(x, percentile, axis)
+        return mse_range(x, lambda v, lo, hi: self._clip_quantize(v, lo, hi, scheme), axis)
 
     def set_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         """Derive scale / zero point (or PoT exponent) from a clip range."""
@@ -159,8 +188,15 @@ class TensorQuantizer(nn.Module):
             # Scale is 2^scale_exp, kept in ``scale``; zero_point unused (PoT grids are symmetric about 0).
             self.scale = Q.pot_scale_exponent(torch.maximum(lo.abs(), hi.abs()))
             self.zero_point = torch.zeros_like(self.scale)
+        elif self.spec.scheme == "apot":
+            self.scale = Q.apot_scale(torch.maximum(lo.abs(), hi.abs()), self.spec.bits)
+            self.zero_point = torch.zeros_like(self.scale)
         else:
             self.scale, self.zero_point = Q.uniform_params(lo, hi, self.spec.bits, self._symmetric)
+            mask = self.apot_mask
+            if self.spec.scheme == "mixed" and mask is not None:  # the APoT channels' real-valued scales
+                self.scale = torch.where(mask, Q.apot_scale(torch.maximum(lo.abs(), hi.abs()), self.spec.bits),
+                                         self.scale)
 
     # ---- application
     @property
@@ -180,9 +216,14 @@ class TensorQuantizer(nn.Module):
             return Q.to_groups(w, self.spec.group_size), 0
         return w, (0 if g == "per_channel" else None)
 
-    def _clip_quantize(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-        """Fake-quantize ``x`` with clip range ``[lo, hi]`` (used by the MSE search)."""
-        if self.spec.scheme == "pot":
+    def _clip_quantize(self, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                       scheme: str | None = None) -> torch.Tensor:
+        """Fake-quantize ``x`` with clip range ``[lo, hi]`` (used by the MSE search) on this grid, or on
+        ``scheme``'s (``uniform`` / ``apot``: the two halves of a ``mixed`` grid)."""
+        scheme = scheme or self.spec.scheme
+        if scheme == "apot":
+            return Q.fake_quant_apot(x, Q.apot_scale(torch.maximum(lo.abs(), hi.abs()), self.spec.bits), self.spec.bits)
+        if scheme == "pot":
             p = Q.pot_scale_exponent(torch.maximum(lo.abs(), hi.abs()))
             return Q.fake_quant_pot(x, p, self.spec.bits, signed=bool((x < 0).any()) or self.is_weight)
         scale, zp = Q.uniform_params(lo, hi, self.spec.bits, self._symmetric)
@@ -196,6 +237,13 @@ class TensorQuantizer(nn.Module):
             shape = [-1] + [1] * (v.dim() - 1) if axis is not None else []
             if self.spec.scheme == "pot":
                 out = Q.fake_quant_pot(v, self.scale.reshape(shape), self.spec.bits, signed=True)
+            elif self.spec.scheme == "apot":
+                out = Q.fake_quant_apot(v, self.scale.reshape(shape), self.spec.bits)
+            elif self.spec.scheme == "mixed" and self.apot_mask is not None:
+                qmin, qmax = self._qrange()
+                out = torch.where(self.apot_mask.reshape(shape),
+                                  Q.fake_quant_apot(v, self.scale.reshape(shape), self.spec.bits),
+                                  Q.fake_quant_uniform(v, self.scale, self.zero_point, qmin, qmax, axis=axis))
             else:
                 qmin, qmax = self._qrange()
                 out = Q.fake_quant_uniform(v, self.scale, self.zero_point, qmin, qmax, axis=axis)
@@ -337,6 +385,8 @@ class TensorQuantizer(nn.Module):
                 setattr(self, key, torch.empty_like(state_dict[prefix + key]))
         if prefix + "token_shift" in state_dict:
             self.set_token_shift(torch.empty_like(state_dict[prefix + "token_shift"]))
+        if prefix + "apot_channels" in state_dict:
+            self.set_apot_channels(torch.empty_like(state_dict[prefix + "apot_channels"]))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

@@ -11,6 +11,9 @@ Conventions
   power of two). Signed (weights) spends one bit on the sign: ``L = 2^(b-1) - 1``; unsigned
   (non-negative activations) ``L = 2^b - 1``. Code 0 is zero, code ``c >= 1`` is exponent ``k = c-1``,
   so a product with an integer activation ``a`` is ``a << (p0 - k)``: decoding is exactly a shift.
+* Additive power-of-two (APoT, weights): levels are 0 or ``±s (2^-i + 2^-j)`` with a real-valued scale ``s``
+  per channel (:func:`apot_terms`); the scale folds into the output's requantization, so every product is
+  still shifts and one add.
 * Two-region: one ``b``-bit format whose top bit selects the region; values below ``boundary`` use
   scale ``delta / 2^m`` and values at or above it use ``delta`` (see :func:`fake_quant_two_region`).
 
@@ -248,6 +251,75 @@ def pot_shift_product(a: torch.Tensor, sign: torch.Tensor, code: torch.Tensor, b
     shift = (levels_n - code).clamp_min(0).to(torch.int64)  # code c -> k = c-1 -> shift L-1-k = L-c
     prod = torch.bitwise_left_shift(a, shift)
     return torch.where(code == 0, torch.zeros_like(prod), prod * sign.to(torch.int64))
+
+
+# ----------------------------------------------------------------------------- additive power of two
+
+
+def apot_terms(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two power-of-two terms of every magnitude of a signed ``bits``-bit additive power-of-two (APoT)
+    grid, in ascending order of their sum.
+
+    One bit is the sign; the other ``bits - 1`` split into a first term from ``{0, 2^0, 2^-2, 2^-4, ...}``
+    (``2^k1`` values) and a second from ``{0, 2^-1, 2^-3, ...}`` (``2^k2`` values), ``k1 = ceil((bits-1)/2)``,
+    ``k2 = floor((bits-1)/2)`` (Li, Dong and Wang, ICLR 2020, with two additive terms). Even and odd
+    exponents never collide, so the ``2^(bits-1)`` sums are distinct; the largest is 1.5 (1 for 2 bits).
+    A product with an integer activation is two shifts and an add.
+
+    Returns:
+        ``(first, second)``, each of ``2^(bits-1)`` values; the magnitudes are ``first + second``.
+    """
+    check_bits(bits)
+    k2 = (bits - 1) // 2
+    k1 = bits - 1 - k2
+    first = [0.0] + [2.0 ** (-2 * i) for i in range(2 ** k1 - 1)]
+    second = [0.0] + [2.0 ** (-(2 * i + 1)) for i in range(2 ** k2 - 1)]
+    pairs = sorted((a + b, a, b) for a in first for b in second)
+    return (torch.tensor([p[1] for p in pairs], dtype=torch.float64),
+            torch.tensor([p[2] for p in pairs], dtype=torch.float64))
+
+
+def apot_levels(bits: int, device=None) -> torch.Tensor:
+    """The non-negative magnitudes of the ``bits``-bit APoT grid, ascending, before its scale."""
+    first, second = apot_terms(bits)
+    return (first + second).to(torch.float32).to(device)
+
+
+def apot_scale(amax: torch.Tensor, bits: int) -> torch.Tensor:
+    """The real-valued scale that puts the top APoT level at ``amax``."""
+    return (_float_tensor(amax) / float(apot_levels(bits).max())).clamp_min(EPS)
+
+
+def quantize_apot(x: torch.Tensor, scale: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """APoT codes ``(sign, index)``: the index into :func:`apot_levels` of the magnitude nearest ``|x| / scale``
+    (in the linear domain, which minimizes the squared error)."""
+    levels = apot_levels(bits, x.device)
+    idx = torch.bucketize(x.abs() / scale, (levels[1:] + levels[:-1]) / 2, right=False)
+    return torch.where(x < 0, -torch.ones_like(x), torch.ones_like(x)), idx
+
+
+def fake_quant_apot(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """Quantize-dequantize onto the signed APoT grid with real-valued ``scale`` (per tensor or broadcast per
+    channel): ``sign x scale x (2^-i + 2^-j)``."""
+    sign, idx = quantize_apot(x, scale, bits)
+    return sign * apot_levels(bits, x.device)[idx] * scale
+
+
+def split_channels(err_uniform: torch.Tensor, err_apot: torch.Tensor, share: float | None = None) -> torch.Tensor:
+    """Which output channels of a layer take the APoT grid (True) rather than the uniform one.
+
+    Args:
+        err_uniform / err_apot: each channel's error on either grid (at its own best clip).
+        share: None: every channel whose APoT error is lower (M2-ViT's per-kernel rule); a fraction: that
+            share of the channels (rounded), those that lose least by moving (ties: the lower index).
+    """
+    if share is None:
+        return err_apot < err_uniform
+    n = err_uniform.numel()
+    k = min(n, max(0, round(float(share) * n)))
+    mask = torch.zeros(n, dtype=torch.bool, device=err_uniform.device)
+    mask[torch.argsort((err_apot - err_uniform).reshape(-1), stable=True)[:k]] = True
+    return mask.reshape(err_uniform.shape)
 
 
 # ----------------------------------------------------------------------------------------- two-region
