@@ -263,7 +263,9 @@ def test_m2q_quantize_writes_report_plot_and_config(tmp_path, images, capsys):
     m = r["m2q"]
     assert m["cost"]["edp"] <= 0.7 * m["baseline"]["edp"] * (1 + 1e-9)
     assert {"layer", "scheme", "w_bits", "a_bits", "engine", "macs", "energy_j", "latency_s", "edp_share",
-            "mse_uniform", "mse_pot"} <= set(m["layers"][0])
+            "mse_uniform", "mse_pot", "shift_share"} <= set(m["layers"][0])
+    # the default channel split: both engines work, each split layer's share is its channels' share
+    assert 0 < m["shift_mac_share"] < 1 and any(r["engine"] == "split" for r in m["layers"])
     assert (out / "m2q.png").stat().st_size > 0 and (out / "mixed_config.json").is_file()
     capsys.readouterr()
     # the artifact's cost is the one the search reported
@@ -272,6 +274,16 @@ def test_m2q_quantize_writes_report_plot_and_config(tmp_path, images, capsys):
     two = [a for a in args if a != "-q"] + ["--set", "budget.energy=0.5", "--overwrite"]
     assert main(two) == 2
     assert "give one cost budget, not edp and energy" in capsys.readouterr().err
+    # M2-ViT's own recipe: no search, and no budget
+    paper = [*_quantize_args(images, 2, "efficientvit_b0"), "--method", "m2q-paper", "--set", "quant.observer=minmax",
+             "--out", str(tmp_path / "paper"), "-q"]
+    assert main(paper + ["--budget-edp", "0.5"]) == 2
+    assert "m2q-paper recipe is M2-ViT's fixed recipe: it takes no budget" in capsys.readouterr().err
+    assert main(paper) == 0
+    capsys.readouterr()
+    assert main(["cost", str(tmp_path / "paper")]) == 0
+    printed = capsys.readouterr().out
+    assert " dwconv  mac    uniform   4  8" in printed and " split  mixed " in printed
 
 
 def test_gptq_weights_are_saved_on_the_grid_and_reload(tmp_path, images, capsys):

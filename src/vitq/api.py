@@ -267,7 +267,7 @@ def run(model: nn.Module, calibration, p: Plan, progress: bool = True, input_fn=
     check_forward_finite(model, calib[:8], "the float model")
     report: dict = {"recipe": p.recipe, "methods": {k: v for k, v in vars(options).items()}}
     if isinstance(budget, CostBudget):
-        qmodel, config = _m2q(model, calib, config, budget, search, progress, report)
+        qmodel, config = _m2q(model, calib, config, options, budget, search, progress, report)
     elif isinstance(budget, Budget):
         qmodel, config = _greedy(model, calib, config, options, budget, search, progress, report)
     else:
@@ -287,7 +287,7 @@ def run(model: nn.Module, calibration, p: Plan, progress: bool = True, input_fn=
     return QuantizeResult(qmodel, config, options, search, report, time.perf_counter() - t0)
 
 
-def _m2q(model, calib, config, budget: CostBudget, search: SearchOptions, progress: bool, report: dict):
+def _m2q(model, calib, config, options, budget: CostBudget, search: SearchOptions, progress: bool, report: dict):
     from .hardware import load_hardware
     from .methods.m2q import m2q
 

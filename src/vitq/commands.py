@@ -413,14 +413,19 @@ def _cost(args, tmp: Path | None) -> int:
     base = estimate(int8_baseline(workloads), hw)
     print(f"vitq cost {entry.timm_name} on {args.hw or 'the default accelerator'} (schedule={hw.schedule})"
           + ("  [random-init weights: structure and cost only]" if random_init else ""))
-    print(f"{'layer':<44} {'op':<7} {'engine':<6} {'scheme':<8} {'W':>2} {'A':>2} {'MMACs':>9} "
+    print(f"{'layer':<44} {'op':<7} {'engine':<6} {'scheme':<8} {'W':>2} {'A':>2} {'MMACs':>9} {'shift %':>7} "
           f"{'energy uJ':>10} {'latency us':>10} {'EDP %':>6}")
     for c in report.layers:
         w = "-" if c.op in ("matmul", "div") else c.w_bits
         a = "-" if c.op == "div" else c.a_bits
         print(f"{c.name:<44} {c.op:<7} {c.engine:<6} {c.scheme:<8} {w:>2} {a:>2} {c.macs / 1e6:>9.2f} "
-              f"{c.energy_j * 1e6:>10.2f} {c.latency_s * 1e6:>10.2f} {100 * c.edp_share:>6.2f}")
+              f"{100 * c.shift_share:>7.1f} {c.energy_j * 1e6:>10.2f} {c.latency_s * 1e6:>10.2f} {100 * c.edp_share:>6.2f}")
     saving = 1 - report.edp / base.edp
+    macs = sum(c.macs for c in report.layers) or 1
+    on_shift = sum(c.macs * c.shift_share for c in report.layers) / macs
+    print(f"engines: {100 * (1 - on_shift):.1f} % of the MACs on the MAC engine, {100 * on_shift:.1f} % on the "
+          f"shift-add engine; busy MAC {report.busy_s['mac'] * 1e6:.1f} us, shift-add "
+          f"{report.busy_s['shift'] * 1e6:.1f} us, DRAM {report.busy_s['dram'] * 1e6:.1f} us")
     print(f"total: {report.to_dict()['macs'] / 1e9:.3f} GMACs, energy {report.energy_j * 1e3:.4f} mJ, "
           f"latency {report.latency_s * 1e3:.4f} ms, EDP {report.edp:.4e} J*s; INT8 baseline EDP {base.edp:.4e}; "
           f"edp_saving {saving:.4f}")

@@ -73,15 +73,20 @@ def timing_figure(seconds: dict[str, float], title: str):
 
 
 def edp_figure(layers: list[dict], title: str):
-    """Per layer: weight bits by engine (multiply or shift-add), and the layer's share of the model's EDP."""
+    """Per layer: weight bits, split by engine (the share of the layer's MACs on the multiply and on the
+    shift-add engine), and the layer's share of the model's EDP."""
     x = list(range(len(layers)))
-    colours = [SHIFT_COLOUR if r["engine"] == "shift" else W_COLOUR for r in layers]
+    bits = [r["w_bits"] or r["a_bits"] or 0 for r in layers]
+    shift = [r.get("shift_share", 1.0 if r["engine"] == "shift" else 0.0) for r in layers]
     fig, (a1, a2) = plt.subplots(2, 1, figsize=(max(9, 0.17 * len(layers) + 2), 5.2), sharex=True)
-    a1.bar(x, [r["w_bits"] or r["a_bits"] or 0 for r in layers], color=colours)
+    a1.bar(x, [b * (1 - s) for b, s in zip(bits, shift)], color=W_COLOUR, label="multiply engine")
+    a1.bar(x, [b * s for b, s in zip(bits, shift)], bottom=[b * (1 - s) for b, s in zip(bits, shift)],
+           color=SHIFT_COLOUR, label="shift-add engine")
     a1.set_ylabel("weight bits\n(matmul: act. bits)", fontsize=8)
     a1.set_ylim(0, 9)
-    a1.set_title(title + "  (blue: multiply engine, green: shift-add engine)")
-    a2.bar(x, [100 * r["edp_share"] for r in layers], color=colours)
+    a1.set_title(title + "  (bar split by the share of the layer's MACs on each engine)")
+    a1.legend(fontsize=7, loc="upper right")
+    a2.bar(x, [100 * r["edp_share"] for r in layers], color=[SHIFT_COLOUR if s >= 0.5 else W_COLOUR for s in shift])
     a2.set_ylabel("share of EDP (%)", fontsize=8)
     a2.set_xticks(x)
     a2.set_xticklabels([_short(r["layer"]) for r in layers], rotation=90, fontsize=6)
