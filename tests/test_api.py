@@ -97,3 +97,12 @@ def test_any_batch_type_with_an_input_function():
     assert torch.equal(calibration_tensor(batches, input_fn=lambda b: b["pixel_values"]), x)
     with pytest.raises(TypeError, match="pass input_fn"):
         calibration_tensor(batches)
+
+
+def test_the_paper_recipe_takes_no_budget():
+    from vitq.api import CostBudget
+
+    with pytest.raises(ConfigError, match="m2q-paper recipe is M2-ViT's fixed recipe: it takes no budget"):
+        plan(None, "m2q-paper", CostBudget(fraction=0.5))
+    p = plan(None, "m2q-paper")
+    assert p.config.observer == "mse" and not p.options.gptq and p.search.m2q_level is None

@@ -275,7 +275,7 @@ CASES = [
          2, "bits must be an integer from 2 to 8, got 16"),
     Case("artifact scheme \"banana\"",
          lambda ws: ["eval", _copy_artifact(ws, "a_ban", lambda m: _first_spec(m).update(scheme="banana")),
-                     "--data", "img"], 2, "scheme must be one of uniform, pot, two_region, got 'banana'"),
+                     "--data", "img"], 2, "scheme must be one of uniform, pot, apot, mixed, two_region, got 'banana'"),
     Case("artifact model renamed",
          lambda ws: ["eval", _copy_artifact(ws, "a_model", lambda m: m.update(
              model="vit_tiny_patch16_224.augreg_in21k_ft_in1k")), "--data", "img"],

@@ -145,11 +145,11 @@ def plan(config: QuantConfig | None = None, recipe: str = "mptq", budget: Budget
     search = search or SearchOptions()
     if recipe == "m2q" and budget is None:
         budget = CostBudget()  # no budget: the scheme choice alone, at the highest candidates
-    if isinstance(budget, CostBudget) and recipe != "m2q":
-        raise ConfigError(f"a cost budget ({budget.metric}) needs the m2q recipe")
     if recipe == "m2q-paper" and budget is not None:
         raise ConfigError("the m2q-paper recipe is M2-ViT's fixed recipe: it takes no budget (--method m2q searches "
                           "under one)")
+    if isinstance(budget, CostBudget) and recipe != "m2q":
+        raise ConfigError(f"a cost budget ({budget.metric}) needs the m2q recipe")
     if isinstance(budget, Budget):
         if recipe == "m2q":
             raise ConfigError("the m2q recipe takes a cost budget (--budget-edp, budget.energy or budget.latency), not a bit budget")

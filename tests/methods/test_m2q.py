@@ -161,3 +161,17 @@ def test_paper_recipe_config():
         else:
             assert name not in rules
     assert cfg.w_bits == 8 and cfg.a_bits == 8
+
+
+def test_channel_split_config_rebuilds_the_searched_model_exactly():
+    from vitq.methods.mptq import MethodOptions, run_pipeline
+
+    model, size = tiny_model("deit")
+    x = tiny_images(size, n=8)
+    q, res = m2q(model, x, QuantConfig(w_bits=8, a_bits=8), load_hardware(), 0.5, (3, size, size), progress=False)
+    again = run_pipeline(model, x, res.config, MethodOptions()).model
+    for a, b in zip(weight_layers(again), weight_layers(q)):
+        if b.w_quant.spec.scheme == "mixed":
+            assert torch.equal(a.w_quant.apot_mask, b.w_quant.apot_mask)
+    with torch.inference_mode():
+        assert torch.equal(again(x), q(x))

@@ -22,6 +22,8 @@ quantization, or tensors shaped like ``x`` reduced on all but the channel axis f
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 EPS = 1e-12  # smallest scale; a constant tensor (zero range) gets this instead of a division by zero
@@ -256,6 +258,16 @@ def pot_shift_product(a: torch.Tensor, sign: torch.Tensor, code: torch.Tensor, b
 # ----------------------------------------------------------------------------- additive power of two
 
 
+@functools.lru_cache(maxsize=None)
+def _apot_pairs(bits: int) -> tuple[tuple[float, float], ...]:
+    check_bits(bits)
+    k2 = (bits - 1) // 2
+    k1 = bits - 1 - k2
+    first = [0.0] + [2.0 ** (-2 * i) for i in range(2 ** k1 - 1)]
+    second = [0.0] + [2.0 ** (-(2 * i + 1)) for i in range(2 ** k2 - 1)]
+    return tuple((a, b) for _, a, b in sorted((a + b, a, b) for a in first for b in second))
+
+
 def apot_terms(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The two power-of-two terms of every magnitude of a signed ``bits``-bit additive power-of-two (APoT)
     grid, in ascending order of their sum.
@@ -267,27 +279,22 @@ def apot_terms(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     A product with an integer activation is two shifts and an add.
 
     Returns:
-        ``(first, second)``, each of ``2^(bits-1)`` values; the magnitudes are ``first + second``.
+        ``(first, second)``, each of ``2^(bits-1)`` values (float64, CPU); the magnitudes are ``first + second``.
     """
-    check_bits(bits)
-    k2 = (bits - 1) // 2
-    k1 = bits - 1 - k2
-    first = [0.0] + [2.0 ** (-2 * i) for i in range(2 ** k1 - 1)]
-    second = [0.0] + [2.0 ** (-(2 * i + 1)) for i in range(2 ** k2 - 1)]
-    pairs = sorted((a + b, a, b) for a in first for b in second)
-    return (torch.tensor([p[1] for p in pairs], dtype=torch.float64),
-            torch.tensor([p[2] for p in pairs], dtype=torch.float64))
+    pairs = _apot_pairs(bits)
+    return (torch.tensor([a for a, _ in pairs], dtype=torch.float64, device="cpu"),
+            torch.tensor([b for _, b in pairs], dtype=torch.float64, device="cpu"))
 
 
 def apot_levels(bits: int, device=None) -> torch.Tensor:
     """The non-negative magnitudes of the ``bits``-bit APoT grid, ascending, before its scale."""
-    first, second = apot_terms(bits)
-    return (first + second).to(torch.float32).to(device)
+    return torch.tensor([a + b for a, b in _apot_pairs(bits)], dtype=torch.float32, device=device)
 
 
 def apot_scale(amax: torch.Tensor, bits: int) -> torch.Tensor:
     """The real-valued scale that puts the top APoT level at ``amax``."""
-    return (_float_tensor(amax) / float(apot_levels(bits).max())).clamp_min(EPS)
+    top = max(a + b for a, b in _apot_pairs(bits))
+    return (_float_tensor(amax) / top).clamp_min(EPS)
 
 
 def quantize_apot(x: torch.Tensor, scale: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
