@@ -108,8 +108,7 @@ def main() -> int:
             base_cost = base_cost or estimate(int8_baseline(wl), hw)
             st = model_stats(m)
             r = results.get(key)
-            macs = sum(layer.macs for layer in c.layers)
-            shift = sum(layer.macs * layer.shift_share for layer in c.layers) / macs
+            shift = c.shift_mac_share
             row = dict(model=entry.timm_name, random_init=loaded.random_init, row=key, base=args.base, **meta,
                        edp=c.edp, edp_ratio=c.edp / base_cost.edp, energy_j=c.energy_j, latency_s=c.latency_s,
                        size_bytes=st["size_bytes"], shift_mac_share=shift, busy_s=c.busy_s,

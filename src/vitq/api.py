@@ -302,8 +302,7 @@ def _m2q(model, calib, config, options, budget: CostBudget, search: SearchOption
                      "cost": {k: v for k, v in m2.cost.items() if k != "layers"},
                      "baseline": {k: v for k, v in m2.baseline.items() if k != "layers"},
                      "edp_saving": 1 - m2.cost["edp"] / m2.baseline["edp"], "layers": m2.layers}
-    macs = sum(r["macs"] for r in m2.layers) or 1
-    report["m2q"]["shift_mac_share"] = sum(r["macs"] * r["shift_share"] for r in m2.layers) / macs
+    report["m2q"]["shift_mac_share"] = m2.cost["shift_mac_share"]
     log.info("M2Q: %s %.3f x INT8 baseline (budget %s); EDP saving %.3f; %.1f %% of the MACs on the shift-add engine",
              budget.metric, m2.cost[key] / m2.baseline[key], budget.fraction, report["m2q"]["edp_saving"],
              100 * report["m2q"]["shift_mac_share"])

@@ -54,12 +54,12 @@ def _is_vitq_export(path: Path) -> bool:
     return is_packed(path) or is_vitq_onnx(path) or is_vitq_pt2e(path)
 
 
-def _export_pt2e(args, common: dict) -> int:
-    from .export.pt2e import export_pt2e, have_x86_passes
+def _export_file(args, common: dict, kind: str, write):
+    """Load the artifact and its check images (before anything is written: a bad ``--data`` fails here), then
+    ``write(model, input_size, tmp, provenance, check)`` the file and its ``.json`` log atomically; prints
+    what the check found. Returns the exporter's report."""
     from .zoo import get_entry
 
-    if getattr(args, "allow_approx", False) or getattr(args, "target", "ort") != "ort":
-        raise ConfigError("--target and --allow-approx are for --format onnx; a pt2e program is always exact")
     log = f"{args.out}.json"
     model, meta = load_artifact(args.model)
     entry = get_entry(meta["model"])
@@ -67,22 +67,39 @@ def _export_pt2e(args, common: dict) -> int:
     with destination(args.out, kind="file", is_ours=_is_vitq_export, **common) as tmp, \
             destination(log, kind="file", is_ours=is_output_json, option="--out's log", **common) as tmp_log:
         _say_random_init(meta, args.model)
-        print("tracing, compiling (about a minute for DeiT-Tiny) and checking the program ...", flush=True)
-        rep = export_pt2e(model, entry.transform.input_size, tmp, provenance=_provenance(meta), check_images=check)
+        rep = write(model, entry.transform.input_size, tmp, _provenance(meta), check)
         rep.path = str(args.out)
-        tmp_log.write_text(dumps(output_json(rep.to_dict(), "pt2e-export")))
+        tmp_log.write_text(dumps(output_json(rep.to_dict(), f"{kind}-export")))
+    return rep
+
+
+def _say_check(check: dict | None, what: str) -> None:
+    if check:
+        print(f"check: {what} agrees with the scored model on {check['agreement']:.2f} % of {check['images']} "
+              f"images (top-1; largest logit difference {check['max_logit_diff']:.3g})")
+    else:
+        print("check: no images (the artifact's calibration folder is gone; give --data)")
+
+
+def _export_pt2e(args, common: dict) -> int:
+    from .export.pt2e import export_pt2e
+
+    if getattr(args, "allow_approx", False) or getattr(args, "target", "ort") != "ort":
+        raise ConfigError("--target and --allow-approx are for --format onnx; a pt2e program is always exact")
+
+    def write(model, size, tmp, provenance, check):
+        print("tracing, compiling (about a minute for DeiT-Tiny) and checking the program ...", flush=True)
+        return export_pt2e(model, size, tmp, provenance=provenance, check_images=check)
+
+    rep = _export_file(args, common, "pt2e", write)
     kernels = (f"{rep.int8_linear + rep.int8_conv}/{rep.layers} GEMMs and convolutions run as oneDNN int8 kernels "
                f"under torch.compile" if rep.compiled else
                "not compiled: the x86 int8 passes need torchao (pip install 'vitq[pt2e]')")
-    print(f"wrote {args.out} ({rep.file_bytes / 1e6:.2f} MB): {kernels}; log: {log}")
+    print(f"wrote {args.out} ({rep.file_bytes / 1e6:.2f} MB): {kernels}; log: {args.out}.json")
     if rep.simulated:
         print(f"{len(rep.simulated)} quantizer(s) with no QDQ form run the simulation's float operations: "
               f"{', '.join(rep.simulated[:5])}{' ...' if len(rep.simulated) > 5 else ''}")
-    if rep.check:
-        print(f"check: the program agrees with the scored model on {rep.check['agreement']:.2f} % of "
-              f"{rep.check['images']} images (top-1; largest logit difference {rep.check['max_logit_diff']:.3g})")
-    elif not have_x86_passes():
-        print("check: no images (the artifact's calibration folder is gone; give --data)")
+    _say_check(rep.check, "the program")
     return 0
 
 
@@ -102,34 +119,21 @@ def cmd_export(args) -> int:
             raise ConfigError(f"--format onnx needs {' and '.join(missing)}: pip install 'vitq[onnx]' (or "
                               "onnxruntime-gpu beside onnx)")
         from .export.onnx import export_onnx
-        from .zoo import get_entry
 
-        log = f"{args.out}.json"
-        model, meta = load_artifact(args.model)
-        entry = get_entry(meta["model"])
-        check = _check_images(args, entry)  # before anything is written: a bad --data fails here
-        with destination(args.out, kind="file", is_ours=_is_vitq_export, **common) as tmp, \
-                destination(log, kind="file", is_ours=is_output_json, option="--out's log", **common) as tmp_log:
-            _say_random_init(meta, args.model)
-            rep = export_onnx(model, entry.transform.input_size, tmp, provenance=_provenance(meta), target=args.target,
-                              allow_approx=args.allow_approx, check_images=check)
-            rep.path = str(args.out)
-            tmp_log.write_text(dumps(output_json(rep.to_dict(), "onnx-export")))
+        rep = _export_file(args, common, "onnx", lambda model, size, tmp, provenance, check: export_onnx(
+            model, size, tmp, provenance=provenance, target=args.target, allow_approx=args.allow_approx,
+            check_images=check))
         for row in rep.layers:
             kind = "integer" if row["integer"] else ("nbits" if row.get("matmul_nbits") else "float")
             print(f"{row['layer']:<48} {row['kind']:<7} {kind:<8} {'' if row['exact'] else 'APPROXIMATE '}"
                   f"{row['reason']}")
         print(f"wrote {args.out} ({rep.file_bytes / 1e6:.2f} MB, target {rep.target}): {rep.n_integer}/{len(rep.layers)} "
               f"layers run as integers in ONNX Runtime, {len(rep.nbits_layers)} as weight-only MatMulNBits "
-              f"({', '.join(f'{k} x{v}' for k, v in sorted(rep.integer_ops.items())) or 'none'}); log: {log}")
+              f"({', '.join(f'{k} x{v}' for k, v in sorted(rep.integer_ops.items())) or 'none'}); log: {args.out}.json")
         if rep.approximate:
             print(f"APPROXIMATE: {len(rep.approximate)} quantizer(s) written in float (--allow-approx): "
                   f"{', '.join(rep.approximate[:5])}{' ...' if len(rep.approximate) > 5 else ''}")
-        if rep.check:
-            print(f"check: the file agrees with the scored model on {rep.check['agreement']:.2f} % of "
-                  f"{rep.check['images']} images (top-1; largest logit difference {rep.check['max_logit_diff']:.3g})")
-        else:
-            print("check: no images (the artifact's calibration folder is gone; give --data)")
+        _say_check(rep.check, "the file")
         return 0
     with destination(args.out, kind="file", is_ours=_is_vitq_export, **common) as tmp:
         model, meta = load_artifact(args.model)
@@ -421,8 +425,7 @@ def _cost(args, tmp: Path | None) -> int:
         print(f"{c.name:<44} {c.op:<7} {c.engine:<6} {c.scheme:<8} {w:>2} {a:>2} {c.macs / 1e6:>9.2f} "
               f"{100 * c.shift_share:>7.1f} {c.energy_j * 1e6:>10.2f} {c.latency_s * 1e6:>10.2f} {100 * c.edp_share:>6.2f}")
     saving = 1 - report.edp / base.edp
-    macs = sum(c.macs for c in report.layers) or 1
-    on_shift = sum(c.macs * c.shift_share for c in report.layers) / macs
+    on_shift = report.shift_mac_share
     print(f"engines: {100 * (1 - on_shift):.1f} % of the MACs on the MAC engine, {100 * on_shift:.1f} % on the "
           f"shift-add engine; busy MAC {report.busy_s['mac'] * 1e6:.1f} us, shift-add "
           f"{report.busy_s['shift'] * 1e6:.1f} us, DRAM {report.busy_s['dram'] * 1e6:.1f} us")

@@ -143,8 +143,7 @@ def render(report: dict, figures: dict[str, bytes] | None = None) -> str:
     m2 = report.get("m2q")
     if m2:
         shift = sum(r["engine"] in ("shift", "split") for r in m2["layers"])
-        macs = sum(r["macs"] for r in m2["layers"]) or 1
-        share = sum(r["macs"] * r.get("shift_share", 0.0) for r in m2["layers"]) / macs
+        share = m2.get("shift_mac_share", 0.0)
         parts.append(f"<h2>Accelerator cost (M2Q)</h2><p>{_e(m2['metric'])} budget {m2['budget']} x INT8; EDP "
                      f"saving against INT8 {100 * m2['edp_saving']:.1f} %; {shift} of {len(m2['layers'])} layers "
                      f"use the shift-add engine, which runs {100 * share:.1f} % of the MACs (MAC engine "

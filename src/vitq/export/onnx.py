@@ -32,10 +32,10 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..device import model_device
 from ..io import atomic_path
 from ..quant.engine import all_quantizers
 from ..quant.layers import QuantConv2d, QuantLinear, QuantMatMul, TensorQuantizer
+from .check import agreement_with_simulation
 from .onnx_graph import float_weights, module_path, store_int4, store_weight_codes, to_matmul_nbits
 from .qdq_modules import activation_exact, activation_integer, export_copy, nbits_weight, weight_int8
 
@@ -235,11 +235,4 @@ def check_against_simulation(path: str | Path, model: nn.Module, images: torch.T
     """Run the ONNX file and the simulation on ``images``: top-1 agreement (%) and the largest logit difference."""
     from .onnx_runtime import OnnxModel
 
-    runner = OnnxModel(path)
-    agree, diff = 0, 0.0
-    with torch.inference_mode():
-        for x in images.split(batch):
-            a, b = runner(x), model(x.to(model_device(model))).float().cpu()
-            agree += int((a.argmax(1) == b.argmax(1)).sum())
-            diff = max(diff, float((a - b).abs().max()))
-    return {"images": len(images), "agreement": 100.0 * agree / max(1, len(images)), "max_logit_diff": diff}
+    return agreement_with_simulation(OnnxModel(path), model, images, batch)

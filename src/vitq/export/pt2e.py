@@ -32,9 +32,9 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..device import model_device
 from ..io import atomic_path
 from ..quant.engine import all_quantizers
+from .check import agreement_with_simulation
 from .qdq_modules import _decomposed, activation_exact, export_copy
 
 PT2E_FORMAT = "vitq-pt2e/1"
@@ -140,7 +140,7 @@ def export_pt2e(model: nn.Module, input_size: tuple[int, int, int], out: str | P
     report.compile_s = time.perf_counter() - t0
     report.int8_linear, report.int8_conv = counts.get("linear", 0), counts.get("conv", 0)
     if check_images is not None:
-        report.check = check_against_simulation(run, model, check_images)
+        report.check = agreement_with_simulation(run, model, check_images)
     meta = {"vitq_format": PT2E_FORMAT, "vitq_version": __version__, "vitq_simulated": simulated,
             "vitq_int8_layers": f"{report.int8_linear + report.int8_conv}/{report.layers}",
             **({"vitq_check_images": report.check["images"], "vitq_check_agreement": round(report.check["agreement"], 2)}
@@ -151,18 +151,6 @@ def export_pt2e(model: nn.Module, input_size: tuple[int, int, int], out: str | P
         Path(tmp).write_bytes(buffer.getvalue())
         report.file_bytes = os.path.getsize(tmp)
     return report
-
-
-def check_against_simulation(run, model: nn.Module, images: torch.Tensor, batch: int = 32) -> dict:
-    """Run ``run`` (a compiled program) and the simulation on ``images``: top-1 agreement (%) and the largest
-    logit difference."""
-    agree, diff = 0, 0.0
-    with torch.no_grad():
-        for x in images.split(batch):
-            a, b = run(x).float(), model(x.to(model_device(model))).float().cpu()
-            agree += int((a.argmax(1) == b.argmax(1)).sum())
-            diff = max(diff, float((a - b).abs().max()))
-    return {"images": len(images), "agreement": 100.0 * agree / max(1, len(images)), "max_logit_diff": diff}
 
 
 class Pt2eModel(nn.Module):

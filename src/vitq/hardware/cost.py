@@ -32,9 +32,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-import torch
-
-from ..quant.quantizers import apot_terms
+from ..quant.quantizers import apot_max_shift
 from .spec import HardwareSpec
 from .workload import Workload
 
@@ -89,6 +87,12 @@ class CostReport:
     busy_s: dict = field(default_factory=dict)  # MAC engine, shift-add engine, DRAM
     layers: list[LayerCost] = field(default_factory=list)
 
+    @property
+    def shift_mac_share(self) -> float:
+        """The fraction of the model's MACs on the shift-add engine."""
+        macs = sum(c.macs for c in self.layers)
+        return sum(c.macs * c.shift_share for c in self.layers) / macs if macs else 0.0
+
     def metric(self, name: str) -> float:
         """``edp``, ``energy`` or ``latency``."""
         return {"edp": self.edp, "energy": self.energy_j, "latency": self.latency_s}[name]
@@ -96,6 +100,7 @@ class CostReport:
     def to_dict(self) -> dict:
         return {"energy_j": self.energy_j, "latency_s": self.latency_s, "edp": self.edp, "schedule": self.schedule,
                 "busy_s": self.busy_s, "macs": sum(c.macs for c in self.layers),
+                "shift_mac_share": self.shift_mac_share,
                 "layers": [c.to_dict() for c in self.layers]}
 
 
@@ -177,10 +182,7 @@ def shift_op_pj(w: Workload, hw: HardwareSpec) -> float:
     if w.scheme == "pot":
         width = min(w.a_bits + 2 ** (w.w_bits - 1) - 2, e.acc_bits)
         return e.shift_vs_add * add_pj(width, hw) + add_pj(e.acc_bits, hw)
-    first, second = apot_terms(w.w_bits)
-    terms = torch.cat([first, second])
-    max_shift = int(-torch.log2(terms[terms > 0].min()))  # the smallest term, 2^-max_shift
-    width = min(w.a_bits + max_shift, e.acc_bits)
+    width = min(w.a_bits + apot_max_shift(w.w_bits), e.acc_bits)
     return (2 * e.shift_vs_add + 1) * add_pj(width, hw) + add_pj(e.acc_bits, hw)
 
 

@@ -23,6 +23,7 @@ quantization, or tensors shaped like ``x`` reduced on all but the channel axis f
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -284,6 +285,12 @@ def apot_terms(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     pairs = _apot_pairs(bits)
     return (torch.tensor([a for a, _ in pairs], dtype=torch.float64, device="cpu"),
             torch.tensor([b for _, b in pairs], dtype=torch.float64, device="cpu"))
+
+
+@functools.lru_cache(maxsize=None)
+def apot_max_shift(bits: int) -> int:
+    """The largest shift an APoT product takes: the exponent of the smallest non-zero term."""
+    return max(int(-math.log2(t)) for pair in _apot_pairs(bits) for t in pair if t > 0)
 
 
 def apot_levels(bits: int, device=None) -> torch.Tensor:

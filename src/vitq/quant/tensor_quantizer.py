@@ -77,22 +77,21 @@ class TensorQuantizer(nn.Module):
     def set_token_shift(self, shift: torch.Tensor | None) -> None:
         """Adopt per-position power-of-two exponents (None: remove them). A buffer only while set, so the
         state of quantizers without token shifts (and older artifacts) is unchanged."""
-        if shift is None:
-            self._buffers.pop("token_shift", None)
-        elif "token_shift" in self._buffers:
-            self.token_shift = shift.detach().float().clone()
-        else:
-            self.register_buffer("token_shift", shift.detach().float().clone())
+        self._set_optional_buffer("token_shift", shift)
 
     def set_apot_channels(self, mask: torch.Tensor | None) -> None:
         """Adopt the output channels on the APoT grid of a ``mixed`` weight grid (None: remove). A buffer only
         while set, like ``token_shift``."""
-        if mask is None:
-            self._buffers.pop("apot_channels", None)
-        elif "apot_channels" in self._buffers:
-            self.apot_channels = mask.detach().float().clone()
+        self._set_optional_buffer("apot_channels", mask)
+
+    def _set_optional_buffer(self, name: str, value: torch.Tensor | None) -> None:
+        """A float buffer that exists only while set (None removes it)."""
+        if value is None:
+            self._buffers.pop(name, None)
+        elif name in self._buffers:
+            setattr(self, name, value.detach().float().clone())
         else:
-            self.register_buffer("apot_channels", mask.detach().float().clone())
+            self.register_buffer(name, value.detach().float().clone())
 
     @property
     def apot_mask(self) -> torch.Tensor | None:
