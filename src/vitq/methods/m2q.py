@@ -262,12 +262,12 @@ def m2q(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, hw: Hardwar
 
 
 def fixed_scheme_config(fp_model: nn.Module, base: QuantConfig, input_size: tuple[int, int, int],
-                        pot_bits: int = 4, scheme: str = "apot") -> QuantConfig:
-    """The "shift engine only" reference: every eligible layer at ``pot_bits``-bit ``scheme`` weights (APoT,
-    or PoT), the others at ``base.w_bits`` uniform, activations at ``base.a_bits``."""
+                        pot_bits: int = 4) -> QuantConfig:
+    """The "shift engine only" reference: every eligible layer at ``pot_bits``-bit APoT weights, the others at
+    ``base.w_bits`` uniform, activations at ``base.a_bits``."""
     structure = prepare(fp_model, replace(base, rules=[]))
     names = [w.name for w in extract_workloads(structure, input_size) if w.pot_eligible]
-    return replace(base, rules=[LayerRule(n, w_bits=pot_bits, w_scheme=scheme) for n in names])
+    return replace(base, rules=[LayerRule(n, w_bits=pot_bits, w_scheme="apot") for n in names])
 
 
 def paper_config(fp_model: nn.Module, base: QuantConfig, input_size: tuple[int, int, int]) -> QuantConfig:
