@@ -1,6 +1,6 @@
 """The cost model's floor for M2Q: EDP / INT8 with every layer's weights at 8 or 4 bits (A8), every eligible
-layer uniform or split between the engines at the balanced share (docs/hardware.md, "What bounds the EDP
-saving"). Cost only: no accuracy, no calibration (random-init weights are fine).
+layer uniform or split between the engines, at each layer's balanced share or at the model's share (M2Q's,
+`vitq.methods.m2q.model_share`) (docs/hardware.md, "What bounds the EDP saving"). Cost only: no accuracy, no calibration (random-init weights are fine).
 
     python benchmarks/m2q_bounds.py --models deit_tiny tf_efficientnet_lite0 efficientvit_b1
 """
@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from vitq.hardware import estimate, extract_workloads, int8_baseline, load_hardware
-from vitq.methods.m2q import balanced_share
+from vitq.methods.m2q import balanced_share, model_share
 from vitq.quant import QuantConfig
 from vitq.quant.engine import prepare
 
@@ -23,29 +23,34 @@ def main() -> int:
     ap.add_argument("--hw", help="accelerator YAML merged over the defaults")
     args = ap.parse_args()
     hw = load_hardware(args.hw)
-    print("| model | W8 split | W4 uniform | W4 split | INT8 energy in DRAM traffic | W4 split busy ms (MAC / shift / DRAM) |")
-    print("|---|---|---|---|---|---|")
+    print("| model | W8 split, layer balance | W8 split, model share | W4 uniform | W4 split, layer balance | "
+          "W4 split, model share | INT8 energy in DRAM traffic | W4 split busy ms, layer / model share "
+          "(MAC / shift / DRAM) |")
+    print("|---|---|---|---|---|---|---|---|")
     for short in args.models:
         loaded = load_or_random_init(short)
         wl = extract_workloads(prepare(loaded.model, QuantConfig()), loaded.entry.transform.input_size)
         base = estimate(int8_baseline(wl), hw)
 
-        def at(bits: int, split: bool):
+        def at(bits: int, share: float):
             out = []
             for w in wl:
                 if w.op in ("matmul", "div"):
                     out.append(w)
-                elif split and w.pot_eligible:
-                    out.append(w.with_bits(bits, 8, "mixed", balanced_share(bits, 8, hw)))
+                elif share and w.pot_eligible:
+                    out.append(w.with_bits(bits, 8, "mixed", share))
                 else:
                     out.append(w.with_bits(bits, 8, "uniform", 0.0))
             return estimate(out, hw)
 
         dram = sum(c.dram_pj for c in base.layers) * 1e-12 / base.energy_j
-        w4s = at(4, True)
-        busy = " / ".join(f"{w4s.busy_s[k] * 1e3:.2f}" for k in ("mac", "shift", "dram"))
-        print(f"| {short} | {at(8, True).edp / base.edp:.3f} | {at(4, False).edp / base.edp:.3f} | "
-              f"{w4s.edp / base.edp:.3f} | {100 * dram:.0f} % | {busy} |", flush=True)
+        model = {b: model_share(wl, b, 8, hw) for b in (4, 8)}
+        w8l, w8m = at(8, balanced_share(8, 8, hw)), at(8, model[8])
+        w4l, w4m = at(4, balanced_share(4, 8, hw)), at(4, model[4])
+        busy = " ; ".join(" / ".join(f"{r.busy_s[k] * 1e3:.2f}" for k in ("mac", "shift", "dram")) for r in (w4l, w4m))
+        print(f"| {short} | {w8l.edp / base.edp:.3f} | {w8m.edp / base.edp:.3f} ({model[8]:.2f}) | "
+              f"{at(4, 0.0).edp / base.edp:.3f} | {w4l.edp / base.edp:.3f} | {w4m.edp / base.edp:.3f} ({model[4]:.2f}) | "
+              f"{100 * dram:.0f} % | {busy} |", flush=True)
     return 0
 
 

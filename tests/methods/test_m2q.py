@@ -1,8 +1,10 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
 from vitq.hardware import estimate, extract_workloads, int8_baseline, load_hardware
-from vitq.methods.m2q import balanced_share, choose_schemes, fixed_scheme_config, m2q, paper_config
+from vitq.methods.m2q import balanced_share, choose_schemes, fixed_scheme_config, m2q, model_share, paper_config
 from vitq.quant import quantizers as Q
 from vitq.quant import QuantConfig
 from vitq.quant.config import ConfigError
@@ -129,7 +131,15 @@ def test_channel_split_balances_the_engines_meets_the_budget_and_rebuilds_exactl
     model, size = tiny_model("deit")
     x = tiny_images(size, n=8)
     hw = load_hardware()
+    hw = replace(hw, memory=replace(hw.memory, dram_gb_per_s=1e6))  # compute-bound, as real-sized models are
     assert balanced_share(8, 8, hw) == pytest.approx(0.5) and balanced_share(4, 8, hw) == pytest.approx(1 / 3)
+    wl = extract_workloads(prepare(model, QuantConfig()), (3, size, size))
+    shares = {b: model_share(wl, b, 8, hw) for b in (4, 8)}
+    # pipeline: the MAC engine also carries the matmuls, so the model's best share lies above the layer's
+    assert shares[8] > 0.5 and shares[4] > 1 / 3
+    seq = replace(hw, schedule="sequential")  # one layer at a time: each layer's own balance is the best
+    assert model_share(wl, 8, 8, seq) == pytest.approx(0.5) and model_share(wl, 4, 8, seq) == pytest.approx(0.33)
+    assert model_share(wl, 8, 8, hw, "energy") == 0.0  # an APoT product costs more than an 8-bit multiply
     q, res = m2q(model, x, QuantConfig(w_bits=8, a_bits=8), hw, 0.5, (3, size, size), progress=False,
                  options=MethodOptions(gptq=True))
     assert res.cost["edp"] <= 0.5 * res.baseline["edp"] * (1 + 1e-9)
@@ -139,7 +149,7 @@ def test_channel_split_balances_the_engines_meets_the_budget_and_rebuilds_exactl
     for m in weight_layers(q):
         if m.w_quant.spec.scheme == "mixed":
             n, k = m.weight.shape[0], int(m.w_quant.apot_mask.sum())
-            assert k == round(balanced_share(m.w_quant.spec.bits, 8, hw) * n)
+            assert k == round(shares[m.w_quant.spec.bits] * n)
             assert rows[m.layer_name]["shift_share"] == pytest.approx(k / n)
     assert res.cost["busy_s"]["shift"] > 0
     # the saved config rebuilds the searched model's grids (GPTQ moves the weights; the shares stay)

@@ -5,10 +5,12 @@ shift-add engine's grid, additive power-of-two (APoT) (:attr:`~vitq.hardware.wor
 depthwise, grouped and larger convs stay uniform:
 
 * ``channel`` (default): every eligible layer's output channels are split between a uniform grid (MAC
-  engine) and an APoT grid (shift-add engine). The share on APoT is the one at which both engines finish
-  the layer together in the cost model (:func:`balanced_share`: a half at 8 x 8 bits, a third at 4 x 8 bits
-  on the default accelerator, whose MAC engine runs 4-bit products twice as fast); the channels that go are
-  those that lose least by it (weight error, or the layer's output error when GPTQ runs).
+  engine) and an APoT grid (shift-add engine). The share on APoT, one per bit-width, is the one that
+  minimizes the model's cost with every layer at that width (:func:`model_share`: on the default
+  accelerator's pipeline schedule, where the engines' totals set the time, it balances the two engines over
+  the whole model, 0.60 at 8 x 8 bits and 0.45 at 4 x 8 bits on DeiT-Tiny, above the per-layer balance of
+  :func:`balanced_share`, a half and a third); the channels that go are those that lose least by it (weight
+  error, or the layer's output error when GPTQ runs).
 * ``layer``: each eligible layer is uniform or APoT as a whole, whichever gives the lower *quantized layer
   output* MSE on calibration data.
 * ``none``: every layer uniform (uniform mixed precision under the same cost budget: the reference).
@@ -138,6 +140,36 @@ def balanced_share(w_bits: int, a_bits: int, hw: HardwareSpec) -> float:
     return hw.engines.shift_units / (hw.engines.shift_units + mac)
 
 
+def model_share(workloads: list[Workload], w_bits: int, a_bits: int, hw: HardwareSpec, metric: str = "edp",
+                steps: int = 100) -> float:
+    """The one shift-add share (in ``1/steps``) that minimizes the model's ``metric`` when every layer is at
+    ``w_bits`` x ``a_bits`` and every eligible layer is split at that share.
+
+    Under the ``pipeline`` schedule the engines' *totals* set the time, and the MAC engine alone carries the
+    activation x activation matmuls and the depthwise convolutions, so the best share lies above
+    :func:`balanced_share` (which balances each layer on its own, the optimum of the ``sequential``
+    schedule). For the ``energy`` metric it is 0 when an APoT product costs more than a multiply.
+    """
+    def at(share: float) -> float:
+        out = []
+        for w in workloads:
+            if w.op == "div":
+                out.append(w)
+            elif w.op == "matmul":
+                out.append(w.with_bits(a_bits, a_bits))
+            elif w.pot_eligible:
+                out.append(w.with_bits(w_bits, a_bits, "mixed", share))
+            else:
+                out.append(w.with_bits(w_bits, a_bits, "uniform", 0.0))
+        return estimate(out, hw).metric(metric)
+
+    even = balanced_share(w_bits, a_bits, hw)
+    values = [(at(k / steps), k / steps) for k in range(steps + 1)]
+    best = min(v for v, _ in values)
+    # ties (a DRAM-bound model, where the share does not change the time) go to the per-layer balance
+    return min((abs(k - even), k) for v, k in values if v <= best * (1 + 1e-9))[1]
+
+
 def _apply_assignment(workloads: list[Workload], assign: dict[str, dict[str, int]],
                       schemes: dict[int, dict[str, tuple[str, float]]]) -> list[Workload]:
     """The workloads at an assignment; ``schemes[bits][layer]`` is ``(scheme, shift share)``."""
@@ -203,14 +235,16 @@ def m2q(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, hw: Hardwar
         choices = {b: choose_schemes(fp_model, calib, base, b, input_size)
                    for b in tqdm(w_c, desc="M2Q level 1 (schemes)", disable=None if progress else True, leave=False)}
         schemes = {b: {n: ("apot", 1.0) for n, c in ch.items() if c.scheme == "apot"} for b, ch in choices.items()}
-    shares = {b: balanced_share(b, max(a_candidates), hw) for b in w_c}
+    shares = {b: model_share(workloads, b, max(a_candidates), hw, metric) for b in w_c}
     if level == "channel":  # the share each grid will have: a whole number of output channels
-        schemes = {b: {n: ("mixed", round(shares[b] * outs[n]) / outs[n]) for n in eligible} for b in w_c}
+        # a width whose best share is 0 (an energy budget, where APoT does not pay) stays uniform
+        schemes = {b: {n: ("mixed", round(shares[b] * outs[n]) / outs[n]) for n in eligible if shares[b] > 0}
+                   for b in w_c}
 
     def rules_for(b: int) -> list[LayerRule]:
         if level == "channel":
             return [LayerRule(n, w_scheme="mixed", w_granularity="per_channel", w_apot_share=shares[b])
-                    for n in eligible]
+                    for n in schemes[b]]
         return [LayerRule(n, w_scheme=sch) for n, (sch, _) in schemes.get(b, {}).items()]
 
     def bank_config(b: int) -> QuantConfig:
