@@ -103,7 +103,8 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
               cost: Callable[[dict[str, dict[str, int]]], float] | None = None,
               snapshots: tuple[float, ...] = (), best_effort: bool = False,
               uniform_fallback: bool = True, search: str = "greedy",
-              gptq_losses: bool = False) -> tuple[nn.Module, GreedyResult]:
+              gptq_losses: bool = False, split_config: Callable[[int], QuantConfig] | None = None,
+              split_layers: tuple[str, ...] = ()) -> tuple[nn.Module, GreedyResult]:
     """Search per-layer W/A bit-widths under ``budget``; returns the mixed model and the search result.
 
     Args:
@@ -134,6 +135,11 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
         gptq_losses: (knapsack, with ``options.gptq``) measure a W item's loss at a GPTQ
             width with the weights GPTQ would give it on float inputs, not round-to-nearest; rule R16,
             docs/methods.md.
+        split_config: (greedy, with ``cost``) the config whose weight grids at ``b`` bits are split between
+            the accelerator's engines (M2Q). Each layer of ``split_layers`` then also gets a scheme item
+            (kind ``S``), which the search lowers from uniform to split like a width, when the KL it costs
+            per unit of cost saved is the smallest; ``GreedyResult.layers`` rows get ``w_split``.
+        split_layers: the layers that may take the split grid.
 
     Note:
         ``lower_per_step``, ``cost`` and ``snapshots`` are greedy-only.
@@ -153,6 +159,9 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
     if gptq_losses and (search == "greedy" or not options.gptq):
         raise ConfigError("GPTQ-aware losses (search.gptq_losses) need the knapsack search and GPTQ "
                           f"(gptq.enabled or the mptq recipe); got search {search!r}, gptq {options.gptq}")
+    if split_config is not None and (search != "greedy" or cost is None or uniform_fallback):
+        raise ConfigError("a searched weight scheme (split_config) needs the greedy search, a cost function "
+                          "and no uniform fallback")
     if search != "greedy" and (budget.gbops is not None or budget.cost is not None or cost is not None):
         raise ConfigError(f"the {search} search takes average-bit and size budgets only "
                           "(--budget-w, --budget-a, --budget-mb), not --budget-gbops or a cost budget")
@@ -187,6 +196,11 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
         banks[b] = harvest(res.model)
         if model is None:
             model = res.model  # the highest bit-width model is the starting point
+    split_banks: dict[int, dict] = {}
+    if split_config is not None:
+        for b in tqdm(sorted(w_c, reverse=True), desc="calibrate split grids", disable=None if progress else True,
+                      leave=False):
+            split_banks[b] = harvest(run_pipeline(float_model, calib, split_config(b), stage).model)
     done("banks")
     first = set(model.vitq_first_layers)
     trunk = adapter_for(model).trunk(model)
@@ -216,12 +230,23 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
             groups.setdefault(q.layer, []).append(q)
     for layer, qs in groups.items():
         items.append(Item("A", layer, qs, sum(q.elements for q in qs), where(qs), a_c, len(a_c) - 1))
+    w_item = {i.layer: i for i in items if i.kind == "W"}
+    scheme_item: dict[str, Item] = {}
+    for layer in split_layers if split_config is not None else ():
+        if layer not in w_item:
+            raise ConfigError(f"split layer {layer!r} is not a quantized weight layer")
+        w = w_item[layer]
+        scheme_item[layer] = Item("S", layer, w.quantizers, w.size, w.block, (0, 1), 1)  # starts uniform
+    items += scheme_item.values()
     owners = {id(m.w_quant): m for m in weight_layers(model)}
 
     def set_level(item: Item, level: int) -> None:
         item.level = level
-        for q in item.quantizers:
-            apply_state(q, banks[item.bits][q.name])
+        target = w_item[item.layer] if item.kind == "S" else item
+        split = item.kind != "A" and target.layer in scheme_item and scheme_item[target.layer].level == 0
+        bank = (split_banks if split else banks)[target.bits]
+        for q in target.quantizers:
+            apply_state(q, bank[q.name])
             if id(q) in owners:
                 owners[id(q)].refresh()
 
@@ -255,7 +280,8 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
     rules = [LayerRule(layer, w_bits=w_bits.get(layer), a_bits=a_bits.get(layer)) for layer in layers]
     result.config = replace(base, rules=rules)
     model.vitq_config = result.config
-    result.layers = [{"layer": row, "w_bits": w_bits.get(row), "a_bits": a_bits.get(row)} for row in layers]
+    result.layers = [{"layer": row, "w_bits": w_bits.get(row), "a_bits": a_bits.get(row),
+                      **({"w_split": scheme_item[row].level == 0} if row in scheme_item else {})} for row in layers]
     result.probes = prober.count
     result.kl_final = current
     for m in weight_layers(model):

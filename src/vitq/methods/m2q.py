@@ -4,13 +4,14 @@ Level 1 (scheme), at each candidate weight bit-width ``b``; only linears and 1x1
 shift-add engine's grid, additive power-of-two (APoT) (:attr:`~vitq.hardware.workload.Workload.pot_eligible`);
 depthwise, grouped and larger convs stay uniform:
 
-* ``channel`` (default): every eligible layer's output channels are split between a uniform grid (MAC
-  engine) and an APoT grid (shift-add engine). The share on APoT, one per bit-width, is the one that
-  minimizes the model's cost with every layer at that width (:func:`model_share`: on the default
-  accelerator's pipeline schedule, where the engines' totals set the time, it balances the two engines over
-  the whole model, 0.60 at 8 x 8 bits and 0.45 at 4 x 8 bits on DeiT-Tiny, above the per-layer balance of
-  :func:`balanced_share`, a half and a third); the channels that go are those that lose least by it (weight
-  error, or the layer's output error when GPTQ runs).
+* ``channel`` (default): an eligible layer may split its output channels between a uniform grid (MAC
+  engine) and an APoT grid (shift-add engine). Whether it does, at its width, is a search item of level 2
+  (kind ``S``), lowered from uniform to split like a width when the KL it costs per unit of cost saved is the
+  smallest. The share on APoT, one per width, is the one that minimizes the model's cost with every layer at
+  that width (:func:`model_share`: on the default accelerator's pipeline schedule, where the engines' totals
+  set the time, it balances the two engines over the whole model, 0.60 at 8 x 8 bits and 0.45 at 4 x 8 bits
+  on DeiT-Tiny, above the per-layer balance of :func:`balanced_share`, a half and a third); the channels
+  that go are those that lose least by it (weight error, or the layer's output error when GPTQ runs).
 * ``layer``: each eligible layer is uniform or APoT as a whole, whichever gives the lower *quantized layer
   output* MSE on calibration data.
 * ``none``: every layer uniform (uniform mixed precision under the same cost budget: the reference).
@@ -18,8 +19,9 @@ depthwise, grouped and larger convs stay uniform:
 Level 2 (precision): Greedy MP's machinery with the accelerator's cost (EDP by default) as the budget:
 start at the highest candidates, lower the layer whose KL increase on calibration images per unit of
 cost saved is smallest, until the cost is at most ``budget`` x the INT8 baseline's. A layer lowered to
-``b`` bits takes level 1's scheme for ``b``. The search runs on the MPTQ passes that ``options`` turn on
-(SQ-b, OPT-m, GPTQ: GPTQ rounds onto APoT and split grids too).
+``b`` bits takes level 1's scheme for ``b`` (``channel``: the split, if its scheme item chose it). The
+search runs on the MPTQ passes that ``options`` turn on (SQ-b, OPT-m, GPTQ: GPTQ rounds onto APoT and split
+grids too).
 
 :func:`paper_config` is M2-ViT's own recipe, with no search: depthwise convolutions W4 uniform, the other
 eligible layers W8 with each output channel uniform or APoT by the lower weight error, activations 8 bits.
@@ -172,7 +174,8 @@ def model_share(workloads: list[Workload], w_bits: int, a_bits: int, hw: Hardwar
 
 def _apply_assignment(workloads: list[Workload], assign: dict[str, dict[str, int]],
                       schemes: dict[int, dict[str, tuple[str, float]]]) -> list[Workload]:
-    """The workloads at an assignment; ``schemes[bits][layer]`` is ``(scheme, shift share)``."""
+    """The workloads at an assignment; ``schemes[bits][layer]`` is ``(scheme, shift share)``, unless the
+    assignment holds the layer uniform (``"S": 1``)."""
     out = []
     for w in workloads:
         a = assign.get(w.name, {})
@@ -184,6 +187,8 @@ def _apply_assignment(workloads: list[Workload], assign: dict[str, dict[str, int
         else:
             wb = a.get("W", w.w_bits)
             scheme, share = schemes.get(wb, {}).get(w.name, ("uniform", 0.0))
+            if a.get("S") == 1:
+                scheme, share = "uniform", 0.0
             out.append(w.with_bits(wb, a.get("A", w.a_bits), scheme, share))
     return out
 
@@ -241,14 +246,19 @@ def m2q(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, hw: Hardwar
         schemes = {b: {n: ("mixed", round(shares[b] * outs[n]) / outs[n]) for n in eligible if shares[b] > 0}
                    for b in w_c}
 
+    def split_rules(b: int) -> list[LayerRule]:
+        return [LayerRule(n, w_scheme="mixed", w_granularity="per_channel", w_apot_share=shares[b])
+                for n in schemes[b]]
+
     def rules_for(b: int) -> list[LayerRule]:
-        if level == "channel":
-            return [LayerRule(n, w_scheme="mixed", w_granularity="per_channel", w_apot_share=shares[b])
-                    for n in schemes[b]]
+        if level == "channel":  # the banks are uniform; the split grids are the scheme items' banks
+            return []
         return [LayerRule(n, w_scheme=sch) for n, (sch, _) in schemes.get(b, {}).items()]
 
     def bank_config(b: int) -> QuantConfig:
         return replace(base, w_bits=b, a_bits=b, rules=rules_for(b))
+
+    searched = level == "channel" and any(schemes.values())
 
     def cost(assign: dict[str, dict[str, int]]) -> float:
         return estimate(_apply_assignment(workloads, assign, schemes), hw).metric(metric)
@@ -258,20 +268,25 @@ def m2q(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, hw: Hardwar
                            n_probe=n_probe, lower_per_step=lower_per_step, progress=progress,
                            bank_config=bank_config, cost=cost,
                            snapshots=tuple(f * baseline.metric(metric) for f in curve), best_effort=best_effort,
-                           uniform_fallback=False)  # keep the final point on the same search path as the curve
+                           uniform_fallback=False,  # keep the final point on the same search path as the curve
+                           split_config=(lambda b: replace(base, w_bits=b, a_bits=b, rules=split_rules(b)))
+                           if searched else None,
+                           split_layers=tuple(sorted({n for ch in schemes.values() for n in ch})))
 
     def config_of(assign: dict[str, dict[str, int]]) -> QuantConfig:
         # bits from Greedy MP plus each layer's scheme at its bits
         rules = []
         for layer, kinds in assign.items():
             wb = kinds.get("W")
-            scheme = schemes.get(wb, {}).get(layer, (None, 0.0))[0]
+            scheme = None if kinds.get("S") == 1 else schemes.get(wb, {}).get(layer, (None, 0.0))[0]
             rules.append(LayerRule(layer, w_bits=wb, a_bits=kinds.get("A"), w_scheme=scheme,
                                    w_granularity="per_channel" if scheme == "mixed" else None,
                                    w_apot_share=shares[wb] if scheme == "mixed" else None))
         return replace(base, rules=rules)
 
-    final = {r["layer"]: {k: v for k, v in (("W", r["w_bits"]), ("A", r["a_bits"])) if v is not None}
+    final = {r["layer"]: {k: v for k, v in (("W", r["w_bits"]), ("A", r["a_bits"]),
+                                            ("S", None if "w_split" not in r else int(not r["w_split"])))
+                          if v is not None}
              for r in res.layers}
     config = config_of(final)
     model.vitq_config = config

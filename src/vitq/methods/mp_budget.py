@@ -130,8 +130,10 @@ class Accounts:
         return sum(macs * qa.spec.bits * qb.spec.bits for macs, qa, qb in self.operands) / 1e9
 
     def bits_need(self, kind: str) -> bool:
-        """Whether the average-bit or size budget of ``kind`` ("W" or "A") is unmet."""
+        """Whether the average-bit or size budget of ``kind`` ("W" or "A"; never "S") is unmet."""
         b = self.budget
+        if kind == "S":  # a weight scheme changes neither bits nor size
+            return False
         if kind == "W":
             return (b.w_bits is not None and self.avg_w() > b.w_bits + 1e-9) or (
                 b.size_mb is not None and self.size_mb() > b.size_mb + 1e-12)
@@ -152,7 +154,9 @@ class Accounts:
         return now is not None and self.budget.cost is not None and now > self.budget.cost * (1 + 1e-12)
 
     def need(self, kind: str, now: float | None) -> bool:
-        """Whether any budget still asks ``kind`` to come down."""
+        """Whether any budget still asks ``kind`` to come down (a scheme: only the cost budget)."""
+        if kind == "S":
+            return self.cost_binds(now)
         return self.bits_need(kind) or (self.budget.gbops is not None and self.gbops() > self.budget.gbops + 1e-12) \
             or self.cost_binds(now)
 

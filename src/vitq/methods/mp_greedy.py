@@ -73,7 +73,7 @@ def greedy_search(items: list[Item], set_level: Callable[[Item, int], None], acc
         # still needs it), then run the model once and re-measure only the items that moved.
         lowered: list[Item] = []
         for _ in range(lower_per_step):
-            needs = {k: accounts.need(k, now) for k in ("W", "A")}
+            needs = {k: accounts.need(k, now) for k in ("W", "A", "S")}
             scored = []
             for idx, i in enumerate(items):
                 if i.can_lower() and needs[i.kind] and i not in lowered:
@@ -96,7 +96,9 @@ def greedy_search(items: list[Item], set_level: Callable[[Item, int], None], acc
         steps += 1
         history.append({"step": steps, "items": [f"{i.kind}:{i.layer}:{i.bits}" for i in lowered],
                         "kl": state["current"], "avg_w": accounts.avg_w(), "avg_a": accounts.avg_a()})
-        measure(lowered)
+        # a layer's W width and weight scheme share its quantizer: re-measure both when either moved
+        moved = {id(q) for i in lowered for q in i.quantizers}
+        measure([i for i in items if any(id(q) in moved for q in i.quantizers)])
         bar.update(1)
     bar.close()
     return state["current"], steps, history, taken
@@ -118,7 +120,8 @@ def uniform_fallback(items: list[Item], set_level: Callable[[Item, int], None], 
     scores = {"searched": chosen[0], "uniform": {}}
     for b in sorted(widths, reverse=True):
         for i in items:
-            set_level(i, i.choices.index(b))
+            if i.kind != "S":  # a scheme keeps its level
+                set_level(i, i.choices.index(b))
         now = accounts.current_cost()
         if accounts.need("W", now) or accounts.need("A", now):
             continue

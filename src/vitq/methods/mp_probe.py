@@ -21,14 +21,15 @@ BUFFERS = ("scale", "zero_point", "range_min", "range_max", "region_m", "boundar
 
 @dataclass
 class Item:
-    """One thing the search assigns a width to: a layer's weights, or its activations."""
+    """One thing the search assigns a level to: a layer's weight width, its activation width, or its weight
+    scheme (M2Q's searched split)."""
 
-    kind: str  # "W" or "A"
+    kind: str  # "W", "A", or "S": the layer's weight scheme, 0 = split between the engines, 1 = uniform
     layer: str
     quantizers: list
-    size: int  # parameters (W) or activation values per calibration pass (A)
+    size: int  # parameters (W and S) or activation values per calibration pass (A)
     block: int  # trunk block index; -1 = before the blocks, n = after
-    choices: tuple[int, ...]  # ascending candidate bits
+    choices: tuple[int, ...]  # ascending candidate bits (S: (0, 1))
     level: int  # index into choices
     sens: float = 0.0
 
