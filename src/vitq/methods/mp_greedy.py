@@ -120,8 +120,7 @@ def uniform_fallback(items: list[Item], set_level: Callable[[Item, int], None], 
     scores = {"searched": chosen[0], "uniform": {}}
     for b in sorted(widths, reverse=True):
         for i in items:
-            if i.kind != "S":  # a scheme keeps its level
-                set_level(i, i.choices.index(b))
+            set_level(i, i.choices.index(b))
         now = accounts.current_cost()
         if accounts.need("W", now) or accounts.need("A", now):
             continue
