@@ -148,12 +148,13 @@ def plan(config: QuantConfig | None = None, recipe: str = "mptq", budget: Budget
     if recipe == "m2q-paper" and budget is not None:
         raise ConfigError("the m2q-paper recipe is M2-ViT's fixed recipe: it takes no budget (--method m2q searches "
                           "under one)")
-    if isinstance(budget, CostBudget) and recipe != "m2q":
-        raise ConfigError(f"a cost budget ({budget.metric}) needs the m2q recipe")
-    if isinstance(budget, Budget):
+    if isinstance(budget, CostBudget):
+        if recipe != "m2q":
+            raise ConfigError(f"a cost budget ({budget.metric}) needs the m2q recipe")
+    elif isinstance(budget, Budget):
         if recipe == "m2q":
             raise ConfigError("the m2q recipe takes a cost budget (--budget-edp, budget.energy or budget.latency), not a bit budget")
-    elif budget is not None and not isinstance(budget, CostBudget):
+    elif budget is not None:
         raise ConfigError(f"budget must be a Budget or a CostBudget, got {type(budget).__name__}")
     if config is None:
         config = QuantConfig(**(base_widths(budget) if isinstance(budget, Budget) else {}))
@@ -301,8 +302,8 @@ def _m2q(model, calib, config, options, budget: CostBudget, search: SearchOption
                      "kl_calib": m2.kl_final, "hardware": hw.to_dict(),
                      "cost": {k: v for k, v in m2.cost.items() if k != "layers"},
                      "baseline": {k: v for k, v in m2.baseline.items() if k != "layers"},
-                     "edp_saving": 1 - m2.cost["edp"] / m2.baseline["edp"], "layers": m2.layers}
-    report["m2q"]["shift_mac_share"] = m2.cost["shift_mac_share"]
+                     "edp_saving": 1 - m2.cost["edp"] / m2.baseline["edp"], "shift_mac_share": m2.cost["shift_mac_share"],
+                     "layers": m2.layers}
     log.info("M2Q: %s %.3f x INT8 baseline (budget %s); EDP saving %.3f; %.1f %% of the MACs on the shift-add engine",
              budget.metric, m2.cost[key] / m2.baseline[key], budget.fraction, report["m2q"]["edp_saving"],
              100 * report["m2q"]["shift_mac_share"])

@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .quant.config import SHIFT_SCHEMES  # noqa: E402
 from .report import per_layer_bits  # noqa: E402
 
 W_COLOUR, A_COLOUR, SHIFT_COLOUR = "#1f77b4", "#ff7f0e", "#2ca02c"
@@ -24,7 +25,7 @@ def bits_figure(report: dict, title: str):
     rows = per_layer_bits(report)
     x = list(range(len(rows)))
     fig, (aw, aa) = plt.subplots(2, 1, figsize=(max(9, 0.17 * len(rows) + 2), 5.2), sharex=True)
-    aw.bar(x, [r["w_bits"] or 0 for r in rows], color=[SHIFT_COLOUR if r["w_scheme"] in ("pot", "apot") else W_COLOUR
+    aw.bar(x, [r["w_bits"] or 0 for r in rows], color=[SHIFT_COLOUR if r["w_scheme"] in SHIFT_SCHEMES else W_COLOUR
                                                        for r in rows])
     aa.bar(x, [r["a_bits"] or 0 for r in rows], color=A_COLOUR)
     for ax, label in ((aw, "weight bits"), (aa, "activation bits")):
@@ -32,7 +33,7 @@ def bits_figure(report: dict, title: str):
         ax.set_ylim(0, 9)
         ax.set_yticks([2, 4, 6, 8])
         ax.grid(axis="y", alpha=0.3)
-    aw.set_title(title + ("  (green: (A)PoT weights)" if any(r["w_scheme"] in ("pot", "apot") for r in rows) else ""))
+    aw.set_title(title + ("  (green: (A)PoT weights)" if any(r["w_scheme"] in SHIFT_SCHEMES for r in rows) else ""))
     aa.set_xticks(x)
     aa.set_xticklabels([_short(r["layer"]) for r in rows], rotation=90, fontsize=6)
     aa.set_xlabel("layer (model order; layers without weights are activation x activation matmuls)")

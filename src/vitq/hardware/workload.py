@@ -12,11 +12,11 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from ..quant.config import SHIFT_SCHEMES
 from ..quant.engine import all_quantizers
 from ..quant.layers import QuantConv2d, QuantLinear, QuantMatMul
 
 POT_OPS = ("linear", "conv", "gconv", "dwconv")  # weight ops that run on the shift-add engine when (A)PoT
-SHIFT_SCHEMES = ("pot", "apot")  # weight schemes whose products are shifts (and one add for APoT)
 
 
 @dataclass(frozen=True)

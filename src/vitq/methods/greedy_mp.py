@@ -79,6 +79,8 @@ class GreedyResult:
     history: list[dict] = field(default_factory=list)
     # cost value -> the assignment {layer: {"W": bits, "A": bits}} when the cost first fell to it or below
     snapshots: dict[float, dict] = field(default_factory=dict)
+    # the final assignment, in the snapshots' form (with "S": 0 split / 1 uniform where a scheme was searched)
+    assignment: dict[str, dict[str, int]] = field(default_factory=dict)
     uniform_fallback: int | None = None  # the single width returned instead of the greedy result
     kl_greedy: float = 0.0  # probe KL of the greedy assignment, round-to-nearest weights
     # uniform_fallback: the probe KLs it compared, {"after_gptq": bool, "searched": kl, "uniform": {bits: kl}};
@@ -138,7 +140,7 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
         split_config: (greedy, with ``cost``) the config whose weight grids at ``b`` bits are split between
             the accelerator's engines (M2Q). Each layer of ``split_layers`` then also gets a scheme item
             (kind ``S``), which the search lowers from uniform to split like a width, when the KL it costs
-            per unit of cost saved is the smallest; ``GreedyResult.layers`` rows get ``w_split``.
+            per unit of cost saved is the smallest; ``GreedyResult.assignment`` holds each one's level.
         split_layers: the layers that may take the split grid.
 
     Note:
@@ -280,8 +282,8 @@ def greedy_mp(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, optio
     rules = [LayerRule(layer, w_bits=w_bits.get(layer), a_bits=a_bits.get(layer)) for layer in layers]
     result.config = replace(base, rules=rules)
     model.vitq_config = result.config
-    result.layers = [{"layer": row, "w_bits": w_bits.get(row), "a_bits": a_bits.get(row),
-                      **({"w_split": scheme_item[row].level == 0} if row in scheme_item else {})} for row in layers]
+    result.layers = [{"layer": row, "w_bits": w_bits.get(row), "a_bits": a_bits.get(row)} for row in layers]
+    result.assignment = accounts.assignment()
     result.probes = prober.count
     result.kl_final = current
     for m in weight_layers(model):

@@ -240,8 +240,9 @@ def m2q(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, hw: Hardwar
         choices = {b: choose_schemes(fp_model, calib, base, b, input_size)
                    for b in tqdm(w_c, desc="M2Q level 1 (schemes)", disable=None if progress else True, leave=False)}
         schemes = {b: {n: ("apot", 1.0) for n, c in ch.items() if c.scheme == "apot"} for b, ch in choices.items()}
-    shares = {b: model_share(workloads, b, max(a_candidates), hw, metric) for b in w_c}
+    shares: dict[int, float] = {}  # channel: each width's APoT share (config_of reads it for mixed layers only)
     if level == "channel":  # the share each grid will have: a whole number of output channels
+        shares = {b: model_share(workloads, b, max(a_candidates), hw, metric) for b in w_c}
         # a width whose best share is 0 (an energy budget, where APoT does not pay) stays uniform
         schemes = {b: {n: ("mixed", round(shares[b] * outs[n]) / outs[n]) for n in eligible if shares[b] > 0}
                    for b in w_c}
@@ -284,11 +285,7 @@ def m2q(fp_model: nn.Module, calib: torch.Tensor, base: QuantConfig, hw: Hardwar
                                    w_apot_share=shares[wb] if scheme == "mixed" else None))
         return replace(base, rules=rules)
 
-    final = {r["layer"]: {k: v for k, v in (("W", r["w_bits"]), ("A", r["a_bits"]),
-                                            ("S", None if "w_split" not in r else int(not r["w_split"])))
-                          if v is not None}
-             for r in res.layers}
-    config = config_of(final)
+    config = config_of(res.assignment)
     model.vitq_config = config
     final_w = extract_workloads(model, input_size)
     report = estimate(final_w, hw)

@@ -19,6 +19,7 @@ PROTOCOLS = ("standard", "full")
 # weight schemes: uniform, power-of-two, additive power-of-two (APoT), and per output channel uniform or APoT
 # ("mixed"); activations are uniform or (after OPT-m) two_region
 SCHEMES = ("uniform", "pot", "apot", "mixed")
+SHIFT_SCHEMES = ("pot", "apot")  # weight schemes whose products are shifts (and one add for APoT)
 # weights; residual-stream activations may be "ptf"
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 # Config keys of deleted options, with the value that meant "off".
