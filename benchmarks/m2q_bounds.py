@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from vitq.hardware import estimate, extract_workloads, int8_baseline, load_hardware
-from vitq.methods.m2q import balanced_share, model_share
+from vitq.methods.m2q import at_width, balanced_share, model_share
 from vitq.quant import QuantConfig
 from vitq.quant.engine import prepare
 
@@ -33,15 +33,7 @@ def main() -> int:
         base = estimate(int8_baseline(wl), hw)
 
         def at(bits: int, share: float):
-            out = []
-            for w in wl:
-                if w.op in ("matmul", "div"):
-                    out.append(w)
-                elif share and w.pot_eligible:
-                    out.append(w.with_bits(bits, 8, "mixed", share))
-                else:
-                    out.append(w.with_bits(bits, 8, "uniform", 0.0))
-            return estimate(out, hw)
+            return estimate(at_width(wl, bits, 8, share), hw)
 
         dram = sum(c.dram_pj for c in base.layers) * 1e-12 / base.energy_j
         model = {b: model_share(wl, b, 8, hw) for b in (4, 8)}

@@ -142,6 +142,22 @@ def balanced_share(w_bits: int, a_bits: int, hw: HardwareSpec) -> float:
     return hw.engines.shift_units / (hw.engines.shift_units + mac)
 
 
+def at_width(workloads: list[Workload], w_bits: int, a_bits: int, share: float) -> list[Workload]:
+    """The workloads with every layer at ``w_bits`` x ``a_bits`` (matmuls: ``a_bits`` x ``a_bits``) and every
+    eligible layer split between the engines at ``share`` (0: uniform)."""
+    out = []
+    for w in workloads:
+        if w.op == "div":
+            out.append(w)
+        elif w.op == "matmul":
+            out.append(w.with_bits(a_bits, a_bits))
+        elif w.pot_eligible and share > 0:
+            out.append(w.with_bits(w_bits, a_bits, "mixed", share))
+        else:
+            out.append(w.with_bits(w_bits, a_bits, "uniform", 0.0))
+    return out
+
+
 def model_share(workloads: list[Workload], w_bits: int, a_bits: int, hw: HardwareSpec, metric: str = "edp",
                 steps: int = 100) -> float:
     """The one shift-add share (in ``1/steps``) that minimizes the model's ``metric`` when every layer is at
@@ -152,21 +168,9 @@ def model_share(workloads: list[Workload], w_bits: int, a_bits: int, hw: Hardwar
     :func:`balanced_share` (which balances each layer on its own, the optimum of the ``sequential``
     schedule). For the ``energy`` metric it is 0 when an APoT product costs more than a multiply.
     """
-    def at(share: float) -> float:
-        out = []
-        for w in workloads:
-            if w.op == "div":
-                out.append(w)
-            elif w.op == "matmul":
-                out.append(w.with_bits(a_bits, a_bits))
-            elif w.pot_eligible:
-                out.append(w.with_bits(w_bits, a_bits, "mixed", share))
-            else:
-                out.append(w.with_bits(w_bits, a_bits, "uniform", 0.0))
-        return estimate(out, hw).metric(metric)
-
     even = balanced_share(w_bits, a_bits, hw)
-    values = [(at(k / steps), k / steps) for k in range(steps + 1)]
+    values = [(estimate(at_width(workloads, w_bits, a_bits, k / steps), hw).metric(metric), k / steps)
+              for k in range(steps + 1)]
     best = min(v for v, _ in values)
     # ties (a DRAM-bound model, where the share does not change the time) go to the per-layer balance
     return min((abs(k - even), k) for v, k in values if v <= best * (1 + 1e-9))[1]
