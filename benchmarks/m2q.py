@@ -140,14 +140,15 @@ def _plot(rows: list[dict], path: Path, title: str) -> None:
 
     have_acc = rows and rows[0]["top1"] is not None
     fig, ax = plt.subplots(figsize=(6, 4))
-    for label, marker in (("uniform MP", "o-"), ("M2Q layer", "s-"), ("M2Q channel", "D-")):
+    # one colour per series on every model's plot, whichever searches ran
+    for (label, _), marker, colour in zip(SEARCHES, ("o-", "s-", "D-"), ("C0", "C1", "C2")):
         pts = sorted((r["edp_ratio"], r["top1"] if have_acc else r["energy_j"] * 1e3) for r in rows
                      if r["row"].startswith(label))
         if pts:
-            ax.plot(*zip(*pts), marker, label=label)
-    for r in rows:
-        if r["budget"] is None:
-            ax.plot(r["edp_ratio"], r["top1"] if have_acc else r["energy_j"] * 1e3, "^", label=r["row"])
+            ax.plot(*zip(*pts), marker, color=colour, label=label)
+    fixed = [r for r in rows if r["budget"] is None]
+    for r, colour in zip(fixed, ("C3", "C4", "C5")):
+        ax.plot(r["edp_ratio"], r["top1"] if have_acc else r["energy_j"] * 1e3, "^", color=colour, label=r["row"])
     if have_acc:
         ax.axhline(rows[0]["fp_top1"], color="grey", ls="--", lw=0.8, label="FP32")
     ax.set_xlabel("EDP / INT8 baseline EDP")
